@@ -1,0 +1,126 @@
+"""Grouped-query self-attention over a packed batch of documents.
+
+Two kernels behind one switch, both exact and both runnable on CPU:
+
+- ``sdpa``: PyTorch scaled_dot_product_attention run per document with ``is_causal``, so the
+  cost follows document lengths rather than the packed row length and no (tokens x tokens) mask
+  is ever built. A document longer than the sliding window gets a (len x len) banded mask.
+- ``flex``: FlexAttention with a block mask encoding documents, causality and the window; the
+  fast path on GPU. The block mask is built once per forward and shared by all layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.args import ModelArgs
+from model.lora import LinearFactory
+from model.rope import apply_rope
+
+BACKENDS = ("sdpa", "flex")
+
+
+@dataclass
+class AttentionMask:
+    """What the kernels need to know about the packed batch; built once per forward."""
+
+    seqlens: list[int]
+    sliding_window: int | None
+    block_mask: object | None = None  # FlexAttention BlockMask, only for the flex backend
+
+    @classmethod
+    def build(
+        cls, seqlens: list[int], sliding_window: int | None, backend: str, device: torch.device
+    ) -> AttentionMask:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+        block_mask = _flex_block_mask(seqlens, sliding_window, device) if backend == "flex" else None
+        return cls(list(seqlens), sliding_window, block_mask)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, make_linear: LinearFactory) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = make_linear("wq", args.dim, args.n_heads * args.head_dim)
+        self.wk = make_linear("wk", args.dim, args.n_kv_heads * args.head_dim)
+        self.wv = make_linear("wv", args.dim, args.n_kv_heads * args.head_dim)
+        self.wo = make_linear("wo", args.n_heads * args.head_dim, args.dim)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask
+    ) -> torch.Tensor:
+        tokens = x.shape[0]
+        q = self.wq(x).view(tokens, self.n_heads, self.head_dim)  # (tokens, heads, head_dim)
+        k = self.wk(x).view(tokens, self.n_kv_heads, self.head_dim)  # (tokens, kv_heads, head_dim)
+        v = self.wv(x).view(tokens, self.n_kv_heads, self.head_dim)  # (tokens, kv_heads, head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if mask.block_mask is not None:
+            out = _flex(q, k, v, mask.block_mask)
+        else:
+            out = _sdpa_per_document(q, k, v, mask.seqlens, mask.sliding_window)
+        return self.wo(out.reshape(tokens, self.n_heads * self.head_dim))
+
+
+def _sdpa_per_document(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: list[int], window: int | None
+) -> torch.Tensor:
+    """Block-diagonal causal attention as one SDPA call per document; returns (tokens, heads, head_dim)."""
+    outputs, start = [], 0
+    for length in seqlens:
+        end = start + length
+        # (1, heads, len, head_dim): SDPA's layout; GQA without repeating K/V.
+        qd, kd, vd = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        if window is None or length <= window:
+            o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)
+        else:
+            band = _banded_causal_mask(length, window, q.device)  # (len, len) bool
+            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=band, enable_gqa=True)
+        outputs.append(o.squeeze(0).transpose(0, 1))  # (len, heads, head_dim)
+        start = end
+    return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+
+def _banded_causal_mask(length: int, window: int, device: torch.device) -> torch.Tensor:
+    i = torch.arange(length, device=device)
+    delta = i[:, None] - i[None, :]  # query minus key position
+    return (delta >= 0) & (delta < window)
+
+
+@lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # FlexAttention is only memory-efficient compiled; eager mode materialises the scores.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
+    # (1, heads, tokens, head_dim) in and out.
+    qf, kf, vf = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    out = _compiled_flex()(qf, kf, vf, block_mask=block_mask, enable_gqa=True)
+    return out.squeeze(0).transpose(0, 1)  # (tokens, heads, head_dim)
+
+
+def _flex_block_mask(seqlens: list[int], window: int | None, device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    lengths = torch.tensor(seqlens, device=device)
+    total = int(sum(seqlens))
+    doc = torch.repeat_interleave(torch.arange(len(seqlens), device=device), lengths, output_size=total)
+
+    def causal_document(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+
+    def causal_document_window(b, h, q_idx, kv_idx):
+        return causal_document(b, h, q_idx, kv_idx) & (q_idx - kv_idx < window)
+
+    mask_mod = causal_document if window is None else causal_document_window
+    # Positions are global within the packed row, so the window compares them directly: both
+    # tokens are in the same document, hence their distance is their in-document distance.
+    return create_block_mask(mask_mod, None, None, total, total, device=device)

@@ -1,0 +1,178 @@
+"""Checkpoint files and key names: the one place that knows how weights are laid out on disk.
+
+Supported layouts of an official Mistral folder (next to ``params.json``):
+``consolidated.safetensors``; sharded ``consolidated-00001-of-00004.safetensors`` ...;
+``consolidated.00.pth`` (older releases such as 7B v0.1). Loading is strict: every base weight
+must be present and nothing unknown may be; only adapter (``lora_A``/``lora_B``) weights may be
+absent, because they are freshly initialised.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from model.lora import LoRALinear, is_lora_key, lora_modules
+
+logger = logging.getLogger("model")
+
+_SHARD = re.compile(r"consolidated-(\d+)-of-(\d+)\.safetensors$")
+
+
+def checkpoint_files(folder: str | Path) -> list[Path]:
+    """The weight files of a Mistral folder, in load order."""
+    folder = Path(folder)
+    single = folder / "consolidated.safetensors"
+    if single.is_file():
+        return [single]
+    shards = sorted(p for p in folder.glob("consolidated-*-of-*.safetensors") if _SHARD.search(p.name))
+    if shards:
+        expected = int(_SHARD.search(shards[0].name).group(2))
+        if len(shards) != expected:
+            raise FileNotFoundError(
+                f"{folder}: found {len(shards)} of {expected} consolidated-*-of-{expected:05d}.safetensors "
+                "shards; the download is incomplete."
+            )
+        return shards
+    pth = sorted(folder.glob("consolidated.[0-9][0-9].pth"))
+    if len(pth) == 1:
+        return pth
+    if len(pth) > 1:
+        raise ValueError(
+            f"{folder}: {len(pth)} model-parallel consolidated.NN.pth files are not supported; "
+            "use the release's consolidated.safetensors instead."
+        )
+    raise FileNotFoundError(
+        f"{folder}: no weights found. Expected consolidated.safetensors, "
+        "consolidated-0000k-of-0000n.safetensors shards, or consolidated.00.pth next to params.json."
+    )
+
+
+def iter_checkpoint_tensors(folder: str | Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """Yield (key, CPU tensor, file) one tensor at a time, so peak memory stays at one copy."""
+    for path in checkpoint_files(folder):
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key), path
+        else:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            for key in list(state):
+                yield key, state.pop(key), path
+
+
+def load_base_weights(
+    model: nn.Module, folder: str | Path, *, device: torch.device | str, dtype: torch.dtype
+) -> None:
+    """Assign checkpoint tensors into a (meta-device) model, strictly."""
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if not is_lora_key(k)}
+    loaded: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for key, tensor, path in iter_checkpoint_tensors(folder):
+        if key not in expected:
+            unexpected.append(f"{key} (in {path.name})")
+            continue
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ValueError(
+                f"{path}: '{key}' has shape {tuple(tensor.shape)} but params.json implies "
+                f"{tuple(expected[key].shape)}; params.json and the weights do not belong together."
+            )
+        loaded[key] = tensor.to(device=device, dtype=dtype)
+    missing = sorted(set(expected) - set(loaded))
+    if missing:
+        raise ValueError(
+            f"{folder}: checkpoint is missing {len(missing)} weight(s) the model needs, e.g. "
+            f"{', '.join(missing[:5])}. Check that params.json matches the weights (n_layers, moe)."
+        )
+    if unexpected:
+        raise ValueError(
+            f"{folder}: checkpoint has {len(unexpected)} weight(s) this model does not use, e.g. "
+            f"{', '.join(unexpected[:5])}. Is this a Mistral-format (consolidated) checkpoint?"
+        )
+    model.load_state_dict(loaded, strict=False, assign=True)
+
+
+def init_adapters(model: nn.Module, *, device: torch.device | str, dtype: torch.dtype) -> None:
+    """Materialise and initialise every adapter still on the meta device (lora_B = 0)."""
+    for module in lora_modules(model).values():
+        if module.lora_A.weight.is_meta:
+            module.lora_A.to_empty(device=device)
+            module.lora_B.to_empty(device=device)
+            module.lora_A.to(dtype)
+            module.lora_B.to(dtype)
+            module.reset_lora_parameters()
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    assert not still_meta, f"parameters left on meta after loading: {still_meta[:5]}"
+
+
+def load_adapters(model: nn.Module, path: str | Path) -> None:
+    """Load a ``lora.safetensors`` into the model's adapters; keys and ranks must match exactly."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter file {path} not found (expected a lora.safetensors).")
+    state = load_file(str(path))
+    targets = {}
+    for name, m in lora_modules(model).items():
+        targets[f"{name}.lora_A.weight"] = m.lora_A.weight
+        targets[f"{name}.lora_B.weight"] = m.lora_B.weight
+    missing = sorted(set(targets) - set(state))
+    unexpected = sorted(set(state) - set(targets))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: adapter keys do not match the model's LoRA layers "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); check lora.rank and "
+            "lora.target_modules against the adapter's params.json."
+        )
+    for key, target in targets.items():
+        if state[key].shape != target.shape:
+            raise ValueError(
+                f"{path}: '{key}' has shape {tuple(state[key].shape)}, the model expects "
+                f"{tuple(target.shape)}; set lora.rank to the rank the adapter was trained with."
+            )
+        with torch.no_grad():
+            target.copy_(state[key])
+
+
+def adapter_keys(model: nn.Module) -> list[str]:
+    return sorted(
+        f"{name}.{ab}.weight" for name, m in lora_modules(model).items() if isinstance(m, LoRALinear)
+        for ab in ("lora_A", "lora_B")
+    )
+
+
+def save_model_folder(
+    folder: str | Path,
+    params: dict,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    layout: str = "safetensors",
+    num_shards: int = 2,
+) -> None:
+    """Write ``params.json`` and weights in one of the official layouts
+    ("safetensors", "sharded" or "pth"). Used for merged exports and for tiny test models."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    if layout == "safetensors":
+        save_file(tensors, str(folder / "consolidated.safetensors"))
+    elif layout == "pth":
+        torch.save(tensors, folder / "consolidated.00.pth")
+    elif layout == "sharded":
+        keys = sorted(tensors)
+        for i in range(num_shards):
+            part = {k: tensors[k] for k in keys[i::num_shards]}
+            save_file(part, str(folder / f"consolidated-{i + 1:05d}-of-{num_shards:05d}.safetensors"))
+    else:
+        raise ValueError(f"unknown layout {layout!r}; choose safetensors, sharded or pth")

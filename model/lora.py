@@ -1,0 +1,117 @@
+"""LoRA adapters on linear layers.
+
+``LoRALinear`` keeps the frozen base weight under the plain name ``weight`` so a base checkpoint
+loads without hooks, and adds ``lora_A`` (rank x in, Kaiming-uniform) and ``lora_B`` (out x rank,
+zeros): ``y = W x + scaling * B A dropout(x)``. The adapter key names
+(``layers.0.attention.wq.lora_A.weight``) are the ones mistral-inference loads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.args import LoraArgs
+
+# (layer name such as "wq", in_features, out_features) -> a bias-free linear layer
+LinearFactory = Callable[[str, int, int], nn.Module]
+
+
+class LoRALinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        rank: int,
+        scaling: float,
+        dropout: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.scaling = rank, scaling
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, device=device, dtype=dtype), requires_grad=False
+        )
+        self.lora_A = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(rank, out_features, bias=False, device=device, dtype=dtype)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        # a=sqrt(5) gives U(-1/sqrt(in), 1/sqrt(in)), as nn.Linear and mistral-finetune do.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = F.linear(x, self.weight)
+        # Adapters may be stored in another dtype than the base (fp32 adapters on a bf16 base
+        # outside FSDP's mixed precision); compute the branch in the adapter dtype.
+        a = self.lora_A.weight
+        update = F.linear(F.linear(self.dropout(x).to(a.dtype), a), self.lora_B.weight)
+        return base + (update * self.scaling).to(base.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + scaling * B A, computed in float32 and cast to the base dtype."""
+        return merge_delta(self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling}"
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def is_lora_key(key: str) -> bool:
+    parts = key.split(".")
+    return len(parts) >= 2 and parts[-2] in ("lora_A", "lora_B")
+
+
+def freeze_all_but_lora(model: nn.Module) -> None:
+    """Only adapter matrices train; base weights, norms, embeddings and the MoE gate stay frozen."""
+    adapters = {id(p) for m in lora_modules(model).values() for p in (m.lora_A.weight, m.lora_B.weight)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in adapters)
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter weights only, keyed ``<module>.lora_A.weight`` / ``<module>.lora_B.weight``."""
+    out = {}
+    for name, m in lora_modules(model).items():
+        out[f"{name}.lora_A.weight"] = m.lora_A.weight.detach()
+        out[f"{name}.lora_B.weight"] = m.lora_B.weight.detach()
+    return out
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights with every adapter folded in, under the plain checkpoint key names."""
+    merged = {f"{name}.weight": m.merged_weight() for name, m in lora_modules(model).items()}
+    out = {}
+    for key, value in model.state_dict().items():
+        if is_lora_key(key):
+            continue
+        out[key] = merged.get(key, value)
+    return out
+
+
+def merge_delta(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W + scaling * B A for raw tensors (used by the streaming merge tool)."""
+    return (weight.float() + scaling * (lora_b.float() @ lora_a.float())).to(weight.dtype)
+
+
+def linear_factory(lora: LoraArgs | None) -> LinearFactory:
+    """Builds LoRALinear for the targeted layer names, plain nn.Linear for the rest."""
+
+    def make(name: str, in_features: int, out_features: int) -> nn.Module:
+        if lora is not None and lora.enable and name in lora.target_modules:
+            return LoRALinear(in_features, out_features, rank=lora.rank, scaling=lora.scaling, dropout=lora.dropout)
+        return nn.Linear(in_features, out_features, bias=False)
+
+    return make

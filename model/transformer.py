@@ -1,0 +1,113 @@
+"""The Mistral decoder-only transformer over a packed batch of documents.
+
+``forward(input_ids[tokens], seqlens) -> logits[tokens, vocab]``: documents are concatenated into
+one row, attend only within themselves (causally, within the sliding window if any), and their
+rotary positions restart at 0.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from model.args import LoraArgs, ModelArgs
+from model.attention import Attention, AttentionMask
+from model.lora import linear_factory
+from model.moe import FeedForward, MoeLayer
+from model.rope import positions_from_seqlens, rope_angles
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32, then cast back before the (model-dtype) gain, as Mistral does.
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, lora: LoraArgs | None) -> None:
+        super().__init__()
+        make_linear = linear_factory(lora)
+        self.attention = Attention(args, make_linear)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward: nn.Module = (
+            MoeLayer(args, make_linear) if args.moe is not None else FeedForward(args.dim, args.hidden_dim, make_linear)
+        )
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, lora: LoraArgs | None = None, attention: str = "sdpa") -> None:
+        super().__init__()
+        self.args, self.lora, self.attention = args, lora, attention
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args, lora) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
+        """Seeded random base weights (tiny test and quickstart models); adapters are reset."""
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in sorted(self.named_parameters()):
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif ".lora_" not in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        for m in self.modules():
+            if hasattr(m, "reset_lora_parameters"):
+                m.reset_lora_parameters()
+
+    def hidden_states(self, input_ids: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+        """Final normed hidden states (tokens, dim): lets a loss apply ``output`` chunk by chunk."""
+        if input_ids.dim() != 1 or input_ids.shape[0] != sum(seqlens):
+            raise ValueError(
+                f"input_ids must be 1-D with sum(seqlens) tokens; got shape {tuple(input_ids.shape)} "
+                f"and sum(seqlens)={sum(seqlens)}"
+            )
+        positions = positions_from_seqlens(seqlens, input_ids.device)
+        cos, sin = rope_angles(positions, self.args.head_dim, self.args.rope_theta)
+        mask = AttentionMask.build(seqlens, self.args.sliding_window, self.attention, input_ids.device)
+        h = self.tok_embeddings(input_ids)  # (tokens, dim)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask)
+        return self.norm(h)
+
+    def forward(self, input_ids: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+        return self.output(self.hidden_states(input_ids, seqlens))  # (tokens, vocab)
+
+    @classmethod
+    def from_folder(
+        cls,
+        folder: str | Path,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.bfloat16,
+        lora: LoraArgs | None = None,
+        attention: str = "sdpa",
+    ) -> Transformer:
+        """Load a Mistral checkpoint folder onto one device (training shards via finetune.parallel).
+
+        The model is built on the meta device and the checkpoint tensors are assigned into it one
+        by one, so the weights exist once in memory; adapters are then freshly initialised.
+        """
+        from model.checkpoint import init_adapters, load_base_weights
+
+        args = ModelArgs.from_folder(folder)
+        with torch.device("meta"):
+            model = cls(args, lora=lora, attention=attention)
+        load_base_weights(model, folder, device=device, dtype=dtype)
+        init_adapters(model, device=device, dtype=dtype)
+        return model

@@ -1,0 +1,372 @@
+"""Tokenize a JSONL file once, store the result on disk, read it back memory-mapped.
+
+One cache entry per (file content, tokenizer file, sample type, chunking), in a folder named by the hash
+of those four, holding flat arrays:
+
+    tokens.bin   int32  every sample's tokens, concatenated
+    masks.bin    bool   the matching training-target masks
+    offsets.npy  int64  sample i is tokens[offsets[i]:offsets[i+1]]   (n_samples + 1)
+    lines.npy    int32  1-based line of sample i (chunked samples share their line)
+    targets.npy  int32  number of target positions of sample i (sum of masks[1:])
+    meta.json           line counts and every invalid line's error
+
+Reading a cached file touches only ``offsets``/``lines``/``targets`` (a few bytes per sample); token
+pages are read on demand by the loader, so a rank's memory does not grow with the data set.
+Tokenizing runs in a process pool over ~1 MiB blocks of lines; ranks that race on the same entry
+serialise on a lock file and the later ones reuse the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from finetune.data.errors import DataFormatError
+from finetune.data.tokenize import SampleType, _as_instruct_tokenizer, encode_all
+
+logger = logging.getLogger("finetune.data")
+
+CACHE_VERSION = 1
+_BLOCK_BYTES = 1 << 20  # one pool task
+_IN_PROCESS_BYTES = 1 << 20  # smaller files are not worth starting a pool for
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/mistral-lora-finetune/tokens``, or ``~/.cache/...`` when unset."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mistral-lora-finetune" / "tokens"
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+_TOKENIZER_IDS: dict[tuple[str, int, int], str] = {}
+
+
+def tokenizer_identity(instruct_tokenizer: Any) -> str:
+    """Hash of the tokenizer file and the instruct-tokenizer class (which decides the layout)."""
+    it = _as_instruct_tokenizer(instruct_tokenizer)
+    path = Path(it.tokenizer.file_path)
+    st = path.stat()
+    memo = (str(path), st.st_size, st.st_mtime_ns)
+    if memo not in _TOKENIZER_IDS:
+        _TOKENIZER_IDS[memo] = file_digest(path)
+    return f"{type(it).__name__}:{_TOKENIZER_IDS[memo]}"
+
+
+@dataclass
+class LineError:
+    path: str
+    line: int  # 1-based
+    kind: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.message}"
+
+
+@dataclass
+class TokenizedFile:
+    """A file's samples, memory-mapped from the cache."""
+
+    path: Path
+    key: str
+    tokens: np.ndarray  # int32, memory-mapped
+    masks: np.ndarray  # bool, memory-mapped
+    offsets: np.ndarray  # int64 (n_samples + 1)
+    lines: np.ndarray  # int32 (n_samples)
+    targets: np.ndarray  # int32 (n_samples)
+    n_lines: int
+    n_valid: int
+    errors: list[LineError] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+
+# ---------------------------------------------------------------------------------------------- workers
+
+_WORKER_TOKENIZER: Any = None
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    global _WORKER_TOKENIZER
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    logging.getLogger("mistral_common").setLevel(logging.WARNING)
+    _WORKER_TOKENIZER = MistralTokenizer.from_file(tokenizer_path).instruct_tokenizer
+
+
+def decode_line(raw: bytes, line_no: int) -> Any:
+    if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # UTF-8 byte-order mark written by some editors
+    if raw.endswith(b"\r"):
+        raw = raw[:-1]
+    if not raw.strip():
+        raise DataFormatError("blank_line", "blank line; delete it (every line must hold one JSON object).")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataFormatError(
+            "encoding",
+            f"byte {e.start} of the line ({raw[e.start:e.start + 1]!r}) is not valid UTF-8; re-save the file as UTF-8.",
+        ) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataFormatError(
+            "invalid_json",
+            f"invalid JSON ({e.msg} at column {e.colno}); each line must be one complete JSON object "
+            "(no pretty-printing across lines, no trailing commas).",
+        ) from None
+    except RecursionError:
+        raise DataFormatError("invalid_json", "JSON nested too deeply; flatten the sample.") from None
+
+
+def tokenize_block(
+    raw: bytes, first_line: int, sample_type: SampleType, chunk: bool, instruct_tokenizer: Any
+) -> dict[str, Any]:
+    """Tokenize the lines in ``raw`` (which starts at line ``first_line``) into flat arrays."""
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the newline that ends the last line
+    tokens: list[int] = []
+    masks: list[bool] = []
+    lengths: list[int] = []
+    line_of: list[int] = []
+    targets: list[int] = []
+    errors: list[tuple[int, str, str]] = []
+    n_valid = 0
+    for j, line in enumerate(lines):
+        line_no = first_line + j
+        try:
+            samples = encode_all(decode_line(line, line_no), instruct_tokenizer, sample_type, chunk)
+        except DataFormatError as e:
+            errors.append((line_no, e.kind, e.message))
+            continue
+        n_valid += 1
+        for s in samples:
+            tokens += s.tokens
+            masks += s.masks
+            lengths.append(len(s.tokens))
+            line_of.append(line_no)
+            targets.append(sum(s.masks) - s.masks[0])
+    return {
+        "tokens": np.asarray(tokens, dtype=np.int32),
+        "masks": np.asarray(masks, dtype=np.bool_),
+        "lengths": np.asarray(lengths, dtype=np.int64),
+        "lines": np.asarray(line_of, dtype=np.int32),
+        "targets": np.asarray(targets, dtype=np.int32),
+        "errors": errors,
+        "n_lines": len(lines),
+        "n_valid": n_valid,
+    }
+
+
+def _worker_block(task: tuple[str, int, int, int, str, bool]) -> dict[str, Any]:
+    path, start, end, first_line, sample_type, chunk = task
+    with open(path, "rb") as f:
+        f.seek(start)
+        raw = f.read(end - start)
+    return tokenize_block(raw, first_line, SampleType(sample_type), chunk, _WORKER_TOKENIZER)
+
+
+def _blocks(path: Path, block_bytes: int = _BLOCK_BYTES) -> Iterator[tuple[int, int, int]]:
+    """(start byte, end byte, first line) of runs of whole lines of about ``block_bytes``."""
+    size = path.stat().st_size
+    line = 1
+    with open(path, "rb") as f:
+        start = 0
+        while start < size:
+            f.seek(start)
+            raw = f.read(block_bytes)
+            while start + len(raw) < size:  # cut after the block's last newline
+                cut = raw.rfind(b"\n")
+                if cut >= 0:
+                    raw = raw[: cut + 1]
+                    break
+                raw += f.read(block_bytes)  # a line longer than a block
+            yield start, start + len(raw), line
+            line += raw.count(b"\n")
+            start += len(raw)
+
+
+class TokenizerPool:
+    """A process pool started on first use and shared by every file of one data check."""
+
+    def __init__(
+        self,
+        instruct_tokenizer: Any,
+        num_workers: int | None = None,
+        *,
+        block_bytes: int = _BLOCK_BYTES,
+        min_bytes: int = _IN_PROCESS_BYTES,
+    ) -> None:
+        self.instruct_tokenizer = _as_instruct_tokenizer(instruct_tokenizer)
+        self.num_workers = num_workers if num_workers is not None else _default_workers()
+        self.block_bytes = block_bytes  # bytes of lines per task
+        self.min_bytes = min_bytes  # smaller files are tokenized in this process
+        self._pool: Any = None
+
+    def map(self, tasks: list[tuple]) -> Iterator[dict[str, Any]]:
+        if self._pool is None:
+            path = str(self.instruct_tokenizer.tokenizer.file_path)
+            # spawn: the caller may hold CUDA or threads, which fork does not copy safely.
+            self._pool = mp.get_context("spawn").Pool(self.num_workers, _init_worker, (path,))
+        return self._pool.imap(_worker_block, tasks)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool.join()
+            self._pool = None
+
+
+def _default_workers() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    return max(1, min(n, 16))
+
+
+@contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: racing writers each build, the atomic rename keeps one
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def cache_key(digest: str, tokenizer_id: str, sample_type: SampleType, chunk: bool) -> str:
+    text = json.dumps([CACHE_VERSION, digest, tokenizer_id, sample_type.value, bool(chunk)])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def load_tokenized(
+    path: Path,
+    sample_type: SampleType,
+    instruct_tokenizer: Any,
+    *,
+    chunk: bool,
+    cache_dir: Path | None,
+    pool: TokenizerPool | None = None,
+) -> TokenizedFile:
+    """The tokenized file from the cache, tokenizing it first when it is not there yet."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    chunk = chunk and sample_type is SampleType.INSTRUCT
+    key = cache_key(file_digest(path), tokenizer_identity(instruct_tokenizer), sample_type, chunk)
+    entry = cache_dir / key
+    if not (entry / "meta.json").is_file():
+        with _lock(cache_dir / f"{key}.lock"):
+            if not (entry / "meta.json").is_file():
+                _build(path, sample_type, instruct_tokenizer, chunk, entry, pool)
+    else:
+        logger.debug("Reusing cached tokens for %s from %s", path, entry)
+    return _open(path, key, entry)
+
+
+def _build(
+    path: Path, sample_type: SampleType, instruct_tokenizer: Any, chunk: bool, entry: Path, pool: TokenizerPool | None
+) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    try:
+        if pool is not None and path.stat().st_size >= pool.min_bytes and pool.num_workers > 1:
+            blocks = _blocks(path, pool.block_bytes)
+            tasks = [(str(path), a, b, line, sample_type.value, chunk) for a, b, line in blocks]
+            results: Iterator[dict[str, Any]] = pool.map(tasks)
+        else:
+            it = _as_instruct_tokenizer(instruct_tokenizer)
+            results = (
+                tokenize_block(_read(path, a, b), line, sample_type, chunk, it) for a, b, line in _blocks(path)
+            )
+        lengths, lines, targets, errors = [], [], [], []
+        n_lines = n_valid = 0
+        with open(tmp / "tokens.bin", "wb") as ft, open(tmp / "masks.bin", "wb") as fm:
+            for r in results:
+                ft.write(r["tokens"].tobytes())
+                fm.write(r["masks"].tobytes())
+                lengths.append(r["lengths"])
+                lines.append(r["lines"])
+                targets.append(r["targets"])
+                errors += r["errors"]
+                n_lines += r["n_lines"]
+                n_valid += r["n_valid"]
+        offsets = np.zeros(1 + sum(len(x) for x in lengths), dtype=np.int64)
+        if len(offsets) > 1:
+            np.cumsum(np.concatenate(lengths), out=offsets[1:])
+        np.save(tmp / "offsets.npy", offsets)
+        np.save(tmp / "lines.npy", np.concatenate(lines) if lines else np.zeros(0, np.int32))
+        np.save(tmp / "targets.npy", np.concatenate(targets) if targets else np.zeros(0, np.int32))
+        meta = {
+            "version": CACHE_VERSION,
+            "source_path": str(path),
+            "sample_type": sample_type.value,
+            "chunk": chunk,
+            "n_lines": n_lines,
+            "n_valid": n_valid,
+            "errors": errors,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        if entry.exists():  # a half-written entry from a crashed run
+            shutil.rmtree(entry)
+        os.replace(tmp, entry)
+        logger.info(
+            "Tokenized %s: %d lines, %d samples, %d tokens, %d invalid lines",
+            path, n_lines, len(offsets) - 1, int(offsets[-1]), len(errors),
+        )
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read(path: Path, start: int, end: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(start)
+        return f.read(end - start)
+
+
+def _memmap(path: Path, dtype: Any) -> np.ndarray:
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def _open(path: Path, key: str, entry: Path) -> TokenizedFile:
+    meta = json.loads((entry / "meta.json").read_text())
+    return TokenizedFile(
+        path=path,
+        key=key,
+        tokens=_memmap(entry / "tokens.bin", np.int32),
+        masks=_memmap(entry / "masks.bin", np.bool_),
+        offsets=np.load(entry / "offsets.npy"),
+        lines=np.load(entry / "lines.npy"),
+        targets=np.load(entry / "targets.npy"),
+        n_lines=meta["n_lines"],
+        n_valid=meta["n_valid"],
+        errors=[LineError(str(path), line, kind, msg) for line, kind, msg in meta["errors"]],
+    )

@@ -1,0 +1,420 @@
+"""Parse one JSON sample, check it, and turn it into tokens plus a training-target mask.
+
+Instruct samples are encoded message by message with mistral-common's own instruct tokenizer, so the
+tokens equal ``encode_instruct(InstructRequest(...))`` token for token (the tests check this); doing it
+per message tells us which tokens belong to which message, which is what the mask needs.
+``masks[i]`` is True when token ``i`` is a training target: the trainer feeds ``tokens[:-1]`` and
+predicts ``tokens[1:]`` where ``masks[1:]`` is True.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from mistral_common.protocol.instruct.messages import (
+    FinetuningAssistantMessage,
+    SystemMessage,
+    ToolMessage,
+    UserMessage,
+)
+from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
+from mistral_common.tokens.tokenizers.instruct import InstructTokenizerV7
+
+from finetune.data.errors import DataFormatError
+
+
+class SampleType(Enum):
+    PRETRAIN = "pretrain"
+    INSTRUCT = "instruct"
+
+
+@dataclass
+class TokenSample:
+    tokens: list[int]
+    masks: list[bool]
+
+
+_ROLES = ("system", "user", "assistant", "tool")
+# Which role may follow which (mistral-common's finetuning validator, v3).
+_NEXT_ROLES = {
+    "system": {"user", "assistant", "system"},
+    "user": {"assistant", "system", "user"},
+    "assistant": {"assistant", "user", "tool"},
+    "tool": {"assistant", "tool", "user"},
+}
+_TOOL_CALL_ID = re.compile(r"^[a-zA-Z0-9]{9}$")
+_FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
+
+@dataclass
+class Conversation:
+    """A checked instruct sample: mistral-common messages (no system messages) plus sample settings."""
+
+    messages: list[UserMessage | FinetuningAssistantMessage | ToolMessage]
+    system_prompt: str | None
+    tools: list[Tool] | None
+    only_last: bool
+
+
+def _one_of(obj: dict, keys: tuple[str, str], where: str) -> tuple[str | None, Any]:
+    present = [k for k in keys if k in obj]
+    if len(present) == 2:
+        raise DataFormatError(
+            "conflicting_keys",
+            f"{where} has both '{keys[0]}' and '{keys[1]}'; keep only '{keys[0]}'.",
+        )
+    if not present:
+        return None, None
+    return present[0], obj[present[0]]
+
+
+def _text_of(msg: dict, role: str, index: int) -> Any:
+    _, content = _one_of(msg, ("content", "text"), f"message {index} ({role})")
+    return content
+
+
+def _require_str(value: Any, what: str, fix: str) -> str:
+    if not isinstance(value, str):
+        raise DataFormatError("bad_type", f"{what} must be a string, got {type(value).__name__} {_short(value)}; {fix}")
+    return value
+
+
+def _short(value: Any, n: int = 40) -> str:
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def parse_pretrain(sample: Any) -> str:
+    if not isinstance(sample, dict):
+        raise DataFormatError(
+            "not_object", f"expected a JSON object like {{\"text\": \"...\"}}, got {type(sample).__name__}."
+        )
+    key, text = _one_of(sample, ("text", "content"), "the sample")
+    if key is None:
+        raise DataFormatError(
+            "missing_key",
+            f"pretraining sample has no 'text' key (keys: {sorted(sample)}); write {{\"text\": \"...\"}}.",
+        )
+    text = _require_str(text, f"'{key}'", "put the document text in a JSON string.")
+    if not text:
+        raise DataFormatError("empty_text", f"'{key}' is empty; delete the line or add text.")
+    return text
+
+
+def _parse_tools(raw: Any) -> list[Tool]:
+    if not isinstance(raw, list):
+        raise DataFormatError("bad_tool", f"'tools' must be a list of tool definitions, got {_short(raw)}.")
+    tools = []
+    for i, tool in enumerate(raw):
+        fix = 'write {"type": "function", "function": {"name": ..., "description": ..., "parameters": {...}}}.'
+        if not isinstance(tool, dict) or not isinstance(tool.get("function"), dict):
+            raise DataFormatError("bad_tool", f"tool {i} has no 'function' object; {fix}")
+        fn = tool["function"]
+        name = fn.get("name")
+        if not isinstance(name, str) or not _FUNCTION_NAME.match(name):
+            raise DataFormatError(
+                "bad_tool",
+                f"tool {i} has function name {_short(name)}; use 1 to 64 characters from a-z, A-Z, 0-9, _ and -.",
+            )
+        description = fn.get("description", "")
+        _require_str(description, f"tool {i} ({name}) 'description'", "describe the function in a string.")
+        params = fn.get("parameters", {})
+        if not isinstance(params, dict):
+            raise DataFormatError(
+                "bad_tool",
+                f"tool {i} ({name}) 'parameters' must be a JSON-schema object, got {_short(params)}; "
+                "use {} for a function without parameters.",
+            )
+        tools.append(Tool(function=Function(name=name, description=description, parameters=params)))
+    return tools
+
+
+def _parse_tool_calls(raw: Any, index: int, is_last: bool) -> list[ToolCall]:
+    if not isinstance(raw, list) or not raw:
+        raise DataFormatError(
+            "bad_tool_call", f"message {index} (assistant) 'tool_calls' must be a non-empty list, got {_short(raw)}."
+        )
+    calls = []
+    for j, call in enumerate(raw):
+        where = f"message {index} (assistant) tool call {j}"
+        if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+            raise DataFormatError(
+                "bad_tool_call",
+                f"{where} has no 'function' object; write "
+                '{"id": "abc123XYZ", "type": "function", "function": {"name": ..., "arguments": "{...}"}}.',
+            )
+        call_id = call.get("id")
+        # The final turn's ids are dropped before encoding, so only earlier calls need one.
+        if not (is_last and call_id is None):
+            if not isinstance(call_id, str) or not _TOOL_CALL_ID.match(call_id):
+                raise DataFormatError(
+                    "bad_tool_call_id",
+                    f"{where} has id {_short(call_id)}; ids must be exactly 9 characters from a-z, A-Z, 0-9 "
+                    "(e.g. 'a1B2c3D4e'), the same in the tool message's 'tool_call_id'.",
+                )
+        fn = call["function"]
+        name = fn.get("name")
+        if not isinstance(name, str) or not _FUNCTION_NAME.match(name):
+            raise DataFormatError(
+                "bad_tool_call",
+                f"{where} has function name {_short(name)}; use 1 to 64 characters from a-z, A-Z, 0-9, _ and -.",
+            )
+        args = fn.get("arguments")
+        if not isinstance(args, str):
+            raise DataFormatError(
+                "bad_arguments",
+                f"{where} ({name}) 'arguments' must be a JSON-encoded string such as \"{{\\\"city\\\": \\\"Paris\\\"}}\", "
+                f"got {type(args).__name__} {_short(args)}; encode it with json.dumps(arguments).",
+            )
+        try:
+            json.loads(args)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(
+                "bad_arguments",
+                f"{where} ({name}) 'arguments' is not valid JSON ({e.msg} at column {e.colno}): {_short(args)}; "
+                "it must be json.dumps(arguments).",
+            ) from None
+        calls.append(ToolCall(id=call_id if isinstance(call_id, str) else "null", function=FunctionCall(name=name, arguments=args)))
+    return calls
+
+
+def parse_instruct(sample: Any) -> Conversation:
+    """Check an instruct sample against the rules of mistral-common's finetuning validator.
+
+    Every rule is checked here, in plain Python, so that a bad line gets a message that says how to fix it
+    instead of a traceback from inside mistral-common.
+    """
+    if not isinstance(sample, dict):
+        raise DataFormatError(
+            "not_object", f'expected a JSON object like {{"messages": [...]}}, got {type(sample).__name__}.'
+        )
+    key, raw_messages = _one_of(sample, ("messages", "interactions"), "the sample")
+    if key is None:
+        raise DataFormatError(
+            "missing_key",
+            f"instruct sample has no 'messages' key (keys: {sorted(sample)}); write "
+            '{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}.',
+        )
+    if not isinstance(raw_messages, list):
+        raise DataFormatError("bad_type", f"'{key}' must be a list of messages, got {_short(raw_messages)}.")
+    if not raw_messages:
+        raise DataFormatError(
+            "empty_conversation", f"'{key}' is empty; a sample needs at least a user and an assistant message."
+        )
+
+    tools_key, raw_tools = _one_of(sample, ("tools", "available_tools"), "the sample")
+    tools = _parse_tools(raw_tools) if raw_tools is not None else None
+    tools = tools or None  # an empty list means no tools
+    only_last = sample.get("only_last", False)
+    if not isinstance(only_last, bool):
+        raise DataFormatError("bad_type", f"'only_last' must be true or false, got {_short(only_last)}.")
+    system_prompt = sample.get("system_prompt")
+    if system_prompt is not None:
+        system_prompt = _require_str(system_prompt, "'system_prompt'", "write the system prompt as a string.")
+
+    messages: list[UserMessage | FinetuningAssistantMessage | ToolMessage] = []
+    roles: list[str] = []
+    n = len(raw_messages)
+    for i, msg in enumerate(raw_messages):
+        if not isinstance(msg, dict):
+            raise DataFormatError("bad_type", f"message {i} must be a JSON object, got {_short(msg)}.")
+        role = msg.get("role")
+        if role is None:
+            raise DataFormatError(
+                "missing_key", f"message {i} has no 'role' (keys: {sorted(msg)}); use one of {', '.join(_ROLES)}."
+            )
+        if role not in _ROLES:
+            raise DataFormatError(
+                "unknown_role", f"message {i} has role {_short(role)}; use one of {', '.join(_ROLES)}."
+            )
+        if roles and role not in _NEXT_ROLES[roles[-1]]:
+            raise DataFormatError(
+                "bad_role_order",
+                f"message {i} ({role}) cannot follow a {roles[-1]} message; a {roles[-1]} message may be "
+                f"followed by {', '.join(sorted(_NEXT_ROLES[roles[-1]]))}.",
+            )
+        roles.append(role)
+        content = _text_of(msg, role, i)
+        if role == "system":
+            if system_prompt is not None:
+                raise DataFormatError(
+                    "multiple_system",
+                    f"message {i} is a second system prompt; keep one system message (or 'system_prompt').",
+                )
+            system_prompt = _require_str(content, f"message {i} (system) 'content'", "write the system prompt as a string.")
+        elif role == "user":
+            content = _require_str(content, f"message {i} (user) 'content'", "write the user text as a string.")
+            messages.append(UserMessage(content=content))
+        elif role == "tool":
+            content = _require_str(content, f"message {i} (tool) 'content'", "write the tool result as a string.")
+            call_id = msg.get("tool_call_id")
+            if not isinstance(call_id, str) or not _TOOL_CALL_ID.match(call_id):
+                raise DataFormatError(
+                    "bad_tool_call_id",
+                    f"message {i} (tool) has tool_call_id {_short(call_id)}; it must be the 9-character id "
+                    "(a-z, A-Z, 0-9) of the tool call it answers.",
+                )
+            messages.append(ToolMessage(content=content, tool_call_id=call_id))
+        else:
+            weight = msg.get("weight")
+            if weight is not None and (isinstance(weight, bool) or weight not in (0, 1)):
+                raise DataFormatError(
+                    "bad_weight",
+                    f"message {i} (assistant) has weight {_short(weight)}; use 0 (not trained) or 1 (trained, the default).",
+                )
+            raw_calls = msg.get("tool_calls")
+            if content is not None and raw_calls:
+                raise DataFormatError(
+                    "content_and_tool_calls",
+                    f"message {i} (assistant) has both content and tool_calls; split it into two assistant messages.",
+                )
+            if raw_calls:
+                calls = _parse_tool_calls(raw_calls, i, is_last=i == n - 1)
+                messages.append(FinetuningAssistantMessage(tool_calls=calls, weight=weight))
+            else:
+                if content is None:
+                    raise DataFormatError(
+                        "missing_key", f"message {i} (assistant) has neither 'content' nor 'tool_calls'; add one."
+                    )
+                content = _require_str(content, f"message {i} (assistant) 'content'", "write the answer as a string.")
+                if not content.rstrip(" "):
+                    raise DataFormatError(
+                        "empty_content", f"message {i} (assistant) has empty content; write the answer or delete the turn."
+                    )
+                messages.append(FinetuningAssistantMessage(content=content, weight=weight))
+
+    if roles[0] not in ("user", "system"):
+        raise DataFormatError(
+            "bad_role_order", f"the conversation starts with a {roles[0]} message; start with a user (or system) message."
+        )
+    if roles[-1] != "assistant":
+        raise DataFormatError(
+            "last_role",
+            f"the last message is a {roles[-1]} message; a training sample must end with an assistant message "
+            "(delete the trailing messages or add the assistant's answer).",
+        )
+    _check_tool_results(messages)
+    return Conversation(messages, system_prompt, tools, only_last or tools is not None)
+
+
+def _check_tool_results(messages: list) -> None:
+    """A tool message must answer a call of the assistant turn just before it, once."""
+    pending: set[str] = set()
+    for i, m in enumerate(messages):
+        if isinstance(m, FinetuningAssistantMessage):
+            pending = {c.id for c in m.tool_calls} if m.tool_calls else set()
+        elif isinstance(m, ToolMessage):
+            if m.tool_call_id not in pending:
+                raise DataFormatError(
+                    "bad_tool_call_id",
+                    f"a tool message answers tool_call_id {m.tool_call_id!r}, which is not an unanswered call of "
+                    "the preceding assistant message; match it to the call's 'id'.",
+                )
+            pending.discard(m.tool_call_id)
+        else:
+            pending = set()
+
+
+def chunk_conversation(conv: Conversation) -> list[Conversation]:
+    """The conversation plus, for a trained-only-last sample with k assistant turns, the k-1 prefixes
+    that end at each earlier assistant turn (longest first). Each prefix trains its own last turn."""
+    out = [conv]
+    if not conv.only_last:
+        return out
+    ends = [i for i, m in enumerate(conv.messages) if isinstance(m, FinetuningAssistantMessage)]
+    for end in reversed(ends[:-1]):
+        out.append(Conversation(conv.messages[: end + 1], conv.system_prompt, conv.tools, conv.only_last))
+    return out
+
+
+def _tokens(encoded: Any) -> list[int]:
+    # mistral-common returns (tokens, images, audios) from some encoders and a bare list from others.
+    return list(encoded[0]) if isinstance(encoded, tuple) else list(encoded)
+
+
+def encode_conversation(conv: Conversation, instruct_tokenizer: Any) -> TokenSample:
+    """Tokens equal to ``encode_instruct(InstructRequest(...))``; masks mark trained assistant turns."""
+    it = instruct_tokenizer
+    separate_system = isinstance(it, InstructTokenizerV7)  # v7+: system prompt is its own message
+    tokens: list[int] = list(it.start())
+    masks: list[bool] = [False] * len(tokens)
+    if separate_system and conv.system_prompt is not None:
+        t, _ = it.encode_system_message(SystemMessage(content=conv.system_prompt))
+        tokens += t
+        masks += [False] * len(t)
+    first_user = last_user = -1
+    for i, m in enumerate(conv.messages):
+        if isinstance(m, UserMessage):
+            last_user = i
+            if first_user < 0:
+                first_user = i
+    last = len(conv.messages) - 1
+    for i, m in enumerate(conv.messages):
+        if isinstance(m, UserMessage):
+            t = _tokens(
+                it.encode_user_message(
+                    m,
+                    conv.tools,
+                    i == last_user,
+                    i == first_user,
+                    system_prompt=None if separate_system else conv.system_prompt,
+                )
+            )
+            train = False
+        elif isinstance(m, ToolMessage):
+            t = _tokens(it.encode_tool_message(m, i < last_user))
+            train = False
+        else:
+            if i == last and m.tool_calls:
+                # The final call's id is random: encode it without an id so it is never a target.
+                m = m.model_copy(update={"tool_calls": [c.model_copy(update={"id": "null"}) for c in m.tool_calls]})
+            t = _tokens(it.encode_assistant_message(m, i < last_user))
+            train = m.weight != 0 and (not conv.only_last or i == last)
+        tokens += t
+        masks += [train] * len(t)
+    return TokenSample(tokens, masks)
+
+
+def encode_pretrain(text: str, instruct_tokenizer: Any) -> TokenSample:
+    tokens = instruct_tokenizer.tokenizer.encode(text, bos=True, eos=True)
+    return TokenSample(tokens, [True] * len(tokens))
+
+
+def _as_instruct_tokenizer(tokenizer: Any) -> Any:
+    # Accept a MistralTokenizer as well as its .instruct_tokenizer.
+    return getattr(tokenizer, "instruct_tokenizer", tokenizer)
+
+
+def encode(sample: dict, instruct_tokenizer: Any, as_type: SampleType) -> TokenSample:
+    """Encode one parsed JSON line (no chunking). Raises :class:`DataFormatError` for a malformed sample."""
+    it = _as_instruct_tokenizer(instruct_tokenizer)
+    if as_type is SampleType.PRETRAIN:
+        return encode_pretrain(parse_pretrain(sample), it)
+    return _guarded(encode_conversation, parse_instruct(sample), it)
+
+
+def encode_all(sample: Any, instruct_tokenizer: Any, as_type: SampleType, chunk: bool) -> list[TokenSample]:
+    """Encode one line into its training samples: one, or one per assistant turn when ``chunk`` applies."""
+    it = _as_instruct_tokenizer(instruct_tokenizer)
+    if as_type is SampleType.PRETRAIN:
+        return [encode_pretrain(parse_pretrain(sample), it)]
+    conv = parse_instruct(sample)
+    convs = chunk_conversation(conv) if chunk else [conv]
+    return [_guarded(encode_conversation, c, it) for c in convs]
+
+
+def _guarded(fn: Any, conv: Conversation, it: Any) -> TokenSample:
+    try:
+        return fn(conv, it)
+    except DataFormatError:
+        raise
+    except Exception as e:  # a rule mistral-common enforces that parse_instruct does not know about
+        raise DataFormatError(
+            "tokenizer_error",
+            f"mistral-common could not encode this conversation ({type(e).__name__}: {e}); "
+            "check it against the instruct format in docs/data.md.",
+        ) from None

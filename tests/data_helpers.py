@@ -1,0 +1,74 @@
+"""Sample builders and file writers shared by the data tests (plain functions, no fixtures)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+_WORDS = "alpha beta gamma delta model token data Paris Rome weather train answer question".split()
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
+
+
+def spm() -> Any:
+    return MistralTokenizer.v3().instruct_tokenizer
+
+
+def tekken() -> Any:
+    return MistralTokenizer.v3(is_tekken=True).instruct_tokenizer
+
+
+def words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(_WORDS) for _ in range(n))
+
+
+def call(call_id: str, city: str) -> dict:
+    return {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}
+
+
+def tool_conversation(system: bool = True) -> dict:
+    """Two tool calls, a tool answer, a plain answer and a final tool call."""
+    msgs: list[dict] = [{"role": "system", "content": "Be brief."}] if system else []
+    msgs += [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "tool_calls": [call("aB3dE5gH7", "Paris")]},
+        {"role": "tool", "tool_call_id": "aB3dE5gH7", "content": '{"temp": 20}'},
+        {"role": "assistant", "content": "It is 20C in Paris."},
+        {"role": "user", "content": "And Rome?"},
+        {"role": "assistant", "tool_calls": [call("zZ9yY8xX7", "Rome")]},
+    ]
+    return {"messages": msgs, "tools": TOOLS}
+
+
+def chat(rng: random.Random, turns: int, max_words: int = 40, **extra: Any) -> dict:
+    msgs = []
+    for _ in range(turns):
+        msgs.append({"role": "user", "content": words(rng, rng.randint(1, max_words))})
+        msgs.append({"role": "assistant", "content": words(rng, rng.randint(1, max_words))})
+    return {"messages": msgs, **extra}
+
+
+def write_jsonl(path: Path, samples: list[Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for s in samples:
+            f.write((s if isinstance(s, str) else json.dumps(s)) + "\n")
+    return path
+
+
+def numbered_texts(prefix: str, n: int, rng: random.Random, max_words: int = 60) -> list[dict]:
+    """Pretraining docs whose text starts with a unique tag, so every sample's tokens are unique."""
+    return [{"text": f"{prefix}{i} " + words(rng, rng.randint(1, max_words))} for i in range(n)]

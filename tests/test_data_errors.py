@@ -1,0 +1,156 @@
+"""Every class of bad input is reported with file, 1-based line, what is wrong and how to fix it."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from finetune.data.args import DataArgs
+from finetune.data.errors import DataFormatError
+from finetune.data.loader import build_train_loader
+from finetune.data.tokenize import SampleType, encode
+from finetune.data.validation import check_data, write_corrected
+from tests.data_helpers import TOOLS, call, chat, spm, tool_conversation, write_jsonl
+
+SPM = spm()
+GOOD = json.dumps(chat(random.Random(0), 1))
+
+
+def _msgs(*roles_contents) -> dict:
+    return {"messages": [{"role": r, "content": c} for r, c in roles_contents]}
+
+
+def _tool(**changes) -> dict:
+    s = tool_conversation()
+    for path, value in changes.items():
+        i, key = path.split("__")
+        s["messages"][int(i)][key] = value
+    return s
+
+
+BAD_INSTRUCT = {
+    "invalid_json": ('{"messages": [', "invalid_json", "one complete JSON object"),
+    "not_object": ("[1, 2]", "not_object", "expected a JSON object"),
+    "missing_messages": ({"conversation": []}, "missing_key", "no 'messages' key"),
+    "both_keys": ({"messages": [], "interactions": []}, "conflicting_keys", "keep only 'messages'"),
+    "empty": ({"messages": []}, "empty_conversation", "needs at least a user and an assistant"),
+    "no_role": ({"messages": [{"content": "x"}]}, "missing_key", "has no 'role'"),
+    "unknown_role": (_msgs(("user", "a"), ("bot", "b")), "unknown_role", "role 'bot'; use one of system, user"),
+    "last_role": (_msgs(("user", "a"), ("assistant", "b"), ("user", "c")), "last_role", "must end with an assistant"),
+    "first_role": (_msgs(("assistant", "b")), "bad_role_order", "start with a user"),
+    "order": (
+        {"messages": [{"role": "user", "content": "a"}, {"role": "tool", "tool_call_id": "abcdefghi", "content": "x"},
+                      {"role": "assistant", "content": "b"}]},
+        "bad_role_order", "cannot follow a user message",
+    ),
+    "weight": (
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0.5}]},
+        "bad_weight", "use 0 .not trained. or 1",
+    ),
+    "weight_bool": (
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": True}]},
+        "bad_weight", "weight true",
+    ),
+    "call_id": (_tool(**{"2__tool_calls": [call("abc", "Paris")]}), "bad_tool_call_id", "exactly 9 characters"),
+    "tool_message_id": (_tool(**{"3__tool_call_id": "nope"}), "bad_tool_call_id", "9-character id"),
+    "unmatched_result": (_tool(**{"3__tool_call_id": "QQQQQQQQQ"}), "bad_tool_call_id", "match it to the call's 'id'"),
+    "arguments_object": (
+        _tool(**{"2__tool_calls": [{"id": "aB3dE5gH7", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}),
+        "bad_arguments", r"json.dumps\(arguments\)",
+    ),
+    "arguments_not_json": (
+        _tool(**{"2__tool_calls": [{"id": "aB3dE5gH7", "function": {"name": "get_weather", "arguments": "{city"}}]}),
+        "bad_arguments", "is not valid JSON",
+    ),
+    "content_and_calls": (_tool(**{"2__content": "hi"}), "content_and_tool_calls", "split it into two"),
+    "no_content": ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant"}]}, "missing_key", "neither 'content' nor 'tool_calls'"),
+    "empty_answer": (_msgs(("user", "a"), ("assistant", "  ")), "empty_content", "empty content"),
+    "content_type": (_msgs(("user", 5), ("assistant", "b")), "bad_type", "must be a string, got int"),
+    "two_systems": (_msgs(("system", "a"), ("system", "b"), ("user", "c"), ("assistant", "d")), "multiple_system", "keep one system"),
+    "bad_tool": ({**chat(random.Random(0), 1), "tools": [{"type": "function"}]}, "bad_tool", "no 'function' object"),
+    "tool_params": (
+        {**chat(random.Random(0), 1), "tools": [{"function": {"name": "f", "parameters": "none"}}]},
+        "bad_tool", "use {} for a function without parameters",
+    ),
+    "tools_twice": ({**chat(random.Random(0), 1), "tools": TOOLS, "available_tools": TOOLS}, "conflicting_keys", "keep only 'tools'"),
+    "only_last_type": ({**chat(random.Random(0), 1), "only_last": "yes"}, "bad_type", "true or false"),
+}
+
+
+def _write_raw(path, lines: list[bytes]) -> None:
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INSTRUCT))
+def test_bad_instruct_line_reported_with_file_and_line(tmp_path, case) -> None:
+    bad, kind, fix = BAD_INSTRUCT[case]
+    bad_line = bad if isinstance(bad, str) else json.dumps(bad)
+    path = write_jsonl(tmp_path / "train.jsonl", [GOOD, bad_line, GOOD])
+    report = check_data(DataArgs(instruct_data=str(path)), SPM, 512, cache_dir=tmp_path / "cache")
+    assert [(e.path, e.line, e.kind) for e in report.errors] == [(str(path), 2, kind)]
+    assert report.sources[0].valid == 2 and report.sources[0].invalid == 1
+    import re
+
+    assert re.search(fix, str(report.errors[0])), str(report.errors[0])
+    assert str(report.errors[0]).startswith(f"{path}:2: ")
+
+
+@pytest.mark.parametrize(
+    "raw, kind, fix",
+    [
+        (b"", "blank_line", "delete it"),
+        (b"   \t", "blank_line", "delete it"),
+        (b'{"text": "caf\xe9"}', "encoding", "not valid UTF-8; re-save the file as UTF-8"),
+        (b'{"content": 3}', "bad_type", "must be a string"),
+        (b'{"body": "x"}', "missing_key", "no 'text' key"),
+        (b'{"text": "a", "content": "b"}', "conflicting_keys", "keep only 'text'"),
+        (b'{"text": ""}', "empty_text", "delete the line"),
+    ],
+)
+def test_bad_pretrain_line(tmp_path, raw, kind, fix) -> None:
+    path = tmp_path / "text.jsonl"
+    _write_raw(path, [b'{"text": "ok"}', raw, b'{"text": "fine"}'])
+    report = check_data(DataArgs(data=str(path)), SPM, 512, cache_dir=tmp_path / "cache")
+    assert [(e.line, e.kind) for e in report.errors] == [(2, kind)]
+    assert fix in report.errors[0].message
+
+
+def test_bom_and_crlf_are_accepted(tmp_path) -> None:
+    path = tmp_path / "win.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.encode() + b"\r\n" + GOOD.encode() + b"\r\n")
+    report = check_data(DataArgs(instruct_data=str(path)), SPM, 512, cache_dir=tmp_path / "cache")
+    assert report.ok and report.sources[0].valid == 2
+
+
+def test_training_refuses_invalid_data(tmp_path) -> None:
+    path = write_jsonl(tmp_path / "train.jsonl", [GOOD, "{oops", GOOD, json.dumps({"messages": []})])
+    args = DataArgs(instruct_data=str(path))
+    report = check_data(args, SPM, 512, cache_dir=tmp_path / "cache")
+    with pytest.raises(DataFormatError, match="--train_yaml conf.yaml --create_corrected") as info:
+        report.raise_if_invalid("conf.yaml")
+    assert f"{path}:2: invalid JSON" in str(info.value) and f"{path}:4: " in str(info.value)
+    with pytest.raises(DataFormatError, match=f"{path}:2: invalid JSON") as info:
+        build_train_loader(args, SPM, seq_len=512, batch_size=1, seed=0, rank=0, world_size=1, cache_dir=tmp_path / "cache")
+    assert info.value.__cause__ is None
+
+
+def test_errors_never_carry_a_mistral_common_traceback() -> None:
+    with pytest.raises(DataFormatError) as info:
+        encode({"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]}, SPM, SampleType.INSTRUCT)
+    assert info.value.__cause__ is None and info.value.__context__ is None
+    assert "message 1 has role 'robot'" in str(info.value)  # __str__ works (the reference's crashed)
+
+
+def test_write_corrected(tmp_path) -> None:
+    fixable = tool_conversation()
+    fixable["messages"][2]["tool_calls"][0]["function"]["arguments"] = {"city": "Paris"}
+    path = write_jsonl(tmp_path / "train.jsonl", [GOOD, fixable, "", '{"messages": 1}', GOOD])
+    out = tmp_path / "fixed.jsonl"
+    result = write_corrected(path, out, SampleType.INSTRUCT, SPM)
+    assert result.kept == 3 and result.fixed == [2]
+    assert [(e.line, e.kind) for e in result.dropped] == [(3, "blank_line"), (4, "bad_type")]
+    report = check_data(DataArgs(instruct_data=str(out)), SPM, 512, cache_dir=tmp_path / "cache")
+    assert report.ok and report.sources[0].lines == 3
+    assert out.read_text().splitlines()[0] == GOOD

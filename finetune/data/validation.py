@@ -147,12 +147,13 @@ def _autofix(obj: Any) -> Any:
     """Safe, meaning-preserving repairs: tool-call arguments given as an object become a JSON string."""
     if isinstance(obj, dict):
         for key in ("messages", "interactions"):
-            for msg in obj.get(key) or []:
-                if isinstance(msg, dict):
-                    for call in msg.get("tool_calls") or []:
-                        fn = call.get("function") if isinstance(call, dict) else None
-                        if isinstance(fn, dict) and isinstance(fn.get("arguments"), (dict, list)):
-                            fn["arguments"] = json.dumps(fn["arguments"], ensure_ascii=False)
+            msgs = obj.get(key)
+            for msg in msgs if isinstance(msgs, list) else []:
+                calls = msg.get("tool_calls") if isinstance(msg, dict) else None
+                for call in calls if isinstance(calls, list) else []:
+                    fn = call.get("function") if isinstance(call, dict) else None
+                    if isinstance(fn, dict) and isinstance(fn.get("arguments"), (dict, list)):
+                        fn["arguments"] = json.dumps(fn["arguments"], ensure_ascii=False)
     return obj
 
 

@@ -111,18 +111,19 @@ class ModelArgs:
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> ModelArgs:
+        """From ``params.json``, or from a Hugging Face folder's ``config.json`` when there is none."""
         path = Path(folder) / "params.json"
+        hf_config = Path(folder) / "config.json"
+        if not path.is_file() and hf_config.is_file():
+            from model.hf import args_from_hf_config  # model.hf imports this module
+
+            return args_from_hf_config(_read_json_object(hf_config), source=str(hf_config))
         if not path.is_file():
             raise FileNotFoundError(
-                f"{path} not found: model_id_or_path must be a Mistral checkpoint folder with params.json."
+                f"{path} not found: model_id_or_path must be a Mistral checkpoint folder with params.json "
+                "or a Hugging Face Mistral/Mixtral folder with config.json."
             )
-        try:
-            params = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-        if not isinstance(params, dict):
-            raise ValueError(f"{path}: expected a JSON object.")
-        return cls.from_dict(params, source=str(path))
+        return cls.from_dict(_read_json_object(path), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         """params.json contents: the original unknown keys plus every field we use."""
@@ -149,6 +150,16 @@ class ModelArgs:
             }
         out.update(extra)
         return out
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        params = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"{path}: expected a JSON object.")
+    return params
 
 
 def _positive_float(value: Any, key: str, source: str) -> float:

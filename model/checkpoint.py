@@ -5,10 +5,15 @@ Supported layouts of an official Mistral folder (next to ``params.json``):
 ``consolidated.00.pth`` (older releases such as 7B v0.1). Loading is strict: every base weight
 must be present and nothing unknown may be; only adapter (``lora_A``/``lora_B``) weights may be
 absent, because they are freshly initialised.
+
+A Hugging Face ``MistralForCausalLM``/``MixtralForCausalLM`` folder (``config.json`` and
+``model.safetensors`` or ``model-0000k-of-0000n.safetensors`` + index, no ``params.json``) loads too:
+its tensors are renamed and un-permuted one at a time as they stream (see ``model.hf``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Iterator
@@ -26,9 +31,33 @@ logger = logging.getLogger("model")
 _SHARD = re.compile(r"consolidated-(\d+)-of-(\d+)\.safetensors$")
 
 
-def checkpoint_files(folder: str | Path) -> list[Path]:
-    """The weight files of a Mistral folder, in load order."""
+def is_hf_folder(folder: str | Path) -> bool:
     folder = Path(folder)
+    return not (folder / "params.json").is_file() and (folder / "config.json").is_file()
+
+
+def hf_checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors files of a Hugging Face folder: one file, or the shards its index names."""
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        absent = [n for n in names if not (folder / n).is_file()]
+        if absent:
+            raise FileNotFoundError(f"{index} names {absent[:3]}, which are not in {folder}; the download is incomplete.")
+        return [folder / n for n in names]
+    raise FileNotFoundError(
+        f"{folder}: config.json but no model.safetensors or model.safetensors.index.json. Only safetensors "
+        "Hugging Face folders are supported; re-save with save_pretrained(..., safe_serialization=True)."
+    )
+
+
+def checkpoint_files(folder: str | Path) -> list[Path]:
+    """The weight files of a Mistral (or Hugging Face) folder, in load order."""
+    folder = Path(folder)
+    if is_hf_folder(folder):
+        return hf_checkpoint_files(folder)
     single = folder / "consolidated.safetensors"
     if single.is_file():
         return [single]
@@ -57,6 +86,9 @@ def checkpoint_files(folder: str | Path) -> list[Path]:
 
 def iter_checkpoint_tensors(folder: str | Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
     """Yield (key, CPU tensor, file) one tensor at a time, so peak memory stays at one copy."""
+    if is_hf_folder(folder):
+        yield from _iter_hf_tensors(Path(folder))
+        return
     for path in checkpoint_files(folder):
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -66,6 +98,28 @@ def iter_checkpoint_tensors(folder: str | Path) -> Iterator[tuple[str, torch.Ten
             state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
             for key in list(state):
                 yield key, state.pop(key), path
+
+
+def _iter_hf_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """HF tensors under Mistral names; unknown keys pass through unchanged so loading reports them."""
+    from model.hf import args_from_hf_config, tensors_from_hf
+
+    config = json.loads((folder / "config.json").read_text())
+    args = args_from_hf_config(config, source=str(folder / "config.json"))
+    tied = bool(config.get("tie_word_embeddings", False))
+    for path in hf_checkpoint_files(folder):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for hf_key in f.keys():
+                if tied and hf_key == "lm_head.weight":
+                    continue
+                try:
+                    converted = list(tensors_from_hf(hf_key, f.get_tensor(hf_key), args))
+                except KeyError:
+                    converted = [(hf_key, f.get_tensor(hf_key))]
+                for key, tensor in converted:
+                    yield key, tensor, path
+                    if tied and key == "tok_embeddings.weight":
+                        yield "output.weight", tensor.clone(), path
 
 
 def load_base_weights(
@@ -112,32 +166,39 @@ def init_adapters(model: nn.Module, *, device: torch.device | str, dtype: torch.
     assert not still_meta, f"parameters left on meta after loading: {still_meta[:5]}"
 
 
-def load_adapters(model: nn.Module, path: str | Path) -> None:
-    """Load a ``lora.safetensors`` into the model's adapters; keys and ranks must match exactly."""
+def load_adapters_state(model: nn.Module, path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a ``lora.safetensors`` and check it fits the model's adapters (keys and ranks)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter file {path} not found (expected a lora.safetensors).")
     state = load_file(str(path))
-    targets = {}
+    shapes = {}
     for name, m in lora_modules(model).items():
-        targets[f"{name}.lora_A.weight"] = m.lora_A.weight
-        targets[f"{name}.lora_B.weight"] = m.lora_B.weight
-    missing = sorted(set(targets) - set(state))
-    unexpected = sorted(set(state) - set(targets))
+        shapes[f"{name}.lora_A.weight"] = tuple(m.lora_A.weight.shape)
+        shapes[f"{name}.lora_B.weight"] = tuple(m.lora_B.weight.shape)
+    missing = sorted(set(shapes) - set(state))
+    unexpected = sorted(set(state) - set(shapes))
     if missing or unexpected:
         raise ValueError(
             f"{path}: adapter keys do not match the model's LoRA layers "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]}); check lora.rank and "
             "lora.target_modules against the adapter's params.json."
         )
-    for key, target in targets.items():
-        if state[key].shape != target.shape:
+    for key, shape in shapes.items():
+        if tuple(state[key].shape) != shape:
             raise ValueError(
                 f"{path}: '{key}' has shape {tuple(state[key].shape)}, the model expects "
-                f"{tuple(target.shape)}; set lora.rank to the rank the adapter was trained with."
+                f"{shape}; set lora.rank to the rank the adapter was trained with."
             )
-        with torch.no_grad():
-            target.copy_(state[key])
+    return state
+
+
+def load_adapters(model: nn.Module, path: str | Path) -> None:
+    """Load a ``lora.safetensors`` into the model's adapters (on one device)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in load_adapters_state(model, path).items():
+            params[key].copy_(value)
 
 
 def adapter_keys(model: nn.Module) -> list[str]:

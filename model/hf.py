@@ -9,10 +9,12 @@ rows feed q or k (the weight itself, or a LoRA ``B``) gets the same permutation.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
-from model.args import ModelArgs
+from model.args import LoraArgs, ModelArgs
 
 
 def permute_to_hf(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
@@ -71,16 +73,19 @@ def key_to_hf(key: str, moe: bool = False) -> str:
     return f"model.layers.{layer}.{module_to_hf(module, moe)}.{leaf}"
 
 
+def tensor_to_hf(key: str, w: torch.Tensor, args: ModelArgs) -> tuple[str, torch.Tensor]:
+    """One Mistral tensor -> (HF key, HF tensor). A ``lora_B`` of wq/wk is permuted like the weight;
+    ``lora_A`` acts on the input side and stays as it is."""
+    if key.endswith(("attention.wq.weight", "attention.wq.lora_B.weight")):
+        w = permute_to_hf(w, args.n_heads, args.head_dim)
+    elif key.endswith(("attention.wk.weight", "attention.wk.lora_B.weight")):
+        w = permute_to_hf(w, args.n_kv_heads, args.head_dim)
+    return key_to_hf(key, args.moe is not None), w
+
+
 def to_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """Mistral consolidated tensors -> HF tensors (q/k rows permuted)."""
-    out = {}
-    for key, w in state.items():
-        if key.endswith("attention.wq.weight"):
-            w = permute_to_hf(w, args.n_heads, args.head_dim)
-        elif key.endswith("attention.wk.weight"):
-            w = permute_to_hf(w, args.n_kv_heads, args.head_dim)
-        out[key_to_hf(key, args.moe is not None)] = w
-    return out
+    return dict(tensor_to_hf(key, w, args) for key, w in state.items())
 
 
 def hf_config_dict(args: ModelArgs, dtype: str = "bfloat16") -> dict:
@@ -111,4 +116,157 @@ def hf_config_dict(args: ModelArgs, dtype: str = "bfloat16") -> dict:
         "num_local_experts": args.moe.num_experts,
         "num_experts_per_tok": args.moe.num_experts_per_tok,
         **common,
+    }
+
+
+# --- Hugging Face -> Mistral (importing an HF-format base model) ---
+
+_TOP_FROM_HF = {v: k for k, v in _TOP.items()}
+_LAYER_FROM_HF = {v: k for k, v in _LAYER.items() if k != "feed_forward.gate"}
+_HF_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)$")
+_HF_EXPERT = re.compile(r"block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
+
+
+def args_from_hf_config(config: dict[str, Any], source: str = "config.json") -> ModelArgs:
+    """ModelArgs for a transformers ``MistralForCausalLM``/``MixtralForCausalLM`` config.json."""
+    model_type = config.get("model_type")
+    if model_type not in ("mistral", "mixtral"):
+        raise ValueError(
+            f"{source}: model_type is {model_type!r}; only 'mistral' and 'mixtral' Hugging Face "
+            "folders can be imported. Use a Mistral-format folder (params.json) for other models."
+        )
+    if config.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{source}: hidden_act is {config['hidden_act']!r}; Mistral models use 'silu'.")
+    required = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+                "rms_norm_eps", "vocab_size")
+    missing = [k for k in required if config.get(k) is None]
+    if missing:
+        raise ValueError(f"{source}: missing required key(s) {missing}.")
+    # transformers 5 nests RoPE settings under rope_parameters; 4.x kept rope_theta at the top.
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(
+            f"{source}: RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not supported; "
+            "only the default rotary embedding is implemented."
+        )
+    params: dict[str, Any] = {
+        "dim": config.get("hidden_size"),
+        "n_layers": config.get("num_hidden_layers"),
+        # HF's own rule when a config has no head_dim; every Mistral release states it explicitly.
+        "head_dim": config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"],
+        "hidden_dim": config.get("intermediate_size"),
+        "n_heads": config.get("num_attention_heads"),
+        "n_kv_heads": config.get("num_key_value_heads") or config.get("num_attention_heads"),
+        "norm_eps": config.get("rms_norm_eps"),
+        "vocab_size": config.get("vocab_size"),
+        "rope_theta": rope.get("rope_theta", config.get("rope_theta")),
+        "sliding_window": config.get("sliding_window"),
+    }
+    if model_type == "mixtral":
+        params["moe"] = {
+            "num_experts": config.get("num_local_experts"),
+            "num_experts_per_tok": config.get("num_experts_per_tok"),
+        }
+    return ModelArgs.from_dict(params, source=source)
+
+
+def key_from_hf(key: str, moe: bool) -> str:
+    """Inverse of ``key_to_hf`` for HF's on-disk (hub) layout."""
+    if key in _TOP_FROM_HF:
+        return _TOP_FROM_HF[key]
+    m = _HF_LAYER_KEY.match(key)
+    if m:
+        layer, rest = m.groups()
+        expert = _HF_EXPERT.match(rest)
+        if expert:
+            return f"layers.{layer}.feed_forward.experts.{expert.group(1)}.{expert.group(2)}.weight"
+        module, _, leaf = rest.rpartition(".")
+        if moe and module in ("block_sparse_moe.gate", "mlp.gate"):
+            return f"layers.{layer}.feed_forward.gate.{leaf}"
+        if module in _LAYER_FROM_HF and not (moe and module.startswith("mlp.")):
+            return f"layers.{layer}.{_LAYER_FROM_HF[module]}.{leaf}"
+    raise KeyError(f"no Mistral name for Hugging Face weight '{key}'")
+
+
+def tensors_from_hf(key: str, w: torch.Tensor, args: ModelArgs) -> Iterator[tuple[str, torch.Tensor]]:
+    """One HF tensor -> the Mistral tensor(s) it holds: q/k rows un-permuted; the fused expert
+    tensors of transformers 5 (``mlp.experts.gate_up_proj``/``down_proj``) split per expert."""
+    fused = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)", key)
+    if fused and args.moe is not None:
+        prefix = f"layers.{fused.group(1)}.feed_forward.experts"
+        for j in range(w.shape[0]):
+            if fused.group(2) == "down_proj":  # (experts, dim, hidden)
+                yield f"{prefix}.{j}.w2.weight", w[j].clone()
+            else:  # (experts, 2 * hidden, dim): gate (w1) rows first, then up (w3)
+                w1, w3 = w[j].chunk(2, dim=0)
+                yield f"{prefix}.{j}.w1.weight", w1.clone()
+                yield f"{prefix}.{j}.w3.weight", w3.clone()
+        return
+    ours = key_from_hf(key, args.moe is not None)
+    if ours.endswith("attention.wq.weight"):
+        w = permute_from_hf(w, args.n_heads, args.head_dim)
+    elif ours.endswith("attention.wk.weight"):
+        w = permute_from_hf(w, args.n_kv_heads, args.head_dim)
+    yield ours, w
+
+
+# --- LoRA adapters as a PEFT checkpoint ---
+
+_PEFT_PREFIX = "base_model.model."
+
+
+def peft_target_modules(lora: LoraArgs, moe: bool) -> list[str]:
+    """Our target names (wq, w1, ...) as the HF module leaf names PEFT matches on."""
+    names = {t: module_to_hf(f"attention.{t}", moe).rsplit(".", 1)[-1] for t in ("wq", "wk", "wv", "wo")}
+    for t in ("w1", "w2", "w3"):
+        # Mixtral's experts keep w1/w2/w3 in HF's layout (PEFT fuses them itself on load).
+        names[t] = t if moe else module_to_hf(f"feed_forward.{t}", moe).rsplit(".", 1)[-1]
+    targets = set(lora.target_modules)
+    if moe and targets & {"w1", "w3"}:
+        targets |= {"w1", "w3"}  # see to_peft_state_dict
+    return sorted(names[t] for t in targets)
+
+
+def to_peft_state_dict(lora_state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """``lora.safetensors`` tensors -> PEFT's ``adapter_model.safetensors`` (HF names, wq/wk ``lora_B``
+    rows permuted like the weights).
+
+    transformers 5 fuses each Mixtral expert's w1 and w3 into one ``gate_up_proj`` and PEFT refuses an
+    adapter that covers only one of them, so the missing half is exported as an exact zero adapter.
+    """
+    state = dict(lora_state)
+    if args.moe is not None:
+        for key in list(state):
+            m = re.fullmatch(r"(.*\.experts\.\d+\.)(w[13])\.(lora_[AB])\.weight", key)
+            if m:
+                other = f"{m.group(1)}{'w3' if m.group(2) == 'w1' else 'w1'}.{m.group(3)}.weight"
+                state.setdefault(other, torch.zeros_like(state[key]))
+    out = {}
+    for key, w in state.items():
+        hf_key, hf_w = tensor_to_hf(key, w, args)
+        out[_PEFT_PREFIX + hf_key] = hf_w.contiguous()
+    return out
+
+
+def peft_adapter_config(lora: LoraArgs, args: ModelArgs, base_model: str | None) -> dict[str, Any]:
+    """PEFT ``adapter_config.json``. Our ``scaling`` multiplies B A directly; PEFT multiplies by
+    ``lora_alpha / r``, so ``lora_alpha = scaling * rank``."""
+    alpha = lora.scaling * lora.rank
+    moe_experts = args.moe is not None and bool({"w1", "w2", "w3"} & set(lora.target_modules))
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": lora.rank,
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        # PEFT cannot apply dropout to fused expert parameters; dropout only matters in training.
+        "lora_dropout": 0.0 if moe_experts else lora.dropout,
+        "target_modules": peft_target_modules(lora, args.moe is not None),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
     }

@@ -1,0 +1,152 @@
+"""Build the training model: meta-device construction, freezing, sharding, then weights streamed
+from disk straight into each rank's shard.
+
+No rank ever holds the full model on its accelerator, and host memory holds one checkpoint tensor
+at a time (read from the memory-mapped file) besides the rank's own shard.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from finetune.args import TrainArgs
+from finetune.config import ConfigError
+from finetune.loss import CausalLMLoss
+from finetune.parallel import freeze, parallelize
+from model.args import ModelArgs
+from model.checkpoint import iter_checkpoint_tensors, load_adapters_state
+from model.lora import is_lora_key, lora_modules
+from model.transformer import Transformer
+
+logger = logging.getLogger("finetune")
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class Precision:
+    name: str
+    compute: torch.dtype  # forward/backward matmuls
+    base: torch.dtype  # storage of frozen weights
+
+
+def resolve_precision(requested: str, device: torch.device) -> Precision:
+    name = requested
+    if requested == "auto":
+        if device.type == "cuda":
+            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            name = "fp32"
+    return Precision(name, _DTYPES[name], _DTYPES[name])
+
+
+def resolve_attention(requested: str, device: torch.device) -> str:
+    if requested == "auto":
+        return "flex" if device.type == "cuda" else "sdpa"
+    if requested == "flex" and device.type != "cuda":
+        raise ConfigError(
+            "'attention: flex' needs a CUDA device for training (FlexAttention has no backward on CPU); "
+            "use attention: sdpa or auto."
+        )
+    return requested
+
+
+def check_trainable_vocab(model_args: ModelArgs, folder: str) -> None:
+    if model_args.vocab_size == 32000:
+        raise ConfigError(
+            f"{folder} has vocab_size 32000 (v1 tokenizer), which cannot hold the instruct control tokens "
+            "used for fine-tuning. Extend it to 32768 first:\n"
+            f"  python -m utils.extend_model_vocab --original_model_ckpt {folder} "
+            f"--extended_model_ckpt {folder}_extended\nthen set model_id_or_path to the extended folder."
+        )
+
+
+def build_model(args: TrainArgs, device: torch.device, precision: Precision) -> tuple[CausalLMLoss, ModelArgs]:
+    folder = args.model_id_or_path
+    if not Path(folder).is_dir():
+        raise ConfigError(
+            f"model_id_or_path '{folder}' is not a folder: download the model (params.json + "
+            "consolidated.safetensors + tokenizer) and point model_id_or_path at it."
+        )
+    model_args = ModelArgs.from_folder(folder)
+    check_trainable_vocab(model_args, folder)
+    lora = args.lora if args.lora.enable else None
+    with torch.device("meta"):
+        model = CausalLMLoss(
+            Transformer(model_args, lora=lora, attention=resolve_attention(args.attention, device)),
+            chunk_size=args.loss_chunk_size,
+        )
+    freeze(model, lora is not None)
+    # Storage dtypes before sharding: frozen base in the compute dtype, trainable weights in float32.
+    for p in model.parameters():
+        p.data = p.data.to(torch.float32 if p.requires_grad else precision.base)
+    parallelize(model, compute_dtype=precision.compute, activation_checkpointing=args.checkpoint)
+    model.to_empty(device=device)
+    _load_base(model, folder, device)
+    _init_adapters(model, seed=args.seed, device=device)
+    if args.init_lora_from:
+        if lora is None:
+            raise ConfigError("'init_lora_from' needs lora.enable: true.")
+        _load_into_shards(model, load_adapters_state(model.model, args.init_lora_from), device)
+        logger.info("Adapters initialised from %s", args.init_lora_from)
+    n_train = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    n_total = sum(_numel(p) for p in model.parameters())
+    logger.info(
+        "%s out of %s parameters are fine-tuned (%.2f%%).", f"{n_train:,}", f"{n_total:,}", 100 * n_train / n_total
+    )
+    return model, model_args
+
+
+def _numel(p: torch.Tensor) -> int:
+    return p.numel()  # a DTensor reports its global size
+
+
+def _copy_into(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full tensor into a parameter, keeping only this rank's shard when it is sharded."""
+    with torch.no_grad():
+        if isinstance(param, DTensor):
+            # src_data_rank=None: every rank has the full tensor and slices its own shard; no traffic.
+            shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+            param.to_local().copy_(shard.to_local())
+        else:
+            param.copy_(full)
+
+
+def _load_into_shards(model: CausalLMLoss, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    params = dict(model.model.named_parameters())
+    for key, value in tensors.items():
+        _copy_into(params[key], value.to(device=device, dtype=params[key].dtype))
+
+
+def _load_base(model: CausalLMLoss, folder: str, device: torch.device) -> None:
+    params = {k: v for k, v in model.model.named_parameters() if not is_lora_key(k)}
+    seen: set[str] = set()
+    for key, tensor, path in iter_checkpoint_tensors(folder):
+        if key not in params:
+            raise ValueError(f"{path}: unexpected weight '{key}'; is this a Mistral-format checkpoint of this model?")
+        if tuple(tensor.shape) != tuple(params[key].shape):
+            raise ValueError(
+                f"{path}: '{key}' has shape {tuple(tensor.shape)}, params.json implies {tuple(params[key].shape)}."
+            )
+        _copy_into(params[key], tensor.to(device=device, dtype=params[key].dtype))
+        seen.add(key)
+    missing = sorted(set(params) - seen)
+    if missing:
+        raise ValueError(f"{folder}: checkpoint is missing {len(missing)} weight(s), e.g. {', '.join(missing[:5])}.")
+
+
+def _init_adapters(model: CausalLMLoss, seed: int, device: torch.device) -> None:
+    """Initialise full adapter matrices from one seeded generator, then keep each rank's shard, so
+    the initial adapters are identical for every world size."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, module in sorted(lora_modules(model.model).items()):
+        a = torch.empty(module.lora_A.weight.shape)
+        bound = 1.0 / module.in_features**0.5  # kaiming_uniform_(a=sqrt(5)) == U(-1/sqrt(in), 1/sqrt(in))
+        a.uniform_(-bound, bound, generator=gen)
+        _copy_into(module.lora_A.weight, a.to(device))
+        _copy_into(module.lora_B.weight, torch.zeros(module.lora_B.weight.shape, device=device))

@@ -1,0 +1,83 @@
+"""Cross-entropy over target tokens, computed chunk by chunk from hidden states.
+
+The output layer and the loss are fused: for each chunk of target rows we compute the logits,
+the loss, and right away the gradients with respect to the hidden states (and the output weight
+when it trains), then drop the logits. Peak memory is one chunk of float32 logits instead of
+``tokens x vocab`` (131k for Tekken), and nothing is recomputed in backward. Only rows that are
+targets are ever projected onto the vocabulary.
+
+The loss is a *sum* over target tokens; the caller divides by the global number of targets so
+micro-batches and ranks are weighted by tokens, not equally.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.transformer import Transformer
+
+
+class _LinearCrossEntropySum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for start in range(0, h.shape[0], chunk_size):
+            hc, tc = h[start : start + chunk_size], targets[start : start + chunk_size]
+            logits = (hc @ weight.t()).float()  # (chunk, vocab)
+            lse = torch.logsumexp(logits, dim=-1)  # (chunk,)
+            loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            if need_h or need_w:
+                # d(sum of losses)/d(logits) = softmax - one_hot, built in place over the logits.
+                grad_logits = logits.sub_(lse[:, None]).exp_()
+                grad_logits[torch.arange(tc.shape[0], device=tc.device), tc] -= 1.0
+                g = grad_logits.to(h.dtype)  # (chunk, vocab)
+                if need_h:
+                    grad_h[start : start + chunk_size] = g @ weight
+                if need_w:
+                    grad_w += (g.t() @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h * grad_loss.to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w = (grad_w * grad_loss).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None
+
+
+def linear_cross_entropy_sum(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 2048
+) -> torch.Tensor:
+    """sum_i CE(h_i @ weight.T, targets_i) in float32, never materialising all logits."""
+    return _LinearCrossEntropySum.apply(h, weight, targets, chunk_size)
+
+
+class CausalLMLoss(nn.Module):
+    """The transformer plus its loss as one module.
+
+    Training shards this module as FSDP's root, so the embedding, final norm and output layer are
+    gathered by the root's hooks for the whole forward and backward, including the fused loss.
+    """
+
+    def __init__(self, model: Transformer, chunk_size: int = 2048) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(
+        self, input_ids: torch.Tensor, seqlens: list[int], targets: torch.Tensor, target_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Summed natural-log cross-entropy over the positions where ``target_mask`` is True."""
+        h = self.model.hidden_states(input_ids, seqlens)  # (tokens, dim)
+        rows = target_mask.nonzero().squeeze(1)  # (targets,)
+        return linear_cross_entropy_sum(
+            h.index_select(0, rows), self.model.output.weight, targets.index_select(0, rows), self.chunk_size
+        )

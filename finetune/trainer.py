@@ -1,0 +1,335 @@
+"""The training loop: ``train.py CONFIG.yaml [--key value ...]``."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from finetune import distributed as D
+from finetune.args import TrainArgs, load_train_args
+from finetune.build import Precision, build_model, resolve_precision
+from finetune.checkpointing import latest_resumable, load_checkpoint, save_checkpoint
+from finetune.config import ConfigError, to_dict
+from finetune.data.loader import Batch, build_eval_loader, build_train_loader
+from finetune.data.tokenizer import load_tokenizer, tokenizer_file
+from finetune.data.validation import check_data
+from finetune.loss import CausalLMLoss
+from finetune.monitoring import MetricsLogger, format_duration, peak_memory_gb, setup_logging, start_wandb
+from model.args import ModelArgs
+
+logger = logging.getLogger("finetune")
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens_seen: int = 0  # input tokens over all ranks, filler included
+    train_seconds: float = 0.0
+    loss_scale: float = 1.0  # dynamic loss scale, fp16 only
+    steps_since_rescale: int = 0
+
+
+def lr_at(step: int, args: TrainArgs) -> float:
+    """Linear warm-up over pct_start of the steps, then cosine decay to lr * min_lr_ratio.
+    ``step`` is 1-based: the learning rate used by that optimizer step."""
+    o = args.optim
+    warmup = round(o.pct_start * args.max_steps)
+    if warmup and step <= warmup:
+        return o.lr * step / warmup
+    progress = (step - warmup) / max(1, args.max_steps - warmup)
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+class StopRequest:
+    """SIGTERM/SIGINT ask the loop to finish the current step, save and exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+def _to_device(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (
+        torch.from_numpy(batch.x).to(device, non_blocking=True),
+        torch.from_numpy(batch.y).to(device, non_blocking=True),
+        torch.from_numpy(batch.y_mask).to(device, non_blocking=True),
+    )
+
+
+def train_step(
+    model: CausalLMLoss,
+    optimizer: torch.optim.Optimizer,
+    batches: list[Batch],
+    args: TrainArgs,
+    state: TrainState,
+    precision: Precision,
+    device: torch.device,
+) -> tuple[float, float, bool]:
+    """One optimizer step over ``num_microbatches`` batches; returns (loss, grad_norm, applied).
+
+    Each micro-batch's summed loss is divided by the number of target tokens of the whole global
+    batch (all micro-batches, all ranks), so the gradient is that of the token-mean loss whatever
+    the split. FSDP averages gradients over ranks, hence the extra factor world_size.
+    """
+    (n_targets,) = D.all_reduce_sum([sum(b.n_targets for b in batches)], device)
+    scale = D.world_size() / max(n_targets, 1) * state.loss_scale
+    loss_sum = torch.zeros((), device=device)
+    for i, batch in enumerate(batches):
+        # Reduce-scatter gradients once per step, after the last micro-batch.
+        model.set_requires_gradient_sync(i == len(batches) - 1)
+        x, y, mask = _to_device(batch, device)
+        mb_loss = model(x, batch.seqlens, y, mask)
+        (mb_loss * scale).backward()
+        loss_sum += mb_loss.detach()
+    params = [p for p in model.parameters() if p.grad is not None]
+    if state.loss_scale != 1.0:
+        for p in params:
+            p.grad.div_(state.loss_scale)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_norm, foreach=True)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    applied = math.isfinite(grad_norm)
+    if applied:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if precision.name == "fp16":
+        _update_loss_scale(state, applied)
+    (total,) = D.all_reduce_sum([loss_sum.item()], device)
+    return total / max(n_targets, 1), grad_norm, applied
+
+
+def _update_loss_scale(state: TrainState, finite: bool) -> None:
+    if not finite:
+        state.loss_scale = max(state.loss_scale / 2, 1.0)
+        state.steps_since_rescale = 0
+        logger.warning("fp16 gradient overflow: step skipped, loss scale lowered to %g", state.loss_scale)
+    else:
+        state.steps_since_rescale += 1
+        if state.steps_since_rescale >= 500:
+            state.loss_scale *= 2
+            state.steps_since_rescale = 0
+
+
+@torch.no_grad()
+def evaluate(model: CausalLMLoss, batches: list[Batch], device: torch.device) -> tuple[float, float, int]:
+    """Token-weighted loss over the whole eval set (all ranks) and perplexity exp(loss)."""
+    model.eval()
+    loss_sum, n = 0.0, 0
+    for batch in batches:
+        x, y, mask = _to_device(batch, device)
+        loss_sum += model(x, batch.seqlens, y, mask).item()
+        n += batch.n_targets
+    model.train()
+    total, count = D.all_reduce_sum([loss_sum, n], device)
+    loss = total / max(count, 1)
+    return loss, math.exp(min(loss, 700.0)), int(count)
+
+
+def _rng_state(loader) -> dict[str, Any]:
+    state = {"loader": loader.state_dict(), "torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _restore_rng(rank_state: dict[str, Any]) -> None:
+    torch.set_rng_state(rank_state["torch"])
+    np.random.set_state(rank_state["numpy"])
+    if "cuda" in rank_state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rank_state["cuda"])
+
+
+def _tokenizer_to_ship(model_folder: str, tokenizer) -> tuple[Path, str]:
+    """(source file, name in the checkpoint): the model's own tokenizer file, else the bundled one
+    under the name mistral-common and mistral-inference look for."""
+    own = tokenizer_file(model_folder)
+    if own is not None:
+        return own, own.name
+    src = Path(tokenizer.instruct_tokenizer.tokenizer.file_path)
+    return src, "tekken.json" if src.suffix == ".json" else "tokenizer.model." + src.name.rsplit(".model.", 1)[-1]
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    """After a resume from ``step``, forget metrics logged past it by the interrupted run."""
+    import json
+
+    for path in run_dir.glob("metrics.*.jsonl"):
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def _check_data(args: TrainArgs, tokenizer, config_path: str, device: torch.device, cache_dir: Path | None) -> None:
+    """Rank 0 scans every line; all ranks stop together if any line is invalid."""
+    error = None
+    if D.is_main():
+        report = check_data(args.data, tokenizer.instruct_tokenizer, args.seq_len, cache_dir=cache_dir,
+                            include_eval=not args.no_eval)
+        try:
+            report.raise_if_invalid(config_path)
+        except ValueError as e:
+            error = e
+    if D.all_reduce_max(1.0 if error else 0.0, device):
+        raise error if error else ConfigError("invalid training data (see rank 0's message)")
+
+
+def run(args: TrainArgs, config_path: str, device: torch.device) -> None:
+    run_dir = Path(args.run_dir)
+    resume_from = latest_resumable(run_dir)
+    if D.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.yaml").write_text(yaml.safe_dump(to_dict(args), sort_keys=False))
+    D.barrier()
+    precision = resolve_precision(args.precision, device)
+    torch.manual_seed(args.seed + D.rank())  # dropout masks; data order has its own seeded RNGs
+    logger.info("Training on %d process(es), device %s, precision %s", D.world_size(), device.type, precision.name)
+
+    model_args = ModelArgs.from_folder(args.model_id_or_path)
+    tokenizer = load_tokenizer(args.model_id_or_path, model_args.vocab_size)
+    cache_dir = Path(args.data.cache_dir) if args.data.cache_dir else None
+    _check_data(args, tokenizer, config_path, device, cache_dir)
+    loader_kw = dict(seq_len=args.seq_len, batch_size=args.batch_size, rank=D.rank(),
+                     world_size=D.world_size(), cache_dir=cache_dir)
+    loader = build_train_loader(args.data, tokenizer.instruct_tokenizer, seed=args.seed, **loader_kw)
+    eval_batches = [] if args.no_eval else build_eval_loader(args.data, tokenizer.instruct_tokenizer, **loader_kw)
+
+    model, model_args = build_model(args, device, precision)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=args.optim.lr, betas=tuple(args.optim.betas), eps=args.optim.eps,
+        weight_decay=args.optim.weight_decay, foreach=True,
+    )
+    state = TrainState()
+    if resume_from is not None:
+        train_state, rank_state = load_checkpoint(resume_from, model, optimizer)
+        state = TrainState(**train_state["train"])
+        loader.load_state_dict(rank_state["loader"])
+        _restore_rng(rank_state)
+        if D.is_main():
+            _truncate_metrics(run_dir, state.step)
+        logger.info("Resumed from %s at step %d", resume_from, state.step)
+    if state.step >= args.max_steps:
+        logger.info("Nothing to do: run_dir already reached max_steps=%d.", args.max_steps)
+        return
+
+    wandb_run = (
+        start_wandb(args.wandb.project, args.wandb.run_name, args.wandb.offline, run_dir, to_dict(args))
+        if args.wandb_enabled else None
+    )
+    train_log = MetricsLogger(run_dir, "train", wandb_run)
+    eval_log = MetricsLogger(run_dir, "eval", wandb_run)
+    tok_file = _tokenizer_to_ship(args.model_id_or_path, tokenizer)
+    tokens_per_step = args.batch_size * args.seq_len * args.num_microbatches * D.world_size()
+    stop = StopRequest()
+    progress = tqdm(total=args.max_steps, initial=state.step, disable=not (D.is_main() and sys.stderr.isatty()),
+                    dynamic_ncols=True, leave=False)
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(
+            run_dir, step, model, optimizer,
+            model_args=model_args, lora=args.lora if args.lora.enable else None,
+            save_adapters=args.save_adapters, save_dtype=precision.compute, tokenizer_file=tok_file,
+            train_state={"train": asdict(state), "world_size": D.world_size()},
+            rank_state=_rng_state(loader), num_keep=args.num_ckpt_keep,
+        )
+
+    model.train()
+    last_saved = state.step if resume_from is not None else None
+    session_start, session_steps = time.perf_counter(), 0
+    while state.step < args.max_steps:
+        step = state.step + 1
+        lr = lr_at(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        batches = [next(loader) for _ in range(args.num_microbatches)]
+        loss, grad_norm, applied = train_step(model, optimizer, batches, args, state, precision, device)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss is {loss} at step {step}; stopping without saving. The last good checkpoint is "
+                f"{latest_resumable(run_dir) or 'none'}. Lower optim.lr, check the data, or use bf16/fp32."
+            )
+        dt = time.perf_counter() - t0
+        state.step, state.tokens_seen, state.train_seconds = step, state.tokens_seen + tokens_per_step, state.train_seconds + dt
+        session_steps += 1
+        progress.update(1)
+        is_last = step == args.max_steps
+        stopping = D.all_reduce_max(1.0 if stop.requested else 0.0, device) > 0
+
+        if not args.no_eval and ((args.eval_freq > 0 and step % args.eval_freq == 0) or is_last):
+            eval_loss, ppl, n_eval = evaluate(model, eval_batches, device)
+            eval_log.log({"step": step, "eval_loss": eval_loss, "perplexity": ppl, "eval_tokens": n_eval, "train_loss": loss})
+            logger.info("step %d | eval_loss %.4f | perplexity %.3f | %d target tokens", step, eval_loss, ppl, n_eval)
+
+        if step % args.log_freq == 0 or is_last or stopping:
+            rate = session_steps * tokens_per_step / (time.perf_counter() - session_start)
+            eta = (args.max_steps - step) * (time.perf_counter() - session_start) / session_steps
+            mem = peak_memory_gb(device)
+            train_log.log({
+                "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
+                "avg_tokens_per_s": rate, "peak_mem_gb": mem, "tokens_seen": state.tokens_seen,
+                "step_skipped": not applied,
+            })
+            line = (f"step {step:>6}/{args.max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f} | "
+                    f"{rate:,.0f} tok/s | peak mem {mem:.2f} GB | ETA {format_duration(eta)}")
+            (progress.write(line) if not progress.disable else logger.info(line))
+
+        if not args.no_ckpt and ((args.ckpt_freq > 0 and step % args.ckpt_freq == 0) or is_last or stopping):
+            checkpoint(step)
+            last_saved = step
+        if stopping:
+            logger.info("Stop requested: saved step %s, exiting. Re-run the same command to resume.", last_saved)
+            break
+    progress.close()
+    if wandb_run is not None:
+        wandb_run.finish()
+    logger.info("Done: %d steps in %s.", state.step, format_duration(state.train_seconds))
+
+
+_USAGE = """usage: train.py CONFIG.yaml [--key value ...]
+
+Trains LoRA adapters (or the full model) as described by CONFIG.yaml. Dotted options override
+the file, e.g. --max_steps 50 --optim.lr 1e-4 (command line > YAML > defaults).
+Run with torchrun for several GPUs: torchrun --nproc-per-node 8 train.py CONFIG.yaml
+Re-running the same command with an existing run_dir resumes from its newest checkpoint."""
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_USAGE)
+        return 0 if argv else 2
+    config_path, overrides = argv[0], argv[1:]
+    is_rank0 = os.environ.get("RANK", "0") == "0"
+    try:
+        args = load_train_args(config_path, overrides)
+        device = D.init_distributed()
+        setup_logging()
+        try:
+            run(args, config_path, device)
+        finally:
+            D.destroy()
+    except (ConfigError, ValueError, FileNotFoundError, TrainingDiverged) as e:
+        if is_rank0:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

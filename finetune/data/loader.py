@@ -104,7 +104,9 @@ class TrainLoader:
         self.seq_len, self.batch_size = seq_len, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.policy = long_sample_policy
-        self.buffer_size = buffer_size
+        # A buffer larger than a rank's share of an epoch would let short samples of later epochs
+        # overtake long ones many times; capped, every sample is yielded once per epoch give or take one.
+        self.buffer_size = max(1, min(buffer_size, sum(len(d) for d in data) // world_size))
         total = sum(d.source.weight for d in data)
         self.weights = [d.source.weight / total for d in data]
         self._perms: dict[int, tuple[int, np.ndarray]] = {}
@@ -250,8 +252,11 @@ def build_train_loader(
     rank: int,
     world_size: int,
     cache_dir: Path | None,
+    buffer_size: int = 1024,
 ) -> TrainLoader:
-    """The training batches of ``rank``; tokenizes into the cache on first use. Invalid data raises."""
+    """The training batches of ``rank``; tokenizes into the cache on first use. Invalid data raises.
+
+    ``buffer_size`` pieces are kept for best-fit packing: larger packs tighter and mixes more."""
     data = open_checked(
         train_sources(args),
         instruct_tokenizer,
@@ -274,6 +279,7 @@ def build_train_loader(
         rank=rank,
         world_size=world_size,
         long_sample_policy=args.long_sample_policy,
+        buffer_size=buffer_size,
     )
 
 

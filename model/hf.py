@@ -46,7 +46,7 @@ _LAYER = {
     "feed_forward.w3": "mlp.up_proj",
     "feed_forward.gate": "mlp.gate",
 }
-_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)\.(weight|lora_A\.weight|lora_B\.weight)$")
+_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+?)\.(weight|lora_A\.weight|lora_B\.weight)$")
 _EXPERT = re.compile(r"feed_forward\.experts\.(\d+)\.(w[123])$")
 
 
@@ -222,8 +222,8 @@ def peft_target_modules(lora: LoraArgs, moe: bool) -> list[str]:
         # Mixtral's experts keep w1/w2/w3 in HF's layout (PEFT fuses them itself on load).
         names[t] = t if moe else module_to_hf(f"feed_forward.{t}", moe).rsplit(".", 1)[-1]
     targets = set(lora.target_modules)
-    if moe and targets & {"w1", "w3"}:
-        targets |= {"w1", "w3"}  # see to_peft_state_dict
+    if moe and targets & {"w1", "w2", "w3"}:
+        targets |= {"w1", "w2", "w3"}  # see to_peft_state_dict
     return sorted(names[t] for t in targets)
 
 
@@ -231,16 +231,24 @@ def to_peft_state_dict(lora_state: dict[str, torch.Tensor], args: ModelArgs) -> 
     """``lora.safetensors`` tensors -> PEFT's ``adapter_model.safetensors`` (HF names, wq/wk ``lora_B``
     rows permuted like the weights).
 
-    transformers 5 fuses each Mixtral expert's w1 and w3 into one ``gate_up_proj`` and PEFT refuses an
-    adapter that covers only one of them, so the missing half is exported as an exact zero adapter.
+    transformers 5 fuses each Mixtral expert's w1 and w3 into one ``gate_up_proj``; PEFT 0.21 refuses
+    an adapter on only one of them and loads expert adapters wrongly unless w1, w2 and w3 are all
+    targeted. So expert projections the run did not train are exported as exact zero adapters
+    (A = 0 and B = 0: no change to the output, and no gradient if training continues).
     """
     state = dict(lora_state)
     if args.moe is not None:
-        for key in list(state):
-            m = re.fullmatch(r"(.*\.experts\.\d+\.)(w[13])\.(lora_[AB])\.weight", key)
+        experts = {}
+        for key, w in lora_state.items():
+            m = re.fullmatch(r"(layers\.\d+\.feed_forward\.experts\.\d+)\.(w[123])\.lora_([AB])\.weight", key)
             if m:
-                other = f"{m.group(1)}{'w3' if m.group(2) == 'w1' else 'w1'}.{m.group(3)}.weight"
-                state.setdefault(other, torch.zeros_like(state[key]))
+                experts.setdefault(m.group(1), {})[(m.group(2), m.group(3))] = w
+        dims = {"w1": (args.hidden_dim, args.dim), "w2": (args.dim, args.hidden_dim), "w3": (args.hidden_dim, args.dim)}
+        for expert, present in experts.items():
+            a = next(t for (_, ab), t in present.items() if ab == "A")  # (rank, in_features)
+            for w, (out_features, in_features) in dims.items():
+                state.setdefault(f"{expert}.{w}.lora_A.weight", a.new_zeros(a.shape[0], in_features))
+                state.setdefault(f"{expert}.{w}.lora_B.weight", a.new_zeros(out_features, a.shape[0]))
     out = {}
     for key, w in state.items():
         hf_key, hf_w = tensor_to_hf(key, w, args)

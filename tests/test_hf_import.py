@@ -48,7 +48,7 @@ def test_hf_folder_logits_match_transformers(tmp_path, overrides):
     tokens = torch.randint(0, 128, (sum(SEQLENS),), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         packed = ours(tokens, SEQLENS)
-        for doc, logits in zip(tokens.split(SEQLENS), packed.split(SEQLENS)):
+        for doc, logits in zip(tokens.split(SEQLENS), packed.split(SEQLENS), strict=True):
             ref = hf(input_ids=doc[None], use_cache=False).logits[0]
             torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
 

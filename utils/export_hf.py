@@ -1,0 +1,271 @@
+"""Export a training checkpoint for Hugging Face: a PEFT adapter, or with ``--merged`` a full model.
+
+    python -m utils.export_hf --checkpoint RUN_DIR/checkpoints/checkpoint_000300 --out DIR \\
+        [--merged] [--base_model PATH] [--max_shard_size 5GB]
+
+The adapter export needs no base weights: ``adapter_config.json`` + ``adapter_model.safetensors``
+(HF key names, wq/wk ``lora_B`` rows permuted for HF's RoPE layout). ``--merged`` streams the base
+model tensor by tensor, folds each adapter in (W + scaling * B A, in float32), renames/permutes it
+and writes ``model.safetensors`` (or shards + ``model.safetensors.index.json``), so peak memory is
+one shard plus one tensor. The base model is ``model_id_or_path`` from ``RUN_DIR/args.yaml`` unless
+``--base_model`` overrides it; it may be a Mistral or a Hugging Face folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.args import LoraArgs, ModelArgs
+from model.checkpoint import iter_checkpoint_tensors
+from model.hf import hf_config_dict, peft_adapter_config, tensor_to_hf, to_peft_state_dict
+from model.lora import merge_delta
+
+logger = logging.getLogger("export_hf")
+
+# mistral-common tokenizer files, in the order we prefer them when a folder holds several.
+_TOKENIZER = re.compile(r"^(tekken\.json|tokenizer\.model(\.v\d+m?\d*)?)$")
+_SAFETENSORS_METADATA = {"format": "pt"}  # transformers rejects safetensors files without it
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+class ExportError(ValueError):
+    """A checkpoint or option that cannot be exported; the message names the file and the fix."""
+
+
+@dataclass
+class Checkpoint:
+    folder: Path  # the consolidated/ folder: params.json + lora.safetensors or consolidated.safetensors
+    args: ModelArgs
+    lora: LoraArgs | None
+    adapter: Path | None  # lora.safetensors, when the run saved adapters
+    run_dir: Path | None  # RUN_DIR, when the folder sits in RUN_DIR/checkpoints/checkpoint_N/consolidated
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Accept ``checkpoint_N`` or ``checkpoint_N/consolidated``."""
+    path = Path(path)
+    folder = path / "consolidated" if (path / "consolidated").is_dir() else path
+    params_path = folder / "params.json"
+    if not params_path.is_file():
+        raise FileNotFoundError(
+            f"{params_path} not found: --checkpoint must be RUN_DIR/checkpoints/checkpoint_N "
+            "(or its consolidated/ folder) as written by training."
+        )
+    params = json.loads(params_path.read_text())
+    lora_params = params.get("lora") or {}
+    unknown = sorted(set(lora_params) - set(LoraArgs.__dataclass_fields__))
+    if unknown:
+        raise ExportError(f"{params_path}: unknown key(s) {unknown} in 'lora'; expected {sorted(LoraArgs.__dataclass_fields__)}.")
+    lora = LoraArgs(**lora_params) if lora_params.get("enable", False) else None
+    adapter = folder / "lora.safetensors"
+    if not adapter.is_file():
+        adapter = None
+        if not (folder / "consolidated.safetensors").is_file():
+            raise FileNotFoundError(
+                f"{folder}: neither lora.safetensors nor consolidated.safetensors; the checkpoint is incomplete."
+            )
+    if adapter is not None and lora is None:
+        raise ExportError(
+            f"{params_path}: lora.safetensors is present but params.json has no enabled 'lora' section "
+            "(rank, scaling); training writes it. Add it with the run's lora settings."
+        )
+    run_dir = folder.parent.parent.parent if folder.parent.parent.name == "checkpoints" else None
+    return Checkpoint(folder, ModelArgs.from_dict(params, source=str(params_path)), lora, adapter, run_dir)
+
+
+def resolve_base_model(ckpt: Checkpoint, base_model: str | None) -> str | None:
+    """--base_model, else ``model_id_or_path`` from RUN_DIR/args.yaml; None when neither exists."""
+    if base_model is not None:
+        return base_model
+    if ckpt.run_dir is None or not (ckpt.run_dir / "args.yaml").is_file():
+        return None
+    import yaml
+
+    config = yaml.safe_load((ckpt.run_dir / "args.yaml").read_text()) or {}
+    value = config.get("model_id_or_path") if isinstance(config, dict) else None
+    return str(value) if value else None
+
+
+def export_adapter(ckpt: Checkpoint, out: Path, base_model: str | None) -> None:
+    if ckpt.adapter is None or ckpt.lora is None:
+        raise ExportError(
+            f"{ckpt.folder} holds merged weights (consolidated.safetensors, save_adapters: false), not an "
+            "adapter; export it with --merged instead."
+        )
+    state = load_file(str(ckpt.adapter))
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(to_peft_state_dict(state, ckpt.args), str(out / "adapter_model.safetensors"), _SAFETENSORS_METADATA)
+    config = peft_adapter_config(ckpt.lora, ckpt.args, base_model)
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if base_model is None:
+        logger.warning("no base model known (no RUN_DIR/args.yaml, no --base_model): "
+                       "adapter_config.json has base_model_name_or_path null")
+    elif not (Path(base_model) / "config.json").is_file():
+        logger.warning("base model %s is not a Hugging Face folder; load the adapter onto the HF-format "
+                       "release of the same model (or a --merged export of it)", base_model)
+
+
+def _merged_tensors(ckpt: Checkpoint, base_model: str | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Mistral key, merged tensor) one at a time."""
+    if ckpt.adapter is None:  # save_adapters: false already wrote merged weights
+        for key, tensor, _ in iter_checkpoint_tensors(ckpt.folder):
+            yield key, tensor
+        return
+    assert ckpt.lora is not None
+    if base_model is None:
+        raise ExportError(
+            f"--merged needs the base model the adapter was trained on: no {ckpt.run_dir or '<run dir>'}/args.yaml "
+            "with model_id_or_path was found; pass --base_model /path/to/base."
+        )
+    base = Path(base_model)
+    base_args = ModelArgs.from_folder(base)
+    if _shape(base_args) != _shape(ckpt.args):
+        raise ExportError(
+            f"base model {base} has shape {_shape(base_args)} but {ckpt.folder / 'params.json'} has "
+            f"{_shape(ckpt.args)}; pass the --base_model the adapter was trained on."
+        )
+    adapters = load_file(str(ckpt.adapter))
+    for key, weight, _ in iter_checkpoint_tensors(base):
+        module = key.removesuffix(".weight")
+        a, b = adapters.pop(f"{module}.lora_A.weight", None), adapters.pop(f"{module}.lora_B.weight", None)
+        if a is not None and b is not None:
+            weight = merge_delta(weight, a, b, ckpt.lora.scaling)
+        yield key, weight
+    if adapters:
+        raise ExportError(
+            f"{ckpt.adapter}: {len(adapters)} adapter tensor(s) match no base weight, e.g. {sorted(adapters)[:3]}; "
+            f"is {base} the model this adapter was trained on?"
+        )
+
+
+def _shape(args: ModelArgs) -> tuple:
+    moe = (args.moe.num_experts, args.moe.num_experts_per_tok) if args.moe else None
+    return (args.dim, args.n_layers, args.head_dim, args.hidden_dim, args.n_heads, args.n_kv_heads,
+            args.vocab_size, moe)
+
+
+class ShardWriter:
+    """Writes tensors into safetensors shards of at most ``max_bytes`` (one tensor may exceed it),
+    holding one shard in memory; names them HF-style once the count is known."""
+
+    def __init__(self, folder: Path, max_bytes: int) -> None:
+        self.folder, self.max_bytes = folder, max_bytes
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.buffer_bytes = 0
+        self.shards: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.buffer and self.buffer_bytes + size > self.max_bytes:
+            self._flush()
+        self.buffer[key] = tensor.contiguous()
+        self.buffer_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        path = self.folder / f"model-shard-{len(self.shards) + 1:05d}.tmp"
+        save_file(self.buffer, str(path), _SAFETENSORS_METADATA)
+        self.shards.append((path, list(self.buffer)))
+        self.buffer, self.buffer_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        if self.buffer:
+            self._flush()
+        n = len(self.shards)
+        if n == 1:
+            self.shards[0][0].rename(self.folder / "model.safetensors")
+            return ["model.safetensors"]
+        weight_map, names = {}, []
+        for i, (path, keys) in enumerate(self.shards):
+            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            path.rename(self.folder / name)
+            names.append(name)
+            weight_map.update(dict.fromkeys(keys, name))
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return names
+
+
+def export_merged(ckpt: Checkpoint, out: Path, base_model: str | None, max_shard_bytes: int) -> list[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)  # a previous export with other sharding would confuse loaders
+    writer = ShardWriter(out, max_shard_bytes)
+    dtype = None
+    for key, tensor in _merged_tensors(ckpt, base_model):
+        dtype = dtype or tensor.dtype
+        writer.add(*tensor_to_hf(key, tensor, ckpt.args))
+    files = writer.close()
+    config = hf_config_dict(ckpt.args, dtype=_DTYPE_NAMES.get(dtype, "bfloat16"))
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return files
+
+
+def copy_tokenizer(ckpt: Checkpoint, out: Path, base_model: str | None) -> Path | None:
+    """Copy the mistral-common tokenizer file (checkpoint folder first, then the base model).
+
+    transformers 5 reads it directly (``MistralCommonBackend``); ``tokenizer_config.json`` tells
+    ``AutoTokenizer`` so. No ``tokenizer.json`` (fast-tokenizer) conversion is written.
+    """
+    folders = [ckpt.folder] + ([Path(base_model)] if base_model and Path(base_model).is_dir() else [])
+    for folder in folders:
+        found = sorted(p for p in folder.iterdir() if _TOKENIZER.match(p.name))
+        if found:
+            shutil.copy2(found[-1], out / found[-1].name)
+            (out / "tokenizer_config.json").write_text(
+                json.dumps({"tokenizer_class": "MistralCommonBackend"}, indent=2) + "\n"
+            )
+            return out / found[-1].name
+    logger.warning("no tokenizer file (tekken.json, tokenizer.model.v3, ...) in %s; none exported",
+                   " or ".join(map(str, folders)))
+    return None
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ExportError(f"--max_shard_size {text!r} is not a size; write e.g. 5GB, 500MB or 2GiB.")
+    number, unit = float(m.group(1)), (m.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    return int(number * base**power)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m utils.export_hf", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/checkpoint_N (or its consolidated/)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--merged", action="store_true", help="write a full HF model with the adapter folded in")
+    parser.add_argument("--base_model", default=None,
+                        help="base model folder (Mistral or HF format); default: model_id_or_path in RUN_DIR/args.yaml")
+    parser.add_argument("--max_shard_size", default="5GB", help="largest model*.safetensors shard (--merged)")
+    opts = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    ckpt = read_checkpoint(opts.checkpoint)
+    base_model = resolve_base_model(ckpt, opts.base_model)
+    out = Path(opts.out)
+    if opts.merged:
+        files = export_merged(ckpt, out, base_model, parse_size(opts.max_shard_size))
+        logger.info("wrote merged model (%s) to %s", ", ".join(files), out)
+    else:
+        export_adapter(ckpt, out, base_model)
+        logger.info("wrote PEFT adapter to %s (base_model_name_or_path: %s)", out, base_model)
+    copy_tokenizer(ckpt, out, base_model)
+    return out
+
+
+if __name__ == "__main__":
+    main()

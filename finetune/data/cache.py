@@ -19,12 +19,14 @@ serialise on a lock file and the later ones reuse the result.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing as mp
 import os
 import shutil
 import tempfile
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,11 +227,21 @@ class TokenizerPool:
         self._pool: Any = None
 
     def map(self, tasks: list[tuple]) -> Iterator[dict[str, Any]]:
+        """Results in task order, with at most two tasks per worker in flight, so that results waiting
+        to be written never pile up in memory."""
         if self._pool is None:
             path = str(self.instruct_tokenizer.tokenizer.file_path)
             # spawn: the caller may hold CUDA or threads, which fork does not copy safely.
             self._pool = mp.get_context("spawn").Pool(self.num_workers, _init_worker, (path,))
-        return self._pool.imap(_worker_block, tasks)
+        pending: deque[Any] = deque()
+        todo = iter(tasks)
+        for task in itertools.islice(todo, 2 * self.num_workers):
+            pending.append(self._pool.apply_async(_worker_block, (task,)))
+        while pending:
+            result = pending.popleft().get()
+            for task in itertools.islice(todo, 1):
+                pending.append(self._pool.apply_async(_worker_block, (task,)))
+            yield result
 
     def close(self) -> None:
         if self._pool is not None:

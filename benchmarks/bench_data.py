@@ -32,7 +32,11 @@ _TOOLS = [
         "function": {
             "name": "search_docs",
             "description": "Search the documentation",
-            "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]},
+            "parameters": {
+                "type": "object",
+                "properties": {"query": {"type": "string"}},
+                "required": ["query"],
+            },
         },
     }
 ]
@@ -42,7 +46,7 @@ def _text(rng: random.Random, vocab: list[str], n: int) -> str:
     out = []
     for i in range(n):
         w = rng.choice(vocab)
-        out.append(w + ("." if i % 12 == 11 else ","if i % 7 == 6 else ""))
+        out.append(w + ("." if i % 12 == 11 else "," if i % 7 == 6 else ""))
     return " ".join(out)
 
 
@@ -54,15 +58,28 @@ def generate(path: Path, n: int, seed: int = 0) -> None:
     rng = random.Random(seed)
     vocab = ["".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 4))) for _ in range(5000)]
     with open(path, "w") as f:
-        for i in range(n):
+        for _i in range(n):
             kind = rng.random()
             if kind < 0.15:  # function calling: call, result, answer
                 cid = _call_id(rng)
                 q = _text(rng, vocab, 4)
                 msgs = [
                     {"role": "user", "content": _text(rng, vocab, rng.randint(10, 60))},
-                    {"role": "assistant", "tool_calls": [{"id": cid, "type": "function", "function": {"name": "search_docs", "arguments": json.dumps({"query": q})}}]},
-                    {"role": "tool", "tool_call_id": cid, "content": json.dumps({"result": _text(rng, vocab, rng.randint(20, 80))})},
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {
+                                "id": cid,
+                                "type": "function",
+                                "function": {"name": "search_docs", "arguments": json.dumps({"query": q})},
+                            }
+                        ],
+                    },
+                    {
+                        "role": "tool",
+                        "tool_call_id": cid,
+                        "content": json.dumps({"result": _text(rng, vocab, rng.randint(20, 80))}),
+                    },
                     {"role": "assistant", "content": _text(rng, vocab, rng.randint(20, 120))},
                 ]
                 sample = {"messages": msgs, "tools": _TOOLS}
@@ -70,7 +87,7 @@ def generate(path: Path, n: int, seed: int = 0) -> None:
                 msgs = []
                 if kind < 0.4:
                     msgs.append({"role": "system", "content": _text(rng, vocab, rng.randint(5, 30))})
-                for t in range(rng.randint(1, 4)):
+                for _t in range(rng.randint(1, 4)):
                     msgs.append({"role": "user", "content": _text(rng, vocab, rng.randint(5, 80))})
                     a = {"role": "assistant", "content": _text(rng, vocab, rng.randint(10, 150))}
                     if rng.random() < 0.1:
@@ -108,7 +125,14 @@ def cold(args: argparse.Namespace) -> dict:
     tokens = sum(s.tokens for s in report.sources)
     t1 = time.perf_counter()
     loader = build_train_loader(
-        data_args, it, seq_len=args.seq_len, batch_size=args.batch_size, seed=0, rank=0, world_size=1, cache_dir=args.cache
+        data_args,
+        it,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        seed=0,
+        rank=0,
+        world_size=1,
+        cache_dir=args.cache,
     )
     next(loader)
     t_first = time.perf_counter() - t1
@@ -139,8 +163,14 @@ def cached(args: argparse.Namespace) -> dict:
     it = _tokenizer(args.tokenizer)
     t1 = time.perf_counter()
     loader = build_train_loader(
-        DataArgs(instruct_data=str(args.data)), it, seq_len=args.seq_len, batch_size=args.batch_size,
-        seed=0, rank=0, world_size=1, cache_dir=args.cache,
+        DataArgs(instruct_data=str(args.data)),
+        it,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        seed=0,
+        rank=0,
+        world_size=1,
+        cache_dir=args.cache,
     )
     next(loader)
     t2 = time.perf_counter()
@@ -182,9 +212,24 @@ def main() -> None:
         "file_mb": round(args.data.stat().st_size / 2**20, 1),
     }
     result.update(cold(args))
-    cmd = [sys.executable, __file__, "--phase", "cached", "--tokenizer", args.tokenizer, "--seq_len", str(args.seq_len),
-           "--batch_size", str(args.batch_size), "--batches", str(args.batches), "--workdir", str(args.workdir),
-           "--conversations", str(args.conversations)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--phase",
+        "cached",
+        "--tokenizer",
+        args.tokenizer,
+        "--seq_len",
+        str(args.seq_len),
+        "--batch_size",
+        str(args.batch_size),
+        "--batches",
+        str(args.batches),
+        "--workdir",
+        str(args.workdir),
+        "--conversations",
+        str(args.conversations),
+    ]
     result.update(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
     print(json.dumps(result, indent=2))
 

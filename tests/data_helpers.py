@@ -17,7 +17,11 @@ TOOLS = [
         "function": {
             "name": "get_weather",
             "description": "Current weather in a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
         },
     }
 ]
@@ -36,7 +40,11 @@ def words(rng: random.Random, n: int) -> str:
 
 
 def call(call_id: str, city: str) -> dict:
-    return {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}
+    return {
+        "id": call_id,
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": json.dumps({"city": city})},
+    }
 
 
 def tool_conversation(system: bool = True) -> dict:

@@ -37,44 +37,109 @@ BAD_INSTRUCT = {
     "both_keys": ({"messages": [], "interactions": []}, "conflicting_keys", "keep only 'messages'"),
     "empty": ({"messages": []}, "empty_conversation", "needs at least a user and an assistant"),
     "no_role": ({"messages": [{"content": "x"}]}, "missing_key", "has no 'role'"),
-    "unknown_role": (_msgs(("user", "a"), ("bot", "b")), "unknown_role", "role 'bot'; use one of system, user"),
-    "last_role": (_msgs(("user", "a"), ("assistant", "b"), ("user", "c")), "last_role", "must end with an assistant"),
+    "unknown_role": (
+        _msgs(("user", "a"), ("bot", "b")),
+        "unknown_role",
+        "role 'bot'; use one of system, user",
+    ),
+    "last_role": (
+        _msgs(("user", "a"), ("assistant", "b"), ("user", "c")),
+        "last_role",
+        "must end with an assistant",
+    ),
     "first_role": (_msgs(("assistant", "b")), "bad_role_order", "start with a user"),
     "order": (
-        {"messages": [{"role": "user", "content": "a"}, {"role": "tool", "tool_call_id": "abcdefghi", "content": "x"},
-                      {"role": "assistant", "content": "b"}]},
-        "bad_role_order", "cannot follow a user message",
+        {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "tool", "tool_call_id": "abcdefghi", "content": "x"},
+                {"role": "assistant", "content": "b"},
+            ]
+        },
+        "bad_role_order",
+        "cannot follow a user message",
     ),
     "weight": (
-        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0.5}]},
-        "bad_weight", "use 0 .not trained. or 1",
+        {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b", "weight": 0.5},
+            ]
+        },
+        "bad_weight",
+        "use 0 .not trained. or 1",
     ),
     "weight_bool": (
-        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": True}]},
-        "bad_weight", "weight true",
+        {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b", "weight": True},
+            ]
+        },
+        "bad_weight",
+        "weight true",
     ),
-    "call_id": (_tool(**{"2__tool_calls": [call("abc", "Paris")]}), "bad_tool_call_id", "exactly 9 characters"),
+    "call_id": (
+        _tool(**{"2__tool_calls": [call("abc", "Paris")]}),
+        "bad_tool_call_id",
+        "exactly 9 characters",
+    ),
     "tool_message_id": (_tool(**{"3__tool_call_id": "nope"}), "bad_tool_call_id", "9-character id"),
-    "unmatched_result": (_tool(**{"3__tool_call_id": "QQQQQQQQQ"}), "bad_tool_call_id", "match it to the call's 'id'"),
+    "unmatched_result": (
+        _tool(**{"3__tool_call_id": "QQQQQQQQQ"}),
+        "bad_tool_call_id",
+        "match it to the call's 'id'",
+    ),
     "arguments_object": (
-        _tool(**{"2__tool_calls": [{"id": "aB3dE5gH7", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}),
-        "bad_arguments", r"json.dumps\(arguments\)",
+        _tool(
+            **{
+                "2__tool_calls": [
+                    {"id": "aB3dE5gH7", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+                ]
+            }
+        ),
+        "bad_arguments",
+        r"json.dumps\(arguments\)",
     ),
     "arguments_not_json": (
-        _tool(**{"2__tool_calls": [{"id": "aB3dE5gH7", "function": {"name": "get_weather", "arguments": "{city"}}]}),
-        "bad_arguments", "is not valid JSON",
+        _tool(
+            **{
+                "2__tool_calls": [
+                    {"id": "aB3dE5gH7", "function": {"name": "get_weather", "arguments": "{city"}}
+                ]
+            }
+        ),
+        "bad_arguments",
+        "is not valid JSON",
     ),
     "content_and_calls": (_tool(**{"2__content": "hi"}), "content_and_tool_calls", "split it into two"),
-    "no_content": ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant"}]}, "missing_key", "neither 'content' nor 'tool_calls'"),
+    "no_content": (
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant"}]},
+        "missing_key",
+        "neither 'content' nor 'tool_calls'",
+    ),
     "empty_answer": (_msgs(("user", "a"), ("assistant", "  ")), "empty_content", "empty content"),
     "content_type": (_msgs(("user", 5), ("assistant", "b")), "bad_type", "must be a string, got int"),
-    "two_systems": (_msgs(("system", "a"), ("system", "b"), ("user", "c"), ("assistant", "d")), "multiple_system", "keep one system"),
-    "bad_tool": ({**chat(random.Random(0), 1), "tools": [{"type": "function"}]}, "bad_tool", "no 'function' object"),
+    "two_systems": (
+        _msgs(("system", "a"), ("system", "b"), ("user", "c"), ("assistant", "d")),
+        "multiple_system",
+        "keep one system",
+    ),
+    "bad_tool": (
+        {**chat(random.Random(0), 1), "tools": [{"type": "function"}]},
+        "bad_tool",
+        "no 'function' object",
+    ),
     "tool_params": (
         {**chat(random.Random(0), 1), "tools": [{"function": {"name": "f", "parameters": "none"}}]},
-        "bad_tool", "use {} for a function without parameters",
+        "bad_tool",
+        "use {} for a function without parameters",
     ),
-    "tools_twice": ({**chat(random.Random(0), 1), "tools": TOOLS, "available_tools": TOOLS}, "conflicting_keys", "keep only 'tools'"),
+    "tools_twice": (
+        {**chat(random.Random(0), 1), "tools": TOOLS, "available_tools": TOOLS},
+        "conflicting_keys",
+        "keep only 'tools'",
+    ),
     "only_last_type": ({**chat(random.Random(0), 1), "only_last": "yes"}, "bad_type", "true or false"),
 }
 
@@ -132,13 +197,19 @@ def test_training_refuses_invalid_data(tmp_path) -> None:
         report.raise_if_invalid("conf.yaml")
     assert f"{path}:2: invalid JSON" in str(info.value) and f"{path}:4: " in str(info.value)
     with pytest.raises(DataFormatError, match=f"{path}:2: invalid JSON") as info:
-        build_train_loader(args, SPM, seq_len=512, batch_size=1, seed=0, rank=0, world_size=1, cache_dir=tmp_path / "cache")
+        build_train_loader(
+            args, SPM, seq_len=512, batch_size=1, seed=0, rank=0, world_size=1, cache_dir=tmp_path / "cache"
+        )
     assert info.value.__cause__ is None
 
 
 def test_errors_never_carry_a_mistral_common_traceback() -> None:
     with pytest.raises(DataFormatError) as info:
-        encode({"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]}, SPM, SampleType.INSTRUCT)
+        encode(
+            {"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]},
+            SPM,
+            SampleType.INSTRUCT,
+        )
     assert info.value.__cause__ is None and info.value.__context__ is None
     assert "message 1 has role 'robot'" in str(info.value)  # __str__ works (the reference's crashed)
 

@@ -26,7 +26,9 @@ from tests.data_helpers import chat, numbered_texts, spm, write_jsonl
 SPM = spm()
 
 
-def lookup(samples: list[dict], as_type: SampleType, tag: str) -> dict[tuple[int, ...], tuple[str, int, list[bool]]]:
+def lookup(
+    samples: list[dict], as_type: SampleType, tag: str
+) -> dict[tuple[int, ...], tuple[str, int, list[bool]]]:
     out = {}
     for i, s in enumerate(samples):
         ts = encode(s, SPM, as_type)
@@ -62,7 +64,9 @@ def identify(batch: Batch, seq_len: int, known: dict) -> list[tuple[str, int] | 
     return out
 
 
-def pretrain_file(tmp_path: Path, name: str, n: int, seed: int = 0, max_words: int = 60) -> tuple[Path, list[dict]]:
+def pretrain_file(
+    tmp_path: Path, name: str, n: int, seed: int = 0, max_words: int = 60
+) -> tuple[Path, list[dict]]:
     samples = numbered_texts(name, n, random.Random(seed), max_words=max_words)
     return write_jsonl(tmp_path / f"{name}.jsonl", samples), samples
 
@@ -172,7 +176,7 @@ def test_mixing_is_per_token_by_weight(tmp_path) -> None:
     tokens = Counter()
     for _ in range(100):
         batch = next(ld)
-        for (_, x, _, _), who in zip(segments(batch, 128), identify(batch, 128, known)):
+        for (_, x, _, _), who in zip(segments(batch, 128), identify(batch, 128, known), strict=False):
             if who:
                 tokens[who[0]] += len(x)
     assert tokens["a"] / (tokens["a"] + tokens["b"]) == pytest.approx(0.75, abs=0.03)
@@ -218,11 +222,21 @@ def test_eval_uses_every_sample_once(tmp_path, world_size, batch_size) -> None:
     known = lookup(samples, SampleType.INSTRUCT, "eval")
     args = DataArgs(instruct_data=str(path), eval_instruct_data=str(path))
     per_rank = [
-        build_eval_loader(args, SPM, seq_len=128, batch_size=batch_size, rank=r, world_size=world_size, cache_dir=tmp_path / "c")
+        build_eval_loader(
+            args,
+            SPM,
+            seq_len=128,
+            batch_size=batch_size,
+            rank=r,
+            world_size=world_size,
+            cache_dir=tmp_path / "c",
+        )
         for r in range(world_size)
     ]
     assert len({len(b) for b in per_rank}) == 1  # same number of batches on every rank
-    used = Counter(i for batches in per_rank for b in batches for i in identify(b, 128, known) if i is not None)
+    used = Counter(
+        i for batches in per_rank for b in batches for i in identify(b, 128, known) if i is not None
+    )
     assert used == Counter({("eval", i): 1 for i in range(23)})
     total_targets = sum(b.n_targets for batches in per_rank for b in batches)
     assert total_targets == sum(sum(encode(s, SPM, SampleType.INSTRUCT).masks[1:]) for s in samples)
@@ -232,10 +246,22 @@ def test_eval_uses_every_sample_once(tmp_path, world_size, batch_size) -> None:
 
 def test_eval_pads_ranks_to_the_same_batch_count(tmp_path) -> None:
     # 3 samples that each fill a row, 2 ranks: rank 0 gets 2 rows, rank 1 gets 1 row plus an empty one.
-    samples = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " ".join(["alpha"] * 100)}]}] * 3
+    samples = [
+        {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": " ".join(["alpha"] * 100)},
+            ]
+        }
+    ] * 3
     path = write_jsonl(tmp_path / "e.jsonl", samples)
     args = DataArgs(instruct_data=str(path), eval_instruct_data=str(path))
-    r0, r1 = (build_eval_loader(args, SPM, seq_len=110, batch_size=1, rank=r, world_size=2, cache_dir=tmp_path / "c") for r in (0, 1))
+    r0, r1 = (
+        build_eval_loader(
+            args, SPM, seq_len=110, batch_size=1, rank=r, world_size=2, cache_dir=tmp_path / "c"
+        )
+        for r in (0, 1)
+    )
     assert len(r0) == len(r1) == 2
     assert [b.n_targets > 0 for b in r1] == [True, False] and r1[1].seqlens == [110]
 
@@ -250,7 +276,9 @@ def test_cache_is_reused_and_keyed_by_content(tmp_path, caplog) -> None:
     entries = sorted(p.name for p in cache.iterdir() if p.is_dir())
     caplog.clear()
     check_data(args, SPM, 128, cache_dir=cache)
-    ld = build_train_loader(args, SPM, seq_len=128, batch_size=1, seed=0, rank=0, world_size=1, cache_dir=cache)
+    ld = build_train_loader(
+        args, SPM, seq_len=128, batch_size=1, seed=0, rank=0, world_size=1, cache_dir=cache
+    )
     next(ld)
     assert "Tokenized" not in caplog.text  # second run reads the cache
     assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == entries
@@ -261,8 +289,15 @@ def test_cache_is_reused_and_keyed_by_content(tmp_path, caplog) -> None:
     check_data(args, SPM, 128, cache_dir=cache)
     assert caplog.text.count("Tokenized") == 1  # changed content, new entry
     # another tokenizer or another encoding option is another entry, too
-    check_data(DataArgs(instruct_data=str(write_jsonl(tmp_path / "c.jsonl", [chat(random.Random(0), 1)])),
-                        instruct=InstructArgs(dynamic_chunk_fn_call=False)), SPM, 128, cache_dir=cache)
+    check_data(
+        DataArgs(
+            instruct_data=str(write_jsonl(tmp_path / "c.jsonl", [chat(random.Random(0), 1)])),
+            instruct=InstructArgs(dynamic_chunk_fn_call=False),
+        ),
+        SPM,
+        128,
+        cache_dir=cache,
+    )
     assert len([p for p in cache.iterdir() if p.is_dir()]) == len(entries) + 2
 
 
@@ -275,7 +310,9 @@ def test_process_pool_matches_in_process(tmp_path) -> None:
     serial = load_tokenized(path, SampleType.INSTRUCT, SPM, chunk=True, cache_dir=tmp_path / "a")
     pool = TokenizerPool(SPM, num_workers=2, block_bytes=8192, min_bytes=0)
     try:
-        parallel = load_tokenized(path, SampleType.INSTRUCT, SPM, chunk=True, cache_dir=tmp_path / "b", pool=pool)
+        parallel = load_tokenized(
+            path, SampleType.INSTRUCT, SPM, chunk=True, cache_dir=tmp_path / "b", pool=pool
+        )
     finally:
         pool.close()
     for name in ("tokens", "masks", "offsets", "lines", "targets"):

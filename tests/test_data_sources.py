@@ -71,11 +71,15 @@ def test_duplicates(tmp_path) -> None:
 
 
 def test_data_args_validate() -> None:
-    with pytest.raises(ValueError, match="data.data and data.instruct_data are both empty.*data.instruct_data: /path"):
+    with pytest.raises(
+        ValueError, match="data.data and data.instruct_data are both empty.*data.instruct_data: /path"
+    ):
         DataArgs().validate()
     with pytest.raises(ValueError, match="data.eval_instruct_data: source 'x:0'"):
         DataArgs(instruct_data="a", eval_instruct_data="x:0").validate()
-    with pytest.raises(ValueError, match="data.long_sample_policy is 'cut'; use one of split, truncate, drop"):
+    with pytest.raises(
+        ValueError, match="data.long_sample_policy is 'cut'; use one of split, truncate, drop"
+    ):
         DataArgs(instruct_data="a", long_sample_policy="cut").validate()
     DataArgs(instruct_data="a.jsonl:3", instruct=InstructArgs(shuffle=False)).validate()
     json.dumps(DataArgs().__dict__, default=lambda o: o.__dict__)  # plain data, serialisable

@@ -19,7 +19,14 @@ from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, 
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from finetune.data.tokenize import SampleType, TokenSample, chunk_conversation, encode, encode_all, parse_instruct
+from finetune.data.tokenize import (
+    SampleType,
+    TokenSample,
+    chunk_conversation,
+    encode,
+    encode_all,
+    parse_instruct,
+)
 from finetune.data.tokenizer import load_tokenizer, tokenizer_file
 from tests.data_helpers import TOOLS, chat, spm, tekken, tool_conversation
 
@@ -44,14 +51,20 @@ def reference_request(sample: dict, separate_system: bool) -> InstructRequest:
                 calls = [
                     ToolCall(
                         id="null" if i == last else c["id"],
-                        function=FunctionCall(name=c["function"]["name"], arguments=c["function"]["arguments"]),
+                        function=FunctionCall(
+                            name=c["function"]["name"], arguments=c["function"]["arguments"]
+                        ),
                     )
                     for c in m["tool_calls"]
                 ]
-            msgs.append(FinetuningAssistantMessage(content=m.get("content"), tool_calls=calls, weight=m.get("weight")))
+            msgs.append(
+                FinetuningAssistantMessage(content=m.get("content"), tool_calls=calls, weight=m.get("weight"))
+            )
     tools = [Tool(function=Function(**t["function"])) for t in sample.get("tools", [])] or None
     if separate_system:
-        return InstructRequest(messages=([SystemMessage(content=system)] if system else []) + msgs, available_tools=tools)
+        return InstructRequest(
+            messages=([SystemMessage(content=system)] if system else []) + msgs, available_tools=tools
+        )
     return InstructRequest(messages=msgs, system_prompt=system, available_tools=tools)
 
 
@@ -90,7 +103,9 @@ def test_tokens_equal_encode_instruct(name: str, index: int) -> None:
 
 def _assistant_tokens(it, sample: dict, index: int) -> list[int]:
     """Tokens of assistant message ``index`` as mistral-common encodes it alone (content/calls + EOS)."""
-    req = reference_request({"messages": sample["messages"][: index + 1], "tools": sample.get("tools", [])}, False)
+    req = reference_request(
+        {"messages": sample["messages"][: index + 1], "tools": sample.get("tools", [])}, False
+    )
     return it.encode_assistant_message(req.messages[-1], False)
 
 
@@ -100,7 +115,7 @@ def test_masks_are_trained_assistant_turns(it) -> None:
     sample = chat(rng, 3)
     sample["messages"][3]["weight"] = 0
     ts = encode(sample, it, SampleType.INSTRUCT)
-    targets = [t for t, m in zip(ts.tokens, ts.masks) if m]
+    targets = [t for t, m in zip(ts.tokens, ts.masks, strict=False) if m]
     want = _assistant_tokens(it, sample, 1) + _assistant_tokens(it, sample, 5)
     assert targets == want
     assert not ts.masks[0]  # BOS
@@ -108,8 +123,14 @@ def test_masks_are_trained_assistant_turns(it) -> None:
 
 
 def test_reference_layout_spm() -> None:
-    s = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
-                      {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]}
+    s = {
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Yo"},
+            {"role": "user", "content": "Q2"},
+            {"role": "assistant", "content": "A2"},
+        ]
+    }
     ts = encode(s, SPM, SampleType.INSTRUCT)
     assert len(ts.tokens) == 14 and sum(ts.masks) == 6
     assert ts.tokens[:2] == [1, 3] and ts.tokens[-1] == 2
@@ -117,16 +138,18 @@ def test_reference_layout_spm() -> None:
     s["messages"][-1]["weight"] = 0
     ts = encode(s, SPM, SampleType.INSTRUCT)
     assert sum(ts.masks) == 3  # "Yo </s>" only
-    second_inst = SPM.decode(ts.tokens[ts.tokens.index(3, 2):], special_token_policy=SpecialTokenPolicy.KEEP)
+    second_inst = SPM.decode(ts.tokens[ts.tokens.index(3, 2) :], special_token_policy=SpecialTokenPolicy.KEEP)
     assert second_inst.startswith("[INST]▁SYS<0x0A><0x0A>Q2[/INST]")  # system prompt in the last user turn
-    assert "SYS" not in SPM.decode(ts.tokens[: ts.tokens.index(3, 2)], special_token_policy=SpecialTokenPolicy.KEEP)
+    assert "SYS" not in SPM.decode(
+        ts.tokens[: ts.tokens.index(3, 2)], special_token_policy=SpecialTokenPolicy.KEEP
+    )
 
 
 @pytest.mark.parametrize("it", [SPM, TEKKEN], ids=["spm", "tekken"])
 def test_tool_sample_trains_only_final_call_without_its_id(it) -> None:
     sample = tool_conversation()
     ts = encode(sample, it, SampleType.INSTRUCT)
-    targets = [t for t, m in zip(ts.tokens, ts.masks) if m]
+    targets = [t for t, m in zip(ts.tokens, ts.masks, strict=False) if m]
     tool_calls_id = it.TOOL_CALLS
     assert targets[0] == tool_calls_id and targets[-1] == it.tokenizer.eos_id
     assert targets.count(tool_calls_id) == 1  # the earlier call and the plain answer are not trained
@@ -135,7 +158,7 @@ def test_tool_sample_trains_only_final_call_without_its_id(it) -> None:
     # the earlier call keeps its id in the (untrained) context
     assert "aB3dE5gH7" in it.decode(ts.tokens, special_token_policy=SpecialTokenPolicy.KEEP)
     # nothing of the tool definitions, system prompt or tool result is a target
-    assert "get_weather\", \"description" not in text and "Be brief" not in text and "temp" not in text
+    assert 'get_weather", "description' not in text and "Be brief" not in text and "temp" not in text
 
 
 def test_chunking_counts_and_prefixes() -> None:
@@ -147,18 +170,24 @@ def test_chunking_counts_and_prefixes() -> None:
     assert [len(p.messages) for p in parts] == [6, 4, 2]  # longest first, each ends on an assistant turn
     encoded = encode_all(sample, SPM, SampleType.INSTRUCT, chunk=True)
     assert encoded[0] == encode(sample, SPM, SampleType.INSTRUCT)
-    for p, ts in zip(parts, encoded):
+    for p, ts in zip(parts, encoded, strict=False):
         last = p.messages[-1]
         if last.tool_calls:  # every sample's final call is encoded without its id
-            last = last.model_copy(update={"tool_calls": [c.model_copy(update={"id": "null"}) for c in last.tool_calls]})
-        assert [t for t, m in zip(ts.tokens, ts.masks) if m] == SPM.encode_assistant_message(last, False)
+            last = last.model_copy(
+                update={"tool_calls": [c.model_copy(update={"id": "null"}) for c in last.tool_calls]}
+            )
+        assert [t for t, m in zip(ts.tokens, ts.masks, strict=False) if m] == SPM.encode_assistant_message(
+            last, False
+        )
     # chat samples without tools or only_last are never chunked
     assert len(encode_all(chat(random.Random(0), 3), SPM, SampleType.INSTRUCT, chunk=True)) == 1
     assert len(encode_all(sample, SPM, SampleType.INSTRUCT, chunk=False)) == 1
 
 
 def test_pretrain() -> None:
-    assert encode({"text": "Hello world"}, SPM, SampleType.PRETRAIN) == TokenSample([1, 23325, 2294, 2], [True] * 4)
+    assert encode({"text": "Hello world"}, SPM, SampleType.PRETRAIN) == TokenSample(
+        [1, 23325, 2294, 2], [True] * 4
+    )
     assert encode({"content": "Hello world"}, TEKKEN, SampleType.PRETRAIN).tokens == [1, 22177, 4304, 2]
 
 
@@ -190,5 +219,5 @@ def test_load_tokenizer_prefers_model_folder(tmp_path, caplog) -> None:
 
 def test_tool_arguments_re_emitted_as_object() -> None:
     ts = encode(tool_conversation(), TEKKEN, SampleType.INSTRUCT)
-    text = TEKKEN.decode([t for t, m in zip(ts.tokens, ts.masks) if m])
+    text = TEKKEN.decode([t for t, m in zip(ts.tokens, ts.masks, strict=False) if m])
     assert json.loads(text) == [{"name": "get_weather", "arguments": {"city": "Rome"}}]

@@ -27,10 +27,11 @@ import os
 import shutil
 import tempfile
 from collections import deque
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -127,7 +128,7 @@ def decode_line(raw: bytes, line_no: int) -> Any:
     except UnicodeDecodeError as e:
         raise DataFormatError(
             "encoding",
-            f"byte {e.start} of the line ({raw[e.start:e.start + 1]!r}) is not valid UTF-8; re-save the file as UTF-8.",
+            f"byte {e.start} of the line ({raw[e.start : e.start + 1]!r}) is not valid UTF-8; re-save the file as UTF-8.",
         ) from None
     try:
         return json.loads(text)
@@ -303,7 +304,12 @@ def load_tokenized(
 
 
 def _build(
-    path: Path, sample_type: SampleType, instruct_tokenizer: Any, chunk: bool, entry: Path, pool: TokenizerPool | None
+    path: Path,
+    sample_type: SampleType,
+    instruct_tokenizer: Any,
+    chunk: bool,
+    entry: Path,
+    pool: TokenizerPool | None,
 ) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
     try:
@@ -314,7 +320,8 @@ def _build(
         else:
             it = _as_instruct_tokenizer(instruct_tokenizer)
             results = (
-                tokenize_block(_read(path, a, b), line, sample_type, chunk, it) for a, b, line in _blocks(path)
+                tokenize_block(_read(path, a, b), line, sample_type, chunk, it)
+                for a, b, line in _blocks(path)
             )
         lengths, lines, targets, errors = [], [], [], []
         n_lines = n_valid = 0
@@ -349,7 +356,11 @@ def _build(
         os.replace(tmp, entry)
         logger.info(
             "Tokenized %s: %d lines, %d samples, %d tokens, %d invalid lines",
-            path, n_lines, len(offsets) - 1, int(offsets[-1]), len(errors),
+            path,
+            n_lines,
+            len(offsets) - 1,
+            int(offsets[-1]),
+            len(errors),
         )
     finally:
         if tmp.exists():

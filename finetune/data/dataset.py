@@ -41,9 +41,13 @@ class SourceData:
         self.starts = np.cumsum([0] + [len(f) for f in self.files])
         # positions a sample occupies in a row: its tokens minus one (inputs are tokens[:-1])
         self.positions = (
-            np.concatenate([np.diff(f.offsets) - 1 for f in self.files]) if self.files else np.zeros(0, np.int64)
+            np.concatenate([np.diff(f.offsets) - 1 for f in self.files])
+            if self.files
+            else np.zeros(0, np.int64)
         )
-        self.targets = np.concatenate([f.targets for f in self.files]) if self.files else np.zeros(0, np.int32)
+        self.targets = (
+            np.concatenate([f.targets for f in self.files]) if self.files else np.zeros(0, np.int32)
+        )
 
     def __len__(self) -> int:
         return int(self.starts[-1])

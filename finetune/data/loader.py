@@ -95,7 +95,11 @@ class TrainLoader:
             if not usable.any():
                 raise ValueError(
                     f"{d.source.key} source {d.source.spec!r} has no sample with a training target"
-                    + (" that fits seq_len (data.long_sample_policy is drop)" if long_sample_policy == "drop" else "")
+                    + (
+                        " that fits seq_len (data.long_sample_policy is drop)"
+                        if long_sample_policy == "drop"
+                        else ""
+                    )
                     + "; add data, give assistant turns weight 1, or remove the source."
                 )
         if not data:
@@ -217,7 +221,9 @@ class TrainLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"Data loader state has version {state.get('version')!r}, expected {STATE_VERSION}.")
+            raise ValueError(
+                f"Data loader state has version {state.get('version')!r}, expected {STATE_VERSION}."
+            )
         saved, now = state["config"], self._fingerprint()
         if saved != _jsonable(now):
             diff = [k for k in now if _jsonable(now[k]) != saved.get(k)]
@@ -269,7 +275,12 @@ def build_train_loader(
         if n_long:
             logger.warning(
                 "%s %s: %d of %d samples are longer than seq_len %d; data.long_sample_policy=%s",
-                d.source.key, d.source.spec, n_long, len(d), seq_len, args.long_sample_policy,
+                d.source.key,
+                d.source.spec,
+                n_long,
+                len(d),
+                seq_len,
+                args.long_sample_policy,
             )
     return TrainLoader(
         data,
@@ -298,7 +309,9 @@ def build_eval_loader(
     batches, padded with batches that have no target, so no rank waits in a collective."""
     if not args.eval_instruct_data.strip():
         return []
-    data = open_checked(eval_sources(args), instruct_tokenizer, chunk_instruct=False, args=args, cache_dir=cache_dir)
+    data = open_checked(
+        eval_sources(args), instruct_tokenizer, chunk_instruct=False, args=args, cache_dir=cache_dir
+    )
     # Global order: sources in order, samples in file order; sample g belongs to rank g % world_size.
     per_rank: list[list[Piece]] = [[] for _ in range(world_size)]
     g = n_long = 0
@@ -312,7 +325,9 @@ def build_eval_loader(
     if n_long:
         logger.warning(
             "data.eval_instruct_data: %d samples longer than seq_len %d (data.long_sample_policy=%s)",
-            n_long, seq_len, args.long_sample_policy,
+            n_long,
+            seq_len,
+            args.long_sample_policy,
         )
     rows_of = [best_fit_decreasing([p.length for p in pieces], seq_len) for pieces in per_rank]
     n_batches = max(math.ceil(len(rows) / batch_size) for rows in rows_of)

@@ -79,7 +79,9 @@ def _text_of(msg: dict, role: str, index: int) -> Any:
 
 def _require_str(value: Any, what: str, fix: str) -> str:
     if not isinstance(value, str):
-        raise DataFormatError("bad_type", f"{what} must be a string, got {type(value).__name__} {_short(value)}; {fix}")
+        raise DataFormatError(
+            "bad_type", f"{what} must be a string, got {type(value).__name__} {_short(value)}; {fix}"
+        )
     return value
 
 
@@ -91,13 +93,13 @@ def _short(value: Any, n: int = 40) -> str:
 def parse_pretrain(sample: Any) -> str:
     if not isinstance(sample, dict):
         raise DataFormatError(
-            "not_object", f"expected a JSON object like {{\"text\": \"...\"}}, got {type(sample).__name__}."
+            "not_object", f'expected a JSON object like {{"text": "..."}}, got {type(sample).__name__}.'
         )
     key, text = _one_of(sample, ("text", "content"), "the sample")
     if key is None:
         raise DataFormatError(
             "missing_key",
-            f"pretraining sample has no 'text' key (keys: {sorted(sample)}); write {{\"text\": \"...\"}}.",
+            f'pretraining sample has no \'text\' key (keys: {sorted(sample)}); write {{"text": "..."}}.',
         )
     text = _require_str(text, f"'{key}'", "put the document text in a JSON string.")
     if not text:
@@ -110,7 +112,9 @@ def _parse_tools(raw: Any) -> list[Tool]:
         raise DataFormatError("bad_tool", f"'tools' must be a list of tool definitions, got {_short(raw)}.")
     tools = []
     for i, tool in enumerate(raw):
-        fix = 'write {"type": "function", "function": {"name": ..., "description": ..., "parameters": {...}}}.'
+        fix = (
+            'write {"type": "function", "function": {"name": ..., "description": ..., "parameters": {...}}}.'
+        )
         if not isinstance(tool, dict) or not isinstance(tool.get("function"), dict):
             raise DataFormatError("bad_tool", f"tool {i} has no 'function' object; {fix}")
         fn = tool["function"]
@@ -136,7 +140,8 @@ def _parse_tools(raw: Any) -> list[Tool]:
 def _parse_tool_calls(raw: Any, index: int, is_last: bool) -> list[ToolCall]:
     if not isinstance(raw, list) or not raw:
         raise DataFormatError(
-            "bad_tool_call", f"message {index} (assistant) 'tool_calls' must be a non-empty list, got {_short(raw)}."
+            "bad_tool_call",
+            f"message {index} (assistant) 'tool_calls' must be a non-empty list, got {_short(raw)}.",
         )
     calls = []
     for j, call in enumerate(raw):
@@ -167,7 +172,7 @@ def _parse_tool_calls(raw: Any, index: int, is_last: bool) -> list[ToolCall]:
         if not isinstance(args, str):
             raise DataFormatError(
                 "bad_arguments",
-                f"{where} ({name}) 'arguments' must be a JSON-encoded string such as \"{{\\\"city\\\": \\\"Paris\\\"}}\", "
+                f'{where} ({name}) \'arguments\' must be a JSON-encoded string such as "{{\\"city\\": \\"Paris\\"}}", '
                 f"got {type(args).__name__} {_short(args)}; encode it with json.dumps(arguments).",
             )
         try:
@@ -178,7 +183,12 @@ def _parse_tool_calls(raw: Any, index: int, is_last: bool) -> list[ToolCall]:
                 f"{where} ({name}) 'arguments' is not valid JSON ({e.msg} at column {e.colno}): {_short(args)}; "
                 "it must be json.dumps(arguments).",
             ) from None
-        calls.append(ToolCall(id=call_id if isinstance(call_id, str) else "null", function=FunctionCall(name=name, arguments=args)))
+        calls.append(
+            ToolCall(
+                id=call_id if isinstance(call_id, str) else "null",
+                function=FunctionCall(name=name, arguments=args),
+            )
+        )
     return calls
 
 
@@ -203,7 +213,8 @@ def parse_instruct(sample: Any) -> Conversation:
         raise DataFormatError("bad_type", f"'{key}' must be a list of messages, got {_short(raw_messages)}.")
     if not raw_messages:
         raise DataFormatError(
-            "empty_conversation", f"'{key}' is empty; a sample needs at least a user and an assistant message."
+            "empty_conversation",
+            f"'{key}' is empty; a sample needs at least a user and an assistant message.",
         )
 
     tools_key, raw_tools = _one_of(sample, ("tools", "available_tools"), "the sample")
@@ -225,7 +236,8 @@ def parse_instruct(sample: Any) -> Conversation:
         role = msg.get("role")
         if role is None:
             raise DataFormatError(
-                "missing_key", f"message {i} has no 'role' (keys: {sorted(msg)}); use one of {', '.join(_ROLES)}."
+                "missing_key",
+                f"message {i} has no 'role' (keys: {sorted(msg)}); use one of {', '.join(_ROLES)}.",
             )
         if role not in _ROLES:
             raise DataFormatError(
@@ -245,12 +257,18 @@ def parse_instruct(sample: Any) -> Conversation:
                     "multiple_system",
                     f"message {i} is a second system prompt; keep one system message (or 'system_prompt').",
                 )
-            system_prompt = _require_str(content, f"message {i} (system) 'content'", "write the system prompt as a string.")
+            system_prompt = _require_str(
+                content, f"message {i} (system) 'content'", "write the system prompt as a string."
+            )
         elif role == "user":
-            content = _require_str(content, f"message {i} (user) 'content'", "write the user text as a string.")
+            content = _require_str(
+                content, f"message {i} (user) 'content'", "write the user text as a string."
+            )
             messages.append(UserMessage(content=content))
         elif role == "tool":
-            content = _require_str(content, f"message {i} (tool) 'content'", "write the tool result as a string.")
+            content = _require_str(
+                content, f"message {i} (tool) 'content'", "write the tool result as a string."
+            )
             call_id = msg.get("tool_call_id")
             if not isinstance(call_id, str) or not _TOOL_CALL_ID.match(call_id):
                 raise DataFormatError(
@@ -278,18 +296,23 @@ def parse_instruct(sample: Any) -> Conversation:
             else:
                 if content is None:
                     raise DataFormatError(
-                        "missing_key", f"message {i} (assistant) has neither 'content' nor 'tool_calls'; add one."
+                        "missing_key",
+                        f"message {i} (assistant) has neither 'content' nor 'tool_calls'; add one.",
                     )
-                content = _require_str(content, f"message {i} (assistant) 'content'", "write the answer as a string.")
+                content = _require_str(
+                    content, f"message {i} (assistant) 'content'", "write the answer as a string."
+                )
                 if not content.rstrip(" "):
                     raise DataFormatError(
-                        "empty_content", f"message {i} (assistant) has empty content; write the answer or delete the turn."
+                        "empty_content",
+                        f"message {i} (assistant) has empty content; write the answer or delete the turn.",
                     )
                 messages.append(FinetuningAssistantMessage(content=content, weight=weight))
 
     if roles[0] not in ("user", "system"):
         raise DataFormatError(
-            "bad_role_order", f"the conversation starts with a {roles[0]} message; start with a user (or system) message."
+            "bad_role_order",
+            f"the conversation starts with a {roles[0]} message; start with a user (or system) message.",
         )
     if roles[-1] != "assistant":
         raise DataFormatError(
@@ -304,7 +327,7 @@ def parse_instruct(sample: Any) -> Conversation:
 def _check_tool_results(messages: list) -> None:
     """A tool message must answer a call of the assistant turn just before it, once."""
     pending: set[str] = set()
-    for i, m in enumerate(messages):
+    for _i, m in enumerate(messages):
         if isinstance(m, FinetuningAssistantMessage):
             pending = {c.id for c in m.tool_calls} if m.tool_calls else set()
         elif isinstance(m, ToolMessage):
@@ -371,7 +394,9 @@ def encode_conversation(conv: Conversation, instruct_tokenizer: Any) -> TokenSam
         else:
             if i == last and m.tool_calls:
                 # The final call's id is random: encode it without an id so it is never a target.
-                m = m.model_copy(update={"tool_calls": [c.model_copy(update={"id": "null"}) for c in m.tool_calls]})
+                m = m.model_copy(
+                    update={"tool_calls": [c.model_copy(update={"id": "null"}) for c in m.tool_calls]}
+                )
             t = _tokens(it.encode_assistant_message(m, i < last_user))
             train = m.weight != 0 and (not conv.only_last or i == last)
         tokens += t

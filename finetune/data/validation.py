@@ -68,7 +68,9 @@ class DataReport:
         return not self.errors
 
     def summary(self) -> str:
-        lines = [f"{'source':<40} {'lines':>9} {'invalid':>7} {'samples':>9} {'tokens':>12} {'targets':>12} {'>seq_len':>8}"]
+        lines = [
+            f"{'source':<40} {'lines':>9} {'invalid':>7} {'samples':>9} {'tokens':>12} {'targets':>12} {'>seq_len':>8}"
+        ]
         for s in self.sources:
             lines.append(
                 f"{s.key + ' ' + s.source:<40.40} {s.lines:>9} {s.invalid:>7} {s.samples:>9} {s.tokens:>12} "
@@ -128,7 +130,9 @@ def open_checked(
     sources: list, instruct_tokenizer: Any, *, chunk_instruct: bool, args: DataArgs, cache_dir: Path | None
 ) -> list[SourceData]:
     """Open sources for a loader; invalid lines are an error (never silently dropped)."""
-    data = open_sources(sources, instruct_tokenizer, chunk_instruct=chunk_instruct, args=args, cache_dir=cache_dir)
+    data = open_sources(
+        sources, instruct_tokenizer, chunk_instruct=chunk_instruct, args=args, cache_dir=cache_dir
+    )
     errors = [e for d in data for e in d.errors]
     if errors:
         shown = "\n".join(f"  {e}" for e in errors[:MAX_LISTED_ERRORS])
@@ -194,4 +198,3 @@ def write_corrected(
             except DataFormatError as e:
                 dropped.append(LineError(str(path), line_no, e.kind, e.message))
     return Correction(path, out_path, kept, fixed, dropped)
-

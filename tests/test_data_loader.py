@@ -320,3 +320,50 @@ def test_process_pool_matches_in_process(tmp_path) -> None:
     assert [(e.line, e.kind) for e in parallel.errors] == [(18, "invalid_json"), (251, "blank_line")]
     assert parallel.n_lines == 300 and parallel.n_valid == 298
     assert list(parallel.lines[:3]) == [1, 2, 3]
+
+
+def _load_in_process(path: str, cache: str, out: str) -> None:
+    tf = load_tokenized(Path(path), SampleType.INSTRUCT, spm(), chunk=True, cache_dir=Path(cache))
+    Path(out).write_text(json.dumps([int(tf.tokens.sum()), int(tf.masks.sum()), len(tf)]))
+
+
+def test_concurrent_ranks_share_one_cache_entry(tmp_path) -> None:
+    # Two real processes race on the same file and cache: one tokenizes, the other waits and reuses it.
+    import multiprocessing as mp
+
+    rng = random.Random(8)
+    path = write_jsonl(tmp_path / "d.jsonl", [chat(rng, 2) for _ in range(200)])
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(
+            target=_load_in_process, args=(str(path), str(tmp_path / "cache"), str(tmp_path / f"{r}.json"))
+        )
+        for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    results = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    assert results[0] == results[1] and results[0][2] == 200
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 1
+
+
+def test_rank_without_trainable_samples_is_an_error_not_a_hang(tmp_path) -> None:
+    trained = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    untrained = {
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b", "weight": 0}]
+    }
+    path = write_jsonl(tmp_path / "d.jsonl", [trained, untrained])
+    args = DataArgs(instruct_data=str(path), instruct=InstructArgs(shuffle=False))
+    assert next(loader(tmp_path, args, seq_len=32, batch_size=1, rank=0, world_size=2)).n_targets == 2
+    with pytest.raises(ValueError, match="Rank 1 of 2 receives no sample with a training target"):
+        next(loader(tmp_path, args, seq_len=32, batch_size=1, rank=1, world_size=2))
+    with pytest.raises(ValueError, match="has no sample with a training target"):
+        loader(
+            tmp_path,
+            DataArgs(instruct_data=str(write_jsonl(tmp_path / "u.jsonl", [untrained]))),
+            seq_len=32,
+            batch_size=1,
+        )

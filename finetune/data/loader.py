@@ -153,7 +153,14 @@ class TrainLoader:
         return owner, s, index
 
     def _refill(self) -> None:
+        misses, patience = 0, 4 * self.world_size * sum(len(d) for d in self.data) + 100
         while len(self.buffer) < self.buffer_size:
+            misses += 1
+            if misses > patience:  # e.g. unshuffled data whose trainable samples all fall on other ranks
+                raise ValueError(
+                    f"Rank {self.rank} of {self.world_size} receives no sample with a training target; "
+                    "turn on shuffling (data.shuffle / data.instruct.shuffle) or add trainable samples."
+                )
             owner, s, index = self._draw()
             if owner != self.rank:
                 continue
@@ -161,6 +168,7 @@ class TrainLoader:
             if d.targets[index] == 0:
                 self.stats["skipped_no_target"] += 1
                 continue
+            misses = 0
             length = int(d.positions[index])
             if length > self.seq_len:
                 self.stats["long_samples"] += 1

@@ -223,6 +223,8 @@ def test_export_errors_name_the_file_and_fix(tmp_path):
     write_checkpoint(other, tiny_args(n_layers=2))
     with pytest.raises(ValueError, match="has shape .* pass the --base_model the adapter was trained on"):
         export(["--checkpoint", str(ckpt), "--out", str(tmp_path / "x"), "--merged", "--base_model", str(other)])
+    with pytest.raises(ValueError, match="is the checkpoint or base model folder it reads from"):
+        export(["--checkpoint", str(ckpt), "--out", str(other), "--merged", "--base_model", str(other)])
     with pytest.raises(ValueError, match="--max_shard_size '5 gigs' is not a size"):
         export(["--checkpoint", str(ckpt), "--out", str(tmp_path / "x"), "--merged",
                 "--base_model", str(tmp_path / "base"), "--max_shard_size", "5 gigs"])

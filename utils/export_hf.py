@@ -198,6 +198,9 @@ class ShardWriter:
 
 
 def export_merged(ckpt: Checkpoint, out: Path, base_model: str | None, max_shard_bytes: int) -> list[str]:
+    sources = [ckpt.folder] + ([Path(base_model)] if base_model else [])
+    if any(out.resolve() == src.resolve() for src in sources):
+        raise ExportError(f"--out {out} is the checkpoint or base model folder it reads from; choose a new folder.")
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
         stale.unlink(missing_ok=True)  # a previous export with other sharding would confuse loaders
@@ -268,4 +271,7 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:  # a user's mistake: the message is the whole story
+        raise SystemExit(f"error: {e}") from None

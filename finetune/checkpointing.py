@@ -37,6 +37,9 @@ logger = logging.getLogger("finetune")
 
 _FINAL = re.compile(r"^checkpoint_(\d{6})$")
 _STATE_OPTIONS = StateDictOptions(ignore_frozen_params=True)
+# Frozen weights come from the base model, not the checkpoint; dcp.load already fails on any
+# trainable key the checkpoint lacks.
+_LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -174,6 +177,6 @@ def load_checkpoint(ckpt: Path, model: CausalLMLoss, optimizer: torch.optim.Opti
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(ckpt / "state"))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=_STATE_OPTIONS)
+                   options=_LOAD_OPTIONS)
     rank_state = torch.load(rank_file, weights_only=False)
     return train_state, rank_state

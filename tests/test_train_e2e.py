@@ -1,0 +1,211 @@
+"""train.py end to end, in real processes: single process, torchrun, two 'nodes', resume, kills."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model.args import ModelArgs
+from model.lora import merge_delta
+from tests.train_helpers import make_workspace, read_metrics, run_cli, start_cli, torchrun, write_config
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return root, make_workspace(root)
+
+
+def _config(workspace, name: str, **overrides) -> Path:
+    root, base = workspace
+    config = json.loads(json.dumps(base))
+    config["run_dir"] = str(root / name)
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return write_config(root / f"{name}.yaml", config)
+
+
+def _ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [m["loss"] for m in read_metrics(run_dir)]
+
+
+@pytest.fixture(scope="module")
+def single(workspace):
+    """One plain `python train.py` run with eval and two checkpoints."""
+    cfg = _config(workspace, "single", max_steps=12, ckpt_freq=6, no_eval=False, eval_freq=6)
+    _ok(run_cli(["train.py", str(cfg)]))
+    return workspace[0] / "single"
+
+
+def test_loss_goes_down_and_metrics_are_written(single):
+    train = read_metrics(single)
+    assert [m["step"] for m in train] == list(range(1, 13))
+    assert train[-1]["loss"] < train[0]["loss"] - 0.2  # a frozen random 32-dim head bounds the drop
+    for key in ("loss", "lr", "tokens_per_s", "peak_mem_gb", "grad_norm"):
+        assert all(key in m for m in train)
+    evals = read_metrics(single, "eval")
+    assert [m["step"] for m in evals] == [6, 12]
+    for m in evals:
+        assert m["perplexity"] == pytest.approx(__import__("math").exp(m["eval_loss"]))
+    assert evals[1]["eval_loss"] < evals[0]["eval_loss"]
+    saved = (single / "args.yaml").read_text()
+    assert "max_steps: 12" in saved and "model_id_or_path" in saved
+
+
+def test_checkpoint_layout_keys_and_dtypes(single, workspace):
+    ckpts = sorted(p.name for p in (single / "checkpoints").iterdir())
+    assert ckpts == ["checkpoint_000006", "checkpoint_000012"]
+    consolidated = single / "checkpoints" / "checkpoint_000012" / "consolidated"
+    assert sorted(p.name for p in consolidated.iterdir()) == ["lora.safetensors", "params.json", "tokenizer.model.v3"]
+    lora = load_file(str(consolidated / "lora.safetensors"))
+    expected = {f"layers.{i}.{m}.{ab}.weight" for i in range(2)
+                for m in ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                          "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+                for ab in ("lora_A", "lora_B")}
+    assert set(lora) == expected
+    assert {t.dtype for t in lora.values()} == {torch.float32}  # fp32 training on CPU saves fp32
+    params = json.loads((consolidated / "params.json").read_text())
+    base = json.loads((Path(workspace[1]["model_id_or_path"]) / "params.json").read_text())
+    assert {k: params[k] for k in base} == base
+    assert params["lora"] == {"enable": True, "rank": 4, "scaling": 2.0, "dropout": 0.0,
+                              "target_modules": ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]}
+    assert not any(p.name.endswith(".tmp") for p in (single / "checkpoints").iterdir())
+
+
+def test_merged_checkpoint_equals_base_plus_adapters(single, workspace):
+    cfg = _config(workspace, "merged", max_steps=12, ckpt_freq=6, no_eval=False, eval_freq=6, save_adapters=False)
+    _ok(run_cli(["train.py", str(cfg)]))
+    merged_dir = workspace[0] / "merged" / "checkpoints" / "checkpoint_000012" / "consolidated"
+    merged = load_file(str(merged_dir / "consolidated.safetensors"))
+    assert "lora" not in (json.loads((merged_dir / "params.json").read_text()))
+    base = load_file(str(Path(workspace[1]["model_id_or_path"]) / "consolidated.safetensors"))
+    lora = load_file(str(single / "checkpoints" / "checkpoint_000012" / "consolidated" / "lora.safetensors"))
+    assert sorted(merged) == sorted(base)
+    for key, w in base.items():
+        prefix = key.removesuffix(".weight")
+        if f"{prefix}.lora_A.weight" in lora:
+            w = merge_delta(w, lora[f"{prefix}.lora_A.weight"], lora[f"{prefix}.lora_B.weight"], 2.0)
+        torch.testing.assert_close(merged[key], w, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_resume_after_sigterm_equals_uninterrupted(single, workspace):
+    cfg = _config(workspace, "resumed", max_steps=12, ckpt_freq=6, no_eval=False, eval_freq=6)
+    run_dir = workspace[0] / "resumed"
+    proc = start_cli(["train.py", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run_dir / "metrics.train.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    stopped_at = len(read_metrics(run_dir))
+    assert stopped_at < 12, "the run finished before it could be interrupted"
+    assert "Stop requested" in out
+    _ok(run_cli(["train.py", str(cfg)]))  # same command again: resumes
+    assert _losses(run_dir) == _losses(single)  # exactly, step for step
+    assert [m["eval_loss"] for m in read_metrics(run_dir, "eval")] == [m["eval_loss"] for m in read_metrics(single, "eval")]
+    a = load_file(str(run_dir / "checkpoints/checkpoint_000012/consolidated/lora.safetensors"))
+    b = load_file(str(single / "checkpoints/checkpoint_000012/consolidated/lora.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_kill_during_checkpoint_leaves_no_half_checkpoint(workspace):
+    cfg = _config(workspace, "killed", max_steps=40, ckpt_freq=1, num_ckpt_keep=None)
+    run_dir = workspace[0] / "killed"
+    proc = start_cli(["train.py", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            ckpts = run_dir / "checkpoints"
+            if ckpts.is_dir() and len(list(ckpts.iterdir())) >= 3 and any(p.name.endswith(".tmp") for p in ckpts.iterdir()):
+                proc.kill()  # SIGKILL while a checkpoint is being written
+                break
+            time.sleep(0.002)
+    finally:
+        proc.kill()
+        proc.wait()
+    for ckpt in (run_dir / "checkpoints").iterdir():
+        if ckpt.name.endswith(".tmp"):
+            continue
+        # Every checkpoint under its final name is complete and loadable.
+        assert (ckpt / "state" / "train_state.json").is_file(), ckpt
+        load_file(str(ckpt / "consolidated" / "lora.safetensors"))
+        ModelArgs.from_folder(ckpt / "consolidated")
+    _ok(run_cli(["train.py", str(cfg), "--max_steps", "41"]))
+    steps = [m["step"] for m in read_metrics(run_dir)]
+    assert steps == list(range(1, 42))  # resumed without gaps or duplicates
+    assert not any(p.name.endswith(".tmp") for p in (run_dir / "checkpoints").iterdir())
+
+
+@pytest.fixture(scope="module")
+def two_procs(workspace):
+    cfg = _config(workspace, "torchrun2", max_steps=4, num_microbatches=2, ckpt_freq=4)
+    _ok(torchrun(["train.py", str(cfg)], nproc=2))
+    return workspace[0] / "torchrun2"
+
+
+def test_torchrun_two_processes_train(two_procs):
+    losses = _losses(two_procs)
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    ckpt = two_procs / "checkpoints" / "checkpoint_000004"
+    assert sorted(p.name for p in (ckpt / "state").glob("rank_*.pt")) == ["rank_0.pt", "rank_1.pt"]
+
+
+def test_two_nodes_on_localhost_equal_two_local_processes(workspace, two_procs, tmp_path):
+    """torchrun --nnodes 2 --nproc-per-node 1 with a c10d rendezvous on localhost."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = _config(workspace, "twonodes", max_steps=4, num_microbatches=2, ckpt_freq=4)
+    launcher = ["-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes-test"]
+    nodes = [start_cli([*launcher, "train.py", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [n.communicate(timeout=240)[0] for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), outs[0][-2000:] + outs[1][-2000:]
+    run_dir = workspace[0] / "twonodes"
+    assert _losses(run_dir) == pytest.approx(_losses(two_procs), rel=1e-6)
+
+
+def test_bad_config_values_name_the_key(workspace):
+    cfg = _config(workspace, "bad", **{"optim.lrr": 0.1})
+    result = run_cli(["train.py", str(cfg)])
+    assert result.returncode == 1
+    assert "unknown key 'optim.lrr'" in result.stderr and "Did you mean 'optim.lr'" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_cli(["train.py", str(_config(workspace, "bad2")), "--seq_len", "-5"])
+    assert result.returncode == 1 and "'seq_len' must be > 0" in result.stderr
+
+
+def test_invalid_data_refuses_to_train(workspace, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n')
+    cfg = _config(workspace, "baddata", **{"data.instruct_data": str(bad), "data.eval_instruct_data": ""})
+    result = run_cli(["train.py", str(cfg)])
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert f"{bad}:1" in result.stderr and f"{bad}:2" in result.stderr
+    assert "utils.validate_data --train_yaml" in result.stderr and "--create_corrected" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (workspace[0] / "baddata" / "checkpoints").exists()

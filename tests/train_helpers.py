@@ -1,0 +1,80 @@
+"""A tiny model folder, a small chat dataset and a config, for end-to-end training tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.model_helpers import tiny_args, write_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_vocab_args(**overrides):
+    # vocab 32768 so the real v3 tokenizer bundled with mistral-common applies.
+    base = dict(vocab_size=32768, dim=32, hidden_dim=64, n_heads=4, n_kv_heads=2, head_dim=8, n_layers=2)
+    base.update(overrides)
+    return tiny_args(**base)
+
+
+def write_chat_data(path: Path, n: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for _ in range(n):
+            a, b = rng.randint(0, 99), rng.randint(0, 99)
+            turns = [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": str(a + b)}]
+            f.write(json.dumps({"messages": turns}) + "\n")
+
+
+def make_workspace(root: Path, **model_overrides) -> dict:
+    """Model folder + train/eval data; returns a base config dict (run_dir still to set)."""
+    model = root / "model"
+    write_checkpoint(model, tiny_vocab_args(**model_overrides), seed=0)
+    write_chat_data(root / "train.jsonl", 300, seed=0)
+    write_chat_data(root / "eval.jsonl", 40, seed=1)
+    return {
+        "model_id_or_path": str(model),
+        "data": {"instruct_data": str(root / "train.jsonl"), "eval_instruct_data": str(root / "eval.jsonl"),
+                 "cache_dir": str(root / "cache")},
+        "seq_len": 128,
+        "batch_size": 2,
+        "max_steps": 6,
+        "optim": {"lr": 5e-2, "pct_start": 0.2},
+        "lora": {"rank": 4},
+        "log_freq": 1,
+        "seed": 0,
+    }
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+# One thread everywhere: runs that are compared bit for bit must reduce in the same order.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def run_cli(args: list[str], timeout: int = 240, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def start_cli(args: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=ENV, **kw)
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 240, extra: list[str] | None = None):
+    launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *(extra or ["--standalone"])]
+    return run_cli([*launcher, *args], timeout=timeout)
+
+
+def read_metrics(run_dir: Path, tag: str = "train") -> list[dict]:
+    path = run_dir / f"metrics.{tag}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line]

@@ -22,12 +22,13 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        acc = torch.promote_types(h.dtype, torch.float32)  # float32, or float64 for float64 inputs
+        loss = torch.zeros((), dtype=acc, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         for start in range(0, h.shape[0], chunk_size):
             hc, tc = h[start : start + chunk_size], targets[start : start + chunk_size]
-            logits = (hc @ weight.t()).float()  # (chunk, vocab)
+            logits = (hc @ weight.t()).to(acc)  # (chunk, vocab)
             lse = torch.logsumexp(logits, dim=-1)  # (chunk,)
             loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
             if need_h or need_w:
@@ -38,7 +39,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 if need_h:
                     grad_h[start : start + chunk_size] = g @ weight
                 if need_w:
-                    grad_w += (g.t() @ hc).float()
+                    grad_w += (g.t() @ hc).to(acc)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return loss

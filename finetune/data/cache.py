@@ -10,8 +10,9 @@ of those four, holding flat arrays:
     targets.npy  int32  number of target positions of sample i (sum of masks[1:])
     meta.json           line counts and every invalid line's error
 
-Reading a cached file touches only ``offsets``/``lines``/``targets`` (a few bytes per sample); token
-pages are read on demand by the loader, so a rank's memory does not grow with the data set.
+Opening a cached file loads only ``offsets``/``lines``/``targets`` (a few bytes per sample); the token
+arrays are memory-mapped for inspection, and the loader reads each sample it needs with ``pread``, so a
+rank's memory does not grow with the data set or with the number of samples read.
 Tokenizing runs in a process pool over ~1 MiB blocks of lines; ranks that race on the same entry
 serialise on a lock file and the later ones reuse the result.
 """
@@ -99,8 +100,20 @@ class TokenizedFile:
     n_valid: int
     errors: list[LineError] = field(default_factory=list)
 
+    entry: Path | None = None
+
     def __len__(self) -> int:
         return len(self.offsets) - 1
+
+    def read(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sample k's tokens and masks, read with ``pread``. Unlike touching the memory map, this leaves
+        nothing behind in the process: a page fault on the map also maps ~64 KB around the access, and
+        those pages count towards the RSS until the map is closed (+100 KB per random sample)."""
+        a, b = int(self.offsets[k]), int(self.offsets[k + 1])
+        assert self.entry is not None, "read() needs a cache entry"
+        return _pread(self.entry / "tokens.bin", a * 4, b - a, np.int32), _pread(
+            self.entry / "masks.bin", a, b - a, np.bool_
+        )
 
 
 # ---------------------------------------------------------------------------------------------- workers
@@ -373,6 +386,15 @@ def _read(path: Path, start: int, end: int) -> bytes:
         return f.read(end - start)
 
 
+def _pread(path: Path, offset: int, count: int, dtype: Any) -> np.ndarray:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        raw = os.pread(fd, count * np.dtype(dtype).itemsize, offset)
+    finally:
+        os.close(fd)
+    return np.frombuffer(raw, dtype=dtype)
+
+
 def _memmap(path: Path, dtype: Any) -> np.ndarray:
     if path.stat().st_size == 0:
         return np.zeros(0, dtype=dtype)
@@ -392,4 +414,5 @@ def _open(path: Path, key: str, entry: Path) -> TokenizedFile:
         n_lines=meta["n_lines"],
         n_valid=meta["n_valid"],
         errors=[LineError(str(path), line, kind, msg) for line, kind, msg in meta["errors"]],
+        entry=entry,
     )

@@ -65,10 +65,9 @@ class SourceData:
         return self.files[j], i - int(self.starts[j])
 
     def arrays(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Sample i's tokens and masks (memory-mapped slices)."""
+        """Sample i's tokens and masks, read from the cache."""
         f, k = self.locate(i)
-        a, b = int(f.offsets[k]), int(f.offsets[k + 1])
-        return f.tokens[a:b], f.masks[a:b]
+        return f.read(k)
 
     def line_of(self, i: int) -> tuple[Path, int]:
         f, k = self.locate(i)

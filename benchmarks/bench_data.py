@@ -194,7 +194,7 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--batches", type=int, default=200, help="batches timed for packing throughput")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/bench_data"))
-    p.add_argument("--phase", choices=["all", "cached"], default="all", help=argparse.SUPPRESS)
+    p.add_argument("--phase", choices=["all", "cached"], default="all", help="cached: only the cached re-run")
     args = p.parse_args()
     args.data = args.workdir / f"conversations_{args.conversations}.jsonl"
     args.cache = args.workdir / f"cache_{args.tokenizer}"

@@ -18,7 +18,7 @@ from finetune.args import TrainArgs
 from finetune.config import ConfigError
 from finetune.loss import CausalLMLoss
 from finetune.parallel import freeze, parallelize
-from model.args import ModelArgs
+from model.args import LoraArgs, ModelArgs
 from model.checkpoint import iter_checkpoint_tensors, load_adapters_state
 from model.lora import is_lora_key, lora_modules
 from model.transformer import Transformer
@@ -76,17 +76,11 @@ def build_model(args: TrainArgs, device: torch.device, precision: Precision) -> 
     model_args = ModelArgs.from_folder(folder)
     check_trainable_vocab(model_args, folder)
     lora = args.lora if args.lora.enable else None
-    with torch.device("meta"):
-        model = CausalLMLoss(
-            Transformer(model_args, lora=lora, attention=resolve_attention(args.attention, device)),
-            chunk_size=args.loss_chunk_size,
-        )
-    freeze(model, lora is not None)
-    # Storage dtypes before sharding: frozen base in the compute dtype, trainable weights in float32.
-    for p in model.parameters():
-        p.data = p.data.to(torch.float32 if p.requires_grad else precision.base)
-    parallelize(model, compute_dtype=precision.compute, activation_checkpointing=args.checkpoint)
-    model.to_empty(device=device)
+    model = build_sharded(
+        model_args, lora, device, precision,
+        attention=resolve_attention(args.attention, device),
+        activation_checkpointing=args.checkpoint, loss_chunk_size=args.loss_chunk_size,
+    )
     _load_base(model, folder, device)
     _init_adapters(model, seed=args.seed, device=device)
     if args.init_lora_from:
@@ -94,16 +88,34 @@ def build_model(args: TrainArgs, device: torch.device, precision: Precision) -> 
             raise ConfigError("'init_lora_from' needs lora.enable: true.")
         _load_into_shards(model, load_adapters_state(model.model, args.init_lora_from), device)
         logger.info("Adapters initialised from %s", args.init_lora_from)
-    n_train = sum(_numel(p) for p in model.parameters() if p.requires_grad)
-    n_total = sum(_numel(p) for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)  # DTensors report global sizes
+    n_total = sum(p.numel() for p in model.parameters())
     logger.info(
         "%s out of %s parameters are fine-tuned (%.2f%%).", f"{n_train:,}", f"{n_total:,}", 100 * n_train / n_total
     )
     return model, model_args
 
 
-def _numel(p: torch.Tensor) -> int:
-    return p.numel()  # a DTensor reports its global size
+def build_sharded(
+    model_args: ModelArgs,
+    lora: LoraArgs | None,
+    device: torch.device,
+    precision: Precision,
+    *,
+    attention: str,
+    activation_checkpointing: bool,
+    loss_chunk_size: int,
+) -> CausalLMLoss:
+    """The model built on the meta device, frozen, sharded, then given (uninitialised) storage."""
+    with torch.device("meta"):
+        model = CausalLMLoss(Transformer(model_args, lora=lora, attention=attention), chunk_size=loss_chunk_size)
+    freeze(model, lora is not None)
+    # Storage dtypes before sharding: frozen base in the compute dtype, trainable weights in float32.
+    for p in model.parameters():
+        p.data = p.data.to(torch.float32 if p.requires_grad else precision.base)
+    parallelize(model, compute_dtype=precision.compute, activation_checkpointing=activation_checkpointing)
+    model.to_empty(device=device)
+    return model
 
 
 def _copy_into(param: torch.Tensor, full: torch.Tensor) -> None:
@@ -144,7 +156,7 @@ def _init_adapters(model: CausalLMLoss, seed: int, device: torch.device) -> None
     """Initialise full adapter matrices from one seeded generator, then keep each rank's shard, so
     the initial adapters are identical for every world size."""
     gen = torch.Generator().manual_seed(seed)
-    for name, module in sorted(lora_modules(model.model).items()):
+    for _name, module in sorted(lora_modules(model.model).items()):
         a = torch.empty(module.lora_A.weight.shape)
         bound = 1.0 / module.in_features**0.5  # kaiming_uniform_(a=sqrt(5)) == U(-1/sqrt(in), 1/sqrt(in))
         a.uniform_(-bound, bound, generator=gen)

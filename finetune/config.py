@@ -54,7 +54,7 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
                 raise ConfigError(f"{arg} needs a value, e.g. {arg} 10")
             key, text = arg[2:], argv[i + 1]
             i += 2
-        out.append((key.replace("-", "_"), yaml.safe_load(text) if text != "" else "")) 
+        out.append((key.replace("-", "_"), yaml.safe_load(text) if text != "" else ""))
     return out
 
 

@@ -1,0 +1,72 @@
+"""Correctness checks that need a GPU (run by benchmarks/gpu_check.sh on a CUDA machine).
+
+FlexAttention's backward exists only on GPU, so the CPU test suite compares the two attention
+backends in the forward pass only; here both passes are compared, plus the fused loss on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from finetune.loss import linear_cross_entropy_sum
+from model.args import LoraArgs
+from model.lora import LoRALinear
+from model.transformer import Transformer
+from tests.model_helpers import tiny_args
+
+
+def _grads(model, tokens, seqlens):
+    model.zero_grad(set_to_none=True)
+    out = model(tokens, seqlens)
+    out.float().logsumexp(-1).sum().backward()
+    return out.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def check_attention_backends(dtype: torch.dtype, window: int | None, atol: float) -> None:
+    torch.manual_seed(0)
+    args = tiny_args(dim=256, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=512, sliding_window=window)
+    model = Transformer(args, lora=LoraArgs(rank=8))
+    model.init_weights(0)
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            torch.nn.init.normal_(m.lora_B.weight, std=0.02)
+    model = model.cuda().to(dtype)
+    for n, p in model.named_parameters():
+        p.requires_grad_(".lora_" in n)
+    seqlens = [300, 17, 700, 7]
+    tokens = torch.randint(0, args.vocab_size, (sum(seqlens),), device="cuda")
+    out_s, g_s = _grads(model, tokens, seqlens)
+    model.attention = "flex"
+    out_f, g_f = _grads(model, tokens, seqlens)
+    torch.testing.assert_close(out_f.float(), out_s.float(), atol=atol, rtol=atol)
+    assert g_s.keys() == g_f.keys() and len(g_s) == 2 * 7 * 2  # every adapter of both layers
+    worst = max(((g_f[k].float() - g_s[k].float()).abs().max() / g_s[k].float().abs().max().clamp_min(1e-6)).item()
+                for k in g_s)
+    assert worst < (0.05 if dtype == torch.bfloat16 else 1e-3), worst
+    print(f"flex == sdpa on CUDA ({dtype}, window={window}): logits ok, worst relative grad diff {worst:.2e}")
+
+
+def check_fused_loss() -> None:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(3000, 256, device="cuda", generator=g, requires_grad=True)
+    w = torch.randn(131072, 256, device="cuda", generator=g) * 0.05
+    y = torch.randint(0, 131072, (3000,), device="cuda", generator=g)
+    ours = linear_cross_entropy_sum(h, w, y, 1024)
+    ours.backward()
+    gh = h.grad.clone()
+    h.grad = None
+    ref = F.cross_entropy(h @ w.t(), y, reduction="sum")
+    ref.backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(gh, h.grad, rtol=1e-4, atol=1e-5)
+    print("fused chunked cross-entropy == F.cross_entropy on CUDA (vocab 131072)")
+
+
+if __name__ == "__main__":
+    assert torch.cuda.is_available()
+    print(torch.__version__, torch.cuda.get_device_name())
+    check_fused_loss()
+    for window in (None, 128):
+        check_attention_backends(torch.float32, window, 1e-4)
+        check_attention_backends(torch.bfloat16, window, 3e-2)

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU checks, run as one script on a lent CUDA machine (see docs/benchmarks.md):
+#   correctness of FlexAttention backward and the fused loss on CUDA, a real train.py run with
+#   resume on one GPU, and training-step throughput of the 7B and Nemo shapes.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if [ -d .whl ]; then  # packages the GPU image lacks (mistral-common and its dependencies)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
+
+echo "== correctness"; python3 benchmarks/cuda_checks.py 2>&1 | tee "$OUT/cuda_checks.txt"
+
+echo "== train.py on one GPU"
+python3 - <<'PY'
+import json
+from pathlib import Path
+from tests.train_helpers import make_workspace, write_config
+root = Path("/tmp/gpu_train"); root.mkdir(exist_ok=True)
+cfg = make_workspace(root)
+cfg.update(run_dir=str(root / "run"), max_steps=8, ckpt_freq=4, no_eval=False, eval_freq=4)
+write_config(root / "cfg.yaml", cfg)
+PY
+torchrun --standalone --nproc-per-node 1 train.py /tmp/gpu_train/cfg.yaml --max_steps 4 2>&1 | tail -8 | tee "$OUT/train.txt"
+torchrun --standalone --nproc-per-node 1 train.py /tmp/gpu_train/cfg.yaml 2>&1 | tail -8 | tee -a "$OUT/train.txt"
+cat /tmp/gpu_train/run/metrics.train.jsonl >> "$OUT/train.txt"
+
+echo "== throughput"
+for spec in "--preset 7b --seq_len 8192" "--preset 7b --seq_len 8192 --attention sdpa" "--preset 7b --seq_len 32768" \
+            "--preset nemo --seq_len 8192"; do
+  timeout 150 python3 benchmarks/bench_train_step.py $spec --precision bf16 --steps 4 --warmup 2 \
+      --matmul_n 8192 --doc_min 512 --doc_max 4096 2>&1 | tail -1 | tee -a "$OUT/bench.jsonl"
+done

@@ -147,7 +147,7 @@ def main() -> None:
     lora = LoraArgs(rank=opts.rank)
     dtype = DTYPES[opts.precision]
     precision = Precision(opts.precision, dtype, dtype)
-    model = build_sharded(model_args, lora, device, precision, attention=resolve_attention(opts.attention, device),
+    model = build_sharded(model_args, lora, device, precision, attention=resolve_attention(opts.attention, device, model_args.head_dim),
                           activation_checkpointing=not opts.no_checkpoint, loss_chunk_size=opts.loss_chunk_size)
     _random_init(model)
     assert all(isinstance(m, LoRALinear) for m in lora_modules(model).values())

@@ -45,13 +45,18 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
     return Precision(name, _DTYPES[name], _DTYPES[name])
 
 
-def resolve_attention(requested: str, device: torch.device) -> str:
+# FlexAttention's GPU kernels need head_dim >= 16 (every released Mistral model has 128).
+_FLEX_MIN_HEAD_DIM = 16
+
+
+def resolve_attention(requested: str, device: torch.device, head_dim: int) -> str:
+    flex_ok = device.type == "cuda" and head_dim >= _FLEX_MIN_HEAD_DIM
     if requested == "auto":
-        return "flex" if device.type == "cuda" else "sdpa"
-    if requested == "flex" and device.type != "cuda":
+        return "flex" if flex_ok else "sdpa"
+    if requested == "flex" and not flex_ok:
         raise ConfigError(
-            "'attention: flex' needs a CUDA device for training (FlexAttention has no backward on CPU); "
-            "use attention: sdpa or auto."
+            "'attention: flex' needs a CUDA device (FlexAttention has no backward on CPU) and head_dim >= 16 "
+            f"(this run: {device.type}, head_dim {head_dim}); use attention: sdpa or auto."
         )
     return requested
 
@@ -78,7 +83,7 @@ def build_model(args: TrainArgs, device: torch.device, precision: Precision) -> 
     lora = args.lora if args.lora.enable else None
     model = build_sharded(
         model_args, lora, device, precision,
-        attention=resolve_attention(args.attention, device),
+        attention=resolve_attention(args.attention, device, model_args.head_dim),
         activation_checkpointing=args.checkpoint, loss_chunk_size=args.loss_chunk_size,
     )
     _load_base(model, folder, device)

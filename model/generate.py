@@ -1,0 +1,187 @@
+"""Autoregressive decoding with a KV cache, for trying a (fine-tuned) model without another package.
+
+The cache reuses the model's own modules (norms, LoRA/plain linears, feed-forward, RoPE) and only
+replaces the attention *kernel*: a batch of sequences attends to a padded cache of past keys and
+values instead of to a packed row, so one token per sequence costs one small forward. The model's
+``Attention`` stays untouched; ``tests/test_tools_generate.py`` checks that cached decoding equals a
+full forward pass, token for token and logit for logit.
+
+Layout: each sequence b owns row b of the cache; its token at position p is stored at slot p. A
+prompt batch is prefilled right-padded: padding is written past a prompt's end, but a query only
+attends to slots <= its own position, and decoding overwrites slot p before any query can see it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model.attention import Attention
+from model.rope import apply_rope, rope_angles
+from model.transformer import Transformer
+
+
+@dataclass
+class KVCache:
+    k: list[torch.Tensor]  # per layer (batch, kv_heads, max_len, head_dim)
+    v: list[torch.Tensor]  # per layer (batch, kv_heads, max_len, head_dim)
+
+    @classmethod
+    def empty(cls, model: Transformer, batch: int, max_len: int) -> KVCache:
+        a = model.args
+        p = next(model.parameters())
+        shape = (batch, a.n_kv_heads, max_len, a.head_dim)
+        return cls(
+            [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(a.n_layers)],
+            [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(a.n_layers)],
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+
+def _cached_attention(
+    attn: Attention,
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    window: int | None,
+) -> torch.Tensor:
+    """x (batch, T, dim) at ``positions`` (batch, T); writes this step's K/V into the cache first."""
+    b, t, _ = x.shape
+    flat = x.reshape(b * t, -1)  # (batch*T, dim)
+    q = attn.wq(flat).view(b * t, attn.n_heads, attn.head_dim)  # (batch*T, heads, head_dim)
+    k = attn.wk(flat).view(b * t, attn.n_kv_heads, attn.head_dim)  # (batch*T, kv_heads, head_dim)
+    v = attn.wv(flat).view(b * t, attn.n_kv_heads, attn.head_dim)  # (batch*T, kv_heads, head_dim)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    rows = torch.arange(b, device=x.device)[:, None].expand(b, t)  # (batch, T)
+    # (batch, T, kv_heads, head_dim) written at [row, :, position, :]
+    k_cache[rows, :, positions] = k.view(b, t, attn.n_kv_heads, attn.head_dim)
+    v_cache[rows, :, positions] = v.view(b, t, attn.n_kv_heads, attn.head_dim)
+    slots = torch.arange(k_cache.shape[2], device=x.device)  # (max_len,)
+    delta = positions[:, :, None] - slots[None, None, :]  # (batch, T, max_len): query minus key position
+    allowed = delta >= 0
+    if window is not None:
+        allowed &= delta < window
+    qh = q.view(b, t, attn.n_heads, attn.head_dim).transpose(1, 2)  # (batch, heads, T, head_dim)
+    out = F.scaled_dot_product_attention(
+        qh, k_cache, v_cache, attn_mask=allowed[:, None], enable_gqa=True
+    )  # (batch, heads, T, head_dim)
+    out = out.transpose(1, 2).reshape(b * t, attn.n_heads * attn.head_dim)  # (batch*T, heads*head_dim)
+    return attn.wo(out).view(b, t, -1)  # (batch, T, dim)
+
+
+@torch.no_grad()
+def forward_cached(
+    model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache
+) -> torch.Tensor:
+    """Logits (batch, T, vocab) of ``tokens`` (batch, T) at ``positions`` (batch, T), given the cache."""
+    a = model.args
+    b, t = tokens.shape
+    cos, sin = rope_angles(positions.reshape(-1), a.head_dim, a.rope_theta)  # (batch*T, head_dim // 2)
+    h = model.tok_embeddings(tokens)  # (batch, T, dim)
+    for i, layer in enumerate(model.layers):
+        h = h + _cached_attention(
+            layer.attention,
+            layer.attention_norm(h),
+            positions,
+            cos,
+            sin,
+            cache.k[i],
+            cache.v[i],
+            a.sliding_window,
+        )
+        h = h + layer.feed_forward(layer.ffn_norm(h).reshape(b * t, -1)).view(b, t, -1)
+    return model.output(model.norm(h))
+
+
+def _pick(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Next token per row of ``logits`` (batch, vocab): argmax at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
+        sorted_p = sorted_p * keep
+        choice = torch.multinomial(sorted_p, 1, generator=generator)  # (batch, 1)
+        return order.gather(-1, choice).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int | None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    use_cache: bool = True,
+    seed: int | None = None,
+) -> list[list[int]]:
+    """New tokens for each prompt (EOS excluded), stopping at ``eos_id`` or ``max_new_tokens``.
+
+    ``use_cache=False`` recomputes the whole packed sequence with ``model.forward`` at every step:
+    slow, but it is the reference the cached path is tested against.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    lengths = [len(p) for p in prompts]
+    b = len(prompts)
+    out: list[list[int]] = [[] for _ in range(b)]
+    done = [False] * b
+
+    if use_cache:
+        cache = KVCache.empty(model, b, max(lengths) + max_new_tokens)
+        padded = torch.zeros(b, max(lengths), dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            padded[i, : len(p)] = torch.tensor(p, device=device)
+        positions = torch.arange(max(lengths), device=device).expand(b, -1)  # (batch, prompt_len)
+        logits = forward_cached(model, padded, positions, cache)  # (batch, prompt_len, vocab)
+        last = logits[
+            torch.arange(b, device=device), torch.tensor(lengths, device=device) - 1
+        ]  # (batch, vocab)
+    else:
+        seqs = [list(p) for p in prompts]
+        last = _full_last_logits(model, seqs, device)
+
+    pos = torch.tensor(lengths, device=device)  # (batch,): where each next token goes
+    for step in range(max_new_tokens):
+        nxt = _pick(last.float(), temperature, top_p, generator)  # (batch,)
+        for i, token in enumerate(nxt.tolist()):
+            if done[i]:
+                continue
+            if eos_id is not None and token == eos_id:
+                done[i] = True
+            else:
+                out[i].append(token)
+        if all(done) or step == max_new_tokens - 1:
+            break
+        if use_cache:
+            last = forward_cached(model, nxt[:, None], pos[:, None], cache)[:, 0]  # (batch, vocab)
+        else:
+            for i, token in enumerate(nxt.tolist()):
+                seqs[i].append(token)
+            last = _full_last_logits(model, seqs, device)
+        pos = pos + 1
+    return out
+
+
+def _full_last_logits(model: Transformer, seqs: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Last-position logits of each sequence from one packed full forward; (batch, vocab)."""
+    flat = torch.tensor([t for s in seqs for t in s], device=device)
+    logits = model(flat, [len(s) for s in seqs])  # (tokens, vocab)
+    ends = torch.tensor([len(s) for s in seqs], device=device).cumsum(0) - 1
+    return logits[ends]

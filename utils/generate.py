@@ -1,0 +1,146 @@
+"""Try a model, with or without a trained adapter, in the instruct format it was fine-tuned on.
+
+    python -m utils.generate --model MODEL_DIR [--lora RUN_DIR/checkpoints/checkpoint_000300] \\
+        --prompt "..." [--system "..."] [--max_new_tokens 256] [--temperature 0] [--top_p 1.0]
+    python -m utils.generate --model MODEL_DIR [--lora ...]          # interactive chat
+
+Greedy decoding at temperature 0 (the default), nucleus sampling otherwise, with a KV cache
+(``model.generate``); ``--no_cache`` recomputes every step with a full forward pass, which gives the
+same tokens and exists to check exactly that. The prompt is encoded by mistral-common from the
+model's own tokenizer, as training encodes user turns. In chat mode, ``/reset`` clears the history and
+``/exit`` (or Ctrl-D) quits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from finetune.data.tokenizer import load_tokenizer
+from model.args import LoraArgs, ModelArgs
+from model.checkpoint import load_adapters
+from model.generate import generate
+from model.transformer import Transformer
+from utils.merge_lora import find_adapter
+
+
+def load_model(model_dir: str, lora: str | None, device: torch.device, dtype: torch.dtype) -> Transformer:
+    lora_args = None
+    adapter = None
+    if lora is not None:
+        adapter, params = find_adapter(lora)
+        settings = (params or {}).get("lora")
+        if not settings:
+            raise ValueError(
+                f"{adapter.parent}/params.json has no 'lora' section (rank, scaling); it is written by training."
+            )
+        lora_args = LoraArgs(**{k: v for k, v in settings.items() if k in LoraArgs.__dataclass_fields__})
+    model = Transformer.from_folder(model_dir, device=device, dtype=dtype, lora=lora_args, attention="sdpa")
+    if adapter is not None:
+        load_adapters(model, adapter)
+    return model.eval()
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+    return tokenizer.encode_chat_completion(ChatCompletionRequest(messages=messages)).tokens
+
+
+def answer(
+    model: Transformer, tokenizer, messages: list[dict], opts: argparse.Namespace
+) -> tuple[str, int, float]:
+    tokens = encode_chat(tokenizer, messages)
+    t0 = time.perf_counter()
+    (out,) = generate(
+        model,
+        [tokens],
+        max_new_tokens=opts.max_new_tokens,
+        eos_id=tokenizer.instruct_tokenizer.tokenizer.eos_id,
+        temperature=opts.temperature,
+        top_p=opts.top_p,
+        use_cache=not opts.no_cache,
+        seed=opts.seed,
+    )
+    return tokenizer.decode(out), len(out), time.perf_counter() - t0
+
+
+def chat(model: Transformer, tokenizer, opts: argparse.Namespace) -> None:
+    system = [{"role": "system", "content": opts.system}] if opts.system else []
+    history: list[dict] = []
+    print("Chat mode: /reset clears the history, /exit quits.")
+    while True:
+        try:
+            text = input("> ").strip()
+        except EOFError:
+            print()
+            return
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            history = []
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        reply, n, seconds = answer(model, tokenizer, system + history, opts)
+        history.append({"role": "assistant", "content": reply})
+        print(reply)
+        print(f"[{n} tokens, {n / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m utils.generate", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="model folder (params.json + weights + tokenizer)")
+    parser.add_argument(
+        "--lora", default=None, help="checkpoint folder, its consolidated/ folder or lora.safetensors"
+    )
+    parser.add_argument(
+        "--prompt", default=None, help="one user message; without it, an interactive chat starts"
+    )
+    parser.add_argument("--system", default=None, help="system prompt")
+    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument(
+        "--no_cache", action="store_true", help="full forward pass per token (slow; for checking)"
+    )
+    parser.add_argument(
+        "--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU"
+    )
+    parser.add_argument("--json", action="store_true", help="print the reply as JSON with token counts")
+    opts = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        opts.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    ]
+    try:
+        if not Path(opts.model).is_dir():
+            raise FileNotFoundError(f"--model {opts.model} is not a model folder.")
+        model = load_model(opts.model, opts.lora, device, dtype)
+        tokenizer = load_tokenizer(opts.model, ModelArgs.from_folder(opts.model).vocab_size)
+        if opts.prompt is None:
+            chat(model, tokenizer, opts)
+            return 0
+        messages = ([{"role": "system", "content": opts.system}] if opts.system else []) + [
+            {"role": "user", "content": opts.prompt}
+        ]
+        reply, n, seconds = answer(model, tokenizer, messages, opts)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if opts.json:
+        print(json.dumps({"prompt": opts.prompt, "reply": reply, "new_tokens": n, "seconds": seconds}))
+    else:
+        print(reply)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

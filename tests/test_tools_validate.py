@@ -1,0 +1,168 @@
+"""validate_data and inspect_data end to end on small files, with the real v3 tokenizer."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import yaml
+
+from finetune.args import load_train_args
+from finetune.data.args import DataArgs
+from finetune.data.tokenize import SampleType, encode
+from finetune.data.validation import check_data
+from tests.data_helpers import chat, spm, tool_conversation, write_jsonl
+from tests.model_helpers import write_checkpoint
+from tests.test_data_errors import BAD_INSTRUCT
+from tests.train_helpers import run_cli, tiny_vocab_args
+from utils import inspect_data, validate_data
+
+BAD_PRETRAIN = {
+    "blank_line": b"",
+    "encoding": b'{"text": "caf\xe9"}',
+    "empty_text": b'{"text": ""}',
+    "invalid_json": b'{"text": ',
+}
+# write_corrected repairs tool-call arguments given as a JSON object instead of dropping the line.
+REPAIRED = "arguments_object"
+
+
+def _workspace(tmp_path, instruct: list[str], pretrain: list[bytes] | None = None, **config) -> str:
+    write_checkpoint(tmp_path / "model", tiny_vocab_args())
+    write_jsonl(tmp_path / "train.jsonl", instruct)
+    data = {"instruct_data": str(tmp_path / "train.jsonl"), "cache_dir": str(tmp_path / "cache")}
+    if pretrain is not None:
+        (tmp_path / "text.jsonl").write_bytes(b"".join(line + b"\n" for line in pretrain))
+        data["data"] = str(tmp_path / "text.jsonl")
+    cfg = {"model_id_or_path": str(tmp_path / "model"), "run_dir": str(tmp_path / "run"), "data": data,
+           "seq_len": 64, "batch_size": 2, "max_steps": 10, **config}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _good(i: int) -> str:
+    return json.dumps(chat(random.Random(i), 1, max_words=5))
+
+
+def test_every_bad_input_class_reported_and_corrected(tmp_path, capsys) -> None:
+    lines, expected_bad = [], {}  # line number -> kind
+    for i, case in enumerate(sorted(BAD_INSTRUCT)):
+        bad, kind, _ = BAD_INSTRUCT[case]
+        lines += [_good(i), bad if isinstance(bad, str) else json.dumps(bad)]
+        expected_bad[len(lines)] = (case, kind)
+    lines.append(json.dumps(tool_conversation()))  # function calling is valid data
+    pretrain = [b'{"text": "ok"}']
+    pretrain_bad = {}
+    for kind, raw in BAD_PRETRAIN.items():
+        pretrain += [raw, b'{"text": "fine"}']
+        pretrain_bad[len(pretrain) - 1] = kind
+    config = _workspace(tmp_path, lines, pretrain)
+    train, text = tmp_path / "train.jsonl", tmp_path / "text.jsonl"
+    originals = {train: train.read_bytes(), text: text.read_bytes()}
+
+    assert validate_data.main(["--train_yaml", config, "--create_corrected", "--max_errors", "0"]) == 1
+    out = capsys.readouterr().out
+    for n, (_, kind) in expected_bad.items():
+        assert f"{train}:{n}: " in out, (n, kind)
+    for n, kind in pretrain_bad.items():
+        assert f"{text}:{n}: " in out, (n, kind)
+    kinds = {k for _, k in expected_bad.values()} | set(pretrain_bad.values())
+    for kind in kinds:
+        assert f"\n[{kind}] " in out
+    n_bad = len(expected_bad)
+    assert f"data.instruct_data {train}: 1 file(s), {len(lines)} lines, {len(lines) - n_bad} valid, {n_bad} INVALID" in out
+    assert "training would refuse to start" in out
+
+    # .corrected: the valid lines byte for byte, in order; the originals untouched.
+    assert {p: p.read_bytes() for p in originals} == originals
+    kept = [line for n, line in enumerate(lines, start=1)
+            if n not in expected_bad or expected_bad[n][0] == REPAIRED]
+    corrected = (tmp_path / "train.jsonl.corrected").read_text().splitlines()
+    assert len(corrected) == len(kept)
+    for got, want in zip(corrected, kept, strict=True):
+        if got != want:  # only the repaired line differs, and only by encoding arguments as a string
+            assert json.loads(got)["messages"][2]["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris"}'
+    text_kept = [line for n, line in enumerate(pretrain, start=1) if n not in pretrain_bad]
+    assert (tmp_path / "text.jsonl.corrected").read_bytes() == b"".join(line + b"\n" for line in text_kept)
+    for path in (tmp_path / "train.jsonl.corrected", tmp_path / "text.jsonl.corrected"):
+        sample_type = "instruct_data" if path.name.startswith("train") else "data"
+        assert check_data(DataArgs(**{sample_type: str(path)}), spm(), 64, cache_dir=tmp_path / "c2").ok
+
+
+def test_valid_data_statistics_and_plan(tmp_path, capsys) -> None:
+    lines = [_good(i) for i in range(40)] + [json.dumps(tool_conversation())]
+    config = _workspace(tmp_path, lines, num_microbatches=3)
+    stats = tmp_path / "stats.json"
+    assert validate_data.main(["--train_yaml", config, "--num_gpus", "4", "--stats_json", str(stats)]) == 0
+    out = capsys.readouterr().out
+    assert "No errors" in out and "assuming 4 x H100" in out
+    report = json.loads(stats.read_text())
+    plan = report["plan"]
+    assert plan["tokens_per_step"] == 2 * 64 * 3 * 4
+    assert plan["train_tokens"] == 10 * plan["tokens_per_step"]
+    (source,) = report["sources"]
+    assert source["lines"] == 41 and source["invalid"] == 0
+    assert source["samples"] == 41 + 2  # the tool conversation is chunked into its 3 assistant turns
+    expected_tokens = sum(len(encode(json.loads(line), spm(), SampleType.INSTRUCT).tokens) for line in lines)
+    assert source["tokens"] > expected_tokens  # chunked prefixes add tokens
+    assert plan["epochs_per_source"][f"data.instruct_data {tmp_path / 'train.jsonl'}"] == pytest.approx(
+        plan["train_tokens"] / source["tokens"])
+    assert 0 <= plan["packing_filler_fraction"] < 1
+    assert plan["eta_seconds"] == pytest.approx(plan["train_tokens"] / (4 * float(
+        plan["eta_assumption"].split(" at ")[1].split(" tokens/s")[0].replace(",", ""))), rel=1e-3)
+
+
+def test_measure_runs_real_training_steps(tmp_path) -> None:
+    config = _workspace(tmp_path, [_good(i) for i in range(20)])
+    result = run_cli(["-m", "utils.validate_data", "--train_yaml", config, "--measure", "--measure_steps", "2",
+                      "--num_gpus", "1"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "measured on this machine (CPU, fp32, 2 steps)" in result.stdout
+    assert "measured peak memory" in result.stdout
+
+
+def test_config_errors_exit_2(tmp_path, capsys) -> None:
+    config = _workspace(tmp_path, [_good(0)])
+    raw = yaml.safe_load(open(config))
+    raw["max_step"] = 3
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump(raw))
+    assert validate_data.main(["--train_yaml", str(tmp_path / "typo.yaml")]) == 2
+    assert "unknown key 'max_step'. Did you mean 'max_steps'?" in capsys.readouterr().err
+    raw.pop("max_step")
+    raw["model_id_or_path"] = str(tmp_path / "nowhere")
+    (tmp_path / "nomodel.yaml").write_text(yaml.safe_dump(raw))
+    assert validate_data.main(["--train_yaml", str(tmp_path / "nomodel.yaml")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_inspect_shows_trained_tokens(tmp_path, capsys) -> None:
+    lines = [json.dumps({"messages": [{"role": "user", "content": "Reverse: a b"},
+                                      {"role": "assistant", "content": "b a"}]}), "{oops", _good(1)]
+    config = _workspace(tmp_path, lines)
+    assert inspect_data.main(["--train_yaml", config, "-n", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "<s>[INST] Reverse: a b[/INST]« b a</s>»" in out  # plain text off a terminal
+    assert f"{tmp_path / 'train.jsonl'}:2: invalid (invalid_json)" in out
+    assert inspect_data.main(["--train_yaml", config, "-n", "3", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = encode(json.loads(lines[0]), spm(), SampleType.INSTRUCT)
+    assert rows[0]["tokens"] == expected.tokens and rows[0]["trained"] == expected.masks
+    assert rows[0]["n_trained"] == 3  # " b", " a" and EOS; nothing of the prompt
+    assert rows[1]["error"] == "invalid_json" and rows[2]["line"] == 3
+    assert inspect_data.main(["--train_yaml", config, "--color", "always", "-n", "1"]) == 0
+    assert "\033[1;32m" in capsys.readouterr().out
+
+
+def test_examples_load_and_7b_matches_the_reference() -> None:
+    args = load_train_args("example/7B.yaml")
+    assert (args.seq_len, args.batch_size, args.max_steps) == (32768, 1, 300)
+    assert (args.optim.lr, args.optim.weight_decay, args.optim.pct_start) == (6e-5, 0.1, 0.05)
+    assert (args.lora.rank, args.seed, args.log_freq, args.eval_freq, args.no_eval, args.ckpt_freq) == (
+        64, 0, 1, 100, False, 100)
+    assert args.save_adapters and not args.wandb_enabled  # project "" means off
+    for name in ("nemo", "mixtral_8x7b"):
+        text = open(f"example/{name}.yaml").read()
+        assert text.startswith("# ") and "Sized for:" in text
+        load_train_args(f"example/{name}.yaml")

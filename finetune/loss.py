@@ -29,11 +29,13 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         for start in range(0, h.shape[0], chunk_size):
             hc, tc = h[start : start + chunk_size], targets[start : start + chunk_size]
             logits = (hc @ weight.t()).to(acc)  # (chunk, vocab)
-            lse = torch.logsumexp(logits, dim=-1)  # (chunk,)
-            loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            # One fused log-softmax pass; its exp is the softmax that the gradient needs.
+            log_probs = torch.log_softmax(logits, dim=-1)
+            del logits
+            loss -= log_probs.gather(1, tc[:, None]).sum()
             if need_h or need_w:
-                # d(sum of losses)/d(logits) = softmax - one_hot, built in place over the logits.
-                grad_logits = logits.sub_(lse[:, None]).exp_()
+                # d(sum of losses)/d(logits) = softmax - one_hot, built in place.
+                grad_logits = log_probs.exp_()
                 grad_logits[torch.arange(tc.shape[0], device=tc.device), tc] -= 1.0
                 g = grad_logits.to(h.dtype)  # (chunk, vocab)
                 if need_h:

@@ -89,8 +89,11 @@ def test_checkpoint_layout_keys_and_dtypes(single, workspace):
 
 
 def test_merged_checkpoint_equals_base_plus_adapters(single, workspace):
-    cfg = _config(workspace, "merged", max_steps=12, ckpt_freq=6, no_eval=False, eval_freq=6, save_adapters=False)
+    cfg = _config(workspace, "merged", max_steps=12, ckpt_freq=6, no_eval=False, eval_freq=6, save_adapters=False,
+                  **{"wandb.project": "offline-test", "wandb.offline": True})
     _ok(run_cli(["train.py", str(cfg)]))
+    # wandb ran offline (no network) and wrote its run under run_dir.
+    assert list((workspace[0] / "merged" / "wandb").glob("offline-run-*"))
     merged_dir = workspace[0] / "merged" / "checkpoints" / "checkpoint_000012" / "consolidated"
     merged = load_file(str(merged_dir / "consolidated.safetensors"))
     assert "lora" not in (json.loads((merged_dir / "params.json").read_text()))
@@ -160,7 +163,7 @@ def test_kill_during_checkpoint_leaves_no_half_checkpoint(workspace):
 @pytest.fixture(scope="module")
 def two_procs(workspace):
     cfg = _config(workspace, "torchrun2", max_steps=4, num_microbatches=2, ckpt_freq=4)
-    _ok(torchrun(["train.py", str(cfg)], nproc=2))
+    _ok(torchrun(["-m", "train", str(cfg)], nproc=2))  # `torchrun ... -m train` as the reference documents
     return workspace[0] / "torchrun2"
 
 
@@ -209,3 +212,22 @@ def test_invalid_data_refuses_to_train(workspace, tmp_path):
     assert "utils.validate_data --train_yaml" in result.stderr and "--create_corrected" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (workspace[0] / "baddata" / "checkpoints").exists()
+
+
+def test_new_run_can_start_from_an_existing_adapter(single, workspace):
+    adapter = single / "checkpoints" / "checkpoint_000012" / "consolidated" / "lora.safetensors"
+    cfg = _config(workspace, "continued", max_steps=1, init_lora_from=str(adapter))
+    _ok(run_cli(["train.py", str(cfg)]))
+    # Its first step already has the trained adapter's loss, far below a fresh start's.
+    assert _losses(workspace[0] / "continued")[0] < _losses(single)[0] - 0.2
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(workspace):
+    cfg = _config(workspace, "diverged", max_steps=6, ckpt_freq=1, **{"optim.lr": 1e30, "optim.pct_start": 0.0})
+    result = run_cli(["train.py", str(cfg)])
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert "loss is nan" in result.stderr or "loss is inf" in result.stderr
+    assert "Lower optim.lr" in result.stderr and "Traceback" not in result.stderr
+    saved = sorted(p.name for p in (workspace[0] / "diverged" / "checkpoints").iterdir())
+    assert saved and not any(p.endswith(".tmp") for p in saved)
+    assert f"last good checkpoint is {workspace[0] / 'diverged' / 'checkpoints' / saved[-1]}" in result.stderr

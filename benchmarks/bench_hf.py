@@ -43,9 +43,15 @@ HF_REQS = ("transformers==5.24.0", "peft==0.21.2", "numpy")
 # The shapes of bench_train_step.PRESETS (the venv cannot import the project, so they are repeated;
 # side_by_side.py checks both tables agree).
 PRESETS = {
-    "small": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=1536, vocab_size=32768),
-    "7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336, vocab_size=32768),
-    "nemo": dict(dim=5120, n_layers=40, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336, vocab_size=131072),
+    "small": dict(
+        dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=1536, vocab_size=32768
+    ),
+    "7b": dict(
+        dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336, vocab_size=32768
+    ),
+    "nemo": dict(
+        dim=5120, n_layers=40, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336, vocab_size=131072
+    ),
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128, vocab_size=32768),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -121,11 +127,18 @@ def build_hf(shape: dict, *, dtype, attn: str, max_len: int, sliding_window: int
     from transformers import MistralConfig, MistralForCausalLM
 
     config = MistralConfig(
-        vocab_size=shape["vocab_size"], hidden_size=shape["dim"], intermediate_size=shape["hidden_dim"],
-        num_hidden_layers=shape["n_layers"], num_attention_heads=shape["n_heads"],
-        num_key_value_heads=shape["n_kv_heads"], head_dim=shape["head_dim"], rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, sliding_window=sliding_window,
-        max_position_embeddings=max(max_len, 4096), tie_word_embeddings=False,
+        vocab_size=shape["vocab_size"],
+        hidden_size=shape["dim"],
+        intermediate_size=shape["hidden_dim"],
+        num_hidden_layers=shape["n_layers"],
+        num_attention_heads=shape["n_heads"],
+        num_key_value_heads=shape["n_kv_heads"],
+        head_dim=shape["head_dim"],
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        sliding_window=sliding_window,
+        max_position_embeddings=max(max_len, 4096),
+        tie_word_embeddings=False,
     )
     config._attn_implementation = attn
     previous = torch.get_default_dtype()
@@ -157,20 +170,32 @@ def check_isolation() -> dict:
     for attn in ("sdpa", "eager"):
         model = build_hf(shape, dtype=torch.float32, attn=attn, max_len=64).eval()
         with torch.no_grad():
-            alone = torch.cat([model(input_ids=d[None], use_cache=False).logits[0] for d in ids.split(seqlens)])
+            alone = torch.cat(
+                [model(input_ids=d[None], use_cache=False).logits[0] for d in ids.split(seqlens)]
+            )
             packed = model(input_ids=ids[None], position_ids=pos[None], use_cache=False).logits[0]
-            with_mask = model(input_ids=ids[None], position_ids=pos[None], use_cache=False,
-                              attention_mask=torch.ones_like(ids)[None]).logits[0]
+            with_mask = model(
+                input_ids=ids[None],
+                position_ids=pos[None],
+                use_cache=False,
+                attention_mask=torch.ones_like(ids)[None],
+            ).logits[0]
             with_cache = model(input_ids=ids[None], position_ids=pos[None]).logits[0]
 
-        def err(t):
+        def err(t, alone=alone):
             return float((t - alone).abs().max())
 
-        report[attn] = {"packed_no_mask_no_cache": err(packed), "with_2d_mask": err(with_mask),
-                        "with_default_cache": err(with_cache)}
+        report[attn] = {
+            "packed_no_mask_no_cache": err(packed),
+            "with_2d_mask": err(with_mask),
+            "with_default_cache": err(with_cache),
+        }
     report["isolated"] = {attn: r["packed_no_mask_no_cache"] < 1e-4 for attn, r in report.items()}
-    report["traps_leak"] = all(r["with_2d_mask"] > 1e-2 and r["with_default_cache"] > 1e-2
-                               for k, r in report.items() if k in ("sdpa", "eager"))
+    report["traps_leak"] = all(
+        r["with_2d_mask"] > 1e-2 and r["with_default_cache"] > 1e-2
+        for k, r in report.items()
+        if k in ("sdpa", "eager")
+    )
     return report
 
 
@@ -195,15 +220,27 @@ def bench(opts) -> dict:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    lora = LoraConfig(r=opts.rank, lora_alpha=2 * opts.rank, lora_dropout=0.0, target_modules=TARGETS,
-                      bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=opts.rank,
+        lora_alpha=2 * opts.rank,
+        lora_dropout=0.0,
+        target_modules=TARGETS,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(model, lora)  # adapters upcast to float32 (autocast_adapter_dtype=True)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     assert params and all(p.dtype == torch.float32 for p in params), "PEFT adapters should be float32"
     optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=True)
-    rows = packed_rows(opts.warmup + opts.steps, opts.seq_len, opts.batch_size, opts.doc_min, opts.doc_max,
-                       shape["vocab_size"])
+    rows = packed_rows(
+        opts.warmup + opts.steps,
+        opts.seq_len,
+        opts.batch_size,
+        opts.doc_min,
+        opts.doc_max,
+        shape["vocab_size"],
+    )
     times = []
     for i, (x, y, mask, seqlens) in enumerate(rows):
         # One packed row of batch_size * seq_len tokens, exactly as ours sees it.
@@ -211,8 +248,13 @@ def bench(opts) -> dict:
         shift_labels = torch.from_numpy(np.where(mask, y, -100))[None]  # target of position i
         pos = positions(seqlens)[None]
         t0 = time.perf_counter()
-        out = model(input_ids=input_ids, position_ids=pos, labels=shift_labels, shift_labels=shift_labels,
-                    use_cache=False)
+        out = model(
+            input_ids=input_ids,
+            position_ids=pos,
+            labels=shift_labels,
+            shift_labels=shift_labels,
+            use_cache=False,
+        )
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         optimizer.step()
@@ -222,18 +264,31 @@ def bench(opts) -> dict:
             times.append(time.perf_counter() - t0)
     step = float(np.median(times))
     return {
-        "stack": "hf+peft", "preset": opts.preset, "n_layers": shape["n_layers"], "seq_len": opts.seq_len,
-        "batch_size": opts.batch_size, "precision": opts.precision, "attention": opts.attn_implementation,
-        "checkpoint": not opts.no_checkpoint, "device": "cpu", "threads": torch.get_num_threads(),
-        "step_s": step, "tokens_per_s": opts.seq_len * opts.batch_size / step,
+        "stack": "hf+peft",
+        "preset": opts.preset,
+        "n_layers": shape["n_layers"],
+        "seq_len": opts.seq_len,
+        "batch_size": opts.batch_size,
+        "precision": opts.precision,
+        "attention": opts.attn_implementation,
+        "checkpoint": not opts.no_checkpoint,
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "step_s": step,
+        "tokens_per_s": opts.seq_len * opts.batch_size / step,
         "peak_mem_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
-        "batches": fingerprint(rows), "torch": torch.__version__, "transformers": transformers.__version__,
-        "peft": peft.__version__, "final_loss": loss,
+        "batches": fingerprint(rows),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "final_loss": loss,
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--setup", action="store_true", help="create (or --refresh) the venv and exit")
     parser.add_argument("--refresh", action="store_true", help="reinstall the venv's packages")
     parser.add_argument("--check_isolation", action="store_true", help="packed == per-document logits check")

@@ -64,19 +64,29 @@ def _hf_python() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="small")
     parser.add_argument("--seq_lens", type=int, nargs="+", default=[1024, 4096])
-    parser.add_argument("--checkpoint", choices=["off", "on", "both"], default="both",
-                        help="activation checkpointing (HF: gradient checkpointing)")
+    parser.add_argument(
+        "--checkpoint",
+        choices=["off", "on", "both"],
+        default="both",
+        help="activation checkpointing (HF: gradient checkpointing)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="pairs (ours, theirs) per config")
     parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps per run (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--doc_min", type=int, default=64)
     parser.add_argument("--doc_max", type=int, default=512)
-    parser.add_argument("--ours_args", default="", help="extra flags for bench_train_step.py, e.g. '--compile'")
-    parser.add_argument("--hf_args", default="", help="extra flags for bench_hf.py, e.g. '--attn_implementation eager'")
+    parser.add_argument(
+        "--ours_args", default="", help="extra flags for bench_train_step.py, e.g. '--compile'"
+    )
+    parser.add_argument(
+        "--hf_args", default="", help="extra flags for bench_hf.py, e.g. '--attn_implementation eager'"
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     parser.add_argument("--json_out", type=Path, help="write every run's result here")
     opts = parser.parse_args()
@@ -87,14 +97,33 @@ def main() -> None:
         sys.exit(f"HF does not isolate packed documents with sdpa: {iso}")
     print(f"HF isolation check (max |packed - per-document| logits): {json.dumps(iso)}", flush=True)
 
-    common = ["--preset", opts.preset, "--threads", str(opts.threads), "--steps", str(opts.steps),
-              "--warmup", str(opts.warmup), "--doc_min", str(opts.doc_min), "--doc_max", str(opts.doc_max)]
+    common = [
+        "--preset",
+        opts.preset,
+        "--threads",
+        str(opts.threads),
+        "--steps",
+        str(opts.steps),
+        "--warmup",
+        str(opts.warmup),
+        "--doc_min",
+        str(opts.doc_min),
+        "--doc_max",
+        str(opts.doc_max),
+    ]
     ckpts = {"off": [False], "on": [True], "both": [False, True]}[opts.checkpoint]
     configs = [(s, c) for s in opts.seq_lens for c in ckpts]
     expected = {}
     for seq_len in opts.seq_lens:
-        code = _CHECK.format(root=str(ROOT), here=str(HERE), preset=opts.preset, n=opts.warmup + opts.steps,
-                             seq_len=seq_len, doc_min=opts.doc_min, doc_max=opts.doc_max)
+        code = _CHECK.format(
+            root=str(ROOT),
+            here=str(HERE),
+            preset=opts.preset,
+            n=opts.warmup + opts.steps,
+            seq_len=seq_len,
+            doc_min=opts.doc_min,
+            doc_max=opts.doc_max,
+        )
         expected[seq_len] = _run_json([sys.executable, "-c", code], opts.timeout)["batches"]
 
     def cmd(stack: str, seq_len: int, ckpt: bool) -> list[str]:
@@ -117,32 +146,46 @@ def main() -> None:
                     sys.exit(f"HF saw other batches than ours ({r['batches']} != {expected[seq_len]})")
                 pair[stack] = r
                 results.append(r)
-                print(f"[{time.time() - t_start:6.0f}s] rep {rep} seq {seq_len} ckpt {'on ' if ckpt else 'off'} "
-                      f"{stack:4s} {r['tokens_per_s']:8.1f} tok/s  {r['peak_mem_gb']:.2f} GB  load {load:.2f}",
-                      flush=True)
+                print(
+                    f"[{time.time() - t_start:6.0f}s] rep {rep} seq {seq_len} ckpt {'on ' if ckpt else 'off'} "
+                    f"{stack:4s} {r['tokens_per_s']:8.1f} tok/s  {r['peak_mem_gb']:.2f} GB  load {load:.2f}",
+                    flush=True,
+                )
     if opts.json_out:
         opts.json_out.write_text(json.dumps(results, indent=1))
 
-    print(f"\n{opts.preset}, bf16, {opts.threads} threads, {opts.repeats} pairs x {opts.steps} steps "
-          f"(+{opts.warmup} warm-up), ours_args='{opts.ours_args}', hf_args='{opts.hf_args}'")
-    print("| seq_len | act. ckpt | ours tok/s | HF tok/s | **tok/s ours/HF** | ours peak RSS | HF peak RSS "
-          "| **RSS ours/HF** | load (1 min) |")
+    print(
+        f"\n{opts.preset}, bf16, {opts.threads} threads, {opts.repeats} pairs x {opts.steps} steps "
+        f"(+{opts.warmup} warm-up), ours_args='{opts.ours_args}', hf_args='{opts.hf_args}'"
+    )
+    print(
+        "| seq_len | act. ckpt | ours tok/s | HF tok/s | **tok/s ours/HF** | ours peak RSS | HF peak RSS "
+        "| **RSS ours/HF** | load (1 min) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for seq_len, ckpt in configs:
         runs = [r for r in results if r["seq_len"] == seq_len and r["checkpoint"] == ckpt]
         by = {s: [r for r in runs if r["stack"] == s] for s in ("ours", "hf")}
-        pairs = list(zip(sorted(by["ours"], key=lambda r: r["repeat"]), sorted(by["hf"], key=lambda r: r["repeat"])))
+        pairs = list(
+            zip(
+                sorted(by["ours"], key=lambda r: r["repeat"]),
+                sorted(by["hf"], key=lambda r: r["repeat"]),
+                strict=True,
+            )
+        )
         speed = [o["tokens_per_s"] / h["tokens_per_s"] for o, h in pairs]
         mem = [o["peak_mem_gb"] / h["peak_mem_gb"] for o, h in pairs]
         loads = [r["load1"] for r in runs]
 
-        def med(stack: str, key: str) -> float:
+        def med(stack: str, key: str, by=by) -> float:
             return statistics.median(r[key] for r in by[stack])
 
-        print(f"| {seq_len} | {'on' if ckpt else 'off'} | {med('ours', 'tokens_per_s'):.0f} | "
-              f"{med('hf', 'tokens_per_s'):.0f} | **{statistics.median(speed):.2f}×** ({min(speed):.2f}–{max(speed):.2f}) | "
-              f"{med('ours', 'peak_mem_gb'):.2f} GB | {med('hf', 'peak_mem_gb'):.2f} GB | "
-              f"**{statistics.median(mem):.2f}×** ({min(mem):.2f}–{max(mem):.2f}) | {min(loads):.1f}–{max(loads):.1f} |")
+        print(
+            f"| {seq_len} | {'on' if ckpt else 'off'} | {med('ours', 'tokens_per_s'):.0f} | "
+            f"{med('hf', 'tokens_per_s'):.0f} | **{statistics.median(speed):.2f}×** ({min(speed):.2f}–{max(speed):.2f}) | "
+            f"{med('ours', 'peak_mem_gb'):.2f} GB | {med('hf', 'peak_mem_gb'):.2f} GB | "
+            f"**{statistics.median(mem):.2f}×** ({min(mem):.2f}–{max(mem):.2f}) | {min(loads):.1f}–{max(loads):.1f} |"
+        )
     print(f"\ntotal {time.time() - t_start:.0f} s")
 
 

@@ -122,34 +122,48 @@ def _iter_hf_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
                         yield "output.weight", tensor.clone(), path
 
 
-def load_base_weights(
-    model: nn.Module, folder: str | Path, *, device: torch.device | str, dtype: torch.dtype
-) -> None:
-    """Assign checkpoint tensors into a (meta-device) model, strictly."""
-    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if not is_lora_key(k)}
-    loaded: dict[str, torch.Tensor] = {}
-    unexpected: list[str] = []
+def iter_base_weights(
+    folder: str | Path, shapes: dict[str, tuple[int, ...]]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream the checkpoint's tensors, checked against the model's base weights ``shapes``.
+
+    Strict: a tensor the model does not have, a wrong shape, or (at the end) a base weight the
+    checkpoint lacks is a ValueError naming it. Adapter weights are never expected.
+    """
+    seen: set[str] = set()
     for key, tensor, path in iter_checkpoint_tensors(folder):
-        if key not in expected:
-            unexpected.append(f"{key} (in {path.name})")
-            continue
-        if tuple(tensor.shape) != tuple(expected[key].shape):
+        if key not in shapes:
+            raise ValueError(
+                f"{path}: weight '{key}' is not part of this model. Is this a Mistral-format "
+                "(consolidated) or Hugging Face checkpoint of the model params.json describes?"
+            )
+        if tuple(tensor.shape) != tuple(shapes[key]):
             raise ValueError(
                 f"{path}: '{key}' has shape {tuple(tensor.shape)} but params.json implies "
-                f"{tuple(expected[key].shape)}; params.json and the weights do not belong together."
+                f"{tuple(shapes[key])}; params.json and the weights do not belong together."
             )
-        loaded[key] = tensor.to(device=device, dtype=dtype)
-    missing = sorted(set(expected) - set(loaded))
+        seen.add(key)
+        yield key, tensor
+    missing = sorted(set(shapes) - seen)
     if missing:
         raise ValueError(
             f"{folder}: checkpoint is missing {len(missing)} weight(s) the model needs, e.g. "
             f"{', '.join(missing[:5])}. Check that params.json matches the weights (n_layers, moe)."
         )
-    if unexpected:
-        raise ValueError(
-            f"{folder}: checkpoint has {len(unexpected)} weight(s) this model does not use, e.g. "
-            f"{', '.join(unexpected[:5])}. Is this a Mistral-format (consolidated) checkpoint?"
-        )
+
+
+def base_weight_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items() if not is_lora_key(k)}
+
+
+def load_base_weights(
+    model: nn.Module, folder: str | Path, *, device: torch.device | str, dtype: torch.dtype
+) -> None:
+    """Assign checkpoint tensors into a (meta-device) model, strictly."""
+    loaded = {
+        key: tensor.to(device=device, dtype=dtype)
+        for key, tensor in iter_base_weights(folder, base_weight_shapes(model))
+    }
     model.load_state_dict(loaded, strict=False, assign=True)
 
 

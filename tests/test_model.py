@@ -192,7 +192,7 @@ def test_unexpected_weight_is_named(tmp_path):
     from model.checkpoint import save_model_folder
 
     save_model_folder(tmp_path, args.to_dict(), state)
-    with pytest.raises(ValueError, match=r"does not use.*layers\.0\.attention\.bias"):
+    with pytest.raises(ValueError, match=r"'layers\.0\.attention\.bias' is not part of this model"):
         Transformer.from_folder(tmp_path, dtype=torch.float32)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from finetune.config import ConfigError, load_config
 from finetune.data.args import DataArgs
 from model.args import LoraArgs
+from model.quant import QUANTIZATIONS
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 ATTENTIONS = ("auto", "sdpa", "flex")
@@ -75,6 +76,9 @@ class TrainArgs:
     # Attention kernel: flex (FlexAttention, default on CUDA) or sdpa (default on CPU, where
     # FlexAttention has no backward).
     attention: str = "auto"
+    # Frozen base of the LoRA-wrapped linears: none (training precision) or nf4 (QLoRA: 4-bit
+    # NormalFloat with double quantization, needs `pip install '.[qlora]'`; see docs/qlora.md).
+    quantization: str = "none"
     # Start the adapters from an existing lora.safetensors (continue training on new data).
     init_lora_from: str | None = None
     # Rows of the packed batch fed to the output layer at once by the chunked cross-entropy.
@@ -104,6 +108,13 @@ class TrainArgs:
             raise ConfigError(f"'precision' is {self.precision!r}; use one of {', '.join(PRECISIONS)}.")
         if self.attention not in ATTENTIONS:
             raise ConfigError(f"'attention' is {self.attention!r}; use one of {', '.join(ATTENTIONS)}.")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"'quantization' is {self.quantization!r}; use one of {', '.join(QUANTIZATIONS)}.")
+        if self.quantization != "none" and not self.lora.enable:
+            raise ConfigError(
+                f"'quantization: {self.quantization}' quantizes the frozen base under LoRA adapters, but "
+                "'lora.enable' is false; set lora.enable: true or quantization: none."
+            )
         o = self.optim
         if o.lr <= 0:
             raise ConfigError(f"'optim.lr' must be > 0, got {o.lr}.")

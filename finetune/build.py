@@ -21,6 +21,7 @@ from finetune.parallel import freeze, parallelize
 from model.args import LoraArgs, ModelArgs
 from model.checkpoint import iter_checkpoint_tensors, load_adapters_state
 from model.lora import is_lora_key, lora_modules
+from model.quant import NF4LoRALinear, import_bitsandbytes, quantize_lora_layers, quantize_nf4
 from model.transformer import Transformer
 
 logger = logging.getLogger("finetune")
@@ -81,10 +82,12 @@ def build_model(args: TrainArgs, device: torch.device, precision: Precision) -> 
     model_args = ModelArgs.from_folder(folder)
     check_trainable_vocab(model_args, folder)
     lora = args.lora if args.lora.enable else None
+    check_quantization(args.quantization)
     model = build_sharded(
         model_args, lora, device, precision,
         attention=resolve_attention(args.attention, device, model_args.head_dim),
         activation_checkpointing=args.checkpoint, loss_chunk_size=args.loss_chunk_size,
+        quantization=args.quantization,
     )
     _load_base(model, folder, device)
     _init_adapters(model, seed=args.seed, device=device)
@@ -95,6 +98,8 @@ def build_model(args: TrainArgs, device: torch.device, precision: Precision) -> 
         logger.info("Adapters initialised from %s", args.init_lora_from)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)  # DTensors report global sizes
     n_total = sum(p.numel() for p in model.parameters())
+    n_total += sum(m.in_features * m.out_features - m.weight.numel()  # NF4 weights hold packed codes
+                   for m in lora_modules(model.model).values() if isinstance(m, NF4LoRALinear))
     logger.info(
         "%s out of %s parameters are fine-tuned (%.2f%%).", f"{n_train:,}", f"{n_total:,}", 100 * n_train / n_total
     )
@@ -110,10 +115,14 @@ def build_sharded(
     attention: str,
     activation_checkpointing: bool,
     loss_chunk_size: int,
+    quantization: str = "none",
 ) -> CausalLMLoss:
     """The model built on the meta device, frozen, sharded, then given (uninitialised) storage."""
     with torch.device("meta"):
         model = CausalLMLoss(Transformer(model_args, lora=lora, attention=attention), chunk_size=loss_chunk_size)
+    if quantization == "nf4":
+        # Packed codes stored in the compute dtype: FSDP2 shards them and its cast is a no-op.
+        quantize_lora_layers(model.model, storage_dtype=precision.base)
     freeze(model, lora is not None)
     # Storage dtypes before sharding: frozen base in the compute dtype, trainable weights in float32.
     for p in model.parameters():
@@ -140,17 +149,33 @@ def _load_into_shards(model: CausalLMLoss, tensors: dict[str, torch.Tensor], dev
         _copy_into(params[key], value.to(device=device, dtype=params[key].dtype))
 
 
+def check_quantization(quantization: str) -> None:
+    if quantization == "none":
+        return
+    try:
+        import_bitsandbytes()
+    except ImportError as e:
+        raise ConfigError(f"'quantization: {quantization}': {e}; or set quantization: none.") from None
+
+
 def _load_base(model: CausalLMLoss, folder: str, device: torch.device) -> None:
     params = {k: v for k, v in model.model.named_parameters() if not is_lora_key(k)}
+    nf4 = {f"{n}.weight": m for n, m in lora_modules(model.model).items() if isinstance(m, NF4LoRALinear)}
     seen: set[str] = set()
     for key, tensor, path in iter_checkpoint_tensors(folder):
         if key not in params:
             raise ValueError(f"{path}: unexpected weight '{key}'; is this a Mistral-format checkpoint of this model?")
-        if tuple(tensor.shape) != tuple(params[key].shape):
-            raise ValueError(
-                f"{path}: '{key}' has shape {tuple(tensor.shape)}, params.json implies {tuple(params[key].shape)}."
-            )
-        _copy_into(params[key], tensor.to(device=device, dtype=params[key].dtype))
+        shape = (nf4[key].out_features, nf4[key].in_features) if key in nf4 else tuple(params[key].shape)
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{path}: '{key}' has shape {tuple(tensor.shape)}, params.json implies {shape}.")
+        if key in nf4:
+            # Quantized from the checkpoint's own dtype, one tensor at a time: the full-precision
+            # model never exists; every rank quantizes the same tensor and keeps its shard.
+            packed, stats = quantize_nf4(tensor.to(device), storage_dtype=params[key].dtype)
+            nf4[key].set_quant_stats(stats)
+            _copy_into(params[key], packed)
+        else:
+            _copy_into(params[key], tensor.to(device=device, dtype=params[key].dtype))
         seen.add(key)
     missing = sorted(set(params) - seen)
     if missing:

@@ -32,6 +32,7 @@ from finetune import distributed as D
 from finetune.loss import CausalLMLoss
 from model.args import LoraArgs, ModelArgs
 from model.lora import LoRALinear, is_lora_key, lora_modules, merge_delta
+from model.quant import NF4LoRALinear
 
 logger = logging.getLogger("finetune")
 
@@ -80,6 +81,9 @@ def gather_adapters(model: CausalLMLoss, dtype: torch.dtype) -> dict[str, torch.
 def gather_merged(model: CausalLMLoss, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Full weights with adapters folded in, gathered tensor by tensor onto rank 0's CPU."""
     lora = {f"{n}.weight": m for n, m in lora_modules(model.model).items()}
+    if any(isinstance(m, NF4LoRALinear) for m in lora.values()):
+        logger.info("Merging adapters into the de-quantized NF4 base (the weights they were trained on); "
+                    "to merge into the original base instead, save adapters and use utils.merge_lora.")
     out = {}
     for key, p in model.model.named_parameters():
         if is_lora_key(key):
@@ -87,6 +91,8 @@ def gather_merged(model: CausalLMLoss, dtype: torch.dtype) -> dict[str, torch.Te
         full = _full(p.detach())
         if key in lora:
             m: LoRALinear = lora[key]
+            if isinstance(m, NF4LoRALinear):
+                full = m.dequantize(full)  # packed codes -> (out, in) in the training precision
             full = merge_delta(full, _full(m.lora_A.weight.detach()), _full(m.lora_B.weight.detach()), m.scaling)
         if D.is_main():
             out[key] = full.to("cpu", dtype).contiguous()

@@ -105,7 +105,7 @@ def write_data(folder: Path, task: Task, n_train: int, n_eval: int, seed: int) -
     return out[0], out[1]
 
 
-def write_config(path: Path, workdir: Path, train: Path, eval_: Path, opts: argparse.Namespace) -> None:
+def write_config(path: Path, workdir: Path, train: Path, eval_: Path, opts: argparse.Namespace, nproc: int) -> None:
     config = {
         "model_id_or_path": str(workdir / "model"),
         "run_dir": str(workdir / "run"),
@@ -115,7 +115,8 @@ def write_config(path: Path, workdir: Path, train: Path, eval_: Path, opts: argp
             "cache_dir": str(workdir / "cache"),
         },
         "seq_len": opts.seq_len,
-        "batch_size": 1,
+        # At least 2 packed rows per optimizer step whatever the device count (the lr is tuned for it).
+        "batch_size": max(1, 2 // nproc),
         "max_steps": opts.max_steps,
         "optim": {"lr": opts.lr, "weight_decay": 0.0, "pct_start": 0.05},
         "lora": {"rank": opts.rank, "scaling": 2.0},
@@ -164,7 +165,8 @@ def load_for_eval(model_folder: Path, adapter: Path | None, rank: int):
     from model.transformer import Transformer
 
     lora = LoraArgs(rank=rank) if adapter is not None else None
-    model = Transformer.from_folder(model_folder, dtype=torch.float32, lora=lora, attention="sdpa")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = Transformer.from_folder(model_folder, device=device, dtype=torch.float32, lora=lora, attention="sdpa")
     if adapter is not None:
         load_adapters(model, adapter)
     return model.eval()
@@ -218,10 +220,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"[2/6] data: {opts.n_train} training and {opts.n_eval} held-out samples, e.g. "
         f"{train.read_text().splitlines()[0]}"
     )
-    config = workdir / "quickstart.yaml"
-    write_config(config, workdir, train, eval_, opts)
-
     nproc, threads = launch_processes()
+    config = workdir / "quickstart.yaml"
+    write_config(config, workdir, train, eval_, opts, nproc)
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),

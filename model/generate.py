@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from model.attention import Attention
-from model.rope import apply_rope, rope_angles
+from model.rope import apply_rope, rope_frequencies
 from model.transformer import Transformer
 
 
@@ -47,8 +47,7 @@ def _cached_attention(
     attn: Attention,
     x: torch.Tensor,
     positions: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    freqs: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     window: int | None,
@@ -59,7 +58,7 @@ def _cached_attention(
     q = attn.wq(flat).view(b * t, attn.n_heads, attn.head_dim)  # (batch*T, heads, head_dim)
     k = attn.wk(flat).view(b * t, attn.n_kv_heads, attn.head_dim)  # (batch*T, kv_heads, head_dim)
     v = attn.wv(flat).view(b * t, attn.n_kv_heads, attn.head_dim)  # (batch*T, kv_heads, head_dim)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k = apply_rope(q, freqs), apply_rope(k, freqs)
     rows = torch.arange(b, device=x.device)[:, None].expand(b, t)  # (batch, T)
     # (batch, T, kv_heads, head_dim) written at [row, :, position, :]
     k_cache[rows, :, positions] = k.view(b, t, attn.n_kv_heads, attn.head_dim)
@@ -84,15 +83,14 @@ def forward_cached(
     """Logits (batch, T, vocab) of ``tokens`` (batch, T) at ``positions`` (batch, T), given the cache."""
     a = model.args
     b, t = tokens.shape
-    cos, sin = rope_angles(positions.reshape(-1), a.head_dim, a.rope_theta)  # (batch*T, head_dim // 2)
+    freqs = rope_frequencies(positions.reshape(-1), a.head_dim, a.rope_theta)  # (batch*T, head_dim // 2)
     h = model.tok_embeddings(tokens)  # (batch, T, dim)
     for i, layer in enumerate(model.layers):
         h = h + _cached_attention(
             layer.attention,
             layer.attention_norm(h),
             positions,
-            cos,
-            sin,
+            freqs,
             cache.k[i],
             cache.v[i],
             a.sliding_window,

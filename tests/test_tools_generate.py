@@ -75,7 +75,7 @@ def test_eos_stops_and_sampling_is_seeded() -> None:
         generate(model, [[]], max_new_tokens=2, eos_id=None)
 
 
-def test_cli_with_and_without_cache(tmp_path, capsys) -> None:
+def test_cli_with_and_without_cache_and_chat(tmp_path, capsys, monkeypatch) -> None:
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
     from utils.generate import main
@@ -98,5 +98,11 @@ def test_cli_with_and_without_cache(tmp_path, capsys) -> None:
     prompt = tok.encode_chat_completion(ChatCompletionRequest(messages=[UserMessage(content="Hello there")])).tokens
     (expected,) = generate(model.eval(), [prompt], max_new_tokens=6, eos_id=tok.instruct_tokenizer.tokenizer.eos_id)
     assert outputs[0]["reply"] == tok.decode(expected)
+    # Chat mode: the history is kept, /reset clears it, /exit quits.
+    replies = iter(["Hello there", "again", "/reset", "Hello there", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(replies))
+    assert main(["--model", str(tmp_path / "m"), "--max_new_tokens", "6"]) == 0
+    chat_lines = capsys.readouterr().out.splitlines()[1:]
+    assert chat_lines[0] == outputs[0]["reply"] == chat_lines[2]  # same first turn before and after /reset
     assert main(["--model", str(tmp_path / "nope"), "--prompt", "x"]) == 1
     assert "error: --model" in capsys.readouterr().err

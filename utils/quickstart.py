@@ -105,7 +105,9 @@ def write_data(folder: Path, task: Task, n_train: int, n_eval: int, seed: int) -
     return out[0], out[1]
 
 
-def write_config(path: Path, workdir: Path, train: Path, eval_: Path, opts: argparse.Namespace, nproc: int) -> None:
+def write_config(
+    path: Path, workdir: Path, train: Path, eval_: Path, opts: argparse.Namespace, nproc: int
+) -> None:
     config = {
         "model_id_or_path": str(workdir / "model"),
         "run_dir": str(workdir / "run"),
@@ -166,7 +168,9 @@ def load_for_eval(model_folder: Path, adapter: Path | None, rank: int):
 
     lora = LoraArgs(rank=rank) if adapter is not None else None
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = Transformer.from_folder(model_folder, device=device, dtype=torch.float32, lora=lora, attention="sdpa")
+    model = Transformer.from_folder(
+        model_folder, device=device, dtype=torch.float32, lora=lora, attention="sdpa"
+    )
     if adapter is not None:
         load_adapters(model, adapter)
     return model.eval()

@@ -235,6 +235,13 @@ def print_stats(report: DataReport, p: dict[str, Any], args: TrainArgs) -> None:
         "\nStatistics (samples after function-call chunking; tokens include BOS/EOS; targets = trained tokens):"
     )
     print(report.summary())
+    train = [s for s in report.sources if s.key != "data.eval_instruct_data"]
+    if len(train) > 1:
+        print(
+            f"{'total (training sources)':<40} {sum(s.lines for s in train):>9} {0:>7} "
+            f"{sum(s.samples for s in train):>9} {sum(s.tokens for s in train):>12} "
+            f"{sum(s.target_tokens for s in train):>12} {sum(s.too_long for s in train):>8}"
+        )
     print(f"\nTraining plan ({args.max_steps} steps):")
     print(
         f"  tokens per optimizer step   {p['tokens_per_step']:,} (batch_size {args.batch_size} x seq_len "

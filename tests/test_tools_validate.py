@@ -110,8 +110,8 @@ def test_valid_data_statistics_and_plan(tmp_path, capsys) -> None:
     assert plan["epochs_per_source"][f"data.instruct_data {tmp_path / 'train.jsonl'}"] == pytest.approx(
         plan["train_tokens"] / source["tokens"])
     assert 0 <= plan["packing_filler_fraction"] < 1
-    assert plan["eta_seconds"] == pytest.approx(plan["train_tokens"] / (4 * float(
-        plan["eta_assumption"].split(" at ")[1].split(" tokens/s")[0].replace(",", ""))), rel=1e-3)
+    assert plan["eta_seconds"] == pytest.approx(plan["train_tokens"] / (4 * plan["tokens_per_s_per_device"]))
+    assert f"{plan['tokens_per_s_per_device']:,.0f} tokens/s each" in plan["eta_assumption"]
 
 
 def test_measure_runs_real_training_steps(tmp_path) -> None:

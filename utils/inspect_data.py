@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from typing import Any
 
+from finetune.args import TrainArgs
 from finetune.config import ConfigError
 from finetune.data.cache import decode_line
 from finetune.data.errors import DataFormatError
@@ -46,7 +48,9 @@ def render(pieces: list[str], trained: list[bool], color: bool) -> str:
     return "".join(out)
 
 
-def iter_samples(args, instruct_tokenizer: Any, use_eval: bool, source_index: int | None):
+def iter_samples(
+    args: TrainArgs, instruct_tokenizer: Any, use_eval: bool, source_index: int | None
+) -> Iterator[tuple]:
     """(source, path, line, sample index within the line, TokenSample | DataFormatError)."""
     from finetune.data.dataset import eval_sources, train_sources
 

@@ -226,6 +226,7 @@ def plan(
         "eta_seconds": seconds,
         "eta": format_duration(seconds),
         "eta_assumption": assumption,
+        "tokens_per_s_per_device": per_gpu,
         "measured": measured,
     }
 

@@ -52,14 +52,12 @@ class Attention(nn.Module):
         self.wv = make_linear("wv", args.dim, args.n_kv_heads * args.head_dim)
         self.wo = make_linear("wo", args.n_heads * args.head_dim, args.dim)
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
         tokens = x.shape[0]
         q = self.wq(x).view(tokens, self.n_heads, self.head_dim)  # (tokens, heads, head_dim)
         k = self.wk(x).view(tokens, self.n_kv_heads, self.head_dim)  # (tokens, kv_heads, head_dim)
         v = self.wv(x).view(tokens, self.n_kv_heads, self.head_dim)  # (tokens, kv_heads, head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, freqs), apply_rope(k, freqs)
         if mask.block_mask is not None:
             out = _flex(q, k, v, mask.block_mask)
         else:

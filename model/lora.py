@@ -55,7 +55,8 @@ class LoRALinear(nn.Module):
         # outside FSDP's mixed precision); compute the branch in the adapter dtype.
         a = self.lora_A.weight
         update = F.linear(F.linear(self.dropout(x).to(a.dtype), a), self.lora_B.weight)
-        return base + (update * self.scaling).to(base.dtype)
+        # In place, scaled in the same pass: the base output is not needed for backward.
+        return base.add_(update.to(base.dtype), alpha=self.scaling)
 
     def merged_weight(self) -> torch.Tensor:
         """W + scaling * B A, computed in float32 and cast to the base dtype."""

@@ -18,20 +18,20 @@ def positions_from_seqlens(seqlens: list[int], device: torch.device) -> torch.Te
     return torch.arange(total, device=device) - torch.repeat_interleave(starts, lengths, output_size=total)
 
 
-def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape (tokens, head_dim // 2), computed only for the positions in this batch."""
+def rope_frequencies(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
+    """Unit complex rotations (tokens, head_dim // 2), only for the positions in this batch."""
     inv_freq = theta ** (
         -torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim
     )
-    # float64 for the angle keeps large positions (128k) exact before the float32 cos/sin.
+    # float64 angles and cos/sin keep large positions (128k) exact; the result is complex64.
     angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # (tokens, head_dim // 2)
-    return angles.cos().float(), angles.sin().float()
+    return torch.complex(angles.cos().float(), angles.sin().float())
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (tokens, heads, head_dim) by per-token angles (tokens, head_dim // 2)."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # (tokens, heads, head_dim // 2, 2)
-    real, imag = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (tokens, 1, head_dim // 2)
-    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)  # (tokens, heads, head_dim)
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate x (tokens, heads, head_dim) by per-token rotations (tokens, head_dim // 2).
+
+    Adjacent pairs are one complex number; one complex multiply is one fused kernel (several
+    times faster on CPU than rotating real and imaginary halves separately)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (tokens, heads, head_dim // 2)
+    return torch.view_as_real(pairs * freqs[:, None, :]).flatten(-2).type_as(x)  # (tokens, heads, head_dim)

@@ -16,7 +16,7 @@ from model.args import LoraArgs, ModelArgs
 from model.attention import Attention, AttentionMask
 from model.lora import linear_factory
 from model.moe import FeedForward, MoeLayer
-from model.rope import positions_from_seqlens, rope_angles
+from model.rope import positions_from_seqlens, rope_frequencies
 
 
 class RMSNorm(nn.Module):
@@ -43,8 +43,8 @@ class TransformerBlock(nn.Module):
             MoeLayer(args, make_linear) if args.moe is not None else FeedForward(args.dim, args.hidden_dim, make_linear)
         )
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask)
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -78,11 +78,11 @@ class Transformer(nn.Module):
                 f"and sum(seqlens)={sum(seqlens)}"
             )
         positions = positions_from_seqlens(seqlens, input_ids.device)
-        cos, sin = rope_angles(positions, self.args.head_dim, self.args.rope_theta)
+        freqs = rope_frequencies(positions, self.args.head_dim, self.args.rope_theta)
         mask = AttentionMask.build(seqlens, self.args.sliding_window, self.attention, input_ids.device)
         h = self.tok_embeddings(input_ids)  # (tokens, dim)
         for layer in self.layers:
-            h = layer(h, cos, sin, mask)
+            h = layer(h, freqs, mask)
         return self.norm(h)
 
     def forward(self, input_ids: torch.Tensor, seqlens: list[int]) -> torch.Tensor:

@@ -211,9 +211,13 @@ def main(argv: list[str] | None = None) -> dict:
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
     workdir = Path(opts.workdir).resolve()
-    if workdir.exists():
+    if workdir.exists() and any(workdir.iterdir()):
+        if not (workdir / "quickstart.yaml").is_file():  # never delete a folder we did not create
+            raise SystemExit(
+                f"error: --workdir {workdir} exists and is not a quickstart folder; choose another."
+            )
         shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
+    workdir.mkdir(parents=True, exist_ok=True)
     task = Task()
     print(
         f"[1/6] model: dim {opts.dim}, {opts.n_layers} layers, vocab 32768 (v3 tokenizer) -> {workdir / 'model'}"

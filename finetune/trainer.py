@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from finetune import distributed as D
 from finetune.args import TrainArgs, load_train_args
-from finetune.build import Precision, build_model, resolve_precision
+from finetune.build import Precision, build_model, check_trainable_vocab, resolve_precision
 from finetune.checkpointing import latest_resumable, load_checkpoint, save_checkpoint
 from finetune.config import ConfigError, to_dict
 from finetune.data.loader import Batch, build_eval_loader, build_train_loader
@@ -205,6 +205,7 @@ def run(args: TrainArgs, config_path: str, device: torch.device) -> None:
     logger.info("Training on %d process(es), device %s, precision %s", D.world_size(), device.type, precision.name)
 
     model_args = ModelArgs.from_folder(args.model_id_or_path)
+    check_trainable_vocab(model_args, args.model_id_or_path)  # before the tokenizer: its error is clearer
     tokenizer = load_tokenizer(args.model_id_or_path, model_args.vocab_size)
     cache_dir = Path(args.data.cache_dir) if args.data.cache_dir else None
     _check_data(args, tokenizer, config_path, device, cache_dir)

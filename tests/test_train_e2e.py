@@ -231,3 +231,15 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(workspace):
     saved = sorted(p.name for p in (workspace[0] / "diverged" / "checkpoints").iterdir())
     assert saved and not any(p.endswith(".tmp") for p in saved)
     assert f"last good checkpoint is {workspace[0] / 'diverged' / 'checkpoints' / saved[-1]}" in result.stderr
+
+
+def test_v1_vocabulary_model_explains_how_to_extend(workspace, tmp_path):
+    from tests.model_helpers import write_checkpoint
+    from tests.train_helpers import tiny_vocab_args
+
+    write_checkpoint(tmp_path / "v1", tiny_vocab_args(vocab_size=32000))
+    cfg = _config(workspace, "v1", model_id_or_path=str(tmp_path / "v1"))
+    result = run_cli(["train.py", str(cfg)])
+    assert result.returncode == 1
+    assert "vocab_size 32000" in result.stderr
+    assert f"python -m utils.extend_model_vocab --original_model_ckpt {tmp_path / 'v1'}" in result.stderr

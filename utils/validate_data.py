@@ -325,10 +325,14 @@ def main(argv: list[str] | None = None) -> int:
         print_stats(report, p, args)
         print("\nNo errors: the data is ready for training.")
     else:
-        print(
-            f"\n{len(report.errors)} invalid line(s): training would refuse to start. Fix them, or run again "
-            "with --create_corrected and point the config at the .corrected files."
+        fix = (
+            "point the config at the .corrected files, or fix the originals."
+            if opts.create_corrected
+            else "fix them, or run again with --create_corrected and point the config at the .corrected files."
         )
+        print(f"\n{len(report.errors)} invalid line(s): training would refuse to start. To go on, {fix}")
+        if any(e.kind == "last_role" for e in report.errors):
+            print("Chat exports that end on a user turn (e.g. UltraChat): python -m utils.reformat_data FILE")
     if opts.stats_json:
         Path(opts.stats_json).write_text(json.dumps({**report.to_dict(), "plan": p}, indent=2) + "\n")
     return 0 if report.ok else 1

@@ -135,6 +135,11 @@ def test_config_errors_exit_2(tmp_path, capsys) -> None:
     (tmp_path / "nomodel.yaml").write_text(yaml.safe_dump(raw))
     assert validate_data.main(["--train_yaml", str(tmp_path / "nomodel.yaml")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+    write_checkpoint(tmp_path / "v1", tiny_vocab_args(vocab_size=32000))
+    raw["model_id_or_path"] = str(tmp_path / "v1")
+    (tmp_path / "v1.yaml").write_text(yaml.safe_dump(raw))
+    assert validate_data.main(["--train_yaml", str(tmp_path / "v1.yaml")]) == 2
+    assert "python -m utils.extend_model_vocab --original_model_ckpt" in capsys.readouterr().err
 
 
 def test_inspect_shows_trained_tokens(tmp_path, capsys) -> None:

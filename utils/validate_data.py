@@ -61,6 +61,9 @@ def load_inputs(config: str) -> tuple[TrainArgs, ModelArgs, Any]:
             "tokenizer, so point it at the downloaded model (params.json + weights + tokenizer file)."
         )
     model_args = ModelArgs.from_folder(folder)
+    from finetune.build import check_trainable_vocab
+
+    check_trainable_vocab(model_args, str(folder))  # a v1 model: points at utils.extend_model_vocab
     return args, model_args, load_tokenizer(folder, model_args.vocab_size)
 
 

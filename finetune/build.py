@@ -19,7 +19,7 @@ from finetune.config import ConfigError
 from finetune.loss import CausalLMLoss
 from finetune.parallel import freeze, parallelize
 from model.args import LoraArgs, ModelArgs
-from model.checkpoint import iter_checkpoint_tensors, load_adapters_state
+from model.checkpoint import iter_base_weights, load_adapters_state
 from model.lora import is_lora_key, lora_modules
 from model.quant import NF4LoRALinear, import_bitsandbytes, quantize_lora_layers, quantize_nf4
 from model.transformer import Transformer
@@ -161,13 +161,9 @@ def check_quantization(quantization: str) -> None:
 def _load_base(model: CausalLMLoss, folder: str, device: torch.device) -> None:
     params = {k: v for k, v in model.model.named_parameters() if not is_lora_key(k)}
     nf4 = {f"{n}.weight": m for n, m in lora_modules(model.model).items() if isinstance(m, NF4LoRALinear)}
-    seen: set[str] = set()
-    for key, tensor, path in iter_checkpoint_tensors(folder):
-        if key not in params:
-            raise ValueError(f"{path}: unexpected weight '{key}'; is this a Mistral-format checkpoint of this model?")
-        shape = (nf4[key].out_features, nf4[key].in_features) if key in nf4 else tuple(params[key].shape)
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"{path}: '{key}' has shape {tuple(tensor.shape)}, params.json implies {shape}.")
+    # Checkpoint shapes: NF4 layers hold packed codes, but the file holds the (out, in) weight.
+    shapes = {k: (nf4[k].out_features, nf4[k].in_features) if k in nf4 else tuple(p.shape) for k, p in params.items()}
+    for key, tensor in iter_base_weights(folder, shapes):
         if key in nf4:
             # Quantized from the checkpoint's own dtype, one tensor at a time: the full-precision
             # model never exists; every rank quantizes the same tensor and keeps its shard.
@@ -176,10 +172,6 @@ def _load_base(model: CausalLMLoss, folder: str, device: torch.device) -> None:
             _copy_into(params[key], packed)
         else:
             _copy_into(params[key], tensor.to(device=device, dtype=params[key].dtype))
-        seen.add(key)
-    missing = sorted(set(params) - seen)
-    if missing:
-        raise ValueError(f"{folder}: checkpoint is missing {len(missing)} weight(s), e.g. {', '.join(missing[:5])}.")
 
 
 def _init_adapters(model: CausalLMLoss, seed: int, device: torch.device) -> None:

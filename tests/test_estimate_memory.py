@@ -1,0 +1,232 @@
+"""The memory planner: its activation formula equals what autograd saves, its CPU estimate is within
+15% of a measured peak, its GPU estimate within 15% of the H100 peaks of docs/benchmarks.md, and
+its command line says whether a plan fits and what to change."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from finetune.args import TrainArgs
+from model.args import LoraArgs, ModelArgs, MoeArgs
+from model.lora import freeze_all_but_lora
+from model.transformer import Transformer
+from utils.estimate_memory import GB, estimate, main, saved_bytes_per_token
+
+REPO = Path(__file__).resolve().parents[1]
+ALL = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
+SHAPE_7B = dict(
+    dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336, vocab_size=32768
+)
+SHAPE_NEMO = dict(
+    dim=5120, n_layers=40, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336, vocab_size=131072
+)
+
+
+def _train_args(**kw) -> TrainArgs:
+    return TrainArgs(model_id_or_path="-", run_dir="-", **kw)
+
+
+def _saved_by_block(args: ModelArgs, lora: LoraArgs, dtype: torch.dtype, seqlens: list[int]) -> float:
+    """Bytes per token of the distinct storages autograd saves inside the second block (whose
+    input requires grad, as in every block but the first), parameters and shared inputs excluded."""
+    torch.manual_seed(0)
+    model = Transformer(args, lora=lora).to(dtype)
+    freeze_all_but_lora(model)
+    block = model.layers[1]
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+    inside = [False]
+
+    def enter(module, inputs):
+        inside[0] = True
+        for t in inputs:  # rotary tables etc.: computed once per forward, shared by all blocks
+            if isinstance(t, torch.Tensor) and not t.requires_grad:
+                skip.add(t.untyped_storage().data_ptr())
+
+    def leave(module, inputs, output):
+        inside[0] = False
+
+    block.register_forward_pre_hook(enter)
+    block.register_forward_hook(leave)
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if inside[0] and storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    ids = torch.randint(0, args.vocab_size, (sum(seqlens),))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.hidden_states(ids, seqlens)
+    return sum(seen.values()) / sum(seqlens)
+
+
+@pytest.mark.parametrize("moe", [None, MoeArgs(4, 2)], ids=["dense", "moe"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("targets", [ALL, ["wq", "wv"], ["wo", "w2"]], ids=["all", "qv", "o-w2"])
+def test_activation_formula_equals_saved_tensors(moe, dtype, targets):
+    args = ModelArgs(
+        dim=128,
+        n_layers=2,
+        head_dim=32,
+        hidden_dim=384,
+        n_heads=4,
+        n_kv_heads=2,
+        norm_eps=1e-5,
+        vocab_size=256,
+        moe=moe,
+    )
+    lora = LoraArgs(rank=8, target_modules=targets)
+    measured = _saved_by_block(args, lora, dtype, [100, 60, 96])
+    predicted = saved_bytes_per_token(args, targets, 8, 0.0, 2 if dtype == torch.bfloat16 else 4)
+    assert predicted == measured
+
+
+# A child that trains like benchmarks/bench_train_step.py and reports its own peak RSS. VmHWM, not
+# ru_maxrss: a child's ru_maxrss starts at its parent's (this pytest process's) peak.
+_CHILD = """
+import json, runpy, sys
+sys.argv = ["bench_train_step.py", *{argv!r}]
+runpy.run_path({bench!r}, run_name="__main__")
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print(json.dumps({{"vmhwm_gb": hwm * 1024 / 1e9}}))
+"""
+
+
+@pytest.mark.parametrize("checkpoint", [True, False], ids=["ckpt", "no-ckpt"])
+def test_cpu_estimate_within_15_percent_of_measured_peak(checkpoint):
+    # The 'small' shape with 2 layers: a few seconds per run, activations and loss both sizeable.
+    seq_len, n_layers = 2048, 2
+    argv = [
+        "--preset",
+        "small",
+        "--n_layers",
+        str(n_layers),
+        "--seq_len",
+        str(seq_len),
+        "--precision",
+        "bf16",
+        "--threads",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--peak_tflops",
+        "1",
+    ]
+    argv += [] if checkpoint else ["--no_checkpoint"]
+    code = _CHILD.format(argv=argv, bench=str(REPO / "benchmarks" / "bench_train_step.py"))
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])["vmhwm_gb"]
+    m = ModelArgs(
+        dim=512,
+        n_layers=n_layers,
+        n_heads=8,
+        n_kv_heads=2,
+        head_dim=64,
+        hidden_dim=1536,
+        vocab_size=32768,
+        norm_eps=1e-5,
+    )
+    plan = estimate(m, _train_args(seq_len=seq_len, checkpoint=checkpoint, precision="bf16"), device="cpu")
+    assert plan.total / GB == pytest.approx(measured, rel=0.15), (plan.parts, measured)
+
+
+@pytest.mark.parametrize(
+    "shape, seq_len, checkpoint, measured_gb",
+    [
+        (SHAPE_7B, 8192, True, 20.4),
+        (SHAPE_7B, 8192, False, 65.2),
+        (SHAPE_7B, 32768, True, 33.6),
+        (SHAPE_NEMO, 8192, True, 35.5),
+    ],
+    ids=["7b-8k-ckpt", "7b-8k", "7b-32k-ckpt", "nemo-8k-ckpt"],
+)
+def test_gpu_estimate_within_15_percent_of_h100_peaks(shape, seq_len, checkpoint, measured_gb):
+    # docs/benchmarks.md: one H100, LoRA rank 16, bf16, torch.cuda.max_memory_allocated.
+    m = ModelArgs(**shape, norm_eps=1e-5)
+    plan = estimate(m, _train_args(seq_len=seq_len, checkpoint=checkpoint, precision="bf16"), device="cuda")
+    assert plan.allocated / GB == pytest.approx(measured_gb, rel=0.15)
+    assert plan.total == pytest.approx(plan.allocated + 1.0 * GB)  # plus the CUDA context
+
+
+def test_sharding_divides_weights_and_optimizer_state():
+    m = ModelArgs(**SHAPE_7B, norm_eps=1e-5)
+    args = _train_args(seq_len=8192, precision="bf16")
+    one, eight = estimate(m, args, n_devices=1), estimate(m, args, n_devices=8)
+    for part in ("base weights (sharded)", "trainable: fp32 + grads + AdamW"):
+        assert eight.parts[part] == pytest.approx(one.parts[part] / 8)
+    assert eight.parts["activations: block inputs"] == one.parts["activations: block inputs"]
+
+
+def test_checkpointing_saves_what_the_formula_says():
+    m = ModelArgs(**SHAPE_7B, norm_eps=1e-5)
+    on = estimate(m, _train_args(seq_len=8192, precision="bf16", checkpoint=True))
+    off = estimate(m, _train_args(seq_len=8192, precision="bf16", checkpoint=False))
+    per_layer = saved_bytes_per_token(m, ALL, 16, 0.0, 2)
+    assert off.parts["activations: saved tensors"] == 32 * 8192 * per_layer
+    assert on.parts["activations: block inputs"] == 32 * 8192 * 4096 * 2
+
+
+def _workspace(tmp_path: Path, **config) -> Path:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "params.json").write_text(json.dumps({**SHAPE_7B, "norm_eps": 1e-5, "rope_theta": 1e6}))
+    cfg = {
+        "model_id_or_path": str(folder),
+        "run_dir": str(tmp_path / "run"),
+        "data": {"instruct_data": "/path/to/train.jsonl"},
+        **config,
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_cli_fits_with_a_folder_holding_only_params_json(tmp_path, capsys):
+    cfg = _workspace(tmp_path, seq_len=8192)
+    assert main(["--train_yaml", str(cfg), "--gpus", "8", "--gpu-memory", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "fits:" in out and "base weights (sharded)" in out
+
+
+def test_cli_does_not_fit_and_names_the_knobs(tmp_path, capsys):
+    cfg = _workspace(tmp_path, seq_len=32768, checkpoint=False)
+    assert main(["--train_yaml", str(cfg), "--gpus", "1", "--gpu-memory", "80"]) == 1
+    out = capsys.readouterr().out
+    assert "does NOT fit" in out
+    assert "checkpoint: true" in out and "seq_len:" in out
+    # A command-line override (as train.py takes them) makes it fit.
+    assert main(["--train_yaml", str(cfg), "--gpus", "1", "--checkpoint", "true"]) == 0
+
+
+def test_cli_missing_model_folder_is_a_user_error(tmp_path, capsys):
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model_id_or_path": str(tmp_path / "nowhere"),
+                "run_dir": str(tmp_path / "r"),
+                "data": {"instruct_data": "/path/to/train.jsonl"},
+            }
+        )
+    )
+    assert main(["--train_yaml", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "params.json" in err

@@ -1,0 +1,346 @@
+"""Will it fit? Peak memory per GPU (or per CPU process) of a training run, before running it.
+
+    python -m utils.estimate_memory --train_yaml example/7B.yaml --gpus 8 [--gpu-memory 80]
+    python -m utils.estimate_memory --train_yaml example/7B.yaml --gpus 1 --model /path/params.json \\
+        --seq_len 8192 --checkpoint false            # overrides as train.py takes them
+    python -m utils.estimate_memory --train_yaml CONFIG.yaml --device cpu --precision bf16
+
+The model shape comes from ``params.json`` (or a Hugging Face ``config.json``) in the config's
+``model_id_or_path``, or from ``--model`` (a folder holding only params.json is enough). The
+estimate is a sum of explicit terms, each printed; docs/memory.md derives them and gives the
+measured accuracy. In short, per device with N = world size (FSDP2 shards every block and the
+root over all N):
+
+- frozen base weights in the compute dtype (NF4 linears at 4.13 bits with ``quantization: nf4``) / N,
+  plus the all-gathered *unsharded* root (embedding, final norm, output: alive through forward and
+  backward) and the largest block unsharded twice (the one computing and the one prefetched);
+- adapters in float32 + their gradients + AdamW's two moments (16 bytes per trainable parameter) / N;
+- activations: the tensors autograd saves per layer and token (``saved_bytes_per_token``, which
+  equals what a real block saves; a test checks it), for every layer without activation
+  checkpointing; with it, only each block's input plus one recomputed block;
+- the fused loss: the final norm's float32 input, the target rows' hidden states and their
+  gradient, and one chunk of ``loss_chunk_size x vocab`` float32 logits (x2 while the log-softmax
+  is computed; when there are two chunks or more, the previous chunk's probabilities are still
+  alive when the next is computed);
+- a fixed overhead: the CUDA context (~1 GB, outside ``max_memory_allocated``) on GPU, the Python +
+  torch process baseline on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from finetune.args import TrainArgs, load_train_args
+from finetune.config import ConfigError
+from model.args import ModelArgs
+
+GB = 1e9
+CUDA_CONTEXT = 1.0 * GB  # CUDA context + cuBLAS/NCCL workspaces; outside max_memory_allocated
+CPU_BASELINE = 0.31 * GB  # RSS of python + torch + this project imported, gloo group of one
+# Calibrated, not derived (docs/memory.md): on CPU the peak RSS also holds memory that glibc keeps
+# after frees (heap fragmentation; autograd's backward thread allocates from another arena) and
+# oneDNN/OpenMP scratch. Fitted on bench_train_step.py's small and tiny configs as a constant plus
+# a share of the largest transient. On GPU max_memory_allocated counts live tensors only.
+CPU_RUNTIME = 0.10 * GB
+CPU_TRANSIENT_SLACK = 0.25
+NF4_BITS = 4.13  # 4-bit codes + uint8 absmax per 64 + float32 per 256 absmaxes (model/quant.py)
+_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+@dataclass
+class Plan:
+    device: str  # "cuda" or "cpu"
+    n_devices: int
+    parts: dict[str, float]  # bytes per device, in print order; their sum is the peak
+    capacity: float | None = None  # bytes per device (GPU memory, or RAM / processes on CPU)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+    @property
+    def allocated(self) -> float:
+        """What torch.cuda.max_memory_allocated would report: everything but the fixed overhead."""
+        return self.total - self.parts.get("fixed overhead", 0.0)
+
+    @property
+    def fits(self) -> bool:
+        return self.capacity is None or self.total <= self.capacity
+
+
+def linear_shapes(m: ModelArgs) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of every linear layer of a block."""
+    q, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
+    return {
+        "wq": (m.dim, q),
+        "wk": (m.dim, kv),
+        "wv": (m.dim, kv),
+        "wo": (q, m.dim),
+        "w1": (m.dim, m.hidden_dim),
+        "w2": (m.hidden_dim, m.dim),
+        "w3": (m.dim, m.hidden_dim),
+    }
+
+
+def _copies(m: ModelArgs, name: str) -> int:
+    """How many times a block holds this linear: once per expert for the feed-forward of MoE."""
+    return m.moe.num_experts if (m.moe and name in ("w1", "w2", "w3")) else 1
+
+
+def param_counts(m: ModelArgs, targets: list[str], rank: int) -> dict[str, int]:
+    """Parameters of one block (base, adapters, base weights of LoRA-targeted linears) and of the root."""
+    shapes = linear_shapes(m)
+    block = sum(i * o * _copies(m, n) for n, (i, o) in shapes.items()) + 2 * m.dim
+    block += m.dim * m.moe.num_experts if m.moe else 0  # router
+    targeted = sum(i * o * _copies(m, n) for n, (i, o) in shapes.items() if n in targets)
+    lora = sum(rank * (i + o) * _copies(m, n) for n, (i, o) in shapes.items() if n in targets)
+    root = 2 * m.vocab_size * m.dim + m.dim  # embedding, output, final norm
+    return {"block": block, "block_targeted": targeted, "block_lora": lora, "root": root}
+
+
+def saved_bytes_per_token(m: ModelArgs, targets: list[str], rank: int, dropout: float, c: int) -> float:
+    """Bytes autograd saves for backward, per token, in one transformer block (eager, frozen base).
+
+    ``c`` is the compute dtype's size. A frozen linear saves nothing of its input; a LoRA linear saves
+    its input (for lora_A's gradient; one tensor shared by wq/wk/wv and by w1/w3) and the rank-sized
+    ``A x`` (for lora_B's). RMSNorm saves its float32 input and the (tokens, 1) rsqrt. Attention
+    (SDPA per document, or FlexAttention) saves q, k, v after rotary, its output and a float32
+    log-sum-exp per head; the output is copied once more into the (tokens, heads*head_dim) input
+    of wo. SwiGLU saves w1's and w3's outputs and silu(w1 x); the product is w2's input.
+    Dropout on the adapters adds, per LoRA linear, its dropped input and a one-byte mask.
+    """
+    shapes = linear_shapes(m)
+    qd = m.n_heads * m.head_dim
+    t = set(targets)
+    lora_u = c * rank  # A x of one LoRA linear
+    total = 2 * (4 * m.dim + 4)  # two RMSNorms
+    total += (c * m.dim if t & {"wq", "wk", "wv"} else 0) + lora_u * len(t & {"wq", "wk", "wv"})
+    total += c * (m.n_heads + 2 * m.n_kv_heads) * m.head_dim + c * qd + 4 * m.n_heads  # q k v, out, lse
+    total += (c * qd + lora_u) if "wo" in t else 0
+    ffn = 3 * c * m.hidden_dim + (c * m.dim if t & {"w1", "w3"} else 0)
+    ffn += lora_u * len(t & {"w1", "w2", "w3"}) + (c * m.hidden_dim if "w2" in t else 0)
+    if m.moe is None:
+        total += ffn
+    else:
+        k = m.moe.num_experts_per_tok
+        # Router: top-k indices (int64) and softmax weights (float32). Per routed token, the expert's
+        # feed-forward as above (its input is a gathered copy), its output and gathered mixing
+        # weight (saved by the weighting product), the weighted output (saved by index_add_) and
+        # two int64 indices.
+        total += 8 * k + 4 * k + k * (ffn + 2 * c * m.dim + c + 16)
+    if dropout > 0:
+        total += sum((c + 1) * shapes[n][0] for n in t) * (m.moe.num_experts_per_tok if m.moe else 1)
+    return float(total)
+
+
+def estimate(
+    m: ModelArgs, args: TrainArgs, *, n_devices: int = 1, device: str = "cuda", capacity: float | None = None
+) -> Plan:
+    """Peak memory per device of ``train.py`` with this model and config on ``n_devices``."""
+    precision = args.precision if args.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
+    c = _DTYPE_BYTES[precision]
+    lora = args.lora.enable
+    targets = list(args.lora.target_modules) if lora else list(LINEARS)
+    rank = args.lora.rank if lora else 0
+    counts = param_counts(m, targets, rank)
+    nf4 = getattr(args, "quantization", "none") == "nf4"
+    N, L = n_devices, m.n_layers
+    T = args.seq_len * args.batch_size  # tokens of one micro-batch on one device
+    parts: dict[str, float] = {}
+    notes: list[str] = []
+
+    # Weights. Frozen base in the compute dtype (trainable ones in float32 when fine-tuning fully).
+    base_b = 4 if not lora else c
+    block_base = counts["block"] * base_b
+    if nf4:
+        block_base -= counts["block_targeted"] * (c - NF4_BITS / 8)
+    base_total = L * block_base + counts["root"] * base_b
+    parts["base weights (sharded)"] = base_total / N
+    # All-gathered copies in the compute dtype: the root for the whole step, two blocks at a time.
+    block_unsharded = block_base * c / base_b + counts["block_lora"] * c
+    parts["unsharded root + 2 blocks"] = counts["root"] * c + 2 * block_unsharded
+    trainable = L * counts["block_lora"] if lora else L * counts["block"] + counts["root"]
+    parts["trainable: fp32 + grads + AdamW"] = (trainable * 16 - (base_total if not lora else 0)) / N
+    if not lora:
+        notes.append("full fine-tuning: trainable weights are counted in fp32 once, with grads and AdamW")
+
+    # Activations. Saved tensors of every block, or only block inputs + one recomputed block.
+    per_layer = saved_bytes_per_token(m, targets, rank if lora else 0, args.lora.dropout if lora else 0.0, c)
+    if args.checkpoint:
+        parts["activations: block inputs"] = L * T * m.dim * c
+        recompute = T * per_layer
+    else:
+        parts["activations: saved tensors"] = L * T * per_layer
+        recompute = 0.0
+    # Backward of one block: gradients of its largest intermediates (three (tokens, hidden) at once).
+    k = m.moe.num_experts_per_tok if m.moe else 1
+    backward = recompute + 3 * T * k * m.hidden_dim * c
+    if nf4:
+        i, o = max(linear_shapes(m).values(), key=lambda s: s[0] * s[1])
+        backward += i * o * c  # one dequantized weight at a time
+
+    # Loss: final norm's float32 input, hidden states, target rows and their gradient, logits chunk.
+    n_targets = T  # upper bound: every token a target
+    chunk = min(args.loss_chunk_size, n_targets)
+    loss_fixed = T * m.dim * (4 + c) + 2 * n_targets * m.dim * c
+    logits = chunk * m.vocab_size * (8 if n_targets <= args.loss_chunk_size else 14)
+    parts["loss: hidden states"] = loss_fixed
+    which = (
+        "loss chunk"
+        if logits >= backward
+        else ("recomputed block + its backward" if args.checkpoint else "block backward")
+    )
+    parts[f"transient: {which}"] = max(logits, backward)
+    if device == "cpu":
+        parts["CPU allocator slack (calibrated)"] = CPU_RUNTIME + CPU_TRANSIENT_SLACK * max(logits, backward)
+    parts["fixed overhead"] = CUDA_CONTEXT if device == "cuda" else CPU_BASELINE
+    return Plan(device, n_devices, parts, capacity, notes)
+
+
+def advise(m: ModelArgs, args: TrainArgs, plan: Plan) -> list[str]:
+    """Knobs that make a plan fit, each with the estimate it gives; when no single knob is
+    enough, the ones that help most. Empty when the plan fits."""
+    if plan.fits:
+        return []
+    cap = plan.capacity
+
+    def total(a: TrainArgs, n: int = plan.n_devices) -> float:
+        return estimate(m, a, n_devices=n, device=plan.device, capacity=cap).total
+
+    knobs: list[tuple[str, float]] = []
+    if not args.checkpoint:
+        knobs.append(("checkpoint: true (activation checkpointing)", total(replace(args, checkpoint=True))))
+    if args.batch_size > 1:
+        a = replace(args, batch_size=1, num_microbatches=args.num_microbatches * args.batch_size)
+        knobs.append(
+            (f"batch_size: 1, num_microbatches: {a.num_microbatches} (same tokens per step)", total(a))
+        )
+    seq = args.seq_len
+    while seq > 512 and total(replace(args, seq_len=seq)) > cap:
+        seq //= 2
+    if seq != args.seq_len:
+        knobs.append((f"seq_len: {seq}", total(replace(args, seq_len=seq))))
+    n = plan.n_devices
+    while n < 1024 and total(args, n) > cap:
+        n *= 2
+    if n != plan.n_devices:
+        knobs.append((f"{n} GPUs (FSDP shards weights and optimizer state)", total(args, n)))
+    if args.lora.enable and args.lora.rank > 8:
+        a = replace(args, lora=replace(args.lora, rank=8))
+        knobs.append(("lora.rank: 8", total(a)))
+    if args.lora.enable and getattr(args, "quantization", None) == "none":
+        knobs.append(
+            ("quantization: nf4 (QLoRA: 4-bit base weights)", total(replace(args, quantization="nf4")))
+        )
+    if args.loss_chunk_size > 512:
+        knobs.append(("loss_chunk_size: 512", total(replace(args, loss_chunk_size=512))))
+    knobs = [(k, t) for k, t in knobs if t < plan.total * 0.98]  # only knobs that matter
+    fitting = [(k, t) for k, t in knobs if t <= cap]
+    shown = fitting or sorted(knobs, key=lambda kt: kt[1])[:3]
+    suffix = "" if fitting else " (not enough alone)"
+    return [f"{k} -> {t / GB:.1f} GB{suffix}" for k, t in shown]
+
+
+def describe(m: ModelArgs, args: TrainArgs, plan: Plan) -> str:
+    counts = param_counts(m, list(args.lora.target_modules), args.lora.rank)
+    n_params = m.n_layers * counts["block"] + counts["root"]
+    what = "GPU" if plan.device == "cuda" else "CPU process"
+    lines = [
+        f"model: {n_params / 1e9:.2f}B parameters (dim {m.dim}, {m.n_layers} layers, vocab {m.vocab_size}"
+        + (f", {m.moe.num_experts} experts" if m.moe else "")
+        + ")",
+        "training: "
+        + (
+            f"LoRA rank {args.lora.rank} on {', '.join(args.lora.target_modules)} "
+            f"({m.n_layers * counts['block_lora'] / 1e6:.1f}M trainable)"
+            if args.lora.enable
+            else "full fine-tuning"
+        )
+        + f"; {args.seq_len} x {args.batch_size} tokens per micro-batch; activation checkpointing "
+        + ("on" if args.checkpoint else "off")
+        + f"; {plan.n_devices} {what}(s)",
+        "",
+        f"{'per ' + what:<44} {'GB':>8}",
+    ]
+    for name, value in plan.parts.items():
+        lines.append(f"  {name:<42} {value / GB:8.2f}")
+    lines.append(f"  {'total (peak)':<42} {plan.total / GB:8.2f}")
+    lines += [f"note: {n}" for n in plan.notes]
+    if plan.capacity is not None:
+        verdict = "fits" if plan.fits else "does NOT fit"
+        lines.append(
+            f"\n{verdict}: {plan.total / GB:.1f} GB of {plan.capacity / GB:.0f} GB "
+            f"({100 * plan.total / plan.capacity:.0f}%)"
+        )
+        if plan.fits and plan.total > 0.9 * plan.capacity:
+            lines.append("tight: allocator fragmentation can add 5-10% on top of this estimate")
+        knobs = advise(m, args, plan)
+        if knobs:
+            lines.append("to make it fit, change one of:")
+            lines += [f"  - {k}" for k in knobs]
+    return "\n".join(lines)
+
+
+def _load_model_args(path: str) -> ModelArgs:
+    p = Path(path)
+    if p.is_file() and p.name in ("params.json", "config.json"):
+        p = p.parent
+    if not p.is_dir():
+        raise ConfigError(
+            f"model folder '{path}' not found: give --model a folder with params.json (the file alone is enough "
+            "for planning) or set model_id_or_path in the config."
+        )
+    return ModelArgs.from_folder(p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Other --key value pairs override the YAML, as for train.py.",
+    )
+    parser.add_argument("--train_yaml", required=True)
+    parser.add_argument("--gpus", type=int, default=1, help="world size (processes sharding the model)")
+    parser.add_argument(
+        "--gpu-memory",
+        "--gpu_memory",
+        type=float,
+        default=80.0,
+        dest="gpu_memory",
+        help="GB per GPU (default 80)",
+    )
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--model", help="folder with params.json (or the file), instead of model_id_or_path")
+    opts, overrides = parser.parse_known_args(argv)
+    try:
+        if opts.gpus < 1:
+            raise ConfigError(f"--gpus must be >= 1, got {opts.gpus}.")
+        args = load_train_args(opts.train_yaml, overrides)
+        m = _load_model_args(opts.model or args.model_id_or_path)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if opts.device == "cuda":
+        capacity = opts.gpu_memory * GB
+    else:
+        capacity = _ram_bytes() / opts.gpus
+    plan = estimate(m, args, n_devices=opts.gpus, device=opts.device, capacity=capacity)
+    print(describe(m, args, plan))
+    return 0 if plan.fits else 1
+
+
+def _ram_bytes() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return math.inf
+
+
+if __name__ == "__main__":
+    sys.exit(main())

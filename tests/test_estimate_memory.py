@@ -5,6 +5,7 @@ its command line says whether a plan fits and what to change."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -130,7 +131,7 @@ def test_cpu_estimate_within_15_percent_of_measured_peak(checkpoint):
         capture_output=True,
         text=True,
         timeout=600,
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     measured = json.loads(proc.stdout.strip().splitlines()[-1])["vmhwm_gb"]

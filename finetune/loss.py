@@ -42,6 +42,9 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                     grad_h[start : start + chunk_size] = g @ weight
                 if need_w:
                     grad_w += (g.t() @ hc).to(acc)
+                del grad_logits, g
+            # Free this chunk before the next one is computed: peak stays at one chunk.
+            del log_probs
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return loss

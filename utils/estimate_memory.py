@@ -20,8 +20,7 @@ root over all N):
   checkpointing; with it, only each block's input plus one recomputed block;
 - the fused loss: the final norm's float32 input, the target rows' hidden states and their
   gradient, and one chunk of ``loss_chunk_size x vocab`` float32 logits (x2 while the log-softmax
-  is computed; when there are two chunks or more, the previous chunk's probabilities are still
-  alive when the next is computed);
+  is computed; each chunk is freed before the next);
 - a fixed overhead: the CUDA context (~1 GB, outside ``max_memory_allocated``) on GPU, the Python +
   torch process baseline on CPU.
 """
@@ -189,7 +188,7 @@ def estimate(
     n_targets = T  # upper bound: every token a target
     chunk = min(args.loss_chunk_size, n_targets)
     loss_fixed = T * m.dim * (4 + c) + 2 * n_targets * m.dim * c
-    logits = chunk * m.vocab_size * (8 if n_targets <= args.loss_chunk_size else 14)
+    logits = chunk * m.vocab_size * 8
     parts["loss: hidden states"] = loss_fixed
     which = (
         "loss chunk"

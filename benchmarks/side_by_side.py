@@ -1,7 +1,7 @@
 """Ours versus Hugging Face transformers + PEFT, in the same run, alternating.
 
     python3 benchmarks/side_by_side.py                       # the issue's comparison, ~10 min on 2 idle cores
-    python3 benchmarks/side_by_side.py --seq_lens 1024 --checkpoint off --repeats 5 --ours_args="--compile"
+    python3 benchmarks/side_by_side.py --seq_lens 1024 --checkpoint off --repeats 5 --ours_args="--loss_chunk_size 512"
 
 For every config (seq_len x activation checkpointing) it runs ``--repeats`` pairs, one ours
 (benchmarks/bench_train_step.py) and one theirs (benchmarks/bench_hf.py, in its own venv), each in
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--doc_min", type=int, default=64)
     parser.add_argument("--doc_max", type=int, default=512)
     parser.add_argument(
-        "--ours_args", default="", help="extra flags for bench_train_step.py, e.g. '--compile'"
+        "--ours_args", default="", help="extra flags for bench_train_step.py, e.g. '--loss_chunk_size 512'"
     )
     parser.add_argument(
         "--hf_args", default="", help="extra flags for bench_hf.py, e.g. '--attn_implementation eager'"

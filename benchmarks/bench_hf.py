@@ -40,20 +40,9 @@ VENV = Path(__file__).resolve().parent / ".venv-hf"
 TORCH_REQ = "torch==2.13.0"
 HF_REQS = ("transformers==5.24.0", "peft==0.21.2", "numpy")
 
-# The shapes of bench_train_step.PRESETS (the venv cannot import the project, so they are repeated;
-# side_by_side.py checks both tables agree).
-PRESETS = {
-    "small": dict(
-        dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=1536, vocab_size=32768
-    ),
-    "7b": dict(
-        dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336, vocab_size=32768
-    ),
-    "nemo": dict(
-        dim=5120, n_layers=40, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336, vocab_size=131072
-    ),
-    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128, vocab_size=32768),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workload import PRESETS, packed_rows  # noqa: E402  (the same shapes and rows as ours)
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -82,31 +71,6 @@ def in_venv() -> bool:
 
 
 # ---------------------------------------------------------------- batches (same as ours)
-
-
-def packed_rows(n: int, seq_len: int, batch_size: int, doc_min: int, doc_max: int, vocab: int, seed: int = 0):
-    """bench_train_step.packed_batches without the project's Batch class: the same random stream,
-    so the same rows; returns (x, y, y_mask, seqlens) tuples."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        seqlens, mask = [], []
-        for _ in range(batch_size):
-            used = 0
-            while seq_len - used >= doc_min:
-                length = int(min(rng.integers(doc_min, doc_max + 1), seq_len - used))
-                seqlens.append(length)
-                mask.append(np.ones(length, bool))
-                used += length
-            if used < seq_len:
-                seqlens.append(seq_len - used)
-                mask.append(np.zeros(seq_len - used, bool))
-        x = rng.integers(0, vocab, seq_len * batch_size).astype(np.int64)
-        y = rng.integers(0, vocab, seq_len * batch_size).astype(np.int64)
-        out.append((x, y, np.concatenate(mask), seqlens))
-    return out
 
 
 def fingerprint(rows) -> str:

@@ -15,50 +15,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from finetune import distributed as D
+from finetune.args import TrainArgs
 from finetune.build import Precision, build_sharded, resolve_attention
 from finetune.data.loader import Batch
 from finetune.monitoring import peak_memory_gb
 from finetune.trainer import TrainState, train_step
-from finetune.args import TrainArgs
 from model.args import LoraArgs, ModelArgs, MoeArgs
 from model.lora import LoRALinear, lora_modules
 
-PRESETS = {
-    # The reference CPU config of docs/benchmarks.md.
-    "small": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=1536, vocab_size=32768),
-    "7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336, vocab_size=32768),
-    "nemo": dict(dim=5120, n_layers=40, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336, vocab_size=131072),
-    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128, vocab_size=32768),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workload import PRESETS, packed_rows  # noqa: E402  (numpy-only module shared with bench_hf.py)
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def packed_batches(n: int, seq_len: int, batch_size: int, doc_min: int, doc_max: int, vocab: int, seed: int = 0):
-    """Rows of random documents with lengths in [doc_min, doc_max]; the tail of a row is filler."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        seqlens, mask = [], []
-        for _ in range(batch_size):
-            used = 0
-            while seq_len - used >= doc_min:
-                length = int(min(rng.integers(doc_min, doc_max + 1), seq_len - used))
-                seqlens.append(length)
-                mask.append(np.ones(length, bool))
-                used += length
-            if used < seq_len:
-                seqlens.append(seq_len - used)
-                mask.append(np.zeros(seq_len - used, bool))
-        x = rng.integers(0, vocab, seq_len * batch_size).astype(np.int64)
-        y = rng.integers(0, vocab, seq_len * batch_size).astype(np.int64)
-        out.append(Batch(x, y, np.concatenate(mask), seqlens))
-    return out
+    return [Batch(*row) for row in packed_rows(n, seq_len, batch_size, doc_min, doc_max, vocab, seed)]
 
 
 def model_flops_per_token(args: ModelArgs, lora: LoraArgs, batches: list[Batch]) -> float:
@@ -80,7 +60,7 @@ def model_flops_per_token(args: ModelArgs, lora: LoraArgs, batches: list[Batch])
                  for t in lora.target_modules) * args.n_layers
     pairs = tokens = 0
     for b in batches:
-        real = [n for n, start in zip(b.seqlens, np.cumsum([0] + b.seqlens[:-1])) if b.y_mask[start: start + n].any()]
+        real = [n for n, start in zip(b.seqlens, np.cumsum([0] + b.seqlens[:-1]), strict=True) if b.y_mask[start: start + n].any()]
         window = args.sliding_window or 1 << 60
         pairs += sum(sum(min(i + 1, window) for i in range(n)) for n in real)
         tokens += len(b.x)

@@ -107,8 +107,8 @@ def test_schedule_warms_up_then_decays_by_cosine():
     lrs = [lr_at(s, args) for s in range(1, 101)]
     assert lrs[0] == pytest.approx(1e-4)  # step 1 of 10 warm-up steps
     assert lrs[9] == pytest.approx(1e-3)  # peak at the end of warm-up
-    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10], strict=False))
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
     assert lrs[-1] == pytest.approx(1e-4)  # lr * min_lr_ratio
     mid = 10 + 45
     assert lr_at(mid, args) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 45 / 90)))

@@ -194,21 +194,22 @@ def _check_data(args: TrainArgs, tokenizer, config_path: str, device: torch.devi
 
 
 def run(args: TrainArgs, config_path: str, device: torch.device) -> None:
+    precision = resolve_precision(args.precision, device)
+    torch.manual_seed(args.seed + D.rank())  # dropout masks; data order has its own seeded RNGs
+    logger.info("Training on %d process(es), device %s, precision %s", D.world_size(), device.type, precision.name)
+    # Model and data are checked before anything is written: a mistake leaves no run_dir behind.
+    model_args = ModelArgs.from_folder(args.model_id_or_path)
+    check_trainable_vocab(model_args, args.model_id_or_path)  # before the tokenizer: its error is clearer
+    tokenizer = load_tokenizer(args.model_id_or_path, model_args.vocab_size)
+    cache_dir = Path(args.data.cache_dir) if args.data.cache_dir else None
+    _check_data(args, tokenizer, config_path, device, cache_dir)
+
     run_dir = Path(args.run_dir)
     resume_from = latest_resumable(run_dir)
     if D.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "args.yaml").write_text(yaml.safe_dump(to_dict(args), sort_keys=False))
     D.barrier()
-    precision = resolve_precision(args.precision, device)
-    torch.manual_seed(args.seed + D.rank())  # dropout masks; data order has its own seeded RNGs
-    logger.info("Training on %d process(es), device %s, precision %s", D.world_size(), device.type, precision.name)
-
-    model_args = ModelArgs.from_folder(args.model_id_or_path)
-    check_trainable_vocab(model_args, args.model_id_or_path)  # before the tokenizer: its error is clearer
-    tokenizer = load_tokenizer(args.model_id_or_path, model_args.vocab_size)
-    cache_dir = Path(args.data.cache_dir) if args.data.cache_dir else None
-    _check_data(args, tokenizer, config_path, device, cache_dir)
     loader_kw = dict(seq_len=args.seq_len, batch_size=args.batch_size, rank=D.rank(),
                      world_size=D.world_size(), cache_dir=cache_dir)
     loader = build_train_loader(args.data, tokenizer.instruct_tokenizer, seed=args.seed, **loader_kw)

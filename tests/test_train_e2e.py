@@ -210,7 +210,7 @@ def test_invalid_data_refuses_to_train(workspace, tmp_path):
     assert f"{bad}:1" in result.stderr and f"{bad}:2" in result.stderr
     assert "utils.validate_data --train_yaml" in result.stderr and "--create_corrected" in result.stderr
     assert "Traceback" not in result.stderr
-    assert not (workspace[0] / "baddata" / "checkpoints").exists()
+    assert not (workspace[0] / "baddata").exists()  # nothing written for a run that cannot start
 
 
 def test_new_run_can_start_from_an_existing_adapter(single, workspace):

@@ -197,8 +197,9 @@ def default_output(path: Path, tag: str) -> Path:
     return path.with_name(f"{path.stem}.{tag}{path.suffix or '.jsonl'}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m utils.reformat_data", description=__doc__.split("\n")[0])
+def parse_reformat_args(prog: str, description: str, argv: list[str] | None) -> tuple[Path, Path, int] | None:
+    """The command line shared by the reformat tools: (input, output, seed), or None after an error."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("file")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--output", default=None, help="default: FILE.reformatted.jsonl next to FILE")
@@ -208,9 +209,17 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(opts.file)
     if not path.is_file():
         print(f"error: {path} is not a file.", file=sys.stderr)
-        return 1
+        return None
     out = path if opts.in_place else Path(opts.output) if opts.output else default_output(path, "reformatted")
-    written, changed, skipped = reformat_file(path, out, opts.seed)
+    return path, out, opts.seed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parsed = parse_reformat_args("python -m utils.reformat_data", __doc__.split("\n")[0], argv)
+    if parsed is None:
+        return 1
+    path, out, seed = parsed
+    written, changed, skipped = reformat_file(path, out, seed)
     print(f"Wrote {out}: {written} line(s), {changed} changed, {skipped} skipped.")
     return 0
 

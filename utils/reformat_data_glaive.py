@@ -19,16 +19,14 @@ Skipped lines are printed with their line number and the reason, then counted.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import os
 import random
 import sys
-from pathlib import Path
 from typing import Any
 
-from utils.reformat_data import Skip, default_output, new_id
+from utils.reformat_data import Skip, new_id, parse_reformat_args
 
 
 def parse_json_values(text: str) -> list[Any]:
@@ -153,21 +151,11 @@ def convert(row: Any, rng: random.Random) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m utils.reformat_data_glaive", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("file")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--output", default=None, help="default: FILE.reformatted.jsonl next to FILE")
-    where.add_argument("--in-place", "--in_place", dest="in_place", action="store_true")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the generated tool-call ids")
-    opts = parser.parse_args(argv)
-    path = Path(opts.file)
-    if not path.is_file():
-        print(f"error: {path} is not a file.", file=sys.stderr)
+    parsed = parse_reformat_args("python -m utils.reformat_data_glaive", __doc__.split("\n")[0], argv)
+    if parsed is None:
         return 1
-    out = path if opts.in_place else Path(opts.output) if opts.output else default_output(path, "reformatted")
-    rng = random.Random(opts.seed)
+    path, out, seed = parsed
+    rng = random.Random(seed)
     total, skipped = 0, []
     tmp = out.with_name(out.name + ".tmp")
     with open(path, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:

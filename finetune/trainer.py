@@ -193,6 +193,27 @@ def _check_data(args: TrainArgs, tokenizer, config_path: str, device: torch.devi
         raise error if error else ConfigError("invalid training data (see rank 0's message)")
 
 
+def build_optimizer(model: CausalLMLoss, args: TrainArgs) -> torch.optim.Optimizer:
+    """AdamW over the trainable (float32) parameters; the learning rate is set every step."""
+    return torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=args.optim.lr, betas=tuple(args.optim.betas), eps=args.optim.eps,
+        weight_decay=args.optim.weight_decay, foreach=True,
+    )
+
+
+def _resume(ckpt: Path, run_dir: Path, model: CausalLMLoss, optimizer: torch.optim.Optimizer, loader) -> TrainState:
+    """Restore adapters, optimizer, step, data position and RNGs from a checkpoint."""
+    train_state, rank_state = load_checkpoint(ckpt, model, optimizer)
+    loader.load_state_dict(rank_state["loader"])
+    _restore_rng(rank_state)
+    state = TrainState(**train_state["train"])
+    if D.is_main():
+        _truncate_metrics(run_dir, state.step)
+    logger.info("Resumed from %s at step %d", ckpt, state.step)
+    return state
+
+
 def run(args: TrainArgs, config_path: str, device: torch.device) -> None:
     precision = resolve_precision(args.precision, device)
     torch.manual_seed(args.seed + D.rank())  # dropout masks; data order has its own seeded RNGs
@@ -216,20 +237,8 @@ def run(args: TrainArgs, config_path: str, device: torch.device) -> None:
     eval_batches = [] if args.no_eval else build_eval_loader(args.data, tokenizer.instruct_tokenizer, **loader_kw)
 
     model, model_args = build_model(args, device, precision)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=args.optim.lr, betas=tuple(args.optim.betas), eps=args.optim.eps,
-        weight_decay=args.optim.weight_decay, foreach=True,
-    )
-    state = TrainState()
-    if resume_from is not None:
-        train_state, rank_state = load_checkpoint(resume_from, model, optimizer)
-        state = TrainState(**train_state["train"])
-        loader.load_state_dict(rank_state["loader"])
-        _restore_rng(rank_state)
-        if D.is_main():
-            _truncate_metrics(run_dir, state.step)
-        logger.info("Resumed from %s at step %d", resume_from, state.step)
+    optimizer = build_optimizer(model, args)
+    state = TrainState() if resume_from is None else _resume(resume_from, run_dir, model, optimizer, loader)
     if state.step >= args.max_steps:
         logger.info("Nothing to do: run_dir already reached max_steps=%d.", args.max_steps)
         return
@@ -284,16 +293,17 @@ def run(args: TrainArgs, config_path: str, device: torch.device) -> None:
             logger.info("step %d | eval_loss %.4f | perplexity %.3f | %d target tokens", step, eval_loss, ppl, n_eval)
 
         if step % args.log_freq == 0 or is_last or stopping:
-            rate = session_steps * tokens_per_step / (time.perf_counter() - session_start)
-            eta = (args.max_steps - step) * (time.perf_counter() - session_start) / session_steps
+            elapsed = time.perf_counter() - session_start
+            rate = session_steps * tokens_per_step / elapsed
             mem = peak_memory_gb(device)
             train_log.log({
                 "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
                 "avg_tokens_per_s": rate, "peak_mem_gb": mem, "tokens_seen": state.tokens_seen,
                 "step_skipped": not applied,
             })
+            eta = format_duration((args.max_steps - step) * elapsed / session_steps)
             line = (f"step {step:>6}/{args.max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f} | "
-                    f"{rate:,.0f} tok/s | peak mem {mem:.2f} GB | ETA {format_duration(eta)}")
+                    f"{rate:,.0f} tok/s | peak mem {mem:.2f} GB | ETA {eta}")
             (progress.write(line) if not progress.disable else logger.info(line))
 
         if not args.no_ckpt and ((args.ckpt_freq > 0 and step % args.ckpt_freq == 0) or is_last or stopping):

@@ -27,7 +27,7 @@ from finetune.args import TrainArgs
 from finetune.build import Precision, build_sharded, resolve_attention
 from finetune.data.loader import Batch
 from finetune.monitoring import peak_memory_gb
-from finetune.trainer import TrainState, train_step
+from finetune.trainer import TrainState, build_optimizer, train_step
 from model.args import LoraArgs, ModelArgs, MoeArgs
 from model.lora import LoRALinear, lora_modules
 
@@ -131,8 +131,8 @@ def main() -> None:
                           activation_checkpointing=not opts.no_checkpoint, loss_chunk_size=opts.loss_chunk_size)
     _random_init(model)
     assert all(isinstance(m, LoRALinear) for m in lora_modules(model).values())
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, foreach=True)
     train_args = TrainArgs(model_id_or_path="-", run_dir="-", num_microbatches=1, lora=lora)
+    optimizer = build_optimizer(model, train_args)  # exactly the training optimizer
     batches = packed_batches(opts.warmup + opts.steps, opts.seq_len, opts.batch_size, opts.doc_min,
                              opts.doc_max, model_args.vocab_size)
     state = TrainState()

@@ -145,7 +145,7 @@ def measure(args: TrainArgs, steps: int) -> dict[str, Any]:
     from finetune.data.loader import build_train_loader
     from finetune.data.tokenizer import load_tokenizer
     from finetune.monitoring import peak_memory_gb
-    from finetune.trainer import TrainState, lr_at, train_step
+    from finetune.trainer import TrainState, build_optimizer, train_step
 
     device = D.init_distributed()
     try:
@@ -164,7 +164,7 @@ def measure(args: TrainArgs, steps: int) -> dict[str, Any]:
             cache_dir=cache,
         )
         model, _ = build_model(args, device, precision)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr_at(1, args))
+        optimizer = build_optimizer(model, args)  # the training optimizer, so memory is the same
         state = TrainState()
         model.train()
         elapsed = 0.0

@@ -27,7 +27,7 @@ def init_distributed() -> torch.device:
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # plain `python train.py`: a group of one
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
             timeout=datetime.timedelta(minutes=30),
@@ -36,7 +36,8 @@ def init_distributed() -> torch.device:
     return device
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on localhost right now (for a one-process group or a test rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

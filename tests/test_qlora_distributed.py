@@ -8,13 +8,14 @@ so the parameter change *is* the gradient.
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
+
+from finetune.distributed import free_port
 
 pytest.importorskip("bitsandbytes")
 
@@ -86,18 +87,12 @@ def _worker(rank: int, world: int, folder: str, out: str, port: int) -> None:
     D.destroy()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("qlora_ranks")
     write_checkpoint(root / "model", tiny_vocab_args(**SHAPE), seed=0)
     for world in (1, 2):
-        mp.spawn(_worker, args=(world, str(root / "model"), str(root), _free_port()), nprocs=world)
+        mp.spawn(_worker, args=(world, str(root / "model"), str(root), free_port()), nprocs=world)
     return root
 
 

@@ -7,7 +7,6 @@ train_step; plain SGD(lr=1) so the parameter change *is* the gradient (Adam woul
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from finetune.args import TrainArgs
 from finetune.data.args import DataArgs
 from finetune.data.loader import Batch
+from finetune.distributed import free_port
 from model.args import LoraArgs
 from tests.model_helpers import write_checkpoint
 from tests.train_helpers import tiny_vocab_args
@@ -71,18 +71,12 @@ def _run(rank: int, world: int, folder: str, out: str, full_ft: bool, device: to
         save_file(weights, os.path.join(out, f"world{world}_{'full' if full_ft else 'lora'}.safetensors"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ranks")
     write_checkpoint(root / "model", tiny_vocab_args(), seed=0)
     for world in (1, 2):
-        mp.spawn(_worker, args=(world, str(root / "model"), str(root), _free_port()), nprocs=world)
+        mp.spawn(_worker, args=(world, str(root / "model"), str(root), free_port()), nprocs=world)
     return root
 
 

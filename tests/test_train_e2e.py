@@ -175,11 +175,9 @@ def test_torchrun_two_processes_train(two_procs):
 
 def test_two_nodes_on_localhost_equal_two_local_processes(workspace, two_procs, tmp_path):
     """torchrun --nnodes 2 --nproc-per-node 1 with a c10d rendezvous on localhost."""
-    import socket
+    from finetune.distributed import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cfg = _config(workspace, "twonodes", max_steps=4, num_microbatches=2, ckpt_freq=4)
     launcher = ["-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes-test"]

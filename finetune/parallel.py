@@ -9,7 +9,6 @@ parameters themselves keep their storage dtype: bfloat16 base, float32 adapters.
 from __future__ import annotations
 
 import torch
-from torch import nn
 from torch.distributed._composable import checkpoint as activation_checkpoint
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -40,7 +39,3 @@ def parallelize(
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     return model
-
-
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]

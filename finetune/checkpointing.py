@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.tensor import DTensor
 
 from finetune import distributed as D
+from finetune.config import ConfigError
 from finetune.loss import CausalLMLoss
 from model.args import LoraArgs, ModelArgs
 from model.lora import LoRALinear, is_lora_key, lora_modules, merge_delta
@@ -174,7 +175,7 @@ def load_checkpoint(ckpt: Path, model: CausalLMLoss, optimizer: torch.optim.Opti
     rank_file = ckpt / "state" / f"rank_{D.rank()}.pt"
     train_state = json.loads((ckpt / "state" / "train_state.json").read_text())
     if train_state.get("world_size") != D.world_size() or not rank_file.is_file():
-        raise RuntimeError(
+        raise ConfigError(
             f"{ckpt} was written by {train_state.get('world_size')} processes but this run has "
             f"{D.world_size()}; resume with the same number of processes (the data order depends on it), "
             "or start a new run_dir with init_lora_from pointing at its consolidated/lora.safetensors."

@@ -173,6 +173,14 @@ def test_torchrun_two_processes_train(two_procs):
     assert sorted(p.name for p in (ckpt / "state").glob("rank_*.pt")) == ["rank_0.pt", "rank_1.pt"]
 
 
+def test_resume_with_another_process_count_is_explained(workspace, two_procs):
+    cfg = _config(workspace, "torchrun2", max_steps=5, num_microbatches=2, ckpt_freq=4)
+    result = run_cli(["train.py", str(cfg)])  # one process, the checkpoint has two
+    assert result.returncode == 1
+    assert "written by 2 processes but this run has 1" in result.stderr and "init_lora_from" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_two_nodes_on_localhost_equal_two_local_processes(workspace, two_procs, tmp_path):
     """torchrun --nnodes 2 --nproc-per-node 1 with a c10d rendezvous on localhost."""
     from finetune.distributed import free_port

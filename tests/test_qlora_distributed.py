@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -21,41 +20,26 @@ pytest.importorskip("bitsandbytes")
 
 from finetune.args import TrainArgs  # noqa: E402
 from finetune.data.args import DataArgs  # noqa: E402
-from finetune.data.loader import Batch  # noqa: E402
 from model.args import LoraArgs  # noqa: E402
 from tests.model_helpers import write_checkpoint  # noqa: E402
-from tests.train_helpers import tiny_vocab_args  # noqa: E402
+from tests.train_helpers import init_test_rank, microbatches, tiny_vocab_args  # noqa: E402
 
 N_BATCHES, SEQ = 4, 48
 SHAPE = dict(dim=64, hidden_dim=128, head_dim=16, n_heads=4, n_kv_heads=2)
 
 
-def _batches() -> list[Batch]:
-    rng = np.random.default_rng(0)
-    out = []
-    for i in range(N_BATCHES):
-        x = rng.integers(0, 32768, SEQ).astype(np.int64)
-        y = rng.integers(0, 32768, SEQ).astype(np.int64)
-        out.append(Batch(x, y, rng.random(SEQ) < 0.3 + 0.2 * i, [20, 28 - i, i] if i else [SEQ]))
-    return out
+def _batches() -> list:
+    return microbatches(N_BATCHES, SEQ, 0.3)
 
 
 def _worker(rank: int, world: int, folder: str, out: str, port: int) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
     from finetune import distributed as D
     from finetune.build import build_model, resolve_precision
     from finetune.checkpointing import gather_adapters, gather_merged
     from finetune.trainer import TrainState, train_step
     from model.quant import NF4LoRALinear
 
-    device = D.init_distributed()
+    device = init_test_rank(rank, world, port)
     mine = _batches()[rank::world]
     for name in ("fp32", "bf16"):
         args = TrainArgs(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -16,33 +15,22 @@ from safetensors.torch import load_file, save_file
 
 from finetune.args import TrainArgs
 from finetune.data.args import DataArgs
-from finetune.data.loader import Batch
 from finetune.distributed import free_port
 from model.args import LoraArgs
 from tests.model_helpers import write_checkpoint
-from tests.train_helpers import tiny_vocab_args
+from tests.train_helpers import init_test_rank, microbatches, tiny_vocab_args
 
 N_BATCHES, SEQ = 4, 48
 
 
-def _batches() -> list[Batch]:
-    rng = np.random.default_rng(0)
-    out = []
-    for i in range(N_BATCHES):
-        x = rng.integers(0, 32768, SEQ).astype(np.int64)
-        y = rng.integers(0, 32768, SEQ).astype(np.int64)
-        mask = rng.random(SEQ) < (0.2 + 0.2 * i)  # different target counts per micro-batch
-        out.append(Batch(x, y, mask, [20, 28 - i, 0 + i] if i else [48]))
-    return out
+def _batches() -> list:
+    return microbatches(N_BATCHES, SEQ, 0.2)
 
 
 def _worker(rank: int, world: int, folder: str, out: str, port: int) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
     from finetune import distributed as D
 
-    device = D.init_distributed()
+    device = init_test_rank(rank, world, port)
     for full_ft in (False, True):
         _run(rank, world, folder, out, full_ft, device)
     D.destroy()

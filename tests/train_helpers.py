@@ -78,3 +78,32 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 240, extra: list[st
 def read_metrics(run_dir: Path, tag: str = "train") -> list[dict]:
     path = run_dir / f"metrics.{tag}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def microbatches(n: int, seq_len: int, base_density: float) -> list:
+    """Deterministic packed batches with different target counts (density grows with the index),
+    so token-weighted and batch-weighted averaging differ: for rank-equivalence tests."""
+    import numpy as np
+
+    from finetune.data.loader import Batch
+
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        x = rng.integers(0, 32768, seq_len).astype(np.int64)
+        y = rng.integers(0, 32768, seq_len).astype(np.int64)
+        mask = rng.random(seq_len) < base_density + 0.2 * i
+        out.append(Batch(x, y, mask, [20, seq_len - 20 - i, i] if i else [seq_len]))
+    return out
+
+
+def init_test_rank(rank: int, world: int, port: int):
+    """Join a gloo group of ``world`` processes on localhost (inside a torch.multiprocessing worker)."""
+    import torch
+
+    from finetune import distributed as D
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    return D.init_distributed()

@@ -113,7 +113,6 @@ def _rss_mb() -> float:
 
 def cold(args: argparse.Namespace) -> dict:
     from finetune.data.args import DataArgs
-    from finetune.data.loader import build_train_loader
     from finetune.data.validation import check_data
 
     it = _tokenizer(args.tokenizer)
@@ -123,24 +122,7 @@ def cold(args: argparse.Namespace) -> dict:
     t_tok = time.perf_counter() - t0
     assert report.ok, report.errors[:3]
     tokens = sum(s.tokens for s in report.sources)
-    t1 = time.perf_counter()
-    loader = build_train_loader(
-        data_args,
-        it,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        seed=0,
-        rank=0,
-        world_size=1,
-        cache_dir=args.cache,
-    )
-    next(loader)
-    t_first = time.perf_counter() - t1
-    t2 = time.perf_counter()
-    n = 0
-    for _ in range(args.batches):
-        n += len(next(loader).x)
-    t_pack = time.perf_counter() - t2
+    loader, t_first, pack_rate = _first_batch_and_packing(data_args, it, args)
     return {
         "conversations": report.sources[0].lines,
         "samples_after_chunking": report.sources[0].samples,
@@ -148,40 +130,39 @@ def cold(args: argparse.Namespace) -> dict:
         "tokenize_s": round(t_tok, 2),
         "tokenize_tokens_per_s": round(tokens / t_tok),
         "first_batch_after_tokenize_s": round(t_first, 3),
-        "pack_tokens_per_s": round(n / t_pack),
+        "pack_tokens_per_s": round(pack_rate),
         "filler_fraction": round(loader.filler_fraction, 5),
         "peak_rss_main_mb": round(_rss_mb()),
         "peak_rss_worker_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
     }
 
 
-def cached(args: argparse.Namespace) -> dict:
-    t0 = time.perf_counter()
-    from finetune.data.args import DataArgs
+def _first_batch_and_packing(data_args, it, args: argparse.Namespace):
+    """(loader, seconds to the first batch, packed tokens/s over the next ``args.batches`` batches)."""
     from finetune.data.loader import build_train_loader
 
-    it = _tokenizer(args.tokenizer)
-    t1 = time.perf_counter()
+    t0 = time.perf_counter()
     loader = build_train_loader(
-        DataArgs(instruct_data=str(args.data)),
-        it,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        seed=0,
-        rank=0,
-        world_size=1,
+        data_args, it, seq_len=args.seq_len, batch_size=args.batch_size, seed=0, rank=0, world_size=1,
         cache_dir=args.cache,
     )
     next(loader)
-    t2 = time.perf_counter()
-    n = 0
-    for _ in range(args.batches):
-        n += len(next(loader).x)
-    t3 = time.perf_counter()
+    t1 = time.perf_counter()
+    n = sum(len(next(loader).x) for _ in range(args.batches))
+    return loader, t1 - t0, n / (time.perf_counter() - t1)
+
+
+def cached(args: argparse.Namespace) -> dict:
+    t0 = time.perf_counter()
+    from finetune.data.args import DataArgs
+
+    it = _tokenizer(args.tokenizer)
+    t1 = time.perf_counter()
+    _, t_first, pack_rate = _first_batch_and_packing(DataArgs(instruct_data=str(args.data)), it, args)
     return {
         "imports_and_tokenizer_s": round(t1 - t0, 3),
-        "cached_first_batch_s": round(t2 - t1, 3),
-        "cached_pack_tokens_per_s": round(n / (t3 - t2)),
+        "cached_first_batch_s": round(t_first, 3),
+        "cached_pack_tokens_per_s": round(pack_rate),
         "cached_peak_rss_mb": round(_rss_mb()),
     }
 

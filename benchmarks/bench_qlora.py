@@ -64,7 +64,7 @@ def run_one(opts: argparse.Namespace, quantization: str) -> dict:
     model = build_sharded(
         model_args, lora, device, precision,
         attention=resolve_attention("auto", device, model_args.head_dim),
-        activation_checkpointing=True, loss_chunk_size=2048, quantization=quantization,
+        checkpoint_mode="full", loss_chunk_size=2048, quantization=quantization,
     )
     _random_base(model, device)
     held = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))

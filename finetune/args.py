@@ -17,6 +17,8 @@ from model.quant import QUANTIZATIONS
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 ATTENTIONS = ("auto", "sdpa", "flex")
+# Accepted values of 'checkpoint' -> activation checkpointing mode.
+CHECKPOINTS = {True: "full", False: "none", "full": "full", "selective": "selective", "none": "none"}
 
 
 @dataclass
@@ -68,8 +70,11 @@ class TrainArgs:
     num_ckpt_keep: int | None = 3
     eval_freq: int = 0
     no_eval: bool = True
-    # Activation checkpointing of every transformer block (recompute in backward to save memory).
-    checkpoint: bool = True
+    # Activation checkpointing of every transformer block: true (= full: keep only each block's
+    # input, recompute the block in backward), selective (also keep matmul and attention outputs,
+    # recompute the feed-forward's up-projections and the element-wise work: faster, more memory),
+    # or false (= none). See docs/memory.md.
+    checkpoint: bool | str = True
     # bf16 (default on GPUs that support it), fp16 (older GPUs, with loss scaling), fp32
     # (default on CPU). Adapters and optimizer state are always float32.
     precision: str = "auto"
@@ -104,6 +109,10 @@ class TrainArgs:
             raise ConfigError(f"'max_norm' must be > 0, got {self.max_norm}; 1.0 is usual.")
         if self.num_ckpt_keep is not None and self.num_ckpt_keep < 1:
             raise ConfigError(f"'num_ckpt_keep' must be >= 1 or null (keep all), got {self.num_ckpt_keep}.")
+        if self.checkpoint not in CHECKPOINTS:
+            raise ConfigError(
+                f"'checkpoint' is {self.checkpoint!r}; use true (full), selective or false (none)."
+            )
         if self.precision not in PRECISIONS:
             raise ConfigError(f"'precision' is {self.precision!r}; use one of {', '.join(PRECISIONS)}.")
         if self.attention not in ATTENTIONS:
@@ -145,6 +154,11 @@ class TrainArgs:
             self.data.validate()
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+    @property
+    def checkpoint_mode(self) -> str:
+        """'full', 'selective' or 'none' (finetune.parallel.CHECKPOINT_MODES)."""
+        return CHECKPOINTS[self.checkpoint]
 
     @property
     def wandb_enabled(self) -> bool:

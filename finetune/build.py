@@ -86,7 +86,7 @@ def build_model(args: TrainArgs, device: torch.device, precision: Precision) -> 
     model = build_sharded(
         model_args, lora, device, precision,
         attention=resolve_attention(args.attention, device, model_args.head_dim),
-        activation_checkpointing=args.checkpoint, loss_chunk_size=args.loss_chunk_size,
+        checkpoint_mode=args.checkpoint_mode, loss_chunk_size=args.loss_chunk_size,
         quantization=args.quantization,
     )
     _load_base(model, folder, device)
@@ -113,7 +113,7 @@ def build_sharded(
     precision: Precision,
     *,
     attention: str,
-    activation_checkpointing: bool,
+    checkpoint_mode: str,
     loss_chunk_size: int,
     quantization: str = "none",
 ) -> CausalLMLoss:
@@ -127,7 +127,7 @@ def build_sharded(
     # Storage dtypes before sharding: frozen base in the compute dtype, trainable weights in float32.
     for p in model.parameters():
         p.data = p.data.to(torch.float32 if p.requires_grad else precision.base)
-    parallelize(model, compute_dtype=precision.compute, activation_checkpointing=activation_checkpointing)
+    parallelize(model, compute_dtype=precision.compute, checkpoint_mode=checkpoint_mode)
     model.to_empty(device=device)
     return model
 

@@ -104,7 +104,12 @@ def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _convert(args[0], value, source, key)
+        for alternative in args[:-1]:  # the first alternative that takes the value, else the last's error
+            try:
+                return _convert(alternative, value, source, key)
+            except ConfigError:
+                pass
+        return _convert(args[-1], value, source, key)
     if dataclasses.is_dataclass(tp):
         if value is None:
             return tp()

@@ -51,12 +51,19 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = F.linear(x, self.weight)
-        # Adapters may be stored in another dtype than the base (fp32 adapters on a bf16 base
-        # outside FSDP's mixed precision); compute the branch in the adapter dtype.
-        a = self.lora_A.weight
-        update = F.linear(F.linear(self.dropout(x).to(a.dtype), a), self.lora_B.weight)
-        # In place, scaled in the same pass: the base output is not needed for backward.
-        return base.add_(update.to(base.dtype), alpha=self.scaling)
+        a, b = self.lora_A.weight, self.lora_B.weight
+        if a.dtype != base.dtype:
+            # Adapters stored in another dtype than the base (fp32 adapters on a bf16 base outside
+            # FSDP's mixed precision): compute the branch in the adapter dtype.
+            update = F.linear(F.linear(self.dropout(x).to(a.dtype), a), b)
+            return base.add_(update.to(base.dtype), alpha=self.scaling)
+        u = F.linear(self.dropout(x), a)  # (..., rank)
+        # B u accumulated onto the base output by the matmul itself (in place: the base output is
+        # not needed for backward), so the (..., out) update is never materialised and re-read.
+        # Return what addmm_ returns: under selective activation checkpointing a recomputed
+        # addmm_ hands back its saved output instead of running (finetune/parallel.py).
+        flat = base.view(-1, self.out_features).addmm_(u.reshape(-1, self.rank), b.t(), alpha=self.scaling)
+        return flat.view(base.shape)
 
     def merged_weight(self) -> torch.Tensor:
         """W + scaling * B A, computed in float32 and cast to the base dtype."""

@@ -77,12 +77,19 @@ def test_overrides_beat_yaml_and_defaults(tmp_path):
         ("", ["--lora.enable", "false"], r"'save_adapters' is true but 'lora.enable' is false"),
         ("wandb:\n  key: abc\n", [], r"export WANDB_API_KEY"),
         ("", ["--max_steps"], r"--max_steps needs a value"),
+        ("", ["--checkpoint", "partial"], r"'checkpoint' is 'partial'; use true \(full\), selective or false"),
     ],
 )
 def test_bad_values_name_key_value_and_fix(tmp_path, extra, overrides, message):
     text = REFERENCE_7B.replace("wandb:\n  project: \"\"\n  run_name: \"\"\n  offline: False\n", "") + extra
     with pytest.raises(ConfigError, match=message):
         load_train_args(_write(tmp_path, text), overrides)
+
+
+@pytest.mark.parametrize("value, mode", [("true", "full"), ("false", "none"), ("selective", "selective"),
+                                         ("full", "full"), ("none", "none")])
+def test_checkpoint_takes_a_bool_or_a_mode(tmp_path, value, mode):
+    assert load_train_args(_write(tmp_path, REFERENCE_7B), ["--checkpoint", value]).checkpoint_mode == mode
 
 
 def test_missing_required_key(tmp_path):

@@ -18,7 +18,7 @@ from finetune.args import TrainArgs
 from model.args import LoraArgs, ModelArgs, MoeArgs
 from model.lora import freeze_all_but_lora
 from model.transformer import Transformer
-from utils.estimate_memory import GB, estimate, main, saved_bytes_per_token
+from utils.estimate_memory import GB, estimate, main, saved_bytes_per_token, selective_saved_bytes_per_token
 
 REPO = Path(__file__).resolve().parents[1]
 ALL = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
@@ -90,6 +90,50 @@ def test_activation_formula_equals_saved_tensors(moe, dtype, targets):
     assert predicted == measured
 
 
+def _kept_by_selective_block(args: ModelArgs, lora: LoraArgs, dtype: torch.dtype, seqlens: list[int]) -> float:
+    """Bytes per token of the distinct storages that the real selective policy keeps in one block."""
+    import functools
+
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    from finetune.parallel import selective_policy
+    from model.attention import AttentionMask
+    from model.rope import positions_from_seqlens, rope_frequencies
+
+    torch.manual_seed(0)
+    model = Transformer(args, lora=lora).to(dtype)
+    freeze_all_but_lora(model)
+    policy = selective_policy(args.hidden_dim)
+    kept: dict[int, int] = {}
+
+    def recording_policy(ctx, func, *a, **kw):
+        decision = policy(ctx, func, *a, **kw)
+        if decision == CheckpointPolicy.MUST_SAVE:
+            outs = ctx.op_output if isinstance(ctx.op_output, (tuple, list)) else [ctx.op_output]
+            for t in outs:
+                if isinstance(t, torch.Tensor):
+                    kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return decision
+
+    context_fn = functools.partial(create_selective_checkpoint_contexts, recording_policy,
+                                   allow_cache_entry_mutation=True)
+    n = sum(seqlens)
+    freqs = rope_frequencies(positions_from_seqlens(seqlens, "cpu"), args.head_dim, args.rope_theta)
+    mask = AttentionMask.build(seqlens, None, "sdpa", torch.device("cpu"))
+    x = torch.randn(n, args.dim, dtype=dtype, requires_grad=True)
+    checkpoint(model.layers[0].forward, x, freqs, mask, use_reentrant=False, context_fn=context_fn)
+    return sum(kept.values()) / n
+
+
+@pytest.mark.parametrize("moe", [None, MoeArgs(4, 2)], ids=["dense", "moe"])
+@pytest.mark.parametrize("targets", [ALL, ["wq", "wv"]], ids=["all", "qv"])
+def test_selective_formula_equals_what_the_policy_keeps(moe, targets):
+    args = ModelArgs(dim=128, n_layers=1, head_dim=32, hidden_dim=384, n_heads=4, n_kv_heads=2,
+                     norm_eps=1e-5, vocab_size=256, moe=moe)
+    measured = _kept_by_selective_block(args, LoraArgs(rank=8, target_modules=targets), torch.bfloat16, [100, 60, 96])
+    assert selective_saved_bytes_per_token(args, targets, 8, 2) == measured
+
+
 # A child that trains like benchmarks/bench_train_step.py and reports its own peak RSS. VmHWM, not
 # ru_maxrss: a child's ru_maxrss starts at its parent's (this pytest process's) peak.
 _CHILD = """
@@ -101,7 +145,7 @@ print(json.dumps({{"vmhwm_gb": hwm * 1024 / 1e9}}))
 """
 
 
-@pytest.mark.parametrize("checkpoint", [True, False], ids=["ckpt", "no-ckpt"])
+@pytest.mark.parametrize("checkpoint", [True, "selective", False], ids=["ckpt", "selective", "no-ckpt"])
 def test_cpu_estimate_within_15_percent_of_measured_peak(checkpoint):
     # The 'small' shape with 2 layers: a few seconds per run, activations and loss both sizeable.
     seq_len, n_layers = 2048, 2
@@ -123,7 +167,7 @@ def test_cpu_estimate_within_15_percent_of_measured_peak(checkpoint):
         "--peak_tflops",
         "1",
     ]
-    argv += [] if checkpoint else ["--no_checkpoint"]
+    argv += ["--checkpoint", {True: "full", False: "none"}.get(checkpoint, checkpoint)]
     code = _CHILD.format(argv=argv, bench=str(REPO / "benchmarks" / "bench_train_step.py"))
     proc = subprocess.run(
         [sys.executable, "-c", code],

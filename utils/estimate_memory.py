@@ -17,7 +17,8 @@ root over all N):
 - adapters in float32 + their gradients + AdamW's two moments (16 bytes per trainable parameter) / N;
 - activations: the tensors autograd saves per layer and token (``saved_bytes_per_token``, which
   equals what a real block saves; a test checks it), for every layer without activation
-  checkpointing; with it, only each block's input plus one recomputed block;
+  checkpointing; with it, only each block's input plus one recomputed block; with selective
+  checkpointing, also the matmul and attention outputs it keeps (``selective_saved_bytes_per_token``);
 - the fused loss: the final norm's float32 input, the target rows' hidden states and their
   gradient, and one chunk of ``loss_chunk_size x vocab`` float32 logits (x2 while the log-softmax
   is computed; each chunk is freed before the next);
@@ -138,6 +139,27 @@ def saved_bytes_per_token(m: ModelArgs, targets: list[str], rank: int, dropout: 
     return float(total)
 
 
+def selective_saved_bytes_per_token(m: ModelArgs, targets: list[str], rank: int, c: int) -> float:
+    """Bytes per token that ``checkpoint: selective`` keeps in one block besides its input.
+
+    The policy (finetune/parallel.py) keeps every matrix product's output except the
+    (tokens, hidden_dim) ones, and the attention kernel's output and float32 log-sum-exp. So: the
+    outputs of wq, wk, wv, wo and w2 (a LoRA update is accumulated into the same tensor), each
+    LoRA linear's rank-sized ``A x`` (w1's and w3's too), and for MoE the router's logits and,
+    per routed token, the expert's w2 output and its ``A x``.
+    """
+    qd, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
+    t = set(targets)
+    total = c * (qd + 2 * kv + m.dim) + c * rank * len(t & {"wq", "wk", "wv", "wo"})
+    total += c * qd + 4 * m.n_heads  # attention output, log-sum-exp
+    ffn = c * m.dim + c * rank * len(t & {"w1", "w2", "w3"})
+    if m.moe is None:
+        total += ffn
+    else:
+        total += c * m.moe.num_experts + m.moe.num_experts_per_tok * ffn
+    return float(total)
+
+
 def estimate(
     m: ModelArgs, args: TrainArgs, *, n_devices: int = 1, device: str = "cuda", capacity: float | None = None
 ) -> Plan:
@@ -171,8 +193,13 @@ def estimate(
 
     # Activations. Saved tensors of every block, or only block inputs + one recomputed block.
     per_layer = saved_bytes_per_token(m, targets, rank if lora else 0, args.lora.dropout if lora else 0.0, c)
-    if args.checkpoint:
+    mode = args.checkpoint_mode
+    if mode == "full":
         parts["activations: block inputs"] = L * T * m.dim * c
+        recompute = T * per_layer
+    elif mode == "selective":
+        kept = selective_saved_bytes_per_token(m, targets, rank if lora else 0, c)
+        parts["activations: block inputs + kept products"] = L * T * (m.dim * c + kept)
         recompute = T * per_layer
     else:
         parts["activations: saved tensors"] = L * T * per_layer
@@ -193,7 +220,7 @@ def estimate(
     which = (
         "loss chunk"
         if logits >= backward
-        else ("recomputed block + its backward" if args.checkpoint else "block backward")
+        else ("recomputed block + its backward" if mode != "none" else "block backward")
     )
     parts[f"transient: {which}"] = max(logits, backward)
     if device == "cpu":
@@ -213,8 +240,10 @@ def advise(m: ModelArgs, args: TrainArgs, plan: Plan) -> list[str]:
         return estimate(m, a, n_devices=n, device=plan.device, capacity=cap).total
 
     knobs: list[tuple[str, float]] = []
-    if not args.checkpoint:
-        knobs.append(("checkpoint: true (activation checkpointing)", total(replace(args, checkpoint=True))))
+    if args.checkpoint_mode == "none":
+        knobs.append(("checkpoint: selective (keep matmul outputs)", total(replace(args, checkpoint="selective"))))
+    if args.checkpoint_mode != "full":
+        knobs.append(("checkpoint: true (full activation checkpointing)", total(replace(args, checkpoint=True))))
     if args.batch_size > 1:
         a = replace(args, batch_size=1, num_microbatches=args.num_microbatches * args.batch_size)
         knobs.append(
@@ -262,7 +291,7 @@ def describe(m: ModelArgs, args: TrainArgs, plan: Plan) -> str:
             else "full fine-tuning"
         )
         + f"; {args.seq_len} x {args.batch_size} tokens per micro-batch; activation checkpointing "
-        + ("on" if args.checkpoint else "off")
+        + args.checkpoint_mode
         + f"; {plan.n_devices} {what}(s)",
         "",
         f"{'per ' + what:<44} {'GB':>8}",

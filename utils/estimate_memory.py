@@ -20,8 +20,8 @@ root over all N):
   checkpointing; with it, only each block's input plus one recomputed block; with selective
   checkpointing, also the matmul and attention outputs it keeps (``selective_saved_bytes_per_token``);
 - the fused loss: the final norm's float32 input, the target rows' hidden states and their
-  gradient, and one chunk of ``loss_chunk_size x vocab`` float32 logits (x2 while the log-softmax
-  is computed; each chunk is freed before the next);
+  gradient, and one chunk of ``loss_chunk_size x vocab`` float32 logits, turned into the softmax
+  in place, plus its compute-dtype copy (each chunk is freed before the next);
 - a fixed overhead: the CUDA context (~1 GB, outside ``max_memory_allocated``) on GPU, the Python +
   torch process baseline on CPU.
 """
@@ -215,7 +215,7 @@ def estimate(
     n_targets = T  # upper bound: every token a target
     chunk = min(args.loss_chunk_size, n_targets)
     loss_fixed = T * m.dim * (4 + c) + 2 * n_targets * m.dim * c
-    logits = chunk * m.vocab_size * 8
+    logits = chunk * m.vocab_size * (4 + (c if c < 4 else 0))  # float32 chunk + compute-dtype copy
     parts["loss: hidden states"] = loss_fixed
     which = (
         "loss chunk"

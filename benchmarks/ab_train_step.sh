@@ -13,6 +13,7 @@ git -C "$root" worktree add -f --detach "$tmp/before" "$before" >/dev/null 2>&1
 git -C "$root" worktree add -f --detach "$tmp/after" "$after" >/dev/null 2>&1
 # The benchmark script itself comes from the newer tree, so both sides are measured the same way.
 cp "$root/benchmarks/bench_train_step.py" "$tmp/bench.py"
+cp "$root/benchmarks/workload.py" "$tmp/workload.py"  # imported from the script's own folder
 for i in $(seq "$repeats"); do
   for side in before after; do
     (cd "$tmp/$side" && PYTHONPATH="$tmp/$side" python "$tmp/bench.py" "${opts[@]}" 2>/dev/null | tail -1 \

@@ -40,7 +40,10 @@ H100 = [
 ]
 
 
-def measure_cpu(preset: str, seq_len: int, checkpoint: bool, steps: int) -> float:
+MODES = {True: "full", "selective": "selective", False: "none"}  # config value -> --checkpoint
+
+
+def measure_cpu(preset: str, seq_len: int, checkpoint: bool | str, steps: int) -> float:
     cmd = [
         sys.executable,
         str(ROOT / "benchmarks" / "bench_train_step.py"),
@@ -58,7 +61,9 @@ def measure_cpu(preset: str, seq_len: int, checkpoint: bool, steps: int) -> floa
         "1",
         "--peak_tflops",
         "1",
-    ] + ([] if checkpoint else ["--no_checkpoint"])
+        "--checkpoint",
+        MODES[checkpoint],
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mem_gb"]
@@ -75,7 +80,7 @@ def main() -> None:
     cpu = []
     if not opts.gpu_only:
         for seq_len in opts.seq_lens:
-            for ckpt in (True, False):
+            for ckpt in MODES:
                 cpu.append(("small", seq_len, ckpt, measure_cpu("small", seq_len, ckpt, opts.steps)))
                 print(f"measured small seq {seq_len} ckpt {ckpt}: {cpu[-1][3]:.3f} GB", file=sys.stderr)
 
@@ -96,7 +101,7 @@ def main() -> None:
             predicted = (plan.total if device == "cpu" else plan.allocated) / GB
             what = "CPU RSS" if device == "cpu" else "H100 allocated"
             print(
-                f"| {shape} | {what} | {seq_len} | {'on' if ckpt else 'off'} | {measured:.2f} GB | "
+                f"| {shape} | {what} | {seq_len} | {MODES[ckpt]} | {measured:.2f} GB | "
                 f"{predicted:.2f} GB | {100 * (predicted - measured) / measured:+.1f}% |"
             )
 

@@ -63,6 +63,42 @@ def check_fused_loss() -> None:
     print("fused chunked cross-entropy == F.cross_entropy on CUDA (vocab 131072)")
 
 
+def check_selective_checkpointing_with_flex(dtype: torch.dtype) -> None:
+    """Selective checkpointing keeps FlexAttention's output (a compiled higher-order op): the
+    gradients equal those without checkpointing, and those with full checkpointing."""
+    from finetune.parallel import checkpoint_block
+    from model.attention import AttentionMask
+    from model.lora import freeze_all_but_lora
+    from model.rope import positions_from_seqlens, rope_frequencies
+    from model.transformer import TransformerBlock
+
+    args = tiny_args(dim=256, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=512)
+    seqlens = [300, 17, 700, 7]
+    freqs = rope_frequencies(positions_from_seqlens(seqlens, "cuda"), args.head_dim, args.rope_theta)
+    mask = AttentionMask.build(seqlens, None, "flex", torch.device("cuda"))
+    x0 = torch.randn(sum(seqlens), args.dim, device="cuda", dtype=dtype)
+    grads = {}
+    for mode in ("none", "full", "selective"):
+        torch.manual_seed(0)
+        block = TransformerBlock(args, LoraArgs(rank=8))
+        with torch.no_grad():
+            for p in block.parameters():
+                p.normal_(0, 0.05)
+        block = block.cuda().to(dtype)
+        freeze_all_but_lora(block)
+        if mode != "none":
+            checkpoint_block(block, mode, args.hidden_dim)
+        x = x0.clone().requires_grad_(True)
+        (block(x, freqs, mask).float() ** 2).sum().backward()
+        grads[mode] = {"x": x.grad, **{n: p.grad for n, p in block.named_parameters() if p.grad is not None}}
+    for mode in ("full", "selective"):
+        assert grads[mode].keys() == grads["none"].keys()
+        worst = max(((grads[mode][k].float() - grads["none"][k].float()).abs().max()
+                     / grads["none"][k].float().abs().max().clamp_min(1e-6)).item() for k in grads[mode])
+        assert worst < (1e-2 if dtype == torch.bfloat16 else 1e-5), (mode, worst)
+        print(f"checkpoint {mode} == none with flex on CUDA ({dtype}): worst relative grad diff {worst:.2e}")
+
+
 if __name__ == "__main__":
     assert torch.cuda.is_available()
     print(torch.__version__, torch.cuda.get_device_name())
@@ -70,3 +106,5 @@ if __name__ == "__main__":
     for window in (None, 128):
         check_attention_backends(torch.float32, window, 1e-4)
         check_attention_backends(torch.bfloat16, window, 3e-2)
+    for dtype in (torch.float32, torch.bfloat16):
+        check_selective_checkpointing_with_flex(dtype)

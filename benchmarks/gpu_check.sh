@@ -32,8 +32,16 @@ torchrun --standalone --nproc-per-node 1 train.py /tmp/gpu_train/cfg.yaml 2>&1 |
 cat /tmp/gpu_train/run/metrics.train.jsonl >> "$OUT/train.txt"
 
 echo "== throughput"
-for spec in "--preset 7b --seq_len 8192" "--preset 7b --seq_len 8192 --attention sdpa" "--preset 7b --seq_len 32768" \
-            "--preset nemo --seq_len 8192"; do
+# BENCH_SPECS (one spec per line) replaces the default list, e.g. to spend a short GPU budget on a
+# single comparison.
+default_specs="--preset 7b --seq_len 32768 --checkpoint selective
+--preset 7b --seq_len 32768 --checkpoint full
+--preset 7b --seq_len 8192 --checkpoint selective
+--preset 7b --seq_len 8192 --checkpoint none
+--preset 7b --seq_len 8192 --attention sdpa
+--preset nemo --seq_len 8192"
+while IFS= read -r spec; do
+  [ -n "$spec" ] || continue
   timeout 150 python3 benchmarks/bench_train_step.py $spec --precision bf16 --steps 4 --warmup 2 \
       --matmul_n 8192 --doc_min 512 --doc_max 4096 2>&1 | tail -1 | tee -a "$OUT/bench.jsonl"
-done
+done <<< "${BENCH_SPECS:-$default_specs}"

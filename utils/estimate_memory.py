@@ -43,10 +43,13 @@ CUDA_CONTEXT = 1.0 * GB  # CUDA context + cuBLAS/NCCL workspaces; outside max_me
 CPU_BASELINE = 0.31 * GB  # RSS of python + torch + this project imported, gloo group of one
 # Calibrated, not derived (docs/memory.md): on CPU the peak RSS also holds memory that glibc keeps
 # after frees (heap fragmentation; autograd's backward thread allocates from another arena) and
-# oneDNN/OpenMP scratch. Fitted on bench_train_step.py's small and tiny configs as a constant plus
-# a share of the largest transient. On GPU max_memory_allocated counts live tensors only.
-CPU_RUNTIME = 0.10 * GB
-CPU_TRANSIENT_SLACK = 0.25
+# oneDNN/OpenMP scratch. Fitted on bench_train_step.py's small and tiny configs (12 runs, every
+# checkpointing mode) as a constant, 2 bytes per token and vocabulary entry (about one bf16 copy
+# of the row's logits, kept across loss chunks) and two blocks' saved tensors (the forward's and
+# the backward thread's arenas). On GPU max_memory_allocated counts live tensors only.
+CPU_RUNTIME = 0.06 * GB
+CPU_HEAP_PER_LOGIT = 2.0
+CPU_HEAP_BLOCKS = 2.0
 NF4_BITS = 4.13  # 4-bit codes + uint8 absmax per 64 + float32 per 256 absmaxes (model/quant.py)
 _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -224,7 +227,9 @@ def estimate(
     )
     parts[f"transient: {which}"] = max(logits, backward)
     if device == "cpu":
-        parts["CPU allocator slack (calibrated)"] = CPU_RUNTIME + CPU_TRANSIENT_SLACK * max(logits, backward)
+        parts["CPU allocator slack (calibrated)"] = (
+            CPU_RUNTIME + CPU_HEAP_PER_LOGIT * T * m.vocab_size + CPU_HEAP_BLOCKS * T * per_layer
+        )
     parts["fixed overhead"] = CUDA_CONTEXT if device == "cuda" else CPU_BASELINE
     return Plan(device, n_devices, parts, capacity, notes)
 

@@ -178,7 +178,7 @@ def bench(opts) -> dict:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[opts.precision]
     model = build_hf(shape, dtype=dtype, attn=opts.attn_implementation, max_len=opts.seq_len)
     if not opts.no_checkpoint:
-        # Non-reentrant, like ours (torch.distributed._composable.checkpoint) and PEFT's advice.
+        # Non-reentrant, like ours (torch.utils.checkpoint around each block) and PEFT's advice.
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)

@@ -11,8 +11,9 @@ Activation checkpointing (``checkpoint`` in the config) has three modes:
 - ``selective``: each block also keeps the outputs of its matrix products and of the attention
   kernel, except the two (tokens, hidden_dim) products of the feed-forward (w1, w3), which are
   the largest; backward recomputes those two products and the element-wise work (norms, rotary,
-  SwiGLU). It costs about (3 dim + 2 kv_dim + dim) values per token and layer more than ``full``
-  and skips about half of the recomputed FLOPs.
+  SwiGLU). It keeps about 4 dim + 2 kv_dim more values per token and layer than ``full`` (q, k,
+  v, attention output, wo and w2 outputs: 37 kB in bf16 for 7B, against 8 kB for the block input;
+  docs/memory.md) and skips half of the matmul FLOPs that ``full`` recomputes, and the attention.
 - ``none``: autograd keeps everything.
 
 Both checkpointing modes wrap the block's own forward in ``torch.utils.checkpoint`` (non-reentrant),

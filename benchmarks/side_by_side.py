@@ -164,7 +164,8 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for seq_len, ckpt in configs:
-        runs = [r for r in results if r["seq_len"] == seq_len and r["checkpoint"] == ckpt]
+        # Ours reports the checkpointing mode ("full"/"none"), HF a bool.
+        runs = [r for r in results if r["seq_len"] == seq_len and (r["checkpoint"] not in (False, "none")) == ckpt]
         by = {s: [r for r in runs if r["stack"] == s] for s in ("ours", "hf")}
         pairs = list(
             zip(

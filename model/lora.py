@@ -62,6 +62,8 @@ class LoRALinear(nn.Module):
         # not needed for backward), so the (..., out) update is never materialised and re-read.
         # Return what addmm_ returns: under selective activation checkpointing a recomputed
         # addmm_ hands back its saved output instead of running (finetune/parallel.py).
+        if base.dim() == 2:  # (tokens, out): no view, whose in-place update autograd would copy
+            return base.addmm_(u, b.t(), alpha=self.scaling)
         flat = base.view(-1, self.out_features).addmm_(u.reshape(-1, self.rank), b.t(), alpha=self.scaling)
         return flat.view(base.shape)
 

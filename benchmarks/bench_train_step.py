@@ -122,6 +122,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     parser.add_argument("--peak_tflops", type=float, help="matmul peak for MFU (default: measured)")
     parser.add_argument("--matmul_n", type=int, default=2048, help="size of the measured matmul")
+    parser.add_argument("--profile", type=int, metavar="ROWS",
+                        help="profile one more step after the timed ones; print its top ROWS ops by self time "
+                             "(GPU time on CUDA) to stderr")
     opts = parser.parse_args()
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -141,16 +144,27 @@ def main() -> None:
     assert all(isinstance(m, LoRALinear) for m in lora_modules(model).values())
     train_args = TrainArgs(model_id_or_path="-", run_dir="-", num_microbatches=1, lora=lora)
     optimizer = build_optimizer(model, train_args)  # exactly the training optimizer
-    batches = packed_batches(opts.warmup + opts.steps, opts.seq_len, opts.batch_size, opts.doc_min,
+    batches = packed_batches(opts.warmup + opts.steps + (1 if opts.profile else 0), opts.seq_len, opts.batch_size, opts.doc_min,
                              opts.doc_max, model_args.vocab_size)
     state = TrainState()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for i, batch in enumerate(batches):
+        profiling = opts.profile and i == len(batches) - 1
+        if profiling:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            profiler = torch.profiler.profile(activities=activities)
+            profiler.__enter__()
         t0 = time.perf_counter()
         train_step(model, optimizer, [batch], train_args, state, precision, device)  # .item() syncs
-        if i >= opts.warmup:
+        if profiling:
+            profiler.__exit__(None, None, None)
+            sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            print(profiler.key_averages().table(sort_by=sort, row_limit=opts.profile), file=sys.stderr)
+        elif i >= opts.warmup:
             times.append(time.perf_counter() - t0)
     step_time = float(np.median(times))
     tokens = opts.seq_len * opts.batch_size * D.world_size()

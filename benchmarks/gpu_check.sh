@@ -17,6 +17,7 @@ python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.
 
 [ "${SKIP_CORRECTNESS:-0}" = 1 ] || { echo "== correctness"; python3 benchmarks/cuda_checks.py 2>&1 | tee "$OUT/cuda_checks.txt"; }
 
+if [ "${SKIP_TRAIN:-0}" != 1 ]; then
 echo "== train.py on one GPU"
 python3 - <<'PY'
 import json
@@ -30,18 +31,19 @@ PY
 torchrun --standalone --nproc-per-node 1 train.py /tmp/gpu_train/cfg.yaml --max_steps 4 2>&1 | tail -8 | tee "$OUT/train.txt"
 torchrun --standalone --nproc-per-node 1 train.py /tmp/gpu_train/cfg.yaml 2>&1 | tail -8 | tee -a "$OUT/train.txt"
 cat /tmp/gpu_train/run/metrics.train.jsonl >> "$OUT/train.txt"
+fi
 
 echo "== throughput"
 # BENCH_SPECS (one spec per line) replaces the default list, e.g. to spend a short GPU budget on a
 # single comparison.
+# The default fits one 10-minute device command with the checks above (about 90 s per 7B run).
 default_specs="--preset 7b --seq_len 32768 --checkpoint selective
 --preset 7b --seq_len 32768 --checkpoint full
 --preset 7b --seq_len 8192 --checkpoint selective
---preset 7b --seq_len 8192 --checkpoint none
---preset 7b --seq_len 8192 --attention sdpa
---preset nemo --seq_len 8192"
+--preset 7b --seq_len 8192 --checkpoint none --profile 25"
 while IFS= read -r spec; do
   [ -n "$spec" ] || continue
   timeout 150 python3 benchmarks/bench_train_step.py $spec --precision bf16 --steps 4 --warmup 2 \
-      --matmul_n 8192 --doc_min 512 --doc_max 4096 2>&1 | tail -1 | tee -a "$OUT/bench.jsonl"
+      --matmul_n 8192 --doc_min 512 --doc_max 4096 2>"$OUT/bench_stderr_$(echo $spec | tr -c 'a-z0-9\n' _).txt" \
+      | tail -1 | tee -a "$OUT/bench.jsonl"
 done <<< "${BENCH_SPECS:-$default_specs}"

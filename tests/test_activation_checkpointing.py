@@ -35,22 +35,27 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _block(mode: str, moe: bool, dtype: torch.dtype) -> tuple[TransformerBlock, object]:
-    args = tiny_args(moe={"num_experts": 4, "num_experts_per_tok": 2} if moe else None)
+def _block(mode: str, moe: bool, dtype: torch.dtype, nf4: bool = False) -> tuple[TransformerBlock, object]:
+    # hidden_dim 128: NF4 needs in_features in multiples of 64.
+    args = tiny_args(hidden_dim=128, moe={"num_experts": 4, "num_experts_per_tok": 2} if moe else None)
     torch.manual_seed(0)
     block = TransformerBlock(args, LoraArgs(rank=4))
     with torch.no_grad():
         for p in block.parameters():
             p.normal_(0, 0.2)  # non-zero lora_B: the update's gradient path is exercised
     block.to(dtype)
+    if nf4:
+        from model.quant import quantize_lora_layers
+
+        quantize_lora_layers(block, storage_dtype=dtype)
     freeze_all_but_lora(block)
     if mode != "none":
         checkpoint_block(block, mode, args.hidden_dim)
     return block, args
 
 
-def _run(mode: str, moe: bool = False, dtype: torch.dtype = torch.float32):
-    block, args = _block(mode, moe, dtype)
+def _run(mode: str, moe: bool = False, dtype: torch.dtype = torch.float32, nf4: bool = False):
+    block, args = _block(mode, moe, dtype, nf4)
     freqs = rope_frequencies(positions_from_seqlens(SEQLENS, "cpu"), args.head_dim, args.rope_theta)
     mask = AttentionMask.build(SEQLENS, None, "sdpa", torch.device("cpu"))
     x = torch.randn(sum(SEQLENS), args.dim, generator=torch.Generator().manual_seed(1), dtype=dtype)
@@ -95,3 +100,15 @@ def test_selective_recomputes_only_the_up_projections():
     assert selective.get(attention, 0) == 0
     assert selective["mm"] == none["mm"] + 2
     assert selective["addmm_"] == 2
+
+
+def test_selective_checkpointing_on_an_nf4_base():
+    # QLoRA's layer adds its update out of place (bitsandbytes computes the base product).
+    pytest.importorskip("bitsandbytes")
+    ref_out, ref_dx, ref_grads, _ = _run("none", nf4=True)
+    out, dx, grads, _ = _run("selective", nf4=True)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    torch.testing.assert_close(dx, ref_dx, rtol=1e-6, atol=1e-7)
+    assert sorted(grads) == sorted(ref_grads) and len(grads) > 0
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-6, atol=1e-7, msg=name)

@@ -54,9 +54,10 @@ class LoRALinear(nn.Module):
         a, b = self.lora_A.weight, self.lora_B.weight
         if a.dtype != base.dtype:
             # Adapters stored in another dtype than the base (fp32 adapters on a bf16 base outside
-            # FSDP's mixed precision): compute the branch in the adapter dtype.
+            # FSDP's mixed precision): compute the branch in the adapter dtype. Out of place, so
+            # selective checkpointing can keep the base product as it was computed.
             update = F.linear(F.linear(self.dropout(x).to(a.dtype), a), b)
-            return base.add_(update.to(base.dtype), alpha=self.scaling)
+            return torch.add(base, update.to(base.dtype), alpha=self.scaling)
         u = F.linear(self.dropout(x), a)  # (..., rank)
         # B u accumulated onto the base output by the matmul itself (in place: the base output is
         # not needed for backward), so the (..., out) update is never materialised and re-read.

@@ -217,7 +217,8 @@ def _resume(ckpt: Path, run_dir: Path, model: CausalLMLoss, optimizer: torch.opt
 def run(args: TrainArgs, config_path: str, device: torch.device) -> None:
     precision = resolve_precision(args.precision, device)
     torch.manual_seed(args.seed + D.rank())  # dropout masks; data order has its own seeded RNGs
-    logger.info("Training on %d process(es), device %s, precision %s", D.world_size(), device.type, precision.name)
+    logger.info("Training on %d process(es), device %s, precision %s, activation checkpointing %s",
+                D.world_size(), device.type, precision.name, args.checkpoint_mode)
     # Model and data are checked before anything is written: a mistake leaves no run_dir behind.
     model_args = ModelArgs.from_folder(args.model_id_or_path)
     check_trainable_vocab(model_args, args.model_id_or_path)  # before the tokenizer: its error is clearer

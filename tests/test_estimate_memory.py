@@ -269,6 +269,9 @@ def test_cli_does_not_fit_and_names_the_knobs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "does NOT fit" in out
     assert "checkpoint: true" in out and "seq_len:" in out
+    # Selective checkpointing fits the model shape of this workspace, but barely: said so.
+    selective = next(line for line in out.splitlines() if "checkpoint: selective" in line)
+    assert "(tight: over 90%)" in selective, out
     # A command-line override (as train.py takes them) makes it fit.
     assert main(["--train_yaml", str(cfg), "--gpus", "1", "--checkpoint", "true"]) == 0
 

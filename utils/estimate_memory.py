@@ -276,8 +276,12 @@ def advise(m: ModelArgs, args: TrainArgs, plan: Plan) -> list[str]:
     knobs = [(k, t) for k, t in knobs if t < plan.total * 0.98]  # only knobs that matter
     fitting = [(k, t) for k, t in knobs if t <= cap]
     shown = fitting or sorted(knobs, key=lambda kt: kt[1])[:3]
-    suffix = "" if fitting else " (not enough alone)"
-    return [f"{k} -> {t / GB:.1f} GB{suffix}" for k, t in shown]
+    def note(t: float) -> str:
+        if not fitting:
+            return " (not enough alone)"
+        return " (tight: over 90%)" if t > 0.9 * cap else ""
+
+    return [f"{k} -> {t / GB:.1f} GB{note(t)}" for k, t in shown]
 
 
 def describe(m: ModelArgs, args: TrainArgs, plan: Plan) -> str:

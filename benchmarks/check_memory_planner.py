@@ -1,6 +1,6 @@
 """How far is utils/estimate_memory.py from measured peaks? (the documented check of docs/memory.md)
 
-    python3 benchmarks/check_memory_planner.py            # CPU: small, seq_len 1024/4096, ckpt on/off
+    python3 benchmarks/check_memory_planner.py            # CPU: small, seq_len 1024/4096, 3 checkpointing modes
     python3 benchmarks/check_memory_planner.py --gpu_only # only the H100 peaks recorded in docs
 
 CPU rows run benchmarks/bench_train_step.py (bf16, 2 threads) each in a fresh process and compare
@@ -20,30 +20,20 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = {  # as bench_train_step.PRESETS (not imported: that imports torch)
-    "small": dict(
-        dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=1536, vocab_size=32768
-    ),
-    "7b": dict(
-        dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336, vocab_size=32768
-    ),
-    "nemo": dict(
-        dim=5120, n_layers=40, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336, vocab_size=131072
-    ),
-}
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from workload import PRESETS as SHAPES  # noqa: E402  (NumPy only: this process stays small)
+
 # docs/benchmarks.md, "GPU: training step (one H100)": (shape, seq_len, checkpoint, peak GB).
 H100 = [
-    ("7b", 8192, True, 20.4),
-    ("7b", 8192, False, 65.2),
-    ("7b", 32768, True, 33.6),
-    ("nemo", 8192, True, 35.5),
+    ("7b", 8192, "full", 20.4),
+    ("7b", 8192, "none", 65.2),
+    ("7b", 32768, "full", 33.6),
+    ("nemo", 8192, "full", 35.5),
 ]
+MODES = ("full", "selective", "none")  # the config's 'checkpoint' values, as --checkpoint takes them
 
 
-MODES = {True: "full", "selective": "selective", False: "none"}  # config value -> --checkpoint
-
-
-def measure_cpu(preset: str, seq_len: int, checkpoint: bool | str, steps: int) -> float:
+def measure_cpu(preset: str, seq_len: int, checkpoint: str, steps: int) -> float:
     cmd = [
         sys.executable,
         str(ROOT / "benchmarks" / "bench_train_step.py"),
@@ -62,7 +52,7 @@ def measure_cpu(preset: str, seq_len: int, checkpoint: bool | str, steps: int) -
         "--peak_tflops",
         "1",
         "--checkpoint",
-        MODES[checkpoint],
+        checkpoint,
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
@@ -101,7 +91,7 @@ def main() -> None:
             predicted = (plan.total if device == "cpu" else plan.allocated) / GB
             what = "CPU RSS" if device == "cpu" else "H100 allocated"
             print(
-                f"| {shape} | {what} | {seq_len} | {MODES[ckpt]} | {measured:.2f} GB | "
+                f"| {shape} | {what} | {seq_len} | {ckpt} | {measured:.2f} GB | "
                 f"{predicted:.2f} GB | {100 * (predicted - measured) / measured:+.1f}% |"
             )
 

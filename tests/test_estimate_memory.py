@@ -34,6 +34,12 @@ def _train_args(**kw) -> TrainArgs:
     return TrainArgs(model_id_or_path="-", run_dir="-", **kw)
 
 
+def _block_args(moe: MoeArgs | None, n_layers: int) -> ModelArgs:
+    """A small block shape whose tensors are all distinct sizes, for byte-exact comparisons."""
+    return ModelArgs(dim=128, n_layers=n_layers, head_dim=32, hidden_dim=384, n_heads=4, n_kv_heads=2,
+                     norm_eps=1e-5, vocab_size=256, moe=moe)
+
+
 def _saved_by_block(args: ModelArgs, lora: LoraArgs, dtype: torch.dtype, seqlens: list[int]) -> float:
     """Bytes per token of the distinct storages autograd saves inside the second block (whose
     input requires grad, as in every block but the first), parameters and shared inputs excluded."""
@@ -73,17 +79,7 @@ def _saved_by_block(args: ModelArgs, lora: LoraArgs, dtype: torch.dtype, seqlens
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("targets", [ALL, ["wq", "wv"], ["wo", "w2"]], ids=["all", "qv", "o-w2"])
 def test_activation_formula_equals_saved_tensors(moe, dtype, targets):
-    args = ModelArgs(
-        dim=128,
-        n_layers=2,
-        head_dim=32,
-        hidden_dim=384,
-        n_heads=4,
-        n_kv_heads=2,
-        norm_eps=1e-5,
-        vocab_size=256,
-        moe=moe,
-    )
+    args = _block_args(moe, n_layers=2)
     lora = LoraArgs(rank=8, target_modules=targets)
     measured = _saved_by_block(args, lora, dtype, [100, 60, 96])
     predicted = saved_bytes_per_token(args, targets, 8, 0.0, 2 if dtype == torch.bfloat16 else 4)
@@ -137,8 +133,7 @@ def _kept_by_selective_block(args: ModelArgs, lora: LoraArgs, dtype: torch.dtype
 def test_selective_formula_equals_what_the_policy_keeps(moe, targets, nf4):
     if nf4:
         pytest.importorskip("bitsandbytes")
-    args = ModelArgs(dim=128, n_layers=1, head_dim=32, hidden_dim=384, n_heads=4, n_kv_heads=2,
-                     norm_eps=1e-5, vocab_size=256, moe=moe)
+    args = _block_args(moe, n_layers=1)
     lora = LoraArgs(rank=8, target_modules=targets)
     measured = _kept_by_selective_block(args, lora, torch.bfloat16, [100, 60, 96], nf4)
     # NF4 (QLoRA): bitsandbytes' base product is not a kept matmul, but its LoRA update, added out
@@ -157,7 +152,7 @@ print(json.dumps({{"vmhwm_gb": hwm * 1024 / 1e9}}))
 """
 
 
-@pytest.mark.parametrize("checkpoint", [True, "selective", False], ids=["ckpt", "selective", "no-ckpt"])
+@pytest.mark.parametrize("checkpoint", ["full", "selective", "none"])
 def test_cpu_estimate_within_15_percent_of_measured_peak(checkpoint):
     # The 'small' shape with 2 layers: a few seconds per run, activations and loss both sizeable.
     seq_len, n_layers = 2048, 2
@@ -179,7 +174,7 @@ def test_cpu_estimate_within_15_percent_of_measured_peak(checkpoint):
         "--peak_tflops",
         "1",
     ]
-    argv += ["--checkpoint", {True: "full", False: "none"}.get(checkpoint, checkpoint)]
+    argv += ["--checkpoint", checkpoint]
     code = _CHILD.format(argv=argv, bench=str(REPO / "benchmarks" / "bench_train_step.py"))
     proc = subprocess.run(
         [sys.executable, "-c", code],

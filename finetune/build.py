@@ -20,7 +20,7 @@ from finetune.loss import CausalLMLoss
 from finetune.parallel import freeze, parallelize
 from model.args import LoraArgs, ModelArgs
 from model.checkpoint import iter_base_weights, load_adapters_state
-from model.lora import is_lora_key, lora_modules
+from model.lora import init_lora_A_, is_lora_key, lora_modules
 from model.quant import NF4LoRALinear, import_bitsandbytes, quantize_lora_layers, quantize_nf4
 from model.transformer import Transformer
 
@@ -179,8 +179,6 @@ def _init_adapters(model: CausalLMLoss, seed: int, device: torch.device) -> None
     the initial adapters are identical for every world size."""
     gen = torch.Generator().manual_seed(seed)
     for _name, module in sorted(lora_modules(model.model).items()):
-        a = torch.empty(module.lora_A.weight.shape)
-        bound = 1.0 / module.in_features**0.5  # kaiming_uniform_(a=sqrt(5)) == U(-1/sqrt(in), 1/sqrt(in))
-        a.uniform_(-bound, bound, generator=gen)
+        a = init_lora_A_(torch.empty(module.lora_A.weight.shape), generator=gen)
         _copy_into(module.lora_A.weight, a.to(device))
         _copy_into(module.lora_B.weight, torch.zeros(module.lora_B.weight.shape, device=device))

@@ -45,8 +45,7 @@ class LoRALinear(nn.Module):
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
-        # a=sqrt(5) gives U(-1/sqrt(in), 1/sqrt(in)), as nn.Linear and mistral-finetune do.
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        init_lora_A_(self.lora_A.weight)
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,6 +73,12 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling}"
+
+
+def init_lora_A_(weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """lora_A's initialisation, in place: kaiming_uniform_(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)),
+    as nn.Linear and mistral-finetune do (lora_B starts at zero)."""
+    return nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:

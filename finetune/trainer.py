@@ -135,13 +135,13 @@ def _update_loss_scale(state: TrainState, finite: bool) -> None:
 def evaluate(model: CausalLMLoss, batches: list[Batch], device: torch.device) -> tuple[float, float, int]:
     """Token-weighted loss over the whole eval set (all ranks) and perplexity exp(loss)."""
     model.eval()
-    loss_sum, n = 0.0, 0
+    loss_sum, n = torch.zeros((), dtype=torch.float64, device=device), 0  # summed as before, in float64
     for batch in batches:
         x, y, mask = _to_device(batch, device)
-        loss_sum += model(x, batch.seqlens, y, mask).item()
+        loss_sum += model(x, batch.seqlens, y, mask)  # stays on the device: one sync at the end
         n += batch.n_targets
     model.train()
-    total, count = D.all_reduce_sum([loss_sum, n], device)
+    total, count = D.all_reduce_sum([loss_sum.item(), n], device)
     loss = total / max(count, 1)
     return loss, math.exp(min(loss, 700.0)), int(count)
 

@@ -28,7 +28,12 @@ import functools
 import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+    noop_context_fn,
+)
 
 from finetune.loss import CausalLMLoss
 from model.lora import freeze_all_but_lora
@@ -84,16 +89,8 @@ def checkpoint_block(block: nn.Module, mode: str, hidden_dim: int) -> None:
             create_selective_checkpoint_contexts, selective_policy(hidden_dim), allow_cache_entry_mutation=True
         )
     else:
-        context_fn = None
-    inner = block.forward
-
-    @functools.wraps(inner)
-    def forward(*args, **kwargs):
-        if context_fn is None:
-            return checkpoint(inner, *args, use_reentrant=False, **kwargs)
-        return checkpoint(inner, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
-
-    block.forward = forward
+        context_fn = noop_context_fn
+    block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False, context_fn=context_fn)
 
 
 def parallelize(model: CausalLMLoss, *, compute_dtype: torch.dtype, checkpoint_mode: str) -> CausalLMLoss:

@@ -14,6 +14,7 @@ per token and MFU against --peak_tflops (or a measured matmul rate with --measur
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -151,21 +152,18 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for i, batch in enumerate(batches):
-        profiling = opts.profile and i == len(batches) - 1
+        profiling = bool(opts.profile) and i == len(batches) - 1
+        activities = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch.profiler.profile(activities=activities) if profiling else contextlib.nullcontext() as profiler:
+            t0 = time.perf_counter()
+            train_step(model, optimizer, [batch], train_args, state, precision, device)  # .item() syncs
+            elapsed = time.perf_counter() - t0
         if profiling:
-            activities = [torch.profiler.ProfilerActivity.CPU]
-            if device.type == "cuda":
-                activities.append(torch.profiler.ProfilerActivity.CUDA)
-            profiler = torch.profiler.profile(activities=activities)
-            profiler.__enter__()
-        t0 = time.perf_counter()
-        train_step(model, optimizer, [batch], train_args, state, precision, device)  # .item() syncs
-        if profiling:
-            profiler.__exit__(None, None, None)
             sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
             print(profiler.key_averages().table(sort_by=sort, row_limit=opts.profile), file=sys.stderr)
         elif i >= opts.warmup:
-            times.append(time.perf_counter() - t0)
+            times.append(elapsed)
     step_time = float(np.median(times))
     tokens = opts.seq_len * opts.batch_size * D.world_size()
     flops = model_flops_per_token(model_args, lora, batches)

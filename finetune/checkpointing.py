@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +104,7 @@ def gather_merged(model: CausalLMLoss, dtype: torch.dtype) -> dict[str, torch.Te
 def adapter_params(model_args: ModelArgs, lora: LoraArgs | None) -> dict[str, Any]:
     params = model_args.to_dict()
     if lora is not None:
-        params["lora"] = {
-            "enable": True,
-            "rank": lora.rank,
-            "scaling": lora.scaling,
-            "dropout": lora.dropout,
-            "target_modules": list(lora.target_modules),
-        }
+        params["lora"] = asdict(lora)  # enable, rank, scaling, dropout, target_modules
     return params
 
 

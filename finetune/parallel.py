@@ -98,9 +98,13 @@ def parallelize(model: CausalLMLoss, *, compute_dtype: torch.dtype, checkpoint_m
     if checkpoint_mode not in CHECKPOINT_MODES:
         raise ValueError(f"unknown activation checkpointing mode {checkpoint_mode!r}; use one of {CHECKPOINT_MODES}")
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    # Alone, a process has nothing to shard frozen weights with: FSDP would only copy them into and
+    # out of a one-rank all-gather for every forward and backward. They stay plain tensors.
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    ignored = {p for p in model.parameters() if not p.requires_grad} if world == 1 else None
     for block in model.model.layers:
         if checkpoint_mode != "none":
             checkpoint_block(block, checkpoint_mode, model.model.args.hidden_dim)
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(block, mp_policy=mp, ignored_params=ignored)
+    fully_shard(model, mp_policy=mp, ignored_params=ignored)
     return model

@@ -2,9 +2,10 @@
 
 The output layer and the loss are fused: for each chunk of target rows we compute the logits,
 the loss, and right away the gradients with respect to the hidden states (and the output weight
-when it trains), then drop the logits. Peak memory is one chunk of float32 logits (plus its
-compute-dtype copy) instead of ``tokens x vocab`` (131k for Tekken), and nothing is recomputed
-in backward. Only rows that are targets are ever projected onto the vocabulary.
+when it trains), then drop the logits. Peak memory is one chunk of compute-dtype logits, which
+then hold their own gradient, plus one float32 block of them (``block_rows``), instead of
+``tokens x vocab`` float32 logits (131k for Tekken); nothing is recomputed in backward. Only rows
+that are targets are ever projected onto the vocabulary.
 
 The loss is a *sum* over target tokens; the caller divides by the global number of targets so
 micro-batches and ranks are weighted by tokens, not equally.
@@ -18,9 +19,24 @@ from torch import nn
 from model.transformer import Transformer
 
 
+# Logits turned into the softmax at once, in float32. The element-wise passes (max, exp, sum,
+# divide, casts) are memory-bound: on a CPU they run about 1.3x faster over a cache-sized block
+# than over a whole chunk (docs/benchmarks.md); a GPU wants large blocks (each pass is a kernel
+# launch), and there the block only bounds the float32 buffer.
+BLOCK_LOGITS = {"cpu": 1 << 20}  # 4 MB of float32
+DEFAULT_BLOCK_LOGITS = 1 << 24  # 64 MB of float32
+
+
+def block_rows(device_type: str, vocab_size: int, chunk_size: int) -> int:
+    """Rows of a chunk turned into the softmax at once (in float32)."""
+    return min(chunk_size, max(1, BLOCK_LOGITS.get(device_type, DEFAULT_BLOCK_LOGITS) // vocab_size))
+
+
 class _LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    def forward(
+        ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int, block: int
+    ) -> torch.Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc = torch.promote_types(h.dtype, torch.float32)  # float32, or float64 for float64 inputs
         loss = torch.zeros((), dtype=acc, device=h.device)
@@ -28,29 +44,31 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         for start in range(0, h.shape[0], chunk_size):
             hc, tc = h[start : start + chunk_size], targets[start : start + chunk_size]
-            logits = hc @ weight.t()  # (chunk, vocab)
-            target_logits = logits.gather(1, tc[:, None]).to(acc)
-            # One float32 buffer, transformed in place into the softmax: fewer passes over the
-            # chunk than log_softmax followed by exp, and one float32 buffer instead of two
-            # (docs/benchmarks.md: the loss's peak 1.76 -> 1.23 GB at vocab 131072).
-            probs = logits.to(acc)  # the same tensor when the model computes in float32
-            del logits
-            row_max = probs.amax(dim=-1, keepdim=True)
-            sums = probs.sub_(row_max).exp_().sum(dim=-1, keepdim=True)
-            # -log softmax(target) = max + log(sum exp(logits - max)) - target logit
-            loss += (row_max + sums.log() - target_logits).sum()
+            logits = hc @ weight.t()  # (chunk, vocab), compute dtype
+            for b in range(0, logits.shape[0], block):
+                rows, tb = logits[b : b + block], tc[b : b + block]
+                target_logits = rows.gather(1, tb[:, None]).to(acc)
+                # One float32 buffer per block, turned into the softmax in place:
+                # -log softmax(target) = max + log(sum exp(logits - max)) - target logit.
+                probs = rows.to(acc)  # the same tensor when the model computes in float32
+                row_max = probs.amax(dim=-1, keepdim=True)
+                sums = probs.sub_(row_max).exp_().sum(dim=-1, keepdim=True)
+                loss += (row_max + sums.log() - target_logits).sum()
+                if need_h or need_w:
+                    # d(sum of losses)/d(logits) = softmax - one_hot, written over the logits.
+                    probs.div_(sums)
+                    probs[torch.arange(tb.shape[0], device=tb.device), tb] -= 1.0
+                    if probs is not rows:
+                        rows.copy_(probs)
+                del probs
             if need_h or need_w:
-                # d(sum of losses)/d(logits) = softmax - one_hot, built in place.
-                grad_logits = probs.div_(sums)
-                grad_logits[torch.arange(tc.shape[0], device=tc.device), tc] -= 1.0
-                g = grad_logits.to(h.dtype)  # (chunk, vocab)
+                grad_logits = logits  # (chunk, vocab), compute dtype
                 if need_h:
-                    grad_h[start : start + chunk_size] = g @ weight
+                    grad_h[start : start + chunk_size] = grad_logits @ weight
                 if need_w:
-                    grad_w += (g.t() @ hc).to(acc)
-                del grad_logits, g
+                    grad_w += (grad_logits.t() @ hc).to(acc)
             # Free this chunk before the next one is computed: peak stays at one chunk.
-            del probs
+            del logits
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return loss
@@ -62,14 +80,20 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             grad_h = grad_h * grad_loss.to(grad_h.dtype)
         if grad_w is not None:
             grad_w = (grad_w * grad_loss).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None
+        return grad_h, grad_w, None, None, None
 
 
 def linear_cross_entropy_sum(
-    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 2048
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 2048, block: int | None = None
 ) -> torch.Tensor:
-    """sum_i CE(h_i @ weight.T, targets_i) in float32, never materialising all logits."""
-    return _LinearCrossEntropySum.apply(h, weight, targets, chunk_size)
+    """sum_i CE(h_i @ weight.T, targets_i) in float32, never materialising all logits.
+
+    ``chunk_size`` rows are projected onto the vocabulary at once, in the compute dtype; ``block``
+    rows of those are turned into the softmax at once in float32 (default: ``block_rows``).
+    """
+    if block is None:
+        block = block_rows(h.device.type, weight.shape[0], chunk_size)
+    return _LinearCrossEntropySum.apply(h, weight, targets, chunk_size, block)
 
 
 class CausalLMLoss(nn.Module):

@@ -4,17 +4,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune.loss import linear_cross_entropy_sum
+from finetune.loss import block_rows, linear_cross_entropy_sum
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+@pytest.mark.parametrize("chunk, block", [(1, 1), (7, 7), (7, 3), (64, 1), (64, 5), (1000, 1000), (1000, 16)])
 @pytest.mark.parametrize("weight_grad", [False, True])
-def test_matches_materialised_cross_entropy(chunk, weight_grad):
+def test_matches_materialised_cross_entropy(chunk, block, weight_grad):
     g = torch.Generator().manual_seed(0)
     h = torch.randn(50, 16, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(300, 16, generator=g, dtype=torch.float64, requires_grad=weight_grad)
     y = torch.randint(0, 300, (50,), generator=g)
-    ours = linear_cross_entropy_sum(h, w, y, chunk)
+    ours = linear_cross_entropy_sum(h, w, y, chunk, block)
     (ours * 3.0).backward()
     grads = (h.grad.clone(), w.grad.clone() if weight_grad else None)
     h.grad = None
@@ -44,6 +44,32 @@ def test_bf16_inputs_give_float32_loss_close_to_reference():
     ref = F.cross_entropy((h @ w.t()).float(), y, reduction="sum")
     assert ours.dtype == torch.float32
     torch.testing.assert_close(ours, ref, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("block", [1, 5, 16])
+def test_bf16_float32_blocks_give_the_whole_chunks_gradient_exactly(block):
+    # The block size only changes which rows share a float32 buffer: per-row values are identical.
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(700, 32, generator=g) * 0.1).bfloat16()
+    y = torch.randint(0, 700, (40,), generator=g)
+    results = []
+    for b in (16, block):
+        h = torch.randn(40, 32, generator=torch.Generator().manual_seed(4)).bfloat16().requires_grad_()
+        loss = linear_cross_entropy_sum(h, w, y, 16, b)
+        loss.backward()
+        results.append((loss, h.grad))
+    assert torch.equal(results[0][1], results[1][1])
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=0)
+    # and the gradient is the reference's, to bf16 precision
+    h32 = torch.randn(40, 32, generator=torch.Generator().manual_seed(4)).bfloat16().float().requires_grad_()
+    F.cross_entropy(h32 @ w.float().t(), y, reduction="sum").backward()
+    torch.testing.assert_close(results[1][1].float(), h32.grad, rtol=2e-2, atol=2e-2)
+
+
+def test_default_block_is_cache_sized_on_cpu_and_bounded_by_the_chunk():
+    assert block_rows("cpu", 32768, 2048) == 32 and block_rows("cpu", 131072, 2048) == 8
+    assert block_rows("cpu", 300, 64) == 64 and block_rows("cpu", 1 << 22, 64) == 1
+    assert block_rows("cuda", 131072, 2048) == 128 and block_rows("cuda", 32768, 256) == 256
 
 
 def test_extreme_logits_stay_finite_and_exact():

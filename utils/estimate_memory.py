@@ -13,15 +13,16 @@ root over all N):
 
 - frozen base weights in the compute dtype (NF4 linears at 4.13 bits with ``quantization: nf4``) / N,
   plus the all-gathered *unsharded* root (embedding, final norm, output: alive through forward and
-  backward) and the largest block unsharded twice (the one computing and the one prefetched);
+  backward) and the largest block unsharded twice (the one computing and the one prefetched); on
+  one device, frozen weights are not FSDP's, so only the adapters are gathered;
 - adapters in float32 + their gradients + AdamW's two moments (16 bytes per trainable parameter) / N;
 - activations: the tensors autograd saves per layer and token (``saved_bytes_per_token``, which
   equals what a real block saves; a test checks it), for every layer without activation
   checkpointing; with it, only each block's input plus one recomputed block; with selective
   checkpointing, also the matmul and attention outputs it keeps (``selective_saved_bytes_per_token``);
 - the fused loss: the final norm's float32 input, the target rows' hidden states and their
-  gradient, and one chunk of ``loss_chunk_size x vocab`` float32 logits, turned into the softmax
-  in place, plus its compute-dtype copy (each chunk is freed before the next);
+  gradient, one chunk of ``loss_chunk_size x vocab`` compute-dtype logits (which then hold their
+  gradient; each chunk is freed before the next) and one float32 block of them (``block_rows``);
 - a fixed overhead: the CUDA context (~1 GB, outside ``max_memory_allocated``) on GPU, the Python +
   torch process baseline on CPU.
 """
@@ -36,6 +37,7 @@ from pathlib import Path
 
 from finetune.args import TrainArgs, load_train_args
 from finetune.config import ConfigError
+from finetune.loss import block_rows
 from model.args import ModelArgs
 
 GB = 1e9
@@ -187,8 +189,11 @@ def estimate(
     base_total = L * block_base + counts["root"] * base_b
     parts["base weights (sharded)"] = base_total / N
     # All-gathered copies in the compute dtype: the root for the whole step, two blocks at a time.
-    block_unsharded = block_base * c / base_b + counts["block_lora"] * c
-    parts["unsharded root + 2 blocks"] = counts["root"] * c + 2 * block_unsharded
+    # Alone (N = 1), frozen weights are left out of FSDP (finetune/parallel.py): only the adapters
+    # are gathered.
+    frozen_gathered = N > 1 or not lora
+    block_unsharded = (block_base * c / base_b if frozen_gathered else 0.0) + counts["block_lora"] * c
+    parts["unsharded root + 2 blocks"] = (counts["root"] * c if frozen_gathered else 0.0) + 2 * block_unsharded
     trainable = L * counts["block_lora"] if lora else L * counts["block"] + counts["root"]
     parts["trainable: fp32 + grads + AdamW"] = (trainable * 16 - (base_total if not lora else 0)) / N
     if not lora:
@@ -218,7 +223,9 @@ def estimate(
     n_targets = T  # upper bound: every token a target
     chunk = min(args.loss_chunk_size, n_targets)
     loss_fixed = T * m.dim * (4 + c) + 2 * n_targets * m.dim * c
-    logits = chunk * m.vocab_size * (4 + (c if c < 4 else 0))  # float32 chunk + compute-dtype copy
+    # The chunk's compute-dtype logits (then their gradient) + one float32 block of them.
+    block = block_rows(device, m.vocab_size, chunk) if c < 4 else 0
+    logits = (chunk * c + block * 4) * m.vocab_size
     parts["loss: hidden states"] = loss_fixed
     which = (
         "loss chunk"

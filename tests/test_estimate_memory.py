@@ -246,7 +246,7 @@ def test_alone_only_adapters_are_gathered():
     full.lora.enable = False
     counts = param_counts(m, list(LINEARS), 16)
     one, two = estimate(m, lora, n_devices=1), estimate(m, lora, n_devices=2)
-    assert one.parts["unsharded root + 2 blocks"] == 2 * counts["block_lora"] * 2
+    assert one.parts["unsharded adapters of 2 blocks"] == 2 * counts["block_lora"] * 2
     assert two.parts["unsharded root + 2 blocks"] == 2 * (counts["root"] + 2 * (counts["block"] + counts["block_lora"]))
     # Fully fine-tuned, every weight trains, so FSDP gathers all of them even alone.
     assert estimate(m, full, n_devices=1).parts["unsharded root + 2 blocks"] == 2 * (counts["root"] + 2 * counts["block"])

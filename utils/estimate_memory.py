@@ -194,7 +194,8 @@ def estimate(
     # are gathered.
     frozen_gathered = N > 1 or not lora
     block_unsharded = (block_base * c / base_b if frozen_gathered else 0.0) + counts["block_lora"] * c
-    parts["unsharded root + 2 blocks"] = (counts["root"] * c if frozen_gathered else 0.0) + 2 * block_unsharded
+    gathered = "unsharded root + 2 blocks" if frozen_gathered else "unsharded adapters of 2 blocks"
+    parts[gathered] = (counts["root"] * c if frozen_gathered else 0.0) + 2 * block_unsharded
     trainable = L * counts["block_lora"] if lora else L * counts["block"] + counts["root"]
     parts["trainable: fp32 + grads + AdamW"] = (trainable * 16 - (base_total if not lora else 0)) / N
     if not lora:

@@ -61,6 +61,15 @@ def check_fused_loss() -> None:
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-2)
     torch.testing.assert_close(gh, h.grad, rtol=1e-4, atol=1e-5)
     print("fused chunked cross-entropy == F.cross_entropy on CUDA (vocab 131072)")
+    # bf16: the default GPU block (2^24 logits = 128 rows here) gives the whole chunk's gradient.
+    hb = h.detach().bfloat16()
+    grads = []
+    for block in (None, 1024):
+        x = hb.clone().requires_grad_(True)
+        linear_cross_entropy_sum(x, w.bfloat16(), y, 1024, block).backward()
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1])
+    print("fused loss in bf16: float32 blocks of 128 rows == whole 1024-row chunks, bit for bit, on CUDA")
 
 
 def check_selective_checkpointing_with_flex(dtype: torch.dtype) -> None:

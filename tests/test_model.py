@@ -12,7 +12,7 @@ from model.args import LoraArgs, ModelArgs
 from model.checkpoint import load_adapters
 from model.hf import hf_config_dict, to_hf_state_dict
 from model.lora import LoRALinear, freeze_all_but_lora, lora_state_dict, merged_state_dict
-from model.transformer import Transformer
+from model.transformer import RMSNorm, Transformer, _RMSNormFunction
 from tests.model_helpers import random_base_model, tiny_args, write_checkpoint
 
 SEQLENS = [7, 13, 4]
@@ -55,6 +55,45 @@ def test_logits_match_hugging_face(tmp_path, overrides):
             ref = hf(input_ids=tokens[start : start + n][None], use_cache=False).logits[0]
             torch.testing.assert_close(packed[start : start + n], ref, rtol=1e-4, atol=1e-4)
             start += n
+
+
+def _autograd_rms_norm(x, weight, eps):
+    """The plain formulation (Mistral's), differentiated by autograd: the reference."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def _rms(x, w):
+    return _RMSNormFunction.apply(x, w, 1e-5)
+
+
+def test_rms_norm_backward_passes_gradcheck():
+    # Input and gain gradients against finite differences (float64, (batch, tokens, dim) input).
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(6, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(_rms, (x, w))
+    assert isinstance(RMSNorm(6, 1e-5)(x), torch.Tensor)  # the module runs this function
+
+
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_rms_norm_equals_autograd_in_bf16(weight_grad):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(64, 32, generator=g).bfloat16()
+    w = (torch.rand(32, generator=g) + 0.5).bfloat16().requires_grad_(weight_grad)
+    grad = torch.randn(64, 32, generator=g).bfloat16()
+    results = []
+    for fn in (_rms, lambda x, w: _autograd_rms_norm(x, w, 1e-5)):
+        x = x0.clone().requires_grad_(True)
+        w.grad = None
+        y = fn(x, w)
+        y.backward(grad)
+        results.append((y, x.grad, w.grad))
+    (y, gx, gw), (y_ref, gx_ref, gw_ref) = results
+    assert torch.equal(y, y_ref)  # the forward is the same arithmetic
+    torch.testing.assert_close(gx.float(), gx_ref.float(), rtol=2e-2, atol=2e-2)
+    if weight_grad:
+        torch.testing.assert_close(gw.float(), gw_ref.float(), rtol=2e-2, atol=5e-2)
 
 
 def test_sliding_window_changes_long_documents_only():

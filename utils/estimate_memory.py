@@ -20,7 +20,7 @@ root over all N):
   equals what a real block saves; a test checks it), for every layer without activation
   checkpointing; with it, only each block's input plus one recomputed block; with selective
   checkpointing, also the matmul and attention outputs it keeps (``selective_saved_bytes_per_token``);
-- the fused loss: the final norm's float32 input, the target rows' hidden states and their
+- the fused loss: the final norm's saved input, the target rows' hidden states and their
   gradient, one chunk of ``loss_chunk_size x vocab`` compute-dtype logits (which then hold their
   gradient; each chunk is freed before the next) and one float32 block of them (``block_rows``);
 - a fixed overhead: the CUDA context (~1 GB, outside ``max_memory_allocated``) on GPU, the Python +
@@ -115,7 +115,7 @@ def saved_bytes_per_token(m: ModelArgs, targets: list[str], rank: int, dropout: 
 
     ``c`` is the compute dtype's size. A frozen linear saves nothing of its input; a LoRA linear saves
     its input (for lora_A's gradient; one tensor shared by wq/wk/wv and by w1/w3) and the rank-sized
-    ``A x`` (for lora_B's). RMSNorm saves its float32 input and the (tokens, 1) rsqrt. Attention
+    ``A x`` (for lora_B's). RMSNorm saves its input and the (tokens, 1) float32 rsqrt. Attention
     (SDPA per document, or FlexAttention) saves q, k, v after rotary, its output and a float32
     log-sum-exp per head; the output is copied once more into the (tokens, heads*head_dim) input
     of wo. SwiGLU saves w1's and w3's outputs and silu(w1 x); the product is w2's input.
@@ -125,7 +125,7 @@ def saved_bytes_per_token(m: ModelArgs, targets: list[str], rank: int, dropout: 
     qd = m.n_heads * m.head_dim
     t = set(targets)
     lora_u = c * rank  # A x of one LoRA linear
-    total = 2 * (4 * m.dim + 4)  # two RMSNorms
+    total = 2 * (c * m.dim + 4)  # two RMSNorms
     total += (c * m.dim if t & {"wq", "wk", "wv"} else 0) + lora_u * len(t & {"wq", "wk", "wv"})
     total += c * (m.n_heads + 2 * m.n_kv_heads) * m.head_dim + c * qd + 4 * m.n_heads  # q k v, out, lse
     total += (c * qd + lora_u) if "wo" in t else 0
@@ -221,10 +221,10 @@ def estimate(
         i, o = max(linear_shapes(m).values(), key=lambda s: s[0] * s[1])
         backward += i * o * c  # one dequantized weight at a time
 
-    # Loss: final norm's float32 input, hidden states, target rows and their gradient, logits chunk.
+    # Loss: final norm's input, hidden states, target rows and their gradient, logits chunk.
     n_targets = T  # upper bound: every token a target
     chunk = min(args.loss_chunk_size, n_targets)
-    loss_fixed = T * m.dim * (4 + c) + 2 * n_targets * m.dim * c
+    loss_fixed = T * m.dim * 2 * c + 2 * n_targets * m.dim * c
     # The chunk's compute-dtype logits (then their gradient) + one float32 block of them.
     block = block_rows(device, m.vocab_size, chunk) if c < 4 else 0
     logits = (chunk * c + block * 4) * m.vocab_size

@@ -17,10 +17,11 @@ import torch.distributed as dist
 # oneDNN, and PyTorch's ideep layer over it, keep one compiled kernel per matmul shape: 1024 each
 # by default. On CPU, bf16 attention's backward runs matmuls shaped by each document's length, so
 # with packed documents of varying lengths these caches only grow: RSS rose by 0.8 GB over 30 steps
-# of the small benchmark, and by 1.8 GB over 600 attention calls on 64-512-token documents. 64
-# entries hold the model's fixed-shape matmuls at no measurable speed cost (docs/benchmarks.md).
-# Both are read at the first oneDNN call; a value the user set is kept.
-CPU_KERNEL_CACHE_CAPACITY = "64"
+# of the small benchmark, and by 1.8 GB over 600 attention calls on 64-512-token documents. 256
+# entries bound that and still hold the model's own fixed-shape matmuls between uses: at 64, rows
+# of 4096 tokens (about 16 documents) evicted them and ran 12% slower (docs/benchmarks.md). Both
+# are read at the first oneDNN call; a value the user set is kept.
+CPU_KERNEL_CACHE_CAPACITY = "256"
 
 
 def bound_cpu_kernel_caches() -> None:

@@ -46,13 +46,13 @@ CPU_BASELINE = 0.31 * GB  # RSS of python + torch + this project imported, gloo 
 # Calibrated, not derived (docs/memory.md): on CPU the peak RSS also holds memory that glibc keeps
 # after frees (heap fragmentation; autograd's backward thread allocates from another arena) and
 # oneDNN/OpenMP scratch. Fitted by least squares on bench_train_step.py's small and tiny configs
-# (13 runs, every checkpointing mode, residuals within 0.045 GB) as a constant, bytes per token and
+# (13 runs, every checkpointing mode, residuals within 0.07 GB) as a constant, bytes per token and
 # vocabulary entry (freed logits the heap keeps: the loss's compute-dtype chunks) and blocks' saved
 # tensors (the forward's and the backward thread's arenas). On GPU max_memory_allocated counts live
 # tensors only.
-CPU_RUNTIME = 0.064 * GB
-CPU_HEAP_PER_LOGIT = 1.9
-CPU_HEAP_BLOCKS = 1.9
+CPU_RUNTIME = 0.007 * GB
+CPU_HEAP_PER_LOGIT = 3.48
+CPU_HEAP_BLOCKS = 1.33
 NF4_BITS = 4.13  # 4-bit codes + uint8 absmax per 64 + float32 per 256 absmaxes (model/quant.py)
 _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")

@@ -163,6 +163,8 @@ print(json.dumps({{"vmhwm_gb": hwm * 1024 / 1e9}}))
 @pytest.mark.parametrize("checkpoint", ["full", "selective", "none"])
 def test_cpu_estimate_within_15_percent_of_measured_peak(checkpoint):
     # The 'small' shape with 2 layers: a few seconds per run, activations and loss both sizeable.
+    # Three steps, as the calibration's runs took: the RSS still grows over the first steps (the
+    # heap, oneDNN's kernel caches), and after two it was 8% lower, at the edge of the tolerance.
     seq_len, n_layers = 2048, 2
     argv = [
         "--preset",
@@ -176,7 +178,7 @@ def test_cpu_estimate_within_15_percent_of_measured_peak(checkpoint):
         "--threads",
         "2",
         "--steps",
-        "1",
+        "2",
         "--warmup",
         "1",
         "--peak_tflops",

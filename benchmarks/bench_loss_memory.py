@@ -22,17 +22,24 @@ import sys
 import time
 
 
-def _run(variant: str, tokens: int, dim: int, vocab: int, chunk: int) -> dict:
+def _inputs(tokens: int, dim: int, vocab: int):
+    """bf16 hidden states (requiring grad), a bf16 output weight and targets, from one seed;
+    torch is imported here so the parent process stays small."""
     import torch
-    import torch.nn.functional as F
-
-    from finetune.loss import linear_cross_entropy_sum
 
     torch.set_num_threads(2)
     g = torch.Generator().manual_seed(0)
     h = torch.randn(tokens, dim, generator=g).bfloat16().requires_grad_()
     w = (torch.randn(vocab, dim, generator=g) * 0.02).bfloat16()
-    y = torch.randint(0, vocab, (tokens,), generator=g)
+    return h, w, torch.randint(0, vocab, (tokens,), generator=g)
+
+
+def _run(variant: str, tokens: int, dim: int, vocab: int, chunk: int) -> dict:
+    import torch.nn.functional as F
+
+    from finetune.loss import linear_cross_entropy_sum
+
+    h, w, y = _inputs(tokens, dim, vocab)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     if variant == "fused":
@@ -49,15 +56,9 @@ def _run(variant: str, tokens: int, dim: int, vocab: int, chunk: int) -> dict:
 def _time_blocks(blocks: list[int], tokens: int, dim: int, vocab: int, chunk: int, repeats: int) -> None:
     import statistics
 
-    import torch
-
     from finetune.loss import linear_cross_entropy_sum
 
-    torch.set_num_threads(2)
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(tokens, dim, generator=g).bfloat16().requires_grad_()
-    w = (torch.randn(vocab, dim, generator=g) * 0.02).bfloat16()
-    y = torch.randint(0, vocab, (tokens,), generator=g)
+    h, w, y = _inputs(tokens, dim, vocab)
     times: dict[int, list[float]] = {b: [] for b in blocks}
     for _ in range(repeats + 1):  # the first round warms up
         for b in blocks:

@@ -17,8 +17,9 @@ from model.quant import QUANTIZATIONS
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 ATTENTIONS = ("auto", "sdpa", "flex")
+CHECKPOINT_MODES = ("full", "selective", "none")  # finetune/parallel.py implements them
 # Accepted values of 'checkpoint' -> activation checkpointing mode.
-CHECKPOINTS = {True: "full", False: "none", "full": "full", "selective": "selective", "none": "none"}
+CHECKPOINTS = {True: "full", False: "none", **{mode: mode for mode in CHECKPOINT_MODES}}
 
 
 @dataclass
@@ -157,7 +158,7 @@ class TrainArgs:
 
     @property
     def checkpoint_mode(self) -> str:
-        """'full', 'selective' or 'none' (finetune.parallel.CHECKPOINT_MODES)."""
+        """One of CHECKPOINT_MODES: 'full', 'selective' or 'none'."""
         return CHECKPOINTS[self.checkpoint]
 
     @property

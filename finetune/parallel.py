@@ -35,10 +35,10 @@ from torch.utils.checkpoint import (
     noop_context_fn,
 )
 
+from finetune import distributed as D
+from finetune.args import CHECKPOINT_MODES
 from finetune.loss import CausalLMLoss
 from model.lora import freeze_all_but_lora
-
-CHECKPOINT_MODES = ("full", "selective", "none")
 
 _ATTENTION_OPS = {
     getattr(torch.ops.aten, name).default
@@ -99,10 +99,11 @@ def parallelize(model: CausalLMLoss, *, compute_dtype: torch.dtype, checkpoint_m
         raise ValueError(f"unknown activation checkpointing mode {checkpoint_mode!r}; use one of {CHECKPOINT_MODES}")
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     # Alone, a process has nothing to shard frozen weights with: FSDP would only copy them into and
-    # out of a one-rank all-gather for every forward and backward (4% of a small CPU step). They
-    # stay plain tensors, already stored in the compute dtype (build_sharded), so no cast is lost.
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    ignored = {p for p in model.parameters() if not p.requires_grad and p.dtype == compute_dtype} if world == 1 else None
+    # out of a one-rank all-gather for every forward and backward (small CPU config: 0.94x peak RSS,
+    # 1.02-1.04x tokens/s; docs/benchmarks.md). They stay plain tensors, already stored in the
+    # compute dtype (build_sharded), so no cast is lost.
+    alone = D.world_size() == 1
+    ignored = {p for p in model.parameters() if not p.requires_grad and p.dtype == compute_dtype} if alone else None
     for block in model.model.layers:
         if checkpoint_mode != "none":
             checkpoint_block(block, checkpoint_mode, model.model.args.hidden_dim)

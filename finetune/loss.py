@@ -65,13 +65,11 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                     probs[torch.arange(tb.shape[0], device=tb.device), tb] -= 1.0
                     if probs is not rows:
                         rows.copy_(probs)
-                del probs
-            if need_h or need_w:
-                grad_logits = logits  # (chunk, vocab), compute dtype
+            if need_h or need_w:  # the logits now hold their gradient, in the compute dtype
                 if need_h:
-                    grad_h[start : start + chunk_size] = grad_logits @ weight
+                    grad_h[start : start + chunk_size] = logits @ weight
                 if need_w:
-                    grad_w += (grad_logits.t() @ hc).to(acc)
+                    grad_w += (logits.t() @ hc).to(acc)
             # Free this chunk before the next one is computed: peak stays at one chunk.
             del logits
         ctx.save_for_backward(grad_h, grad_w)

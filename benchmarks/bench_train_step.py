@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from finetune import distributed as D
-from finetune.args import TrainArgs
+from finetune.args import CHECKPOINT_MODES, TrainArgs
 from finetune.build import Precision, build_sharded, resolve_attention
 from finetune.data.loader import Batch
 from finetune.monitoring import peak_memory_gb
@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--precision", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--attention", choices=["auto", "sdpa", "flex"], default="auto")
-    parser.add_argument("--checkpoint", choices=["full", "selective", "none"], default="full",
+    parser.add_argument("--checkpoint", choices=CHECKPOINT_MODES, default="full",
                         help="activation checkpointing mode (the config's 'checkpoint')")
     parser.add_argument("--no_checkpoint", action="store_const", dest="checkpoint", const="none",
                         help="same as --checkpoint none")

@@ -117,6 +117,7 @@ def main() -> None:
                         help="activation checkpointing mode (the config's 'checkpoint')")
     parser.add_argument("--no_checkpoint", action="store_const", dest="checkpoint", const="none",
                         help="same as --checkpoint none")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every block (the config's 'compile')")
     parser.add_argument("--loss_chunk_size", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
@@ -140,7 +141,7 @@ def main() -> None:
     dtype = DTYPES[opts.precision]
     precision = Precision(opts.precision, dtype, dtype)
     model = build_sharded(model_args, lora, device, precision, attention=resolve_attention(opts.attention, device, model_args.head_dim),
-                          checkpoint_mode=opts.checkpoint, loss_chunk_size=opts.loss_chunk_size)
+                          checkpoint_mode=opts.checkpoint, loss_chunk_size=opts.loss_chunk_size, compile=opts.compile)
     _random_init(model)
     assert all(isinstance(m, LoRALinear) for m in lora_modules(model).values())
     train_args = TrainArgs(model_id_or_path="-", run_dir="-", num_microbatches=1, lora=lora)
@@ -172,7 +173,7 @@ def main() -> None:
     result = {
         "preset": opts.preset, "n_layers": model_args.n_layers, "seq_len": opts.seq_len,
         "batch_size": opts.batch_size, "precision": opts.precision, "attention": model.model.attention,
-        "checkpoint": opts.checkpoint, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "checkpoint": opts.checkpoint, "compile": opts.compile, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "world_size": D.world_size(), "step_s": step_time,
         "tokens_per_s": tok_s, "peak_mem_gb": peak_memory_gb(device), "model_mflop_per_token": flops / 1e6,
         "matmul_peak_tflops": peak / 1e12, "mfu": tok_s * flops / D.world_size() / peak,

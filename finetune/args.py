@@ -82,6 +82,11 @@ class TrainArgs:
     # Attention kernel: flex (FlexAttention, default on CUDA) or sdpa (default on CPU, where
     # FlexAttention has no backward).
     attention: str = "auto"
+    # Compile every transformer block with torch.compile (inductor), which fuses the element-wise
+    # work around the matrix products. The first steps pay the compilation (seconds on small models,
+    # longer on large ones). Dense models with an unquantized base only (not Mixtral, not nf4);
+    # see docs/benchmarks.md for what it measured.
+    compile: bool = False
     # Frozen base of the LoRA-wrapped linears: none (training precision) or nf4 (QLoRA: 4-bit
     # NormalFloat with double quantization, needs `pip install '.[qlora]'`; see docs/qlora.md).
     quantization: str = "none"
@@ -124,6 +129,11 @@ class TrainArgs:
             raise ConfigError(
                 f"'quantization: {self.quantization}' quantizes the frozen base under LoRA adapters, but "
                 "'lora.enable' is false; set lora.enable: true or quantization: none."
+            )
+        if self.compile and self.quantization != "none":
+            raise ConfigError(
+                f"'compile: true' does not support 'quantization: {self.quantization}' (bitsandbytes' 4-bit "
+                "matmul is not traceable); set compile: false or quantization: none."
             )
         o = self.optim
         if o.lr <= 0:

@@ -72,6 +72,15 @@ def check_trainable_vocab(model_args: ModelArgs, folder: str) -> None:
         )
 
 
+def check_compile(compile: bool, model_args: ModelArgs, folder: str) -> None:
+    if compile and model_args.moe is not None:
+        raise ConfigError(
+            f"'compile: true' does not support mixture-of-experts models ({folder} has "
+            f"{model_args.moe.num_experts} experts, and routing tokens to them gives data-dependent "
+            "shapes); set compile: false."
+        )
+
+
 def build_model(args: TrainArgs, device: torch.device, precision: Precision) -> tuple[CausalLMLoss, ModelArgs]:
     folder = args.model_id_or_path
     if not Path(folder).is_dir():
@@ -83,11 +92,12 @@ def build_model(args: TrainArgs, device: torch.device, precision: Precision) -> 
     check_trainable_vocab(model_args, folder)
     lora = args.lora if args.lora.enable else None
     check_quantization(args.quantization)
+    check_compile(args.compile, model_args, folder)
     model = build_sharded(
         model_args, lora, device, precision,
         attention=resolve_attention(args.attention, device, model_args.head_dim),
         checkpoint_mode=args.checkpoint_mode, loss_chunk_size=args.loss_chunk_size,
-        quantization=args.quantization,
+        quantization=args.quantization, compile=args.compile,
     )
     _load_base(model, folder, device)
     _init_adapters(model, seed=args.seed, device=device)
@@ -116,6 +126,7 @@ def build_sharded(
     checkpoint_mode: str,
     loss_chunk_size: int,
     quantization: str = "none",
+    compile: bool = False,
 ) -> CausalLMLoss:
     """The model built on the meta device, frozen, sharded, then given (uninitialised) storage."""
     with torch.device("meta"):
@@ -127,7 +138,7 @@ def build_sharded(
     # Storage dtypes before sharding: frozen base in the compute dtype, trainable weights in float32.
     for p in model.parameters():
         p.data = p.data.to(torch.float32 if p.requires_grad else precision.base)
-    parallelize(model, compute_dtype=precision.compute, checkpoint_mode=checkpoint_mode)
+    parallelize(model, compute_dtype=precision.compute, checkpoint_mode=checkpoint_mode, compile=compile)
     model.to_empty(device=device)
     return model
 

@@ -19,11 +19,19 @@ Activation checkpointing (``checkpoint`` in the config) has three modes:
 Both checkpointing modes wrap the block's own forward in ``torch.utils.checkpoint`` (non-reentrant),
 inside FSDP's hooks: the recomputation never re-runs FSDP's pre-forward (which selective
 checkpointing would reject), and parameter names do not change.
+
+``compile: true`` then compiles that (checkpointed) forward with ``torch.compile`` as one graph per
+block (FSDP's hooks stay outside it, as do parameter names): inductor fuses the element-wise work
+(norms, rotary, SwiGLU, the LoRA updates) and, under checkpointing, applies the same save/recompute
+policy at trace time instead of dispatching every op through Python. All blocks share one compiled
+graph (two: the first block's input needs no gradient); evaluation under ``no_grad`` adds its own.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import warnings
 
 import torch
 from torch import nn
@@ -32,7 +40,6 @@ from torch.utils.checkpoint import (
     CheckpointPolicy,
     checkpoint,
     create_selective_checkpoint_contexts,
-    noop_context_fn,
 )
 
 from finetune import distributed as D
@@ -81,20 +88,37 @@ def selective_policy(recompute_width: int):
 
 def checkpoint_block(block: nn.Module, mode: str, hidden_dim: int) -> None:
     """Recompute ``block``'s forward in backward (``mode`` full or selective), in place."""
+    options = {}
     if mode == "selective":
         # The LoRA update is accumulated into the (saved) base product in place, so a saved matmul
         # output may change version after it is saved; the recomputation then returns the final
         # value of both (model/lora.py), so the mutation is expected.
-        context_fn = functools.partial(
+        options["context_fn"] = functools.partial(
             create_selective_checkpoint_contexts, selective_policy(hidden_dim), allow_cache_entry_mutation=True
         )
-    else:
-        context_fn = noop_context_fn
-    block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False, context_fn=context_fn)
+    # (Full checkpointing passes no context_fn at all: torch.compile rejects an explicit no-op one.)
+    block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False, **options)
 
 
-def parallelize(model: CausalLMLoss, *, compute_dtype: torch.dtype, checkpoint_mode: str) -> CausalLMLoss:
-    """Checkpoint and shard every block, then shard the root (embedding, norm, output)."""
+def _not_the_sac_mutation_warning(record: logging.LogRecord) -> bool:
+    return "context_fn is passed to torch.utils.checkpoint" not in record.getMessage()
+
+
+def compile_block(block: nn.Module) -> None:
+    """Compile ``block``'s forward (after checkpoint_block, if any), in place; one graph or an error."""
+    # The complex rotations enter the graph only to be viewed as real (cos, sin) pairs (model/rope.py);
+    # inductor warns about any complex tensor, this view included.
+    warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
+    # Selective checkpointing under torch.compile warns, whatever the region holds, that the region
+    # must not mutate; ours does not once compiled (model/lora.py). Added once: same function.
+    logging.getLogger("torch._higher_order_ops.wrap").addFilter(_not_the_sac_mutation_warning)
+    block.forward = torch.compile(block.forward, fullgraph=True, dynamic=False)
+
+
+def parallelize(
+    model: CausalLMLoss, *, compute_dtype: torch.dtype, checkpoint_mode: str, compile: bool = False
+) -> CausalLMLoss:
+    """Checkpoint, compile and shard every block, then shard the root (embedding, norm, output)."""
     if checkpoint_mode not in CHECKPOINT_MODES:
         raise ValueError(f"unknown activation checkpointing mode {checkpoint_mode!r}; use one of {CHECKPOINT_MODES}")
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
@@ -107,6 +131,8 @@ def parallelize(model: CausalLMLoss, *, compute_dtype: torch.dtype, checkpoint_m
     for block in model.model.layers:
         if checkpoint_mode != "none":
             checkpoint_block(block, checkpoint_mode, model.model.args.hidden_dim)
+        if compile:
+            compile_block(block)
         fully_shard(block, mp_policy=mp, ignored_params=ignored)
     fully_shard(model, mp_policy=mp, ignored_params=ignored)
     return model

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from finetune import distributed as D
 from finetune.args import TrainArgs, load_train_args
-from finetune.build import Precision, build_model, check_trainable_vocab, resolve_precision
+from finetune.build import Precision, build_model, check_compile, check_trainable_vocab, resolve_precision
 from finetune.checkpointing import latest_resumable, load_checkpoint, save_checkpoint
 from finetune.config import ConfigError, to_dict
 from finetune.data.loader import Batch, build_eval_loader, build_train_loader
@@ -222,6 +222,7 @@ def run(args: TrainArgs, config_path: str, device: torch.device) -> None:
     # Model and data are checked before anything is written: a mistake leaves no run_dir behind.
     model_args = ModelArgs.from_folder(args.model_id_or_path)
     check_trainable_vocab(model_args, args.model_id_or_path)  # before the tokenizer: its error is clearer
+    check_compile(args.compile, model_args, args.model_id_or_path)
     tokenizer = load_tokenizer(args.model_id_or_path, model_args.vocab_size)
     cache_dir = Path(args.data.cache_dir) if args.data.cache_dir else None
     _check_data(args, tokenizer, config_path, device, cache_dir)

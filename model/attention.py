@@ -7,6 +7,10 @@ Two kernels behind one switch, both exact and both runnable on CPU:
   is ever built. A document longer than the sliding window gets a (len x len) banded mask.
 - ``flex``: FlexAttention with a block mask encoding documents, causality and the window; the
   fast path on GPU. The block mask is built once per forward and shared by all layers.
+
+Under ``torch.compile`` (``compile: true``) the per-document loop runs as one opaque custom op,
+``mistral_finetune::document_attention``, whose document lengths are a tensor: the compiled
+block neither breaks its graph at the kernel nor recompiles for every new list of lengths.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ class AttentionMask:
     seqlens: list[int]
     sliding_window: int | None
     block_mask: object | None = None  # FlexAttention BlockMask, only for the flex backend
+    # The same lengths as a CPU int64 tensor (docs,): what compiled code passes to the custom op.
+    lengths: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -40,7 +46,10 @@ class AttentionMask:
         if backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
         block_mask = _flex_block_mask(seqlens, sliding_window, device) if backend == "flex" else None
-        return cls(list(seqlens), sliding_window, block_mask)
+        lengths = torch.tensor(seqlens, dtype=torch.int64)
+        # The number of documents varies from batch to batch: compiled code treats it as symbolic.
+        torch._dynamo.maybe_mark_dynamic(lengths, 0)
+        return cls(list(seqlens), sliding_window, block_mask, lengths)
 
 
 class Attention(nn.Module):
@@ -60,6 +69,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, freqs), apply_rope(k, freqs)
         if mask.block_mask is not None:
             out = _flex(q, k, v, mask.block_mask)
+        elif torch.compiler.is_compiling():
+            out = document_attention(q, k, v, mask.lengths, mask.sliding_window)
         else:
             out = _sdpa_per_document(q, k, v, mask.seqlens, mask.sliding_window)
         return self.wo(out.reshape(tokens, self.n_heads * self.head_dim))
@@ -82,6 +93,50 @@ def _sdpa_per_document(
         outputs.append(o.squeeze(0).transpose(0, 1))  # (len, heads, head_dim)
         start = end
     return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+
+@torch.library.custom_op("mistral_finetune::document_attention", mutates_args=())
+def document_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, window: int | None
+) -> torch.Tensor:
+    """``_sdpa_per_document`` as one op for compiled code; ``lengths`` (docs,) int64 on the CPU."""
+    return _sdpa_per_document(q, k, v, lengths.tolist(), window).contiguous()
+
+
+@document_attention.register_fake
+def _(q, k, v, lengths, window):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("mistral_finetune::document_attention_backward", mutates_args=())
+def document_attention_backward(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, window: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``document_attention`` for q, k and v, by running the documents' kernels again
+    under autograd (one extra attention forward: the compiled path on CPU, where the GPU uses flex)."""
+    seqlens = lengths.tolist()
+    _, vjp = torch.func.vjp(lambda *qkv: _sdpa_per_document(*qkv, seqlens, window), q, k, v)
+    dq, dk, dv = vjp(grad)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@document_attention_backward.register_fake
+def _(grad, q, k, v, lengths, window):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _document_attention_setup(ctx, inputs, output) -> None:
+    q, k, v, lengths, window = inputs
+    ctx.save_for_backward(q, k, v, lengths)
+    ctx.window = window
+
+
+def _document_attention_grad(ctx, grad):
+    q, k, v, lengths = ctx.saved_tensors
+    return (*document_attention_backward(grad, q, k, v, lengths, ctx.window), None, None)
+
+
+document_attention.register_autograd(_document_attention_grad, setup_context=_document_attention_setup)
 
 
 def _banded_causal_mask(length: int, window: int, device: torch.device) -> torch.Tensor:

@@ -62,6 +62,11 @@ class LoRALinear(nn.Module):
         # not needed for backward), so the (..., out) update is never materialised and re-read.
         # Return what addmm_ returns: under selective activation checkpointing a recomputed
         # addmm_ hands back its saved output instead of running (finetune/parallel.py).
+        if torch.compiler.is_compiling():
+            # Compiled code is functional anyway (inductor decides what is reused), and a
+            # checkpointed region traced by torch.compile must not mutate.
+            flat = torch.addmm(base.view(-1, self.out_features), u.reshape(-1, self.rank), b.t(), alpha=self.scaling)
+            return flat.view(base.shape)
         if base.dim() == 2:  # (tokens, out): no view, whose in-place update autograd would copy
             return base.addmm_(u, b.t(), alpha=self.scaling)
         flat = base.view(-1, self.out_features).addmm_(u.reshape(-1, self.rank), b.t(), alpha=self.scaling)

@@ -19,7 +19,10 @@ def positions_from_seqlens(seqlens: list[int], device: torch.device) -> torch.Te
 
 
 def rope_frequencies(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
-    """Unit complex rotations (tokens, head_dim // 2), only for the positions in this batch."""
+    """Unit complex rotations (tokens, head_dim // 2), only for the positions in this batch.
+
+    Complex64 rather than (cos, sin) float32 pairs also keeps FSDP's mixed-precision policy, which
+    casts floating-point forward inputs to bfloat16, away from them."""
     inv_freq = theta ** (
         -torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim
     )
@@ -32,6 +35,14 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Rotate x (tokens, heads, head_dim) by per-token rotations (tokens, head_dim // 2).
 
     Adjacent pairs are one complex number; one complex multiply is one fused kernel (several
-    times faster on CPU than rotating real and imaginary halves separately)."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (tokens, heads, head_dim // 2)
-    return torch.view_as_real(pairs * freqs[:, None, :]).flatten(-2).type_as(x)  # (tokens, heads, head_dim)
+    times faster on CPU than rotating real and imaginary halves separately). Compiled code rotates
+    the halves instead: inductor generates no code for complex arithmetic, and fuses these."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (tokens, heads, head_dim // 2, 2)
+    if torch.compiler.is_compiling():
+        rotation = torch.view_as_real(freqs)[:, None]  # (tokens, 1, head_dim // 2, 2): cos, sin
+        cos, sin = rotation[..., 0], rotation[..., 1]
+        even, odd = pairs[..., 0], pairs[..., 1]
+        rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), -1)
+    else:
+        rotated = torch.view_as_real(torch.view_as_complex(pairs) * freqs[:, None, :])
+    return rotated.flatten(-2).type_as(x)  # (tokens, heads, head_dim)

@@ -151,7 +151,7 @@ def main() -> None:
     state = TrainState()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
+    times, warmup_times = [], []
     for i, batch in enumerate(batches):
         profiling = bool(opts.profile) and i == len(batches) - 1
         activities = [torch.profiler.ProfilerActivity.CPU] + (
@@ -165,6 +165,8 @@ def main() -> None:
             print(profiler.key_averages().table(sort_by=sort, row_limit=opts.profile), file=sys.stderr)
         elif i >= opts.warmup:
             times.append(elapsed)
+        else:
+            warmup_times.append(elapsed)
     step_time = float(np.median(times))
     tokens = opts.seq_len * opts.batch_size * D.world_size()
     flops = model_flops_per_token(model_args, lora, batches)
@@ -175,6 +177,7 @@ def main() -> None:
         "batch_size": opts.batch_size, "precision": opts.precision, "attention": model.model.attention,
         "checkpoint": opts.checkpoint, "compile": opts.compile, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "world_size": D.world_size(), "step_s": step_time,
+        "first_step_s": warmup_times[0] if warmup_times else None,
         "tokens_per_s": tok_s, "peak_mem_gb": peak_memory_gb(device), "model_mflop_per_token": flops / 1e6,
         "matmul_peak_tflops": peak / 1e12, "mfu": tok_s * flops / D.world_size() / peak,
     }

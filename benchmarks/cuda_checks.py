@@ -72,10 +72,11 @@ def check_fused_loss() -> None:
     print("fused loss in bf16: float32 blocks of 128 rows == whole 1024-row chunks, bit for bit, on CUDA")
 
 
-def check_selective_checkpointing_with_flex(dtype: torch.dtype) -> None:
-    """Selective checkpointing keeps FlexAttention's output (a compiled higher-order op): the
-    gradients equal those without checkpointing, and those with full checkpointing."""
-    from finetune.parallel import checkpoint_block
+def check_checkpointing_and_compile_with_flex(dtype: torch.dtype) -> None:
+    """Checkpointing keeps FlexAttention's output (a compiled higher-order op) and compiled blocks
+    trace it into their graph: every (mode, compiled) pair gives the gradients of eager, no
+    checkpointing."""
+    from finetune.parallel import checkpoint_block, compile_block
     from model.attention import AttentionMask
     from model.lora import freeze_all_but_lora
     from model.rope import positions_from_seqlens, rope_frequencies
@@ -87,7 +88,8 @@ def check_selective_checkpointing_with_flex(dtype: torch.dtype) -> None:
     mask = AttentionMask.build(seqlens, None, "flex", torch.device("cuda"))
     x0 = torch.randn(sum(seqlens), args.dim, device="cuda", dtype=dtype)
     grads = {}
-    for mode in ("none", "full", "selective"):
+    runs = [(mode, compiled) for compiled in (False, True) for mode in ("none", "full", "selective")]
+    for mode, compiled in runs:
         torch.manual_seed(0)
         block = TransformerBlock(args, LoraArgs(rank=8))
         with torch.no_grad():
@@ -97,15 +99,20 @@ def check_selective_checkpointing_with_flex(dtype: torch.dtype) -> None:
         freeze_all_but_lora(block)
         if mode != "none":
             checkpoint_block(block, mode, args.hidden_dim)
+        if compiled:
+            compile_block(block)
         x = x0.clone().requires_grad_(True)
         (block(x, freqs, mask).float() ** 2).sum().backward()
-        grads[mode] = {"x": x.grad, **{n: p.grad for n, p in block.named_parameters() if p.grad is not None}}
-    for mode in ("full", "selective"):
-        assert grads[mode].keys() == grads["none"].keys()
-        worst = max(((grads[mode][k].float() - grads["none"][k].float()).abs().max()
-                     / grads["none"][k].float().abs().max().clamp_min(1e-6)).item() for k in grads[mode])
-        assert worst < (1e-2 if dtype == torch.bfloat16 else 1e-5), (mode, worst)
-        print(f"checkpoint {mode} == none with flex on CUDA ({dtype}): worst relative grad diff {worst:.2e}")
+        grads[mode, compiled] = {"x": x.grad, **{n: p.grad for n, p in block.named_parameters() if p.grad is not None}}
+    reference = grads["none", False]
+    for mode, compiled in runs[1:]:
+        assert grads[mode, compiled].keys() == reference.keys()
+        worst = max(((grads[mode, compiled][k].float() - reference[k].float()).abs().max()
+                     / reference[k].float().abs().max().clamp_min(1e-6)).item() for k in reference)
+        # bf16: compiled code rounds fewer intermediates than eager (1e-2 between them on CPU).
+        assert worst < (3e-2 if dtype == torch.bfloat16 else 1e-4), (mode, compiled, worst)
+        print(f"checkpoint {mode}{', compiled' if compiled else ''} == eager none with flex on CUDA ({dtype}): "
+              f"worst relative grad diff {worst:.2e}")
 
 
 if __name__ == "__main__":
@@ -116,4 +123,4 @@ if __name__ == "__main__":
         check_attention_backends(torch.float32, window, 1e-4)
         check_attention_backends(torch.bfloat16, window, 3e-2)
     for dtype in (torch.float32, torch.bfloat16):
-        check_selective_checkpointing_with_flex(dtype)
+        check_checkpointing_and_compile_with_flex(dtype)

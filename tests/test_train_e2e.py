@@ -67,6 +67,18 @@ def test_loss_goes_down_and_metrics_are_written(single):
     assert "max_steps: 12" in saved and "model_id_or_path" in saved
 
 
+def test_compiled_run_equals_eager_run(single, workspace):
+    # compile: true end to end: training with checkpointing, evaluation without gradients (its own
+    # graph) and checkpoint saving, with the eager run's losses.
+    cfg = _config(workspace, "compiled", max_steps=12, ckpt_freq=6, no_eval=False, eval_freq=6, compile=True)
+    _ok(run_cli(["train.py", str(cfg)]))
+    compiled = workspace[0] / "compiled"
+    assert _losses(compiled) == pytest.approx(_losses(single), rel=1e-5)
+    evals = [m["eval_loss"] for m in read_metrics(compiled, "eval")]
+    assert evals == pytest.approx([m["eval_loss"] for m in read_metrics(single, "eval")], rel=1e-5)
+    assert (compiled / "checkpoints" / "checkpoint_000012" / "consolidated" / "lora.safetensors").is_file()
+
+
 def test_checkpoint_layout_keys_and_dtypes(single, workspace):
     ckpts = sorted(p.name for p in (single / "checkpoints").iterdir())
     assert ckpts == ["checkpoint_000006", "checkpoint_000012"]

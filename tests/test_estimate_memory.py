@@ -256,6 +256,15 @@ def test_alone_only_adapters_are_gathered():
     assert estimate(m, full, n_devices=1).parts["unsharded root + 2 blocks"] == 2 * (counts["root"] + 2 * counts["block"])
 
 
+def test_compiled_blocks_are_planned_as_eager_and_said_so():
+    m = ModelArgs(**SHAPE_7B, norm_eps=1e-5)
+    eager, compiled = (_train_args(seq_len=8192, precision="bf16") for _ in range(2))
+    compiled.compile = True
+    a, b = estimate(m, eager, n_devices=1), estimate(m, compiled, n_devices=1)
+    assert a.parts == b.parts
+    assert not any("compile" in n for n in a.notes) and any("upper bound" in n for n in b.notes)
+
+
 def test_checkpointing_saves_what_the_formula_says():
     m = ModelArgs(**SHAPE_7B, norm_eps=1e-5)
     on = estimate(m, _train_args(seq_len=8192, precision="bf16", checkpoint=True))

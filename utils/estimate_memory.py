@@ -200,6 +200,9 @@ def estimate(
     parts["trainable: fp32 + grads + AdamW"] = (trainable * 16 - (base_total if not lora else 0)) / N
     if not lora:
         notes.append("full fine-tuning: trainable weights are counted in fp32 once, with grads and AdamW")
+    if args.compile:
+        notes.append("compile: true: activations as in eager mode, an upper bound (compiled graphs keep as much "
+                     "or less); compiled kernels' workspaces are not counted")
 
     # Activations. Saved tensors of every block, or only block inputs + one recomputed block.
     per_layer = saved_bytes_per_token(m, targets, rank if lora else 0, args.lora.dropout if lora else 0.0, c)

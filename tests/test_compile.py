@@ -130,6 +130,27 @@ def test_compiled_checkpointing_still_recomputes():
     assert numel(saved["full"]) < numel(saved["selective"]) < numel(saved["none"]), saved
 
 
+@pytest.mark.parametrize("mode, kernel_runs_in_backward", [("full", 2), ("selective", 1), ("none", 1)])
+def test_compiled_backward_reruns_attention_only_under_full_checkpointing(mode, kernel_runs_in_backward, monkeypatch):
+    # The backward custom op always re-runs the documents' kernels once (its vjp); only full
+    # checkpointing may add the forward's: selective keeps the attention output.
+    import model.attention as attention
+
+    calls = []
+    kernel = attention._sdpa_per_document
+    monkeypatch.setattr(attention, "_sdpa_per_document", lambda *a: calls.append(1) or kernel(*a))
+    block, args = _block(mode, compiled=True)
+    seqlens = BATCHES[0]
+    freqs = rope_frequencies(positions_from_seqlens(seqlens, "cpu"), args.head_dim, args.rope_theta)
+    mask = AttentionMask.build(seqlens, None, "sdpa", torch.device("cpu"))
+    x = torch.randn(sum(seqlens), args.dim, requires_grad=True)
+    out = block(x, freqs, mask)
+    assert len(calls) == 1
+    calls.clear()
+    out.sum().backward()
+    assert len(calls) == kernel_runs_in_backward
+
+
 def test_document_attention_op_registration():
     # Fake (meta) kernel, autograd formula and schema agree with the real kernel.
     gen = torch.Generator().manual_seed(0)

@@ -154,9 +154,12 @@ def _compiled_flex():
 
 
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
-    # (1, heads, tokens, head_dim) in and out.
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # (1, heads, tokens, head_dim) in and out. A compiled block traces flex_attention itself.
     qf, kf, vf = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-    out = _compiled_flex()(qf, kf, vf, block_mask=block_mask, enable_gqa=True)
+    flex = flex_attention if torch.compiler.is_compiling() else _compiled_flex()
+    out = flex(qf, kf, vf, block_mask=block_mask, enable_gqa=True)
     return out.squeeze(0).transpose(0, 1)  # (tokens, heads, head_dim)
 
 

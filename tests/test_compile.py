@@ -107,6 +107,26 @@ def test_compiled_block_with_a_sliding_window_shorter_than_a_document():
     _compare("selective", window=8)
 
 
+def test_compiled_block_traces_flex_attention_forward():
+    # The GPU path: FlexAttention traced into the block's graph with a new block mask per batch.
+    # FlexAttention has no backward on CPU, so this checks the forward (evaluation) only.
+    from torch._dynamo.utils import counters
+
+    eager, args = _block("none", compiled=False)
+    compiled, _ = _block("none", compiled=True)
+    inputs = []
+    for seqlens in (*BATCHES, [1, 31]):
+        freqs = rope_frequencies(positions_from_seqlens(seqlens, "cpu"), args.head_dim, args.rope_theta)
+        mask = AttentionMask.build(seqlens, None, "flex", torch.device("cpu"))
+        inputs.append((torch.randn(sum(seqlens), args.dim), freqs, mask))
+    with torch.no_grad():
+        expected = [eager(*batch) for batch in inputs]  # eager flex compiles its own kernel graphs
+        counters.clear()
+        for batch, reference in zip(inputs, expected):
+            torch.testing.assert_close(compiled(*batch), reference, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
 def test_compiled_checkpointing_still_recomputes():
     # The compiled graph applies checkpointing at trace time; what it keeps for backward must be
     # what checkpointing promises, not what a plain compiled graph would keep.

@@ -21,8 +21,8 @@ def positions_from_seqlens(seqlens: list[int], device: torch.device) -> torch.Te
 def rope_frequencies(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
     """Unit complex rotations (tokens, head_dim // 2), only for the positions in this batch.
 
-    Complex64 rather than (cos, sin) float32 pairs also keeps FSDP's mixed-precision policy, which
-    casts floating-point forward inputs to bfloat16, away from them."""
+    Complex64 rather than (cos, sin) float32 pairs: a mixed-precision wrapper that casts a module's
+    floating-point inputs to bfloat16 leaves complex tensors alone, so the rotations stay exact."""
     inv_freq = theta ** (
         -torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim
     )

@@ -45,7 +45,7 @@ from torch.utils.checkpoint import (
 from finetune import distributed as D
 from finetune.args import CHECKPOINT_MODES
 from finetune.loss import CausalLMLoss
-from model.attention import document_attention
+from model.attention import DOCUMENT_ATTENTION_OP
 from model.lora import freeze_all_but_lora
 
 _ATTENTION_OPS = {
@@ -63,7 +63,7 @@ _ATTENTION_OPS |= {
     op for op in (getattr(torch._higher_order_ops, n, None) for n in ("flex_attention", "inductor_compiled_code")) if op
 }
 # Compiled blocks run per-document SDPA as one custom op (model/attention.py).
-_ATTENTION_OPS.add(document_attention._opoverload)
+_ATTENTION_OPS.add(DOCUMENT_ATTENTION_OP)
 _MATMUL_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default}
 
 

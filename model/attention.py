@@ -137,6 +137,8 @@ def _document_attention_grad(ctx, grad):
 
 
 document_attention.register_autograd(_document_attention_grad, setup_context=_document_attention_setup)
+# The registered op, as dispatch modes (selective checkpointing's policy) see it.
+DOCUMENT_ATTENTION_OP = torch.ops.mistral_finetune.document_attention.default
 
 
 def _banded_causal_mask(length: int, window: int, device: torch.device) -> torch.Tensor:

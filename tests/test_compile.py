@@ -122,7 +122,7 @@ def test_compiled_block_traces_flex_attention_forward():
     with torch.no_grad():
         expected = [eager(*batch) for batch in inputs]  # eager flex compiles its own kernel graphs
         counters.clear()
-        for batch, reference in zip(inputs, expected):
+        for batch, reference in zip(inputs, expected, strict=True):
             torch.testing.assert_close(compiled(*batch), reference, rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
@@ -179,7 +179,7 @@ def test_document_attention_op_registration():
     for window in (None, 4):
         torch.library.opcheck(document_attention, (q, k, v, lengths, window),
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-        torch.autograd.gradcheck(lambda *qkv: document_attention(*qkv, lengths, window), (q, k, v))
+        torch.autograd.gradcheck(lambda *qkv, w=window: document_attention(*qkv, lengths, w), (q, k, v))
 
 
 def test_compile_refuses_what_it_cannot_trace(tmp_path):

@@ -141,6 +141,51 @@ BAD_INSTRUCT = {
         "keep only 'tools'",
     ),
     "only_last_type": ({**chat(random.Random(0), 1), "only_last": "yes"}, "bad_type", "true or false"),
+    # Formats utils.reformat_data converts: the message says so (tests/test_tools_reformat.py checks it does).
+    "sharegpt": (
+        {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
+        "missing_key",
+        r"ShareGPT.*python -m utils\.reformat_data FILE",
+    ),
+    "sharegpt_turns": (
+        {"messages": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
+        "missing_key",
+        r"ShareGPT turn.*python -m utils\.reformat_data FILE",
+    ),
+    "sharegpt_role": (_msgs(("human", "a"), ("gpt", "b")), "unknown_role", r"python -m utils\.reformat_data FILE"),
+    "legacy_function_call": (
+        {"messages": [{"role": "user", "content": "a"},
+                      {"role": "assistant", "content": "", "function_call": {"name": "f", "arguments": "{}"}}]},
+        "bad_tool_call",
+        r"legacy 'function_call'.*python -m utils\.reformat_data FILE",
+    ),
+    "function_call_with_text": (  # was valid: trained on the text, the call silently dropped
+        {"messages": [{"role": "user", "content": "a"},
+                      {"role": "assistant", "content": "Let me look.", "function_call": {"name": "f", "arguments": "{}"}}]},
+        "bad_tool_call",
+        r"legacy 'function_call'.*python -m utils\.reformat_data FILE",
+    ),
+    "function_role": (
+        {"messages": [{"role": "user", "content": "a"}, {"role": "function", "name": "f", "content": "1"},
+                      {"role": "assistant", "content": "b"}]},
+        "unknown_role",
+        r"role 'function'.*python -m utils\.reformat_data FILE",
+    ),
+    "legacy_functions": (  # was valid: the function definitions were silently left out of the prompt
+        {**chat(random.Random(0), 1), "functions": [TOOLS[0]["function"]]},
+        "bad_tool",
+        r"'functions'.*python -m utils\.reformat_data FILE",
+    ),
+    "system_key": (  # was valid: the system prompt was silently ignored
+        {**chat(random.Random(0), 1), "system": "Be brief."},
+        "missing_key",
+        r"'system'.*'system_prompt'.*python -m utils\.reformat_data FILE",
+    ),
+    "last_role_hint": (
+        _msgs(("user", "a"), ("assistant", "b"), ("user", "c")),
+        "last_role",
+        r"python -m utils\.reformat_data FILE",
+    ),
 }
 
 

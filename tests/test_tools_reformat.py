@@ -155,3 +155,119 @@ def test_split_is_reproducible_and_line_preserving(tmp_path, capsys) -> None:
                         cache_dir=tmp_path / "cache")
     assert report.ok and [s.lines for s in report.sources] == [35, 5]
     assert split_data.main([str(src), "--eval", "0.6", "--test", "0.5"]) == 1
+
+
+SHAREGPT = {"id": "sg1", "conversations": [{"from": "system", "value": "Be brief."},
+                                           {"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]}
+SHAREGPT_TOOLS = {  # LLaMA-Factory's ShareGPT function-calling layout: tools as a JSON string, parallel calls
+    "system": "You can call tools.",
+    "tools": json.dumps([WEATHER]),
+    "conversations": [
+        {"from": "human", "value": "Weather in Paris and Oslo?"},
+        {"from": "function_call", "value": json.dumps([{"name": "get_weather", "arguments": {"city": "Paris"}},
+                                                       {"name": "get_weather", "arguments": {"city": "Oslo"}}])},
+        {"from": "observation", "value": '{"temp": 20}'},
+        {"from": "observation", "value": '{"temp": 5}'},
+        {"from": "gpt", "value": "Paris 20C, Oslo 5C."},
+    ],
+}
+SHAREGPT_GPT_FIRST = {"conversations": [{"from": "gpt", "value": "Ask me."}, {"from": "human", "value": "Hi"},
+                                        {"from": "gpt", "value": "Hello"}, {"from": "human", "value": "Bye"}]}
+OPENAI_TEXT_AND_CALL = {  # legacy function_call with text, function result as an object
+    "functions": [WEATHER],
+    "messages": [
+        _user("Weather in Paris?"),
+        {"role": "assistant", "content": "Let me look.", "function_call": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+        {"role": "function", "name": "get_weather", "content": {"temp": 20}},
+        _assistant("It is 20C."),
+    ],
+}
+
+
+def test_reformat_converts_sharegpt_and_reports_every_line_it_leaves_out(tmp_path, capsys) -> None:
+    lines = [SHAREGPT, SHAREGPT_TOOLS, SHAREGPT_GPT_FIRST, OPENAI_TEXT_AND_CALL,
+             {"conversations": [{"from": "bing", "value": "x"}, {"from": "gpt", "value": "y"}]},
+             {"conversations": [{"from": "human", "value": "x"}, {"from": "function_call", "value": "get_weather(Paris)"}]},
+             {"messages": [_user("a"), {"role": "assistant", "content": "b", "weight": 0.5}]},  # nothing to convert
+             {"conversations": [{"from": "human", "value": "x"}, {"from": "observation", "value": "1"},
+                                {"from": "gpt", "value": "y"}]}]
+    src = write_jsonl(tmp_path / "sharegpt.jsonl", lines)
+    assert {e.line for e in _check(src, tmp_path).errors} == set(range(1, len(lines) + 1))
+    assert reformat_data.main([str(src)]) == 0
+    text = capsys.readouterr().out
+    assert f"{src}:5: skipped: message 0 has from 'bing'; known: assistant, chatgpt, function" in text
+    assert f"{src}:6: skipped: function call 'get_weather(Paris)' is not JSON" in text
+    assert f"{src}:7: skipped: invalid: message 1 (assistant) has weight 0.5" in text
+    assert f"{src}:8: skipped: message 1 (tool) does not follow an assistant tool call" in text
+    assert "4 line(s), 4 changed, 4 skipped" in text  # every line is written or named
+    out = tmp_path / "sharegpt.reformatted.jsonl"
+    report = _check(out, tmp_path)
+    assert report.ok and report.sources[0].lines == 4, [str(e) for e in report.errors]
+    plain, tools, gpt_first, openai = (json.loads(line) for line in out.read_text().splitlines())
+    assert plain == {"messages": [{"role": "system", "content": "Be brief."}, _user("2+2?"), _assistant("4")],
+                     "id": "sg1"}
+    assert tools["tools"] == [{"type": "function", "function": WEATHER}]
+    system, user, calls, paris, oslo, answer = tools["messages"]
+    assert system == {"role": "system", "content": "You can call tools."} and answer == _assistant("Paris 20C, Oslo 5C.")
+    assert [c["function"]["arguments"] for c in calls["tool_calls"]] == ['{"city": "Paris"}', '{"city": "Oslo"}']
+    assert [paris["tool_call_id"], oslo["tool_call_id"]] == [c["id"] for c in calls["tool_calls"]]
+    assert paris["content"] == '{"temp": 20}' and paris["role"] == "tool"
+    assert gpt_first["messages"] == [_user("Hi"), _assistant("Hello")]  # leading gpt and trailing human dropped
+    text_turn, call_turn, result, _ = openai["messages"][1:]
+    assert text_turn == _assistant("Let me look.") and "content" not in call_turn
+    assert result["tool_call_id"] == call_turn["tool_calls"][0]["id"] and result["content"] == '{"temp": 20}'
+    # A Glaive row given to reformat_data comes out as reformat_data_glaive writes it.
+    glaive = write_jsonl(tmp_path / "glaive.jsonl", [GLAIVE])
+    assert reformat_data.main([str(glaive), "--output", str(tmp_path / "a.jsonl")]) == 0
+    assert reformat_data_glaive.main([str(glaive), "--output", str(tmp_path / "b.jsonl")]) == 0
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+
+
+def _tool(**changes) -> dict:
+    s = tool_conversation()
+    for path, value in changes.items():
+        i, key = path.split("__")
+        s["messages"][int(i)][key] = value
+    return s
+
+
+# Each line is invalid for one reason that validate_data says utils.reformat_data fixes.
+REFORMAT_FIXES = [
+    SHAREGPT, SHAREGPT_TOOLS, SHAREGPT_GPT_FIRST, OPENAI_FUNCTIONS, OPENAI_TEXT_AND_CALL, TOOL_CALLS_NO_IDS, ULTRACHAT,
+    {"messages": SHAREGPT["conversations"]},
+    {"messages": [{"role": "human", "content": "a"}, {"role": "gpt", "content": "b"}]},
+    {"messages": [_user("a"), _assistant("b")], "system": "Be brief."},
+    {"messages": [_user("a"), _assistant("b")], "tools": json.dumps([WEATHER])},
+    {"messages": [_user("a"), _assistant("b")], "tools": [WEATHER]},
+    _tool(**{"2__tool_calls": [{"id": "call_1", "function": {"name": "get_weather", "arguments": "{}"}}],
+             "3__tool_call_id": "call_1"}),
+    _tool(**{"3__tool_call_id": "x"}),
+    _tool(**{"3__tool_call_id": "QQQQQQQQQ"}),
+    _tool(**{"3__content": {"temp": 20}}),
+    _tool(**{"2__content": "Let me look."}),
+]
+
+
+def test_every_line_validate_data_sends_to_reformat_data_comes_out_valid(tmp_path, capsys) -> None:
+    src = write_jsonl(tmp_path / "fixable.jsonl", REFORMAT_FIXES)
+    errors = _check(src, tmp_path).errors
+    assert [e.line for e in errors] == list(range(1, len(REFORMAT_FIXES) + 1))
+    for e in errors:
+        assert "`python -m utils.reformat_data FILE`" in e.message, str(e)
+    assert reformat_data.main([str(src)]) == 0
+    assert f"{len(REFORMAT_FIXES)} line(s), {len(REFORMAT_FIXES)} changed, 0 skipped" in capsys.readouterr().out
+    report = _check(tmp_path / "fixable.reformatted.jsonl", tmp_path)
+    assert report.ok, [str(e) for e in report.errors]
+
+
+def test_reformat_command_line_reports_a_bad_glaive_row(tmp_path) -> None:
+    """As ``python -m``, the module is __main__ and reformat_data_glaive imports a second copy of it."""
+    import subprocess
+    import sys
+
+    src = write_jsonl(tmp_path / "mixed.jsonl", [{"function_description": "", "conversations": [
+        {"from": "alien", "value": "x"}]}, SHAREGPT])
+    run = subprocess.run([sys.executable, "-m", "utils.reformat_data", str(src)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert f"{src}:1: skipped: turn 0 has unknown 'from' 'alien'" in run.stdout
+    assert "1 line(s), 1 changed, 1 skipped" in run.stdout

@@ -1,24 +1,37 @@
-"""Make common chat exports valid training data (OpenAI/ShareGPT-style messages, UltraChat).
+"""Make common chat exports valid training data (OpenAI, ShareGPT, UltraChat, Glaive).
 
     python -m utils.reformat_data FILE [--output OUT | --in-place] [--seed 0]
 
 Per line, and only where needed (an untouched line is copied byte for byte):
-  - top-level OpenAI ``functions`` become ``tools`` (``{"type": "function", "function": ...}``);
+  - ShareGPT: ``conversations`` becomes ``messages`` and each turn's ``from``/``value`` a ``role``/
+    ``content`` (``human`` -> user, ``gpt`` -> assistant, ``system``; ``function_call`` -> an assistant
+    ``tool_calls`` message with a fresh 9-character id, its value read as ``{"name", "arguments"}`` or a
+    list of them; ``observation`` / ``function_response`` -> a ``tool`` message answering the call
+    before it); a top-level ``system`` becomes the first message; ``tools`` written as a JSON string
+    are parsed. Glaive rows (with ``function_description``) are converted as
+    ``utils.reformat_data_glaive`` converts them.
+  - top-level OpenAI ``functions`` become ``tools`` (``{"type": "function", "function": ...}``), and so
+    do bare function definitions in ``tools``;
   - an assistant ``function_call`` becomes ``tool_calls`` with a fresh 9-character id, and its empty
     ``content`` is removed; ``tool_calls`` get a valid id (a-z, A-Z, 0-9) and ``type`` where missing,
-    and ``arguments`` given as a JSON object are encoded as a JSON string;
+    and ``arguments`` given as a JSON object are encoded as a JSON string; an assistant message with
+    both text and calls is split into a text message followed by a call message;
   - ``function`` messages become ``tool`` messages whose ``tool_call_id`` answers the matching call
     (by id, else by function name, else the next unanswered call of the preceding assistant turn);
-  - trailing messages after the last assistant turn are dropped (UltraChat ends many conversations
-    on a user turn): a training sample must end with the assistant.
-Every change and every skipped line is printed with its line number. Function-calling samples are
-kept (the reference dropped them all). Writes ``FILE`` with ``.reformatted`` before the suffix
-unless ``--output`` or ``--in-place`` is given; with ``--in-place`` the file is replaced atomically.
+  - messages before the first user (or system) message and after the last assistant message are
+    dropped (UltraChat ends many conversations on a user turn, ShareGPT dumps often start on a
+    ``gpt`` turn): a training sample starts with the user and ends with the assistant.
+Every line written is checked with the training rules (``finetune.data.tokenize.parse_instruct``).
+Every change is printed as ``FILE:LINE: what changed``, every line left out as
+``FILE:LINE: skipped: why``; the counts close the output. Function-calling samples are kept (the
+reference dropped them all). Writes ``FILE`` with ``.reformatted`` before the suffix unless
+``--output`` or ``--in-place`` is given; with ``--in-place`` the file is replaced atomically.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import random
@@ -28,8 +41,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from finetune.data.errors import FOREIGN_ROLES, DataFormatError
+from finetune.data.tokenize import parse_instruct
+
 _ID = re.compile(r"^[a-zA-Z0-9]{9}$")
 _ALPHABET = string.ascii_letters + string.digits
+_ROLES = ("system", "user", "assistant", "tool")
 
 
 class Skip(ValueError):
@@ -38,6 +55,95 @@ class Skip(ValueError):
 
 def new_id(rng: random.Random) -> str:
     return "".join(rng.choice(_ALPHABET) for _ in range(9))
+
+
+def parse_json_values(text: str, what: str) -> list[Any]:
+    """Every JSON value in ``text``: one value, or several written one after the other (with or
+    without commas between them), as Glaive writes function descriptions."""
+    decoder = json.JSONDecoder()
+    values, i, text = [], 0, text.strip()
+    while i < len(text):
+        if text[i] in ", \n\t\r":
+            i += 1
+            continue
+        try:
+            value, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise Skip(f"{what} is not JSON ({e.msg} at character {e.pos})") from None
+        values.append(value)
+    return values
+
+
+def as_tool(function: dict) -> dict:
+    """A bare function definition as a ``tools`` entry; ``parameters: null`` becomes ``{}``."""
+    function = dict(function)
+    if function.get("parameters") is None:
+        function["parameters"] = {}
+    return {"type": "function", "function": function}
+
+
+def parse_tools(description: Any, what: str) -> list[dict] | None:
+    """Function definitions (a JSON string, an object or a list; wrapped or bare) as ``tools``."""
+    if description is None or (isinstance(description, str) and not description.strip()):
+        return None
+    values = parse_json_values(description, what) if isinstance(description, str) else [description]
+    functions = []
+    for v in values:
+        functions += v if isinstance(v, list) else [v]
+    tools = []
+    for f in functions:
+        if not isinstance(f, dict):
+            raise Skip(f"{what} holds {type(f).__name__}, not a function object")
+        if not f:
+            continue  # Glaive writes {} for "no functions"
+        tools.append(f if isinstance(f.get("function"), dict) else as_tool(f))
+    return tools or None
+
+
+def parse_call(value: Any) -> list[dict]:
+    """A function-call turn's value -> [{"name", "arguments": JSON string}]. Accepts JSON, a Python
+    literal, and JSON with the arguments in single quotes (Glaive); never ``str()``s a value."""
+    if isinstance(value, (dict, list)):
+        obj, text = value, json.dumps(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError:
+            try:
+                obj = ast.literal_eval(text)  # {'name': 'f', 'arguments': '{...}'}, a Python literal
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                obj = _single_quoted_arguments(text)
+    else:
+        raise Skip(f"function call {value!r} is not a JSON object")
+    calls = obj if isinstance(obj, list) else [obj]
+    out = []
+    for c in calls:
+        if not isinstance(c, dict) or not isinstance(c.get("name"), str):
+            raise Skip(f"function call {text[:60]!r} has no function name")
+        args = c.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError:
+                try:
+                    args = ast.literal_eval(args)
+                except (ValueError, SyntaxError, MemoryError, RecursionError):
+                    raise Skip(f"function call arguments {args[:60]!r} are not JSON") from None
+        out.append({"name": c["name"], "arguments": json.dumps(args, ensure_ascii=False)})
+    return out
+
+
+def _single_quoted_arguments(text: str) -> Any:
+    """``{"name": "f", "arguments": '{"a": 1}'}``: JSON except for single quotes around the arguments."""
+    head, sep, rest = text.partition("'")
+    body, sep2, tail = rest.rpartition("'")
+    if not (sep and sep2):
+        raise Skip(f"function call {text[:60]!r} is not JSON")
+    try:
+        return json.loads(head + json.dumps(body) + tail)
+    except json.JSONDecodeError:
+        raise Skip(f"function call {text[:60]!r} is not JSON") from None
 
 
 def _arguments(value: Any, where: str) -> str:
@@ -55,7 +161,33 @@ def _arguments(value: Any, where: str) -> str:
     raise Skip(f"{where}: arguments must be a JSON object or string, got {type(value).__name__}")
 
 
-def _fix_calls(msg: dict, i: int, rng: random.Random, renamed: dict[str, str], notes: list[str]) -> None:
+def _convert_turn(msg: dict, i: int, rng: random.Random, notes: list[str]) -> dict:
+    """A ShareGPT turn (``from``/``value``) or a message with a foreign role name, in our format."""
+    sharegpt = "from" in msg and "role" not in msg
+    who = msg.get("from") if sharegpt else msg.get("role")
+    if not sharegpt and (who in _ROLES or who is None):
+        return msg  # ours (or no role: the training check below reports it)
+    target = who if who in _ROLES else FOREIGN_ROLES.get(who) if isinstance(who, str) else None
+    if target is None:
+        known = ", ".join(sorted({*_ROLES, *FOREIGN_ROLES}))
+        raise Skip(f"message {i} has {'from' if sharegpt else 'role'} {who!r}; known: {known}")
+    if not sharegpt and target != "tool_call":  # keep the message's other keys (name, tool_call_id)
+        notes.append(f"message {i}: role {who} -> {target}")
+        return {**msg, "role": target}
+    text = msg.get("value", msg.get("content")) if sharegpt else msg.get("content")
+    if target == "tool_call":
+        calls = [{"id": new_id(rng), "type": "function", "function": c} for c in parse_call(text)]
+        out: dict[str, Any] = {"role": "assistant", "tool_calls": calls}
+    else:
+        out = {"role": target, "content": text}
+    out.update({k: msg[k] for k in ("weight", "name") if k in msg})
+    return out
+
+
+def _fix_calls(
+    msg: dict, i: int, rng: random.Random, renamed: dict[str, str], notes: list[str]
+) -> dict | None:
+    """Fix an assistant message's calls in place; returns the text message to put before it, if any."""
     if "function_call" in msg:
         fc = msg.pop("function_call")
         if not isinstance(fc, dict) or not isinstance(fc.get("name"), str):
@@ -72,7 +204,7 @@ def _fix_calls(msg: dict, i: int, rng: random.Random, renamed: dict[str, str], n
         notes.append(f"message {i}: function_call -> tool_calls")
     calls = msg.get("tool_calls")
     if not calls:
-        return
+        return None
     if not isinstance(calls, list):
         raise Skip(f"message {i}: tool_calls must be a list")
     for j, call in enumerate(calls):
@@ -90,54 +222,16 @@ def _fix_calls(msg: dict, i: int, rng: random.Random, renamed: dict[str, str], n
         if args != fn.get("arguments"):
             notes.append(f"message {i} tool call {j}: arguments encoded as a JSON string")
             fn["arguments"] = args
+    text = None
     for key in ("content", "text"):
-        if key in msg and not msg[key]:
-            del msg[key]
-            notes.append(f"message {i}: empty '{key}' removed from tool-call message")
-
-
-def reformat_sample(obj: Any, rng: random.Random) -> tuple[Any, list[str]]:
-    """(fixed sample, notes); raises Skip when the line cannot be made valid."""
-    if not isinstance(obj, dict):
-        raise Skip(f"expected a JSON object, got {type(obj).__name__}")
-    notes: list[str] = []
-    if "functions" in obj:
-        functions = obj.pop("functions")
-        if not isinstance(functions, list):
-            raise Skip("'functions' must be a list")
-        obj.setdefault("tools", [])
-        obj["tools"] += [{"type": "function", "function": f} for f in functions]
-        notes.append(f"functions -> tools ({len(functions)})")
-    key = "messages" if "messages" in obj else "interactions" if "interactions" in obj else None
-    if key is None or not isinstance(obj[key], list):
-        raise Skip("no 'messages' list")
-    messages = obj[key]
-    renamed: dict[str, str] = {}
-    pending: list[dict] = []  # unanswered calls of the latest assistant turn
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict):
-            raise Skip(f"message {i} is not an object")
-        role = msg.get("role")
-        if role == "assistant":
-            _fix_calls(msg, i, rng, renamed, notes)
-            pending = list(msg.get("tool_calls") or [])
-        elif role in ("tool", "function"):
-            if role == "function":
-                msg["role"] = "tool"
-                notes.append(f"message {i}: role function -> tool")
-            _link_tool_message(msg, i, pending, renamed, notes)
-        elif role in ("user", "system"):
-            pending = []
-    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
-    if last is None:
-        raise Skip("no assistant message")
-    if last < len(messages) - 1:
-        dropped = [m.get("role") for m in messages[last + 1 :]]
-        del messages[last + 1 :]
-        notes.append(
-            f"dropped {len(dropped)} trailing message(s) after the last assistant turn ({', '.join(map(str, dropped))})"
-        )
-    return obj, notes
+        if key in msg:
+            value = msg.pop(key)
+            if value:
+                text = {"role": "assistant", "content": value}
+                notes.append(f"message {i}: text and tool calls split into two assistant messages")
+            else:
+                notes.append(f"message {i}: empty '{key}' removed from tool-call message")
+    return text
 
 
 def _link_tool_message(
@@ -158,6 +252,108 @@ def _link_tool_message(
         content = msg.get("content")
         msg["content"] = json.dumps(content, ensure_ascii=False) if content is not None else ""
         notes.append(f"message {i}: tool result encoded as a string")
+
+
+def _tools(obj: dict, notes: list[str]) -> None:
+    """OpenAI ``functions``, and ``tools`` written as a JSON string or as bare functions, as ``tools``."""
+    if "functions" in obj:
+        functions = obj.pop("functions")
+        if not isinstance(functions, list):
+            raise Skip("'functions' must be a list")
+        obj.setdefault("tools", [])
+        if not isinstance(obj["tools"], list):
+            raise Skip("has both 'functions' and a 'tools' that is not a list")
+        obj["tools"] += [as_tool(f) if isinstance(f, dict) else f for f in functions]
+        notes.append(f"functions -> tools ({len(functions)})")
+    tools = obj.get("tools")
+    if isinstance(tools, str) or (
+        isinstance(tools, list)
+        and any(isinstance(t, dict) and "function" not in t and "name" in t for t in tools)
+    ):
+        parsed = parse_tools(tools, "'tools'")
+        obj["tools"] = parsed or []
+        notes.append(f"tools read as {len(parsed or [])} function definition(s)")
+
+
+def _system(obj: dict, messages: list[dict], notes: list[str]) -> None:
+    """ShareGPT's top-level ``system`` (which training does not read) as the first message."""
+    if "system" not in obj:
+        return
+    system = obj.pop("system")
+    if system is None or system == "":
+        notes.append("empty 'system' removed")
+    elif not isinstance(system, str):
+        raise Skip(f"'system' must be a string, got {type(system).__name__}")
+    elif obj.get("system_prompt") or any(m.get("role") == "system" for m in messages):
+        raise Skip("has a top-level 'system' and another system prompt; keep one")
+    else:
+        messages.insert(0, {"role": "system", "content": system})
+        notes.append("'system' -> first message")
+
+
+def reformat_sample(obj: Any, rng: random.Random) -> tuple[Any, list[str]]:
+    """(fixed sample, notes); raises Skip when the line cannot be made valid."""
+    if not isinstance(obj, dict):
+        raise Skip(f"expected a JSON object, got {type(obj).__name__}")
+    notes: list[str] = []
+    if "function_description" in obj and "conversations" in obj:
+        from utils.reformat_data_glaive import convert  # it imports this module
+
+        obj = convert(obj, rng)
+        notes.append("Glaive row converted (as utils.reformat_data_glaive does)")
+    elif "conversations" in obj and not ("messages" in obj or "interactions" in obj):
+        obj = {"messages": obj.pop("conversations"), **obj}
+        notes.append("ShareGPT 'conversations' -> 'messages'")
+    key = "messages" if "messages" in obj else "interactions" if "interactions" in obj else None
+    if key is None or not isinstance(obj[key], list):
+        raise Skip("no 'messages' (or ShareGPT 'conversations') list")
+    _tools(obj, notes)
+    turns = sum(1 for m in obj[key] if isinstance(m, dict) and "from" in m and "role" not in m)
+    if turns:
+        notes.append(f"{turns} ShareGPT turn(s) ('from'/'value') -> messages")
+    fixed: list[dict] = []
+    renamed: dict[str, str] = {}
+    pending: list[dict] = []  # unanswered calls of the latest assistant turn
+    for i, raw in enumerate(obj[key]):
+        if not isinstance(raw, dict):
+            raise Skip(f"message {i} is not an object")
+        msg = _convert_turn(raw, i, rng, notes)
+        role = msg.get("role")
+        if role == "assistant":
+            text = _fix_calls(msg, i, rng, renamed, notes)
+            fixed += [text] if text else []
+            pending = list(msg.get("tool_calls") or [])
+        elif role == "tool":
+            _link_tool_message(msg, i, pending, renamed, notes)
+        elif role in ("user", "system"):
+            pending = []
+        fixed.append(msg)
+
+    first = next((i for i, m in enumerate(fixed) if m.get("role") in ("user", "system")), None)
+    if first is None:
+        raise Skip("no user message")
+    if first > 0:
+        notes.append(
+            f"dropped {first} leading message(s) before the first user message "
+            f"({', '.join(str(m.get('role')) for m in fixed[:first])})"
+        )
+        del fixed[:first]
+    _system(obj, fixed, notes)
+    last = max((i for i, m in enumerate(fixed) if m.get("role") == "assistant"), default=None)
+    if last is None:
+        raise Skip("no assistant message")
+    if last < len(fixed) - 1:
+        dropped = [m.get("role") for m in fixed[last + 1 :]]
+        del fixed[last + 1 :]
+        notes.append(
+            f"dropped {len(dropped)} trailing message(s) after the last assistant turn ({', '.join(map(str, dropped))})"
+        )
+    obj[key] = fixed
+    try:
+        parse_instruct(obj)
+    except DataFormatError as e:
+        raise Skip(f"{'still ' if notes else ''}invalid: {e}") from None
+    return obj, notes
 
 
 def reformat_file(path: Path, out: Path, seed: int) -> tuple[int, int, int]:
@@ -225,4 +421,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the package module's main: reformat_data_glaive imports utils.reformat_data, whose Skip
+    # must be the class main catches, not a second copy living in __main__.
+    from utils.reformat_data import main as package_main
+
+    sys.exit(package_main())

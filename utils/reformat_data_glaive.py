@@ -19,91 +19,13 @@ Skipped lines are printed with their line number and the reason, then counted.
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import random
 import sys
 from typing import Any
 
-from utils.reformat_data import Skip, new_id, parse_reformat_args
-
-
-def parse_json_values(text: str) -> list[Any]:
-    """Every JSON value in ``text``: one value, or several written one after the other (with or
-    without commas between them)."""
-    decoder = json.JSONDecoder()
-    values, i, text = [], 0, text.strip()
-    while i < len(text):
-        if text[i] in ", \n\t\r":
-            i += 1
-            continue
-        try:
-            value, i = decoder.raw_decode(text, i)
-        except json.JSONDecodeError as e:
-            raise Skip(f"function_description is not JSON ({e.msg} at character {e.pos})") from None
-        values.append(value)
-    return values
-
-
-def parse_tools(description: Any) -> list[dict] | None:
-    if description is None or (isinstance(description, str) and not description.strip()):
-        return None
-    values = parse_json_values(description) if isinstance(description, str) else [description]
-    functions = []
-    for v in values:
-        functions += v if isinstance(v, list) else [v]
-    tools = []
-    for f in functions:
-        if not isinstance(f, dict):
-            raise Skip(f"function_description holds {type(f).__name__}, not a function object")
-        if not f:
-            continue  # Glaive writes {} for "no functions"
-        f = dict(f)
-        if f.get("parameters") is None:
-            f["parameters"] = {}
-        tools.append({"type": "function", "function": f})
-    return tools or None
-
-
-def parse_call(value: str) -> list[dict]:
-    """Glaive's function-call text -> [{"name", "arguments": JSON string}]."""
-    text = value.strip()
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            obj = ast.literal_eval(text)  # {'name': 'f', 'arguments': '{...}'}, a Python literal
-        except (ValueError, SyntaxError):
-            obj = _single_quoted_arguments(text)
-    calls = obj if isinstance(obj, list) else [obj]
-    out = []
-    for c in calls:
-        if not isinstance(c, dict) or not isinstance(c.get("name"), str):
-            raise Skip(f"function-call {text[:60]!r} has no function name")
-        args = c.get("arguments", {})
-        if isinstance(args, str):
-            try:
-                args = json.loads(args) if args.strip() else {}
-            except json.JSONDecodeError:
-                try:
-                    args = ast.literal_eval(args)
-                except (ValueError, SyntaxError):
-                    raise Skip(f"function-call arguments {args[:60]!r} are not JSON") from None
-        out.append({"name": c["name"], "arguments": json.dumps(args, ensure_ascii=False)})
-    return out
-
-
-def _single_quoted_arguments(text: str) -> Any:
-    """``{"name": "f", "arguments": '{"a": 1}'}``: JSON except for single quotes around the arguments."""
-    head, sep, rest = text.partition("'")
-    body, sep2, tail = rest.rpartition("'")
-    if not (sep and sep2):
-        raise Skip(f"function-call {text[:60]!r} is not JSON")
-    try:
-        return json.loads(head + json.dumps(body) + tail)
-    except json.JSONDecodeError:
-        raise Skip(f"function-call {text[:60]!r} is not JSON") from None
+from utils.reformat_data import Skip, new_id, parse_call, parse_reformat_args, parse_tools
 
 
 def _system_text(value: str) -> str:
@@ -117,7 +39,7 @@ def _system_text(value: str) -> str:
 def convert(row: Any, rng: random.Random) -> dict:
     if not isinstance(row, dict) or not isinstance(row.get("conversations"), list):
         raise Skip("expected an object with a 'conversations' list")
-    tools = parse_tools(row.get("function_description"))
+    tools = parse_tools(row.get("function_description"), "function_description")
     messages: list[dict] = []
     for i, turn in enumerate(row["conversations"]):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):

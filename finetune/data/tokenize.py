@@ -24,7 +24,7 @@ from mistral_common.protocol.instruct.messages import (
 from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
 from mistral_common.tokens.tokenizers.instruct import InstructTokenizerV7
 
-from finetune.data.errors import DataFormatError
+from finetune.data.errors import FOREIGN_ROLES, DataFormatError, reformat_hint
 
 
 class SampleType(Enum):
@@ -47,6 +47,7 @@ _NEXT_ROLES = {
     "tool": {"assistant", "tool", "user"},
 }
 _TOOL_CALL_ID = re.compile(r"^[a-zA-Z0-9]{9}$")
+_RELINK = "or let " + reformat_hint("give every call a valid id and relink the tool messages to them")
 _FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
 
@@ -109,14 +110,17 @@ def parse_pretrain(sample: Any) -> str:
 
 def _parse_tools(raw: Any) -> list[Tool]:
     if not isinstance(raw, list):
-        raise DataFormatError("bad_tool", f"'tools' must be a list of tool definitions, got {_short(raw)}.")
+        hint = f"; {reformat_hint('parses tools written as a JSON string')}" if isinstance(raw, str) else ""
+        raise DataFormatError(
+            "bad_tool", f"'tools' must be a list of tool definitions, got {_short(raw)}{hint}."
+        )
     tools = []
     for i, tool in enumerate(raw):
-        fix = (
-            'write {"type": "function", "function": {"name": ..., "description": ..., "parameters": {...}}}.'
-        )
+        fix = 'write {"type": "function", "function": {"name": ..., "description": ..., "parameters": {...}}}'
         if not isinstance(tool, dict) or not isinstance(tool.get("function"), dict):
-            raise DataFormatError("bad_tool", f"tool {i} has no 'function' object; {fix}")
+            if isinstance(tool, dict) and "name" in tool:
+                fix += f", or let {reformat_hint('wrap bare function definitions')}"
+            raise DataFormatError("bad_tool", f"tool {i} has no 'function' object; {fix}.")
         fn = tool["function"]
         name = fn.get("name")
         if not isinstance(name, str) or not _FUNCTION_NAME.match(name):
@@ -159,7 +163,8 @@ def _parse_tool_calls(raw: Any, index: int, is_last: bool) -> list[ToolCall]:
                 raise DataFormatError(
                     "bad_tool_call_id",
                     f"{where} has id {_short(call_id)}; ids must be exactly 9 characters from a-z, A-Z, 0-9 "
-                    "(e.g. 'a1B2c3D4e'), the same in the tool message's 'tool_call_id'.",
+                    "(e.g. 'a1B2c3D4e'), the same in the tool message's 'tool_call_id'; "
+                    f"{_RELINK}.",
                 )
         fn = call["function"]
         name = fn.get("name")
@@ -173,7 +178,8 @@ def _parse_tool_calls(raw: Any, index: int, is_last: bool) -> list[ToolCall]:
             raise DataFormatError(
                 "bad_arguments",
                 f'{where} ({name}) \'arguments\' must be a JSON-encoded string such as "{{\\"city\\": \\"Paris\\"}}", '
-                f"got {type(args).__name__} {_short(args)}; encode it with json.dumps(arguments).",
+                f"got {type(args).__name__} {_short(args)}; encode it with json.dumps(arguments) "
+                f"({reformat_hint('does')}).",
             )
         try:
             json.loads(args)
@@ -204,6 +210,12 @@ def parse_instruct(sample: Any) -> Conversation:
         )
     key, raw_messages = _one_of(sample, ("messages", "interactions"), "the sample")
     if key is None:
+        if "conversations" in sample:
+            raise DataFormatError(
+                "missing_key",
+                "instruct sample has 'conversations', not 'messages': a ShareGPT (or Glaive) export; "
+                f"{reformat_hint('converts it')}.",
+            )
         raise DataFormatError(
             "missing_key",
             f"instruct sample has no 'messages' key (keys: {sorted(sample)}); write "
@@ -217,6 +229,18 @@ def parse_instruct(sample: Any) -> Conversation:
             f"'{key}' is empty; a sample needs at least a user and an assistant message.",
         )
 
+    if sample.get("functions"):  # read by nobody: the model would never see these definitions
+        raise DataFormatError(
+            "bad_tool",
+            "the sample has 'functions', OpenAI's legacy name for 'tools', which training does not read; "
+            f"{reformat_hint('turns it into tools')}.",
+        )
+    if sample.get("system"):
+        raise DataFormatError(
+            "missing_key",
+            "the sample has a top-level 'system', which training does not read; rename it 'system_prompt', "
+            f"or let {reformat_hint('make it the first message')}.",
+        )
     tools_key, raw_tools = _one_of(sample, ("tools", "available_tools"), "the sample")
     tools = _parse_tools(raw_tools) if raw_tools is not None else None
     tools = tools or None  # an empty list means no tools
@@ -235,13 +259,21 @@ def parse_instruct(sample: Any) -> Conversation:
             raise DataFormatError("bad_type", f"message {i} must be a JSON object, got {_short(msg)}.")
         role = msg.get("role")
         if role is None:
+            if "from" in msg:
+                raise DataFormatError(
+                    "missing_key",
+                    f"message {i} is a ShareGPT turn ('from'/'value'), not a message ('role'/'content'); "
+                    f"{reformat_hint('converts it')}.",
+                )
             raise DataFormatError(
                 "missing_key",
                 f"message {i} has no 'role' (keys: {sorted(msg)}); use one of {', '.join(_ROLES)}.",
             )
         if role not in _ROLES:
+            hint = f", or let {reformat_hint('convert it')}" if role in FOREIGN_ROLES else ""
             raise DataFormatError(
-                "unknown_role", f"message {i} has role {_short(role)}; use one of {', '.join(_ROLES)}."
+                "unknown_role",
+                f"message {i} has role {_short(role)}; use one of {', '.join(_ROLES)}{hint}.",
             )
         if roles and role not in _NEXT_ROLES[roles[-1]]:
             raise DataFormatError(
@@ -267,14 +299,16 @@ def parse_instruct(sample: Any) -> Conversation:
             messages.append(UserMessage(content=content))
         elif role == "tool":
             content = _require_str(
-                content, f"message {i} (tool) 'content'", "write the tool result as a string."
+                content,
+                f"message {i} (tool) 'content'",
+                f"write the tool result as a string ({reformat_hint('encodes it as JSON')}).",
             )
             call_id = msg.get("tool_call_id")
             if not isinstance(call_id, str) or not _TOOL_CALL_ID.match(call_id):
                 raise DataFormatError(
                     "bad_tool_call_id",
                     f"message {i} (tool) has tool_call_id {_short(call_id)}; it must be the 9-character id "
-                    "(a-z, A-Z, 0-9) of the tool call it answers.",
+                    f"(a-z, A-Z, 0-9) of the tool call it answers, {_RELINK}.",
                 )
             messages.append(ToolMessage(content=content, tool_call_id=call_id))
         else:
@@ -284,11 +318,18 @@ def parse_instruct(sample: Any) -> Conversation:
                     "bad_weight",
                     f"message {i} (assistant) has weight {_short(weight)}; use 0 (not trained) or 1 (trained, the default).",
                 )
+            if "function_call" in msg:  # never trained on: the call would be dropped silently
+                raise DataFormatError(
+                    "bad_tool_call",
+                    f"message {i} (assistant) has OpenAI's legacy 'function_call', which training does not read; "
+                    f"write 'tool_calls', or let {reformat_hint('convert it (and link the function results)')}.",
+                )
             raw_calls = msg.get("tool_calls")
             if content is not None and raw_calls:
                 raise DataFormatError(
                     "content_and_tool_calls",
-                    f"message {i} (assistant) has both content and tool_calls; split it into two assistant messages.",
+                    f"message {i} (assistant) has both content and tool_calls; split it into two assistant "
+                    f"messages ({reformat_hint('does')}).",
                 )
             if raw_calls:
                 calls = _parse_tool_calls(raw_calls, i, is_last=i == n - 1)
@@ -312,13 +353,15 @@ def parse_instruct(sample: Any) -> Conversation:
     if roles[0] not in ("user", "system"):
         raise DataFormatError(
             "bad_role_order",
-            f"the conversation starts with a {roles[0]} message; start with a user (or system) message.",
+            f"the conversation starts with a {roles[0]} message; start with a user (or system) message "
+            f"({reformat_hint('drops the leading turns')}).",
         )
     if roles[-1] != "assistant":
         raise DataFormatError(
             "last_role",
             f"the last message is a {roles[-1]} message; a training sample must end with an assistant message "
-            "(delete the trailing messages or add the assistant's answer).",
+            "(delete the trailing messages or add the assistant's answer; "
+            f"{reformat_hint('drops the trailing messages')}).",
         )
     _check_tool_results(messages)
     return Conversation(messages, system_prompt, tools, only_last or tools is not None)
@@ -335,7 +378,7 @@ def _check_tool_results(messages: list) -> None:
                 raise DataFormatError(
                     "bad_tool_call_id",
                     f"a tool message answers tool_call_id {m.tool_call_id!r}, which is not an unanswered call of "
-                    "the preceding assistant message; match it to the call's 'id'.",
+                    f"the preceding assistant message; match it to the call's 'id', {_RELINK}.",
                 )
             pending.discard(m.tool_call_id)
         else:

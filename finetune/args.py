@@ -90,6 +90,9 @@ class TrainArgs:
     # Frozen base of the LoRA-wrapped linears: none (training precision) or nf4 (QLoRA: 4-bit
     # NormalFloat with double quantization, needs `pip install '.[qlora]'`; see docs/qlora.md).
     quantization: str = "none"
+    # The model's mistral-common tokenizer file (tekken.json or tokenizer.model.v*) when the model
+    # folder has none (e.g. a Hugging Face folder); by default the folder's own file. Never guessed.
+    tokenizer_path: str | None = None
     # Start the adapters from an existing lora.safetensors (continue training on new data).
     init_lora_from: str | None = None
     # Rows of the packed batch fed to the output layer at once by the chunked cross-entropy.
@@ -177,9 +180,5 @@ class TrainArgs:
 
 
 def load_train_args(path: str | Path, overrides: list[str] | None = None) -> TrainArgs:
-    args = load_config(TrainArgs, path, overrides)
-    try:
-        args.validate()
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    return args
+    # load_config prefixes validate()'s message with the YAML file or the command-line option it names.
+    return load_config(TrainArgs, path, overrides, validate=TrainArgs.validate)

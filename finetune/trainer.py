@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import math
 import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,13 @@ from finetune.args import TrainArgs, load_train_args
 from finetune.build import Precision, build_model, check_compile, check_trainable_vocab, resolve_precision
 from finetune.checkpointing import latest_resumable, load_checkpoint, save_checkpoint
 from finetune.config import ConfigError, to_dict
+from finetune.data.cache import resolve_cache_dir
 from finetune.data.loader import Batch, build_eval_loader, build_train_loader
-from finetune.data.tokenizer import load_tokenizer, tokenizer_file
+from finetune.data.tokenizer import load_tokenizer, resolve_tokenizer_file
 from finetune.data.validation import check_data
 from finetune.loss import CausalLMLoss
 from finetune.monitoring import MetricsLogger, format_duration, peak_memory_gb, setup_logging, start_wandb
+from finetune.run_dir import RunDirLock, create_run_dir, keep_metrics_up_to
 from model.args import ModelArgs
 
 logger = logging.getLogger("finetune")
@@ -36,6 +39,11 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
+# fp16 skips a step whose gradients overflow and halves the loss scale; this many skips in a row
+# (the scale has bottomed out at 1, or the model diverged) stop the run.
+FP16_MAX_SKIPS_IN_A_ROW = 20
+
+
 @dataclass
 class TrainState:
     step: int = 0
@@ -43,6 +51,7 @@ class TrainState:
     train_seconds: float = 0.0
     loss_scale: float = 1.0  # dynamic loss scale, fp16 only
     steps_since_rescale: int = 0
+    skipped_in_a_row: int = 0  # fp16 overflow skips since the last applied step
 
 
 def lr_at(step: int, args: TrainArgs) -> float:
@@ -147,50 +156,63 @@ def evaluate(model: CausalLMLoss, batches: list[Batch], device: torch.device) ->
 
 
 def _rng_state(loader) -> dict[str, Any]:
-    state = {"loader": loader.state_dict(), "torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+    """This rank's data position and RNG states, as JSON (checkpoints never hold pickles)."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "loader": loader.state_dict(),
+        "torch": _b64(torch.get_rng_state()),
+        "numpy": {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached_gaussian)},
+    }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = _b64(torch.cuda.get_rng_state())
     return state
 
 
 def _restore_rng(rank_state: dict[str, Any]) -> None:
-    torch.set_rng_state(rank_state["torch"])
-    np.random.set_state(rank_state["numpy"])
+    torch.set_rng_state(_from_b64(rank_state["torch"]))
+    n = rank_state["numpy"]
+    np.random.set_state((n["name"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     if "cuda" in rank_state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rank_state["cuda"])
+        torch.cuda.set_rng_state(_from_b64(rank_state["cuda"]))
 
 
-def _tokenizer_to_ship(model_folder: str, tokenizer) -> tuple[Path, str]:
-    """(source file, name in the checkpoint): the model's own tokenizer file, else the bundled one
-    under the name mistral-common and mistral-inference look for."""
-    own = tokenizer_file(model_folder)
-    if own is not None:
-        return own, own.name
-    src = Path(tokenizer.instruct_tokenizer.tokenizer.file_path)
-    return src, "tekken.json" if src.suffix == ".json" else "tokenizer.model." + src.name.rsplit(".model.", 1)[-1]
+def _b64(byte_tensor: torch.Tensor) -> str:
+    return base64.b64encode(byte_tensor.numpy().tobytes()).decode()
 
 
-def _truncate_metrics(run_dir: Path, step: int) -> None:
-    """After a resume from ``step``, forget metrics logged past it by the interrupted run."""
-    import json
-
-    for path in run_dir.glob("metrics.*.jsonl"):
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+def _from_b64(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
 
-def _check_data(args: TrainArgs, tokenizer, config_path: str, device: torch.device, cache_dir: Path | None) -> None:
-    """Rank 0 scans every line; all ranks stop together if any line is invalid."""
+def _tokenizer_to_ship(model_folder: str, tokenizer_path: str | None) -> tuple[Path, str]:
+    """(source file, name in the checkpoint): the tokenizer training used, under the name
+    mistral-common and mistral-inference look for."""
+    src = resolve_tokenizer_file(model_folder, tokenizer_path)
+    if src.name == "tekken.json" or src.name.startswith("tokenizer.model"):
+        return src, src.name
+    return src, "tekken.json" if src.suffix == ".json" else "tokenizer.model"
+
+
+def _check_data(args: TrainArgs, tokenizer, config_path: str, device: torch.device, cache_dir: Path) -> None:
+    """Rank 0 scans every line; all ranks stop together if any line is invalid or a file is unreadable."""
     error = None
     if D.is_main():
-        report = check_data(args.data, tokenizer.instruct_tokenizer, args.seq_len, cache_dir=cache_dir,
-                            include_eval=not args.no_eval)
         try:
+            report = check_data(args.data, tokenizer.instruct_tokenizer, args.seq_len, cache_dir=cache_dir,
+                                include_eval=not args.no_eval)
             report.raise_if_invalid(config_path)
-        except ValueError as e:
+        except (ValueError, OSError) as e:  # OSError: a file vanished or is unreadable
             error = e
+    _agree_or_raise(error, device, "invalid training data")
+
+
+def _agree_or_raise(error: Exception | None, device: torch.device, what: str) -> None:
+    """A collective: every rank raises if rank 0 (or any rank) hit ``error``, so none waits forever."""
     if D.all_reduce_max(1.0 if error else 0.0, device):
-        raise error if error else ConfigError("invalid training data (see rank 0's message)")
+        if error is not None:
+            raise error
+        raise ConfigError(f"{what} (see rank 0's message)")
 
 
 def build_optimizer(model: CausalLMLoss, args: TrainArgs) -> torch.optim.Optimizer:
@@ -202,16 +224,91 @@ def build_optimizer(model: CausalLMLoss, args: TrainArgs) -> torch.optim.Optimiz
     )
 
 
-def _resume(ckpt: Path, run_dir: Path, model: CausalLMLoss, optimizer: torch.optim.Optimizer, loader) -> TrainState:
+def _resume(ckpt: Path, model: CausalLMLoss, optimizer: torch.optim.Optimizer, loader, args: TrainArgs) -> TrainState:
     """Restore adapters, optimizer, step, data position and RNGs from a checkpoint."""
     train_state, rank_state = load_checkpoint(ckpt, model, optimizer)
     loader.load_state_dict(rank_state["loader"])
     _restore_rng(rank_state)
     state = TrainState(**train_state["train"])
-    if D.is_main():
-        _truncate_metrics(run_dir, state.step)
     logger.info("Resumed from %s at step %d", ckpt, state.step)
+    if "config" in train_state:
+        _warn_changed_settings(train_state["config"], args, state.step)
     return state
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def _warn_changed_settings(saved: dict[str, Any], args: TrainArgs, step: int) -> None:
+    """Say which settings differ from those the checkpoint was trained with, and what follows."""
+    before, now = _flatten(saved), _flatten(to_dict(args))
+    changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
+               if before.get(k) != now.get(k)]
+    if not changed:
+        return
+    lines = [f"Resuming from step {step} with settings changed since that checkpoint: {'; '.join(changed)}."]
+    old_max, old_lr = before.get("max_steps"), before.get("optim.lr")
+    if (old_max, old_lr) != (args.max_steps, args.optim.lr) and isinstance(old_max, int) and old_max > 0:
+        old_optim = {k: before[f"optim.{k}"] for k in ("lr", "pct_start", "min_lr_ratio") if f"optim.{k}" in before}
+        old_args = replace(args, max_steps=old_max, optim=replace(args.optim, **old_optim))
+        lines.append(
+            f"The learning-rate schedule follows the new settings: step {step + 1} uses lr {lr_at(step + 1, args):.3g} "
+            f"(it would have been {lr_at(step + 1, old_args):.3g}), decaying to {args.optim.lr * args.optim.min_lr_ratio:.3g} "
+            f"at step {args.max_steps}."
+        )
+    logger.warning(" ".join(lines))
+
+
+def _find_resumable(run_dir: Path, device: torch.device) -> Path | None:
+    """Rank 0 picks the newest intact checkpoint; every rank gets the same answer."""
+    error, found = None, None
+    if D.is_main():
+        try:
+            found = latest_resumable(run_dir)
+        except ConfigError as e:
+            error = e
+    _agree_or_raise(error, device, "no checkpoint can be resumed")
+    (step,) = D.all_reduce_sum([int(found.name.split("_")[-1]) if found is not None else -1], device)
+    return None if step < 0 else run_dir / "checkpoints" / f"checkpoint_{int(step):06d}"
+
+
+def _lock_run_dir(run_dir: Path, device: torch.device) -> RunDirLock | None:
+    """Rank 0 creates run_dir and holds its lock; every rank stops if it cannot."""
+    error, lock = None, None
+    if D.is_main():
+        try:
+            create_run_dir(run_dir)
+            lock = RunDirLock(run_dir)
+            lock.acquire()
+        except ConfigError as e:
+            error = e
+    _agree_or_raise(error, device, "cannot use run_dir")
+    return lock
+
+
+class LauncherWatch:
+    """Under torchrun, a worker whose launcher died (kill -9) is re-parented; it must not train on
+    unseen, and a re-run would start a second copy beside it. The loop polls this every step."""
+
+    def __init__(self) -> None:
+        self.parent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+
+    def launcher_died(self) -> bool:
+        return self.parent is not None and os.getppid() != self.parent
+
+
+def _diverged(step: int, what: str, run_dir: Path, args: TrainArgs) -> TrainingDiverged:
+    last = latest_resumable(run_dir) if D.is_main() else None
+    where = (f"The last good checkpoint is {last}; re-running the same command resumes from it."
+             if last else "No checkpoint was saved before it.")
+    return TrainingDiverged(
+        f"training diverged at step {step}: {what}. Stopping without saving a checkpoint of this state. {where} "
+        f"Lower optim.lr (now {args.optim.lr:g}; this step used {lr_at(step, args):.3g}), lengthen the warm-up "
+        "(optim.pct_start), check the data, or use bf16/fp32 instead of fp16."
+    )
 
 
 def run(args: TrainArgs, config_path: str, device: torch.device) -> None:
@@ -223,14 +320,23 @@ def run(args: TrainArgs, config_path: str, device: torch.device) -> None:
     model_args = ModelArgs.from_folder(args.model_id_or_path)
     check_trainable_vocab(model_args, args.model_id_or_path)  # before the tokenizer: its error is clearer
     check_compile(args.compile, model_args, args.model_id_or_path)
-    tokenizer = load_tokenizer(args.model_id_or_path, model_args.vocab_size)
-    cache_dir = Path(args.data.cache_dir) if args.data.cache_dir else None
+    tokenizer = load_tokenizer(args.model_id_or_path, model_args.vocab_size, args.tokenizer_path)
+    cache_dir = resolve_cache_dir(args.data.cache_dir)
     _check_data(args, tokenizer, config_path, device, cache_dir)
 
     run_dir = Path(args.run_dir)
-    resume_from = latest_resumable(run_dir)
+    lock = _lock_run_dir(run_dir, device)  # held until this process exits
+    try:
+        _train(args, config_path, device, precision, model_args, tokenizer, cache_dir, run_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(args: TrainArgs, config_path: str, device: torch.device, precision: Precision, model_args: ModelArgs,
+           tokenizer, cache_dir: Path, run_dir: Path) -> None:
+    resume_from = _find_resumable(run_dir, device)
     if D.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "args.yaml").write_text(yaml.safe_dump(to_dict(args), sort_keys=False))
     D.barrier()
     loader_kw = dict(seq_len=args.seq_len, batch_size=args.batch_size, rank=D.rank(),
@@ -240,7 +346,9 @@ def run(args: TrainArgs, config_path: str, device: torch.device) -> None:
 
     model, model_args = build_model(args, device, precision)
     optimizer = build_optimizer(model, args)
-    state = TrainState() if resume_from is None else _resume(resume_from, run_dir, model, optimizer, loader)
+    state = TrainState() if resume_from is None else _resume(resume_from, model, optimizer, loader, args)
+    if D.is_main():  # rows past the restart point belong to an attempt that is being redone
+        keep_metrics_up_to(run_dir, state.step)
     if state.step >= args.max_steps:
         logger.info("Nothing to do: run_dir already reached max_steps=%d.", args.max_steps)
         return
@@ -251,9 +359,9 @@ def run(args: TrainArgs, config_path: str, device: torch.device) -> None:
     )
     train_log = MetricsLogger(run_dir, "train", wandb_run)
     eval_log = MetricsLogger(run_dir, "eval", wandb_run)
-    tok_file = _tokenizer_to_ship(args.model_id_or_path, tokenizer)
+    tok_file = _tokenizer_to_ship(args.model_id_or_path, args.tokenizer_path)
     tokens_per_step = args.batch_size * args.seq_len * args.num_microbatches * D.world_size()
-    stop = StopRequest()
+    stop, launcher = StopRequest(), LauncherWatch()
     progress = tqdm(total=args.max_steps, initial=state.step, disable=not (D.is_main() and sys.stderr.isatty()),
                     dynamic_ncols=True, leave=False)
 
@@ -262,13 +370,13 @@ def run(args: TrainArgs, config_path: str, device: torch.device) -> None:
             run_dir, step, model, optimizer,
             model_args=model_args, lora=args.lora if args.lora.enable else None,
             save_adapters=args.save_adapters, save_dtype=precision.compute, tokenizer_file=tok_file,
-            train_state={"train": asdict(state), "world_size": D.world_size()},
+            train_state={"train": asdict(state), "world_size": D.world_size(), "config": to_dict(args)},
             rank_state=_rng_state(loader), num_keep=args.num_ckpt_keep,
         )
 
     model.train()
     last_saved = state.step if resume_from is not None else None
-    session_start, session_steps = time.perf_counter(), 0
+    first_step, session_start, session_steps, session_seconds = state.step, time.perf_counter(), 0, 0.0
     while state.step < args.max_steps:
         step = state.step + 1
         lr = lr_at(step, args)
@@ -277,17 +385,24 @@ def run(args: TrainArgs, config_path: str, device: torch.device) -> None:
         t0 = time.perf_counter()
         batches = [next(loader) for _ in range(args.num_microbatches)]
         loss, grad_norm, applied = train_step(model, optimizer, batches, args, state, precision, device)
+        # grad_norm and loss are reduced over ranks: every rank takes the same branch.
         if not math.isfinite(loss):
-            raise TrainingDiverged(
-                f"loss is {loss} at step {step}; stopping without saving. The last good checkpoint is "
-                f"{latest_resumable(run_dir) or 'none'}. Lower optim.lr, check the data, or use bf16/fp32."
-            )
+            raise _diverged(step, f"the loss is {loss}", run_dir, args)
+        if not applied and precision.name != "fp16":
+            raise _diverged(step, f"the gradient norm is {grad_norm} (loss {loss:.4g})", run_dir, args)
+        state.skipped_in_a_row = 0 if applied else state.skipped_in_a_row + 1
+        if state.skipped_in_a_row >= FP16_MAX_SKIPS_IN_A_ROW:
+            raise _diverged(step, f"fp16 gradients overflowed {state.skipped_in_a_row} steps in a row "
+                                  f"(loss scale {state.loss_scale:g})", run_dir, args)
         dt = time.perf_counter() - t0
         state.step, state.tokens_seen, state.train_seconds = step, state.tokens_seen + tokens_per_step, state.train_seconds + dt
-        session_steps += 1
+        session_steps, session_seconds = session_steps + 1, session_seconds + dt
         progress.update(1)
         is_last = step == args.max_steps
-        stopping = D.all_reduce_max(1.0 if stop.requested else 0.0, device) > 0
+        orphaned = launcher.launcher_died()
+        if orphaned:
+            logger.warning("The torchrun launcher (pid %d) is gone: saving a checkpoint and exiting.", launcher.parent)
+        stopping = D.all_reduce_max(1.0 if stop.requested or orphaned else 0.0, device) > 0
 
         if not args.no_eval and ((args.eval_freq > 0 and step % args.eval_freq == 0) or is_last):
             eval_loss, ppl, n_eval = evaluate(model, eval_batches, device)
@@ -317,7 +432,9 @@ def run(args: TrainArgs, config_path: str, device: torch.device) -> None:
     progress.close()
     if wandb_run is not None:
         wandb_run.finish()
-    logger.info("Done: %d steps in %s.", state.step, format_duration(state.train_seconds))
+    resumed = f" (resumed at step {first_step}; {format_duration(state.train_seconds)} of training in all)" if first_step else ""
+    logger.info("Done: step %d of %d; this run trained %d steps in %s%s.", state.step, args.max_steps,
+                session_steps, format_duration(session_seconds), resumed)
 
 
 _USAGE = """usage: train.py CONFIG.yaml [--key value ...]
@@ -342,7 +459,7 @@ def main(argv: list[str]) -> int:
             run(args, config_path, device)
         finally:
             D.destroy()
-    except (ConfigError, ValueError, FileNotFoundError, TrainingDiverged) as e:
+    except (ConfigError, ValueError, OSError, TrainingDiverged) as e:
         if is_rank0:
             print(f"error: {e}", file=sys.stderr)
         return 1

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -30,11 +32,24 @@ def random_base_model(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch
 
 
 def write_checkpoint(folder: Path, args: ModelArgs, seed: int = 0, layout: str = "safetensors",
-                     dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Save a seeded random base model in an official folder layout; returns its state dict."""
+                     dtype: torch.dtype = torch.float32, tokenizer: bool = True) -> dict[str, torch.Tensor]:
+    """Save a seeded random base model in an official folder layout; returns its state dict.
+    With ``tokenizer``, models of the v3 (32768) or Tekken (131072) vocabulary get the matching real
+    tokenizer file that mistral-common ships, as an official release folder has."""
     state = random_base_model(args, seed, dtype).state_dict()
     save_model_folder(folder, args.to_dict(), state, layout=layout)
+    if tokenizer and args.vocab_size in (32768, 131072):
+        src = bundled_tokenizer_file(tekken=args.vocab_size == 131072)
+        shutil.copy(src, folder / ("tekken.json" if src.suffix == ".json" else "tokenizer.model.v3"))
     return state
+
+
+@functools.cache
+def bundled_tokenizer_file(tekken: bool = False) -> Path:
+    """mistral-common's bundled v3 tokenizer file (SentencePiece, or Tekken)."""
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    return Path(MistralTokenizer.v3(is_tekken=tekken).instruct_tokenizer.tokenizer.file_path)
 
 
 def read_params(folder: Path) -> dict:

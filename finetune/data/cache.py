@@ -52,6 +52,11 @@ def default_cache_dir() -> Path:
     return Path(base) / "mistral-lora-finetune" / "tokens"
 
 
+def resolve_cache_dir(setting: str) -> Path:
+    """The ``data.cache_dir`` setting as a folder, ``~`` expanded; "" means default_cache_dir()."""
+    return Path(setting).expanduser() if setting else default_cache_dir()
+
+
 def file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -10,7 +10,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 logger = logging.getLogger("finetune.data")
 
 # Names Mistral checkpoints ship their tokenizer under, most specific first.
-_TOKENIZER_NAMES = (
+TOKENIZER_NAMES = (
     "tekken.json",
     "tokenizer.model.v13",
     "tokenizer.model.v11",
@@ -21,7 +21,6 @@ _TOKENIZER_NAMES = (
     "tokenizer.model.v1",
     "tokenizer.model",
 )
-_BUNDLED_VOCAB = {32768: False, 131072: True}  # vocab_size -> is_tekken for MistralTokenizer.v3
 
 
 def tokenizer_file(model_folder: str | Path | None) -> Path | None:
@@ -29,42 +28,49 @@ def tokenizer_file(model_folder: str | Path | None) -> Path | None:
     if model_folder is None:
         return None
     folder = Path(model_folder)
-    for name in _TOKENIZER_NAMES:
+    for name in TOKENIZER_NAMES:
         if (folder / name).is_file():
             return folder / name
     others = sorted(p for p in folder.glob("tokenizer.model.v*") if p.is_file())
     return others[-1] if others else None
 
 
-def load_tokenizer(model_folder: str | Path | None, vocab_size: int) -> MistralTokenizer:
-    """The tokenizer that ships with the model; only when there is none, mistral-common's bundled one
-    for ``vocab_size`` (32768: SentencePiece v3, 131072: Tekken)."""
+def resolve_tokenizer_file(model_folder: str | Path, tokenizer_path: str | Path | None = None) -> Path:
+    """``tokenizer_path`` if given, else the model folder's own tokenizer file. There is no fallback:
+    a guessed tokenizer (say mistral-common's bundled v3 for a Tekken model) gives wrong tokens
+    without any error, so a folder without one is refused."""
+    if tokenizer_path:
+        path = Path(tokenizer_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer_path {path} does not exist; point it at the model's tekken.json or "
+                                    "tokenizer.model.v* file.")
+        return path
     path = tokenizer_file(model_folder)
-    if path is not None:
-        try:
-            tokenizer = MistralTokenizer.from_file(str(path))
-        except Exception as e:
-            raise ValueError(
-                f"Cannot load tokenizer {path} ({type(e).__name__}: {e}). Replace it with the file from the "
-                "model's release, or delete it to use mistral-common's bundled tokenizer."
-            ) from None
-        n_words = tokenizer.instruct_tokenizer.tokenizer.n_words
-        if n_words > vocab_size:  # fewer is fine: some checkpoints pad the embedding table
-            raise ValueError(
-                f"Tokenizer {path} has {n_words} tokens but params.json has vocab_size {vocab_size}; "
-                "the tokenizer file does not belong to this model."
-            )
-        logger.info("Using tokenizer %s (%s)", path, tokenizer.instruct_tokenizer.tokenizer.version.value)
-        return tokenizer
-    if vocab_size not in _BUNDLED_VOCAB:
-        raise ValueError(
-            f"No tokenizer file in {model_folder} and no bundled tokenizer for vocab_size {vocab_size} "
-            f"(bundled: {sorted(_BUNDLED_VOCAB)}). Copy the model's tekken.json or tokenizer.model.v* into the folder."
+    if path is None:
+        hf = " (a Hugging Face tokenizer.json is not one)" if (Path(model_folder) / "tokenizer.json").is_file() else ""
+        raise FileNotFoundError(
+            f"No mistral-common tokenizer file in {model_folder}{hf}: looked for tekken.json and tokenizer.model.v*. "
+            "Copy the model's tekken.json or tokenizer.model.v* from its official release into that folder, or "
+            "set tokenizer_path: /path/to/tekken.json in the config."
         )
-    tokenizer = MistralTokenizer.v3(is_tekken=_BUNDLED_VOCAB[vocab_size])
-    logger.info(
-        "No tokenizer file in %s; using mistral-common's bundled %s",
-        model_folder,
-        tokenizer.instruct_tokenizer.tokenizer.file_path,
-    )
+    return path
+
+
+def load_tokenizer(model_folder: str | Path, vocab_size: int, tokenizer_path: str | Path | None = None) -> MistralTokenizer:
+    """The model's tokenizer (see resolve_tokenizer_file), checked against its vocabulary size."""
+    path = resolve_tokenizer_file(model_folder, tokenizer_path)
+    try:
+        tokenizer = MistralTokenizer.from_file(str(path))
+    except Exception as e:
+        raise ValueError(
+            f"Cannot load tokenizer {path} ({type(e).__name__}: {e}). Replace it with the file from the "
+            "model's official release."
+        ) from None
+    n_words = tokenizer.instruct_tokenizer.tokenizer.n_words
+    if n_words > vocab_size:  # fewer is fine: some checkpoints pad the embedding table
+        raise ValueError(
+            f"Tokenizer {path} has {n_words} tokens but params.json has vocab_size {vocab_size}; "
+            "the tokenizer file does not belong to this model."
+        )
+    logger.info("Using tokenizer %s (%s)", path, tokenizer.instruct_tokenizer.tokenizer.version.value)
     return tokenizer

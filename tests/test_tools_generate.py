@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -84,6 +85,8 @@ def test_cli_with_and_without_cache_and_chat(tmp_path, capsys, monkeypatch) -> N
     model = Transformer(args)
     model.init_weights(seed=0, std=0.2)
     save_model_folder(tmp_path / "m", args.to_dict(), model.state_dict())
+    tok = MistralTokenizer.v3()  # a model folder ships its tokenizer file
+    shutil.copy(tok.instruct_tokenizer.tokenizer.file_path, tmp_path / "m" / "tokenizer.model.v3")
     outputs = []
     for extra in ([], ["--no_cache"]):
         assert main(["--model", str(tmp_path / "m"), "--prompt", "Hello there", "--max_new_tokens", "6",
@@ -94,7 +97,6 @@ def test_cli_with_and_without_cache_and_chat(tmp_path, capsys, monkeypatch) -> N
     from mistral_common.protocol.instruct.messages import UserMessage
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
-    tok = MistralTokenizer.v3()
     prompt = tok.encode_chat_completion(ChatCompletionRequest(messages=[UserMessage(content="Hello there")])).tokens
     (expected,) = generate(model.eval(), [prompt], max_new_tokens=6, eos_id=tok.instruct_tokenizer.tokenizer.eos_id)
     assert outputs[0]["reply"] == tok.decode(expected)
@@ -105,4 +107,32 @@ def test_cli_with_and_without_cache_and_chat(tmp_path, capsys, monkeypatch) -> N
     chat_lines = capsys.readouterr().out.splitlines()[1:]
     assert chat_lines[0] == outputs[0]["reply"] == chat_lines[2]  # same first turn before and after /reset
     assert main(["--model", str(tmp_path / "nope"), "--prompt", "x"]) == 1
+    assert "error: --model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "option, value, fix",
+    [
+        ("--temperature", "-1", "use 0 for greedy decoding"),
+        ("--temperature", "nan", "use 0 for greedy decoding"),
+        ("--temperature", "inf", "use 0 for greedy decoding"),
+        ("--top_p", "0", r"must be in \(0, 1\]"),
+        ("--top_p", "1.5", r"must be in \(0, 1\]"),
+        ("--top_p", "nan", r"must be in \(0, 1\]"),
+        ("--max_new_tokens", "0", "must be at least 1"),
+        ("--max_new_tokens", "-5", "must be at least 1"),
+    ],
+)
+def test_cli_rejects_nonsensical_sampling_options(tmp_path, capsys, option, value, fix) -> None:
+    import re
+
+    from utils.generate import main
+
+    # Refused before the model is read: no model folder is needed to get the message.
+    assert main(["--model", str(tmp_path / "nope"), "--prompt", "x", option, value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {option} ") and re.search(fix, err), err
+    # The boundaries themselves are valid: the error is then about the missing model.
+    assert main(["--model", str(tmp_path / "nope"), "--prompt", "x", "--temperature", "0", "--top_p", "1",
+                 "--max_new_tokens", "1"]) == 1
     assert "error: --model" in capsys.readouterr().err

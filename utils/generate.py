@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -94,6 +95,22 @@ def chat(model: Transformer, tokenizer, opts: argparse.Namespace) -> None:
         print(f"[{n} tokens, {n / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
 
 
+def check_sampling_options(opts: argparse.Namespace) -> str | None:
+    """What is wrong with --temperature, --top_p or --max_new_tokens (and the fix), or None.
+
+    ``model.generate`` reads any temperature <= 0 as greedy and any top_p >= 1 as "keep every token",
+    so without this check a typo such as ``--temperature -1`` would silently decode greedily.
+    """
+    t, p, n = opts.temperature, opts.top_p, opts.max_new_tokens
+    if not (math.isfinite(t) and t >= 0):
+        return f"--temperature {t} must be a finite number >= 0; use 0 for greedy decoding, or e.g. 0.7 to sample."
+    if not (0 < p <= 1):  # also false for nan
+        return f"--top_p {p} must be in (0, 1]; use 1.0 to sample from every token, or e.g. 0.9."
+    if n <= 0:
+        return f"--max_new_tokens {n} must be at least 1; e.g. --max_new_tokens 256."
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m utils.generate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="model folder (params.json + weights + tokenizer)")
@@ -104,9 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         "--prompt", default=None, help="one user message; without it, an interactive chat starts"
     )
     parser.add_argument("--system", default=None, help="system prompt")
-    parser.add_argument("--max_new_tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--max_new_tokens", type=int, default=256, help="at least 1")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampling")
+    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling, in (0, 1]")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument(
         "--no_cache", action="store_true", help="full forward pass per token (slow; for checking)"
@@ -116,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print the reply as JSON with token counts")
     opts = parser.parse_args(argv)
+    problem = check_sampling_options(opts)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         opts.dtype or ("bf16" if device.type == "cuda" else "fp32")

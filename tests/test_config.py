@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pytest
+import yaml
 
 from finetune.args import TrainArgs, load_train_args
-from finetune.config import ConfigError
+from finetune.config import ConfigError, to_dict
 from finetune.trainer import lr_at
 
 # A mistral-finetune user's existing file (its example/7B.yaml with paths filled in).
@@ -67,8 +70,6 @@ def test_overrides_beat_yaml_and_defaults(tmp_path):
     [
         ("sequence_len: 10\n", [], r"unknown key 'sequence_len'\. Did you mean 'seq_len'\?"),
         ("optim:\n  learning_rate: 1\n", [], r"unknown key 'optim.learning_rate'"),
-        ("", ["--lora.rnak", "4"], r"unknown key 'lora.rnak'\. Did you mean 'lora.rank'\?"),
-        ("", ["--max_steps", "ten"], r"'max_steps' must be an integer, got 'ten'"),
         ("", ["--batch_size", "0"], r"'batch_size' must be > 0"),
         ("", ["--lora.rank", "0"], r"lora.rank must be a positive integer"),
         ("", ["--precision", "fp8"], r"'precision' is 'fp8'; use one of auto, bf16, fp16, fp32"),
@@ -123,3 +124,87 @@ def test_schedule_warms_up_then_decays_by_cosine():
 
 def test_no_warmup_starts_at_peak():
     assert lr_at(1, _args(lr=2e-4, pct_start=0.0)) == pytest.approx(2e-4 * 0.5 * (1 + math.cos(math.pi / 100)))
+
+
+# --- Where a mistake came from: a command-line option is named as one, a YAML key with its file. ---
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--max_stepz", "5"], r"^command line: unknown option '--max_stepz'\. Did you mean '--max_steps'\?"),
+        (["--lora.rnak", "4"], r"^command line: unknown option '--lora.rnak'\. Did you mean '--lora.rank'\?"),
+        (["--optimm.lr=1e-4"], r"^command line: unknown option '--optimm.lr'\. Did you mean '--optim.lr'\?"),
+        (["--lr", "1e-4"], r"^command line: unknown option '--lr'\. Did you mean '--optim.lr'\?"),
+        (["--max_steps.x", "1"], r"^command line: unknown option '--max_steps.x'"),
+        (["--max_steps", "abc"], r"^command line: '--max_steps' must be an integer, got 'abc'\."),
+        (["--optim.lr=fast"], r"^command line: '--optim.lr' must be a number, got 'fast'\."),
+        (["--max_steps", "[5"], r"^command line: '--max_steps' must be an integer, got '\[5'\."),  # not YAML
+        (["--batch_size", "0"], r"^command line \(--batch_size 0\): 'batch_size' must be > 0, got 0\."),
+        (["--lora.rank=0"], r"^command line \(--lora.rank=0\): lora.rank must be a positive integer"),
+        (["--seed", "1", "--lora.enable", "false"],
+         r"^command line \(--lora.enable false\): 'save_adapters' is true but 'lora.enable' is false"),
+    ],
+)
+def test_command_line_mistakes_name_the_option_not_the_file(tmp_path, overrides, message):
+    path = _write(tmp_path, REFERENCE_7B)
+    with pytest.raises(ConfigError, match=message) as e:
+        load_train_args(path, overrides)
+    assert str(path) not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("max_stepz: 5\n", r"unknown key 'max_stepz'\. Did you mean 'max_steps'\?"),
+        ("batch_size: ten\n", r"'batch_size' must be an integer, got 'ten'\."),
+        ("batch_size: 0\n", r"'batch_size' must be > 0, got 0\."),
+        ("lora:\n  rank: 0\n", r"lora.rank must be a positive integer"),
+    ],
+)
+def test_yaml_mistakes_name_the_file_beside_command_line_options(tmp_path, extra, message):
+    path = _write(tmp_path, REFERENCE_7B.replace("lora:\n  rank: 64\n", "") + extra)
+    with pytest.raises(ConfigError, match=rf"^{path}(: | in 'lora': ){message}"):
+        load_train_args(path, ["--seed", "1", "--optim.lr", "1e-4"])
+
+
+def test_command_line_beats_a_bad_yaml_value(tmp_path):
+    path = _write(tmp_path, REFERENCE_7B.replace("max_steps: 300", "max_steps: ten"))
+    assert load_train_args(path, ["--max_steps", "5"]).max_steps == 5
+
+
+def test_a_string_option_takes_text_that_is_not_yaml(tmp_path):
+    args = load_train_args(_write(tmp_path, REFERENCE_7B), ["--data.eval_instruct_data", "[eval].jsonl"])
+    assert args.data.eval_instruct_data == "[eval].jsonl"
+
+
+def test_saved_args_yaml_loads_back_to_the_same_config(tmp_path):
+    """run_dir/args.yaml (what the trainer writes) is itself a valid config: null stays null."""
+    args = load_train_args(_write(tmp_path, REFERENCE_7B), ["--num_ckpt_keep", "null", "--checkpoint", "selective"])
+    saved = tmp_path / "args.yaml"
+    saved.write_text(yaml.safe_dump(to_dict(args), sort_keys=False))
+    again = load_train_args(saved)
+    assert again == args and again.num_ckpt_keep is None
+
+
+# Distribution name -> import name, where they differ.
+_IMPORT_NAMES = {"pyyaml": "yaml", "mistral-common": "mistral_common"}
+# Dependencies that no project file imports, and why each is still needed.
+_INDIRECT = {"sentencepiece": "mistral-common needs it to read SentencePiece (v1-v3) tokenizer files"}
+
+
+def test_every_dependency_is_imported_or_explained():
+    """pyproject.toml lists what the code uses: a listed package nothing imports is a false claim."""
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parent.parent
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = [re.match(r"[A-Za-z0-9_.-]+", d).group(0).lower() for d in deps]
+    sources = [p.read_text() for d in ("finetune", "model", "utils") for p in (root / d).rglob("*.py")]
+    sources.append((root / "train.py").read_text())
+    code = "\n".join(sources)
+    unused = [
+        n for n in names
+        if n not in _INDIRECT
+        and not re.search(rf"^\s*(import|from) {_IMPORT_NAMES.get(n, n.replace('-', '_'))}\b", code, re.M)
+    ]
+    assert not unused, f"pyproject.toml lists {unused}, which nothing imports"

@@ -228,3 +228,41 @@ def test_export_errors_name_the_file_and_fix(tmp_path):
     with pytest.raises(ValueError, match="--max_shard_size '5 gigs' is not a size"):
         export(["--checkpoint", str(ckpt), "--out", str(tmp_path / "x"), "--merged",
                 "--base_model", str(tmp_path / "base"), "--max_shard_size", "5 gigs"])
+
+
+def test_checkpoint_may_be_a_run_dir_or_a_base_model_folder(tmp_path, caplog):
+    args = tiny_args(n_layers=1)
+    ckpt, _ = _make_run(tmp_path, args, LoraArgs(rank=2))
+    run = ckpt.parent.parent
+    newer = run / "checkpoints" / "checkpoint_000006"
+    shutil.copytree(ckpt, newer)
+    adapter = newer / "consolidated" / "lora.safetensors"
+    save_file({k: v * 2 for k, v in load_file(str(adapter)).items()}, str(adapter))  # tell the two apart
+    shutil.copytree(ckpt, run / "checkpoints" / "checkpoint_000009.tmp")  # a save in progress
+    (run / "checkpoints" / "checkpoint_000008" / "consolidated").mkdir(parents=True)  # no params.json
+    with caplog.at_level("INFO", logger="export_hf"):
+        export(["--checkpoint", str(run), "--out", str(tmp_path / "from_run")])
+    assert "skipping checkpoint checkpoint_000008:" in caplog.text
+    assert f"--checkpoint {run} is a run_dir: exporting its newest checkpoint, checkpoint_000006" in caplog.text
+    export(["--checkpoint", str(newer), "--out", str(tmp_path / "explicit")])
+    assert (tmp_path / "from_run" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "explicit" / "adapter_model.safetensors").read_bytes()
+    empty = tmp_path / "empty_run"
+    (empty / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="has no checkpoint_NNNNNN folder.*--checkpoint RUN_DIR/checkpoints"):
+        export(["--checkpoint", str(empty), "--out", str(tmp_path / "x")])
+
+    # A base model folder, in any official layout, exports as the HF base a PEFT adapter loads onto.
+    base_state = load_file(str(tmp_path / "base" / "consolidated.safetensors"))
+    expected = to_hf_state_dict(base_state, args)
+    for layout in ("safetensors", "pth", "sharded"):
+        base = tmp_path / f"base_{layout}"
+        write_checkpoint(base, args, seed=0, layout=layout)
+        out = tmp_path / f"hf_{layout}"
+        export(["--checkpoint", str(base), "--out", str(out), "--merged"])
+        exported = load_file(str(out / "model.safetensors"))
+        assert sorted(exported) == sorted(expected)
+        for key, value in expected.items():
+            torch.testing.assert_close(exported[key], value, rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="a Hugging Face folder already"):
+        export(["--checkpoint", str(tmp_path / "hf_pth"), "--out", str(tmp_path / "x")])

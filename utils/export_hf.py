@@ -3,6 +3,10 @@
     python -m utils.export_hf --checkpoint RUN_DIR/checkpoints/checkpoint_000300 --out DIR \\
         [--merged] [--base_model PATH] [--max_shard_size 5GB]
 
+``--checkpoint`` may also be ``RUN_DIR`` itself (its newest intact checkpoint is exported, and named)
+or a Mistral model folder (with ``--merged``: that model in Hugging Face format, e.g. the HF base a
+PEFT adapter loads onto).
+
 The adapter export needs no base weights: ``adapter_config.json`` + ``adapter_model.safetensors``
 (HF key names, wq/wk ``lora_B`` rows permuted for HF's RoPE layout). ``--merged`` streams the base
 model tensor by tensor, folds each adapter in (W + scaling * B A, in float32), renames/permutes it
@@ -26,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.args import LoraArgs, ModelArgs
-from model.checkpoint import iter_checkpoint_tensors
+from model.checkpoint import checkpoint_files, is_hf_folder, iter_checkpoint_tensors
 from model.hf import hf_config_dict, peft_adapter_config, tensor_to_hf, to_peft_state_dict
 from model.lora import merge_delta
 
@@ -51,15 +55,39 @@ class Checkpoint:
     run_dir: Path | None  # RUN_DIR, when the folder sits in RUN_DIR/checkpoints/checkpoint_N/consolidated
 
 
+def newest_checkpoint(run_dir: Path) -> Path:
+    """The newest checkpoint of ``run_dir`` that is intact; damaged newer ones are skipped with a
+    warning. One without a manifest (written before manifests existed) counts as intact."""
+    from finetune.checkpointing import MANIFEST, list_checkpoints, verify_checkpoint
+
+    found = list_checkpoints(run_dir)
+    for ckpt in reversed(found):
+        if not (ckpt / "consolidated" / "params.json").is_file():
+            problem = f"{ckpt / 'consolidated' / 'params.json'} is missing"
+        else:
+            problem = verify_checkpoint(ckpt) if (ckpt / MANIFEST).is_file() else None
+        if problem is None:
+            logger.info("--checkpoint %s is a run_dir: exporting its newest checkpoint, %s", run_dir, ckpt.name)
+            return ckpt
+        logger.warning("skipping checkpoint %s: %s", ckpt.name, problem)
+    raise FileNotFoundError(
+        f"{run_dir / 'checkpoints'} has no {'intact ' if found else ''}checkpoint_NNNNNN folder (training "
+        "writes one every ckpt_freq steps and at the end); pass --checkpoint RUN_DIR/checkpoints/checkpoint_N."
+    )
+
+
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Accept ``checkpoint_N`` or ``checkpoint_N/consolidated``."""
+    """Accept ``RUN_DIR``, ``checkpoint_N``, ``checkpoint_N/consolidated`` or a Mistral model folder."""
     path = Path(path)
+    if not (path / "params.json").is_file() and (path / "checkpoints").is_dir():
+        path = newest_checkpoint(path)
     folder = path / "consolidated" if (path / "consolidated").is_dir() else path
     params_path = folder / "params.json"
     if not params_path.is_file():
+        hf = " It is a Hugging Face folder already: load it with from_pretrained." if is_hf_folder(folder) else ""
         raise FileNotFoundError(
-            f"{params_path} not found: --checkpoint must be RUN_DIR/checkpoints/checkpoint_N "
-            "(or its consolidated/ folder) as written by training."
+            f"{params_path} not found: --checkpoint must be RUN_DIR, RUN_DIR/checkpoints/checkpoint_N "
+            f"(or its consolidated/ folder) as written by training, or a Mistral model folder.{hf}"
         )
     params = json.loads(params_path.read_text())
     lora_params = params.get("lora") or {}
@@ -70,10 +98,11 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     adapter = folder / "lora.safetensors"
     if not adapter.is_file():
         adapter = None
-        if not (folder / "consolidated.safetensors").is_file():
+        if not any(folder.glob("consolidated*")):
             raise FileNotFoundError(
-                f"{folder}: neither lora.safetensors nor consolidated.safetensors; the checkpoint is incomplete."
+                f"{folder}: neither lora.safetensors nor consolidated weights; the checkpoint is incomplete."
             )
+        checkpoint_files(folder)  # merged weights or a base model in any layout; says what is missing
     if adapter is not None and lora is None:
         raise ExportError(
             f"{params_path}: lora.safetensors is present but params.json has no enabled 'lora' section "
@@ -248,7 +277,12 @@ def parse_size(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m utils.export_hf", description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/checkpoint_N (or its consolidated/)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="RUN_DIR (its newest checkpoint), RUN_DIR/checkpoints/checkpoint_N (or its consolidated/), "
+        "or a Mistral model folder",
+    )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--merged", action="store_true", help="write a full HF model with the adapter folded in")
     parser.add_argument("--base_model", default=None,

@@ -108,6 +108,15 @@ def test_cli_with_and_without_cache_and_chat(tmp_path, capsys, monkeypatch) -> N
     assert chat_lines[0] == outputs[0]["reply"] == chat_lines[2]  # same first turn before and after /reset
     assert main(["--model", str(tmp_path / "nope"), "--prompt", "x"]) == 1
     assert "error: --model" in capsys.readouterr().err
+    # A folder without a tokenizer file (e.g. Hugging Face): one line naming --tokenizer, never a guess.
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "m" / "tokenizer.model.v3").rename(tmp_path / "tok" / "tokenizer.model.v3")
+    assert main(["--model", str(tmp_path / "m"), "--prompt", "Hello there"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no mistral-common tokenizer file" in err and "--tokenizer" in err, err
+    assert main(["--model", str(tmp_path / "m"), "--prompt", "Hello there", "--max_new_tokens", "6", "--json",
+                 "--tokenizer", str(tmp_path / "tok" / "tokenizer.model.v3")]) == 0
+    assert json.loads(capsys.readouterr().out)["reply"] == outputs[0]["reply"]
 
 
 @pytest.mark.parametrize(

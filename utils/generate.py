@@ -4,6 +4,9 @@
         --prompt "..." [--system "..."] [--max_new_tokens 256] [--temperature 0] [--top_p 1.0]
     python -m utils.generate --model MODEL_DIR [--lora ...]          # interactive chat
 
+The tokenizer is the model folder's own file (``tekken.json``, ``tokenizer.model.v*``), or
+``--tokenizer FILE`` for a folder without one (a Hugging Face folder); it is never guessed.
+
 Greedy decoding at temperature 0 (the default), nucleus sampling otherwise, with a KV cache
 (``model.generate``); ``--no_cache`` recomputes every step with a full forward pass, which gives the
 same tokens and exists to check exactly that. The prompt is encoded by mistral-common from the
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.data.tokenizer import load_tokenizer
+from finetune.data.tokenizer import load_tokenizer, tokenizer_file
 from model.args import LoraArgs, ModelArgs
 from model.checkpoint import load_adapters
 from model.generate import generate
@@ -95,6 +98,18 @@ def chat(model: Transformer, tokenizer, opts: argparse.Namespace) -> None:
         print(f"[{n} tokens, {n / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
 
 
+def _tokenizer(opts: argparse.Namespace):
+    """The model's tokenizer; without one, an error naming --tokenizer (not the training config's key)."""
+    if opts.tokenizer is None and tokenizer_file(opts.model) is None:
+        saved = tokenizer_file(find_adapter(opts.lora)[0].parent) if opts.lora else None
+        example = f"{saved} (the copy training saved with the adapter)" if saved else "/path/to/tekken.json"
+        raise FileNotFoundError(
+            f"--model {opts.model} has no mistral-common tokenizer file (tekken.json, tokenizer.model.v*); copy "
+            f"the model's file into it, or pass --tokenizer {example}."
+        )
+    return load_tokenizer(opts.model, ModelArgs.from_folder(opts.model).vocab_size, opts.tokenizer)
+
+
 def check_sampling_options(opts: argparse.Namespace) -> str | None:
     """What is wrong with --temperature, --top_p or --max_new_tokens (and the fix), or None.
 
@@ -121,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         "--prompt", default=None, help="one user message; without it, an interactive chat starts"
     )
     parser.add_argument("--system", default=None, help="system prompt")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="the model's tekken.json or tokenizer.model.v* file, when MODEL_DIR has none (e.g. a Hugging Face folder)",
+    )
     parser.add_argument("--max_new_tokens", type=int, default=256, help="at least 1")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampling")
     parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling, in (0, 1]")
@@ -144,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not Path(opts.model).is_dir():
             raise FileNotFoundError(f"--model {opts.model} is not a model folder.")
+        tokenizer = _tokenizer(opts)
         model = load_model(opts.model, opts.lora, device, dtype)
-        tokenizer = load_tokenizer(opts.model, ModelArgs.from_folder(opts.model).vocab_size)
         if opts.prompt is None:
             chat(model, tokenizer, opts)
             return 0

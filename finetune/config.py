@@ -187,7 +187,11 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
             child = {}
             node[part] = child
         node = child
-    node[parts[-1]] = value
+    if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+        for k, v in value.items():  # --lora '{scaling: 1}' overrides that key, not the YAML's whole section
+            _set_dotted(node[parts[-1]], k, v)
+    else:
+        node[parts[-1]] = value
 
 
 def build(cls: type[T], raw: dict[str, Any], source: str, prefix: str = "") -> T:

@@ -173,6 +173,11 @@ def test_command_line_beats_a_bad_yaml_value(tmp_path):
     assert load_train_args(path, ["--max_steps", "5"]).max_steps == 5
 
 
+def test_a_section_given_as_a_mapping_overrides_only_its_keys(tmp_path):
+    args = load_train_args(_write(tmp_path, REFERENCE_7B), ["--lora", "{scaling: 1.0}"])
+    assert (args.lora.scaling, args.lora.rank) == (1.0, 64)  # rank stays the YAML's
+
+
 def test_a_string_option_takes_text_that_is_not_yaml(tmp_path):
     args = load_train_args(_write(tmp_path, REFERENCE_7B), ["--data.eval_instruct_data", "[eval].jsonl"])
     assert args.data.eval_instruct_data == "[eval].jsonl"

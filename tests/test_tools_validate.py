@@ -6,6 +6,7 @@ import json
 import random
 
 import pytest
+import torch
 import yaml
 
 from finetune.args import load_train_args
@@ -97,7 +98,7 @@ def test_valid_data_statistics_and_plan(tmp_path, capsys) -> None:
     stats = tmp_path / "stats.json"
     assert validate_data.main(["--train_yaml", config, "--num_gpus", "4", "--stats_json", str(stats)]) == 0
     out = capsys.readouterr().out
-    assert "No errors" in out and "assuming 4 x H100" in out
+    assert "No errors" in out and "assuming 4 x H100" in out and "x num_microbatches 3 x 4 GPUs)" in out
     report = json.loads(stats.read_text())
     plan = report["plan"]
     assert plan["tokens_per_step"] == 2 * 64 * 3 * 4
@@ -114,13 +115,62 @@ def test_valid_data_statistics_and_plan(tmp_path, capsys) -> None:
     assert f"{plan['tokens_per_s_per_device']:,.0f} tokens/s each" in plan["eta_assumption"]
 
 
-def test_measure_runs_real_training_steps(tmp_path) -> None:
+def test_without_a_gpu_no_eta_is_guessed_and_the_report_is_whole(tmp_path, capsys, monkeypatch) -> None:
+    # A CPU-only machine, however the tests run: the default plan is one CPU process, and no ETA is
+    # made up from H100 figures (it printed 'ETA 0:00:00 assuming 8 x H100').
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     config = _workspace(tmp_path, [_good(i) for i in range(20)])
+    assert validate_data.main(["--train_yaml", config]) == 0
+    out = capsys.readouterr().out
+    assert "assuming" not in out and "0:00:00" not in out
+    assert "ETA                         not estimated: no GPU on this machine: --measure" in out
+    assert "(batch_size 2 x seq_len 64 x num_microbatches 1 x 1 CPU process)" in out
+    # Source names in full (tmp_path makes them longer than the 40 characters they were cut at).
+    name = f"data.instruct_data {tmp_path / 'train.jsonl'}"
+    assert len(name) > 40
+    row = next(line for line in out.splitlines() if line.startswith(name + " "))
+    assert row.split()[2:5] == ["20", "0", "20"]  # lines, invalid, samples
+    assert f"  {name}\n" in out  # the epochs line
+    # Planning for GPUs from a CPU machine: said so, with the number of devices and never 0:00:00
+    # (a tiny model's steps take well under a second at the scaled reference throughput).
+    assert validate_data.main(["--train_yaml", config, "--num_gpus", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "x num_microbatches 1 x 4 GPUs)" in out and "assuming 4 x H100" in out
+    assert "ETA                         under a second assuming 4 x H100" in out
+
+
+def test_eta_counts_evaluations_and_checkpoints_as_train_py_runs_them() -> None:
+    # train.py evaluates / saves every `freq` steps (0: never) and always at the last step.
+    assert [validate_data._count(10, f) for f in (0, 1, 4, 5, 10, 20)] == [1, 10, 3, 2, 1, 1]
+    args = load_train_args("example/7B.yaml")  # 300 steps, eval and checkpoint every 100
+    timings = {"startup_s": 30.0, "first_step_s": 9.0, "step_s": 5.0, "eval_s": 20.0, "checkpoint_s": 4.0,
+               "exit_s": 1.0, "eval_batches": 10}
+    seconds, parts = validate_data.measured_eta(args, timings)
+    assert seconds == 30 + 9 + 299 * 5 + 3 * 20 + 3 * 4 + 1 == sum(parts.values())
+    args.no_eval, args.no_ckpt = True, True
+    assert validate_data.measured_eta(args, timings)[0] == 30 + 9 + 299 * 5 + 1
+
+
+def test_measure_times_a_real_run_of_the_config(tmp_path) -> None:
+    config = _workspace(tmp_path, [_good(i) for i in range(20)], no_eval=False,
+                        data={"instruct_data": str(tmp_path / "train.jsonl"),
+                              "eval_instruct_data": str(tmp_path / "train.jsonl"),
+                              "cache_dir": str(tmp_path / "cache")})
+    stats = tmp_path / "stats.json"
     result = run_cli(["-m", "utils.validate_data", "--train_yaml", config, "--measure", "--measure_steps", "2",
-                      "--num_gpus", "1"])
+                      "--stats_json", str(stats)])
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "measured on this machine (CPU, fp32, 2 steps)" in result.stdout
+    assert "from a short real run on this machine: 1 CPU process x 1 thread(s), fp32" in result.stdout
     assert "measured peak memory" in result.stdout
+    plan = json.loads(stats.read_text())["plan"]
+    m = plan["measured"]
+    assert m["processes"] == 1 and m["steps"] >= 2 and m["eval_batches"] > 0
+    for key in ("startup_s", "first_step_s", "step_s", "eval_s", "checkpoint_s", "exit_s"):
+        assert m[key] > 0, key
+    # Startup (interpreter, imports, model) is part of the ETA, which is more than steps x step time.
+    assert plan["eta_seconds"] == pytest.approx(sum(plan["eta_parts"].values()))
+    assert plan["eta_seconds"] > 10 * m["step_s"] + m["startup_s"]
+    assert not list(tmp_path.glob("run*")), "the measurement wrote into the config's run_dir"
 
 
 def test_config_errors_exit_2(tmp_path, capsys) -> None:

@@ -14,18 +14,23 @@ that has errors: the valid lines byte for byte (tool-call arguments given as JSO
 re-encoded as strings), invalid lines left out and listed. Originals are never modified.
 
 Statistics per source and in total, and the training plan of the config: tokens per optimizer step,
-total train tokens, epochs per source, packing filler, and an ETA whose assumption is printed. By
-default the ETA scales the reference's measured 5720 tokens/s per H100 for Mistral 7B by active
-parameter count; ``--measure`` instead runs a few real training steps of the configured model on
-this machine (``finetune.build.build_model`` + ``finetune.trainer.train_step``) and uses the
-measured tokens/s and peak memory.
+total train tokens, epochs per source, packing filler, and an ETA whose assumption is printed.
+``--measure`` gives the ETA to rely on: it launches a short real run of the config on this machine
+(``utils/measure.py`` under ``torch.distributed.run``, as many processes as the training will use)
+and adds up what the run will spend: startup, the first step, the remaining steps, evaluations and
+checkpoint saves. Without it, on a machine with GPUs (or with ``--num_gpus``), the ETA scales the
+reference's measured 5720 tokens/s per H100 for Mistral 7B by active parameter count and counts
+the optimizer steps only; on a machine without a GPU no ETA is guessed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -136,68 +141,57 @@ def filler_fraction(args: TrainArgs, instruct_tokenizer: Any, world_size: int) -
     return loader.filler_fraction
 
 
-def measure(args: TrainArgs, steps: int) -> dict[str, Any]:
-    """Run ``steps`` real optimizer steps (after one warm-up step) of this config on this machine."""
-    import torch
+def measure(config: str, processes: int, steps: int) -> dict[str, Any]:
+    """Time a short real run of ``config`` on ``processes`` processes (``utils/measure.py``)."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    with tempfile.TemporaryDirectory(prefix="validate_data_measure_") as tmp:
+        launched_at = time.time()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+               "-m", "utils.measure", config, "--workdir", tmp, "--steps", str(steps),
+               "--launched_at", repr(launched_at)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        ended_at = time.time()
+        out = Path(tmp) / "timings.json"
+        if proc.returncode != 0 or not out.is_file():
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+            raise ValueError(f"--measure: the timed run failed (exit status {proc.returncode}):\n{tail}")
+        result = json.loads(out.read_text())
+    result["exit_s"] = ended_at - result.pop("done_at")  # leaving the process group, interpreter exit
+    return result
 
-    from finetune import distributed as D
-    from finetune.build import build_model, resolve_precision
-    from finetune.data.loader import build_train_loader
-    from finetune.data.tokenizer import load_tokenizer
-    from finetune.monitoring import peak_memory_gb
-    from finetune.trainer import TrainState, build_optimizer, train_step
 
-    device = D.init_distributed()
-    try:
-        precision = resolve_precision(args.precision, device)
-        model_args = ModelArgs.from_folder(args.model_id_or_path)
-        tokenizer = load_tokenizer(args.model_id_or_path, model_args.vocab_size)
-        cache = Path(args.data.cache_dir) if args.data.cache_dir else None
-        loader = build_train_loader(
-            args.data,
-            tokenizer.instruct_tokenizer,
-            seq_len=args.seq_len,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            rank=0,
-            world_size=1,
-            cache_dir=cache,
-        )
-        model, _ = build_model(args, device, precision)
-        optimizer = build_optimizer(model, args)  # the training optimizer, so memory is the same
-        state = TrainState()
-        model.train()
-        elapsed = 0.0
-        for i in range(steps + 1):
-            batches = [next(loader) for _ in range(args.num_microbatches)]
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            train_step(model, optimizer, batches, args, state, precision, device)  # .item() syncs
-            if i > 0:  # the first step pays for allocation and kernel selection
-                elapsed += time.perf_counter() - t0
-        tokens = steps * args.batch_size * args.seq_len * args.num_microbatches
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-        return {
-            "device": name,
-            "tokens_per_s": tokens / elapsed,
-            "peak_mem_gb": peak_memory_gb(device),
-            "steps": steps,
-            "precision": precision.name,
-        }
-    finally:
-        D.destroy()
+def _count(max_steps: int, freq: int) -> int:
+    """Evaluations or checkpoints in a run: every ``freq`` steps (0: never) and at the last step."""
+    return (max_steps // freq if freq > 0 else 0) + (0 if freq > 0 and max_steps % freq == 0 else 1)
+
+
+def measured_eta(args: TrainArgs, m: dict[str, Any]) -> tuple[float, dict[str, float]]:
+    """Seconds from launch to exit of ``train.py`` with this config, from a measured short run."""
+    n_evals = 0 if args.no_eval or not m["eval_batches"] else _count(args.max_steps, args.eval_freq)
+    n_ckpts = 0 if args.no_ckpt else _count(args.max_steps, args.ckpt_freq)
+    parts = {
+        "startup": m["startup_s"],
+        "first step": m["first_step_s"],
+        f"{args.max_steps - 1} more steps": (args.max_steps - 1) * m["step_s"],
+        f"{n_evals} evaluation(s)": n_evals * m["eval_s"],
+        f"{n_ckpts} checkpoint(s)": n_ckpts * m["checkpoint_s"],
+        "exit": m["exit_s"],
+    }
+    return sum(parts.values()), parts
 
 
 def plan(
     args: TrainArgs,
     model_args: ModelArgs,
     report: DataReport,
-    num_gpus: int,
+    devices: int,
+    on_gpu: bool,
     measured: dict[str, Any] | None,
     filler: float | None,
 ) -> dict[str, Any]:
-    tokens_per_step = args.batch_size * args.seq_len * args.num_microbatches * num_gpus
+    """The training plan on ``devices`` processes (GPUs, or CPU processes when ``on_gpu`` is false)."""
+    tokens_per_step = args.batch_size * args.seq_len * args.num_microbatches * devices
     train_tokens = tokens_per_step * args.max_steps
     train_sources = [s for s in report.sources if s.key != "data.eval_instruct_data"]
     total_weight = sum(s.weight for s in train_sources) or 1.0
@@ -205,21 +199,35 @@ def plan(
     for s in train_sources:
         share = train_tokens * s.weight / total_weight
         epochs[f"{s.key} {s.source}"] = share / max(1, s.tokens)
+    parts: dict[str, float] = {}
+    per_device = None
     if measured is not None:
-        per_gpu = measured["tokens_per_s"]
+        seconds, parts = measured_eta(args, measured)
+        per_device = measured["tokens_per_step"] / measured["processes"] / measured["step_s"]
+        n = measured["processes"]
         assumption = (
-            f"{per_gpu:,.0f} tokens/s per device measured on this machine ({measured['device']}, "
-            f"{measured['precision']}, {measured['steps']} steps) x {num_gpus} device(s), linear scaling"
+            f"from a short real run on this machine: {n} {measured['device']} process{'es' if n > 1 else ''} x "
+            f"{measured['threads']} thread(s), "
+            f"{measured['precision']}, {measured['steps']} timed steps of {measured['step_s']:.2f} s"
+            + (f", the step time of {n} GPU(s) assumed for {devices}" if n != devices else "")
+        )
+    elif on_gpu:
+        per_device = _REF_TOKENS_PER_S * _REF_ACTIVE_PARAMS / active_params(model_args)
+        seconds = train_tokens / (per_device * devices)
+        assumption = (
+            f"assuming {devices} x H100 at {per_device:,.0f} tokens/s each (the reference's 5720 tokens/s for "
+            f"Mistral 7B scaled by active parameters, {active_params(model_args) / 1e9:.2f}B); optimizer "
+            "steps only, no startup, evaluation or checkpoints: --measure times a real run instead"
         )
     else:
-        per_gpu = _REF_TOKENS_PER_S * _REF_ACTIVE_PARAMS / active_params(model_args)
+        seconds = None
         assumption = (
-            f"{num_gpus} x H100 at {per_gpu:,.0f} tokens/s each (the reference's 5720 tokens/s for "
-            f"Mistral 7B scaled by active parameters, {active_params(model_args) / 1e9:.2f}B); "
-            "use --measure to time this machine instead"
+            "no GPU on this machine: --measure times a short real run of this config here (the ETA to "
+            "rely on), --num_gpus N estimates N x H100 from the reference's throughput"
         )
-    seconds = train_tokens / (per_gpu * num_gpus)
     return {
+        "devices": devices,
+        "device_kind": "GPU" if on_gpu else "CPU process",
         "tokens_per_step": tokens_per_step,
         "train_tokens": train_tokens,
         "data_tokens": sum(s.tokens for s in train_sources),
@@ -227,39 +235,58 @@ def plan(
         "epochs_per_source": epochs,
         "packing_filler_fraction": filler,
         "eta_seconds": seconds,
-        "eta": format_duration(seconds),
+        "eta": _eta_text(seconds),
+        "eta_parts": parts,
         "eta_assumption": assumption,
-        "tokens_per_s_per_device": per_gpu,
+        "tokens_per_s_per_device": per_device,
         "measured": measured,
     }
+
+
+def _eta_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "not estimated"
+    return format_duration(seconds) if seconds >= 1 else "under a second"
+
+
+def _source_table(report: DataReport) -> str:
+    """Per-source statistics, names in full (paths are what the user needs to recognise)."""
+    rows = [(f"{s.key} {s.source}", s.lines, s.invalid, s.samples, s.tokens, s.target_tokens, s.too_long)
+            for s in report.sources]
+    train = [s for s in report.sources if s.key != "data.eval_instruct_data"]
+    if len(train) > 1:
+        rows.append(("total (training sources)", sum(s.lines for s in train), 0, sum(s.samples for s in train),
+                     sum(s.tokens for s in train), sum(s.target_tokens for s in train),
+                     sum(s.too_long for s in train)))
+    w = max(len("source"), *(len(r[0]) for r in rows))
+    lines = [f"{'source':<{w}} {'lines':>9} {'invalid':>7} {'samples':>9} {'tokens':>12} {'targets':>12} {'>seq_len':>8}"]
+    lines += [f"{r[0]:<{w}} {r[1]:>9} {r[2]:>7} {r[3]:>9} {r[4]:>12} {r[5]:>12} {r[6]:>8}" for r in rows]
+    return "\n".join(lines)
 
 
 def print_stats(report: DataReport, p: dict[str, Any], args: TrainArgs) -> None:
     print(
         "\nStatistics (samples after function-call chunking; tokens include BOS/EOS; targets = trained tokens):"
     )
-    print(report.summary())
-    train = [s for s in report.sources if s.key != "data.eval_instruct_data"]
-    if len(train) > 1:
-        print(
-            f"{'total (training sources)':<40} {sum(s.lines for s in train):>9} {0:>7} "
-            f"{sum(s.samples for s in train):>9} {sum(s.tokens for s in train):>12} "
-            f"{sum(s.target_tokens for s in train):>12} {sum(s.too_long for s in train):>8}"
-        )
+    print(_source_table(report))
     print(f"\nTraining plan ({args.max_steps} steps):")
     print(
         f"  tokens per optimizer step   {p['tokens_per_step']:,} (batch_size {args.batch_size} x seq_len "
-        f"{args.seq_len} x num_microbatches {args.num_microbatches} x devices)"
+        f"{args.seq_len} x num_microbatches {args.num_microbatches} x {p['devices']} {p['device_kind']}"
+        f"{'s' if p['devices'] != 1 else ''})"
     )
     print(f"  total train tokens          {p['train_tokens']:,}")
     print(f"  data tokens (targets)       {p['data_tokens']:,} ({p['data_target_tokens']:,})")
+    print("  epochs per source:")
     for name, e in p["epochs_per_source"].items():
-        print(f"  epochs of {name:<40.40} {e:.2f}")
+        print(f"    {e:8.2f}  {name}")
     if p["packing_filler_fraction"] is not None:
         print(f"  packing filler              {p['packing_filler_fraction']:.2%} of positions")
     if p["measured"]:
-        print(f"  measured peak memory        {p['measured']['peak_mem_gb']:.2f} GB per device")
-    print(f"  ETA                         {p['eta']} assuming {p['eta_assumption']}")
+        print(f"  measured peak memory        {p['measured']['peak_mem_gb']:.2f} GB per process")
+    print(f"  ETA                         {p['eta']}{' ' if p['eta_seconds'] is not None else ': '}{p['eta_assumption']}")
+    if p["eta_parts"]:
+        print("    " + ", ".join(f"{k} {v:.1f} s" for k, v in p["eta_parts"].items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,12 +302,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="time a few real training steps of this config on this machine for the ETA",
     )
-    parser.add_argument("--measure_steps", type=int, default=3)
+    parser.add_argument("--measure_steps", type=int, default=3, help="timed steps at least (and about 10 s)")
     parser.add_argument(
         "--num_gpus",
         type=int,
         default=None,
-        help="devices the training will use (default: this machine's GPUs, else 8)",
+        help="processes the training will use: GPUs, or CPU processes on a machine without GPU "
+        "(default: this machine's GPUs, else one CPU process)",
     )
     parser.add_argument("--max_errors", type=int, default=50, help="errors listed per kind (0: all)")
     parser.add_argument(
@@ -317,14 +345,18 @@ def main(argv: list[str] | None = None) -> int:
     if report.ok:
         import torch
 
-        num_gpus = opts.num_gpus or (torch.cuda.device_count() if torch.cuda.is_available() else 8)
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        devices = opts.num_gpus or gpus or 1
+        # Without a GPU, --num_gpus N plans for N H100s, unless --measure: then N CPU processes here.
+        on_gpu = gpus > 0 or (opts.num_gpus is not None and not opts.measure)
         try:
-            measured = measure(args, opts.measure_steps) if opts.measure else None
-            filler = filler_fraction(args, tokenizer.instruct_tokenizer, num_gpus)
+            filler = filler_fraction(args, tokenizer.instruct_tokenizer, devices)
+            measured = measure(opts.train_yaml, min(devices, gpus) if gpus else devices, opts.measure_steps) \
+                if opts.measure else None
         except (ConfigError, ValueError) as e:  # e.g. a source whose samples have no trained token
             print(f"error: {e}", file=sys.stderr)
             return 1
-        p = plan(args, model_args, report, num_gpus, measured, filler)
+        p = plan(args, model_args, report, devices, on_gpu, measured, filler)
         print_stats(report, p, args)
         print("\nNo errors: the data is ready for training.")
     else:

@@ -86,7 +86,7 @@ def _crc32(path: Path) -> int:
 
 def _write_manifest(ckpt: Path) -> None:
     files = {}
-    for path in sorted(p for p in ckpt.rglob("*") if p.is_file()):
+    for path in sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST):
         size = path.stat().st_size
         files[str(path.relative_to(ckpt))] = {"size": size, **({"crc32": _crc32(path)} if size <= _CRC_MAX_BYTES else {})}
     (ckpt / MANIFEST).write_text(json.dumps({"version": 1, "files": files}, indent=1) + "\n")

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from finetune import distributed as D
 from finetune.args import TrainArgs, load_train_args
 from finetune.build import Precision, build_model, check_compile, check_trainable_vocab, resolve_precision
-from finetune.checkpointing import latest_resumable, load_checkpoint, save_checkpoint
+from finetune.checkpointing import checkpoint_dir, latest_resumable, load_checkpoint, save_checkpoint
 from finetune.config import ConfigError, to_dict
 from finetune.data.cache import resolve_cache_dir
 from finetune.data.loader import Batch, build_eval_loader, build_train_loader
@@ -271,8 +271,9 @@ def _find_resumable(run_dir: Path, device: torch.device) -> Path | None:
         except ConfigError as e:
             error = e
     _agree_or_raise(error, device, "no checkpoint can be resumed")
-    (step,) = D.all_reduce_sum([int(found.name.split("_")[-1]) if found is not None else -1], device)
-    return None if step < 0 else run_dir / "checkpoints" / f"checkpoint_{int(step):06d}"
+    # Only rank 0 looked: the others contribute -1 to the max.
+    step = int(D.all_reduce_max(int(found.name.split("_")[-1]) if found is not None else -1, device))
+    return None if step < 0 else checkpoint_dir(run_dir, step)
 
 
 def _lock_run_dir(run_dir: Path, device: torch.device) -> RunDirLock | None:
@@ -300,14 +301,15 @@ class LauncherWatch:
         return self.parent is not None and os.getppid() != self.parent
 
 
-def _diverged(step: int, what: str, run_dir: Path, args: TrainArgs) -> TrainingDiverged:
+def _diverged(step: int, what: str, run_dir: Path, args: TrainArgs, precision: Precision) -> TrainingDiverged:
     last = latest_resumable(run_dir) if D.is_main() else None
+    fp16_hint = ", or train in bf16/fp32 rather than fp16" if precision.name == "fp16" else ""
     where = (f"The last good checkpoint is {last}; re-running the same command resumes from it."
              if last else "No checkpoint was saved before it.")
     return TrainingDiverged(
         f"training diverged at step {step}: {what}. Stopping without saving a checkpoint of this state. {where} "
         f"Lower optim.lr (now {args.optim.lr:g}; this step used {lr_at(step, args):.3g}), lengthen the warm-up "
-        "(optim.pct_start), check the data, or use bf16/fp32 instead of fp16."
+        f"(optim.pct_start) or check the data{fp16_hint}."
     )
 
 
@@ -387,13 +389,13 @@ def _train(args: TrainArgs, config_path: str, device: torch.device, precision: P
         loss, grad_norm, applied = train_step(model, optimizer, batches, args, state, precision, device)
         # grad_norm and loss are reduced over ranks: every rank takes the same branch.
         if not math.isfinite(loss):
-            raise _diverged(step, f"the loss is {loss}", run_dir, args)
+            raise _diverged(step, f"the loss is {loss}", run_dir, args, precision)
         if not applied and precision.name != "fp16":
-            raise _diverged(step, f"the gradient norm is {grad_norm} (loss {loss:.4g})", run_dir, args)
+            raise _diverged(step, f"the gradient norm is {grad_norm} (loss {loss:.4g})", run_dir, args, precision)
         state.skipped_in_a_row = 0 if applied else state.skipped_in_a_row + 1
         if state.skipped_in_a_row >= FP16_MAX_SKIPS_IN_A_ROW:
             raise _diverged(step, f"fp16 gradients overflowed {state.skipped_in_a_row} steps in a row "
-                                  f"(loss scale {state.loss_scale:g})", run_dir, args)
+                                  f"(loss scale {state.loss_scale:g})", run_dir, args, precision)
         dt = time.perf_counter() - t0
         state.step, state.tokens_seen, state.train_seconds = step, state.tokens_seen + tokens_per_step, state.train_seconds + dt
         session_steps, session_seconds = session_steps + 1, session_seconds + dt

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -90,14 +92,28 @@ def iter_checkpoint_tensors(folder: str | Path) -> Iterator[tuple[str, torch.Ten
         yield from _iter_hf_tensors(Path(folder))
         return
     for path in checkpoint_files(folder):
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    yield key, f.get_tensor(key), path
-        else:
-            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            for key in list(state):
-                yield key, state.pop(key), path
+        with _readable(path):
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    for key in f.keys():
+                        yield key, f.get_tensor(key), path
+            else:
+                state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+                for key in list(state):
+                    yield key, state.pop(key), path
+
+
+@contextmanager
+def _readable(path: Path) -> Iterator[None]:
+    """A truncated or corrupt weights file is one ValueError naming it, not a library traceback."""
+    try:
+        yield
+    except (SafetensorError, RuntimeError, OSError, pickle.UnpicklingError) as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"{path} cannot be read ({detail}): the file is truncated or corrupt. Download it again and "
+            "compare its size with the release's."
+        ) from None
 
 
 def _iter_hf_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
@@ -108,7 +124,7 @@ def _iter_hf_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
     args = args_from_hf_config(config, source=str(folder / "config.json"))
     tied = bool(config.get("tie_word_embeddings", False))
     for path in hf_checkpoint_files(folder):
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with _readable(path), safe_open(str(path), framework="pt", device="cpu") as f:
             for hf_key in f.keys():
                 if tied and hf_key == "lm_head.weight":
                     continue

@@ -2,7 +2,8 @@
 
 bf16 attention's backward on CPU compiles matmul kernels shaped by each document's length; with
 oneDNN's default cache sizes a process training on packed documents of varying lengths grows by
-gigabytes (1.8 GB over 600 calls on 64-512-token documents on the 2-core CI machine).
+gigabytes (1.8 GB over 600 calls on 64-512-token documents on a 2-core AMD EPYC; 1.2 GB over
+800 calls on a Xeon with AMX, where the capped run still grows by a third of that).
 """
 
 from __future__ import annotations
@@ -53,12 +54,15 @@ def _growth(bound: bool) -> float:
     return last - first
 
 
-def test_bf16_attention_over_varying_lengths_keeps_rss_flat():
-    # 250 more calls once the capped caches are full, most on lengths not seen yet. The unbounded
-    # run is the control (0.6 GB more here); where this CPU's bf16 path caches nothing there is
-    # nothing to bound.
+def test_bf16_attention_over_varying_lengths_grows_far_less_with_the_caps():
+    # The invariant: with the caps, the growth from oneDNN's per-shape caches is cut off, so over the
+    # same 250 calls (most on lengths not seen yet) RSS grows by a fraction of what it grows without
+    # them. Not zero: on CPUs with AMX, aten's own bf16 attention kernels keep a per-shape cache
+    # that no setting bounds (it stops growing once every length has been seen: 0.4 GB for 419
+    # lengths here), so a fixed threshold held on one CPU and failed on another. The uncapped run is
+    # the control; where this CPU's bf16 path caches nothing there is nothing to bound.
     unbounded = _growth(False)
     if unbounded < 0.2:
         pytest.skip(f"bf16 attention grows RSS by only {unbounded:.2f} GB on this CPU without the caps")
     bounded = _growth(True)
-    assert bounded < 0.1, (bounded, unbounded)
+    assert bounded < 0.6 * unbounded, (bounded, unbounded)

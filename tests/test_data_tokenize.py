@@ -198,15 +198,20 @@ def test_encode_does_not_modify_the_sample() -> None:
     assert sample == before
 
 
-def test_load_tokenizer_prefers_model_folder(tmp_path, caplog) -> None:
+def test_load_tokenizer_takes_the_model_folders_file_and_never_guesses(tmp_path, caplog) -> None:
     caplog.set_level(logging.INFO, logger="finetune.data")
+    (tmp_path / "tokenizer.json").write_text("{}")  # a Hugging Face tokenizer is not a mistral-common one
     assert tokenizer_file(tmp_path) is None
-    bundled = load_tokenizer(tmp_path, 32768)
-    assert bundled.instruct_tokenizer.tokenizer.n_words == 32768
-    assert "bundled" in caplog.text
-    with pytest.raises(ValueError, match="no bundled tokenizer for vocab_size 1000"):
-        load_tokenizer(tmp_path, 1000)
+    # No file: an error saying how to supply one, never mistral-common's bundled v3 in its place.
+    with pytest.raises(FileNotFoundError, match="No mistral-common tokenizer file in .*Hugging Face tokenizer.json.*tokenizer_path"):
+        load_tokenizer(tmp_path, 32768)
     src = TEKKEN.tokenizer.file_path
+    elsewhere = tmp_path / "tok" / "tekken.json"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(open(src, "rb").read())
+    assert load_tokenizer(tmp_path, 131072, tokenizer_path=elsewhere).instruct_tokenizer.tokenizer.n_words == 131072
+    with pytest.raises(FileNotFoundError, match="tokenizer_path .*missing.json does not exist"):
+        load_tokenizer(tmp_path, 131072, tokenizer_path=tmp_path / "missing.json")
     (tmp_path / "tekken.json").write_bytes(open(src, "rb").read())
     assert tokenizer_file(tmp_path) == tmp_path / "tekken.json"
     caplog.clear()

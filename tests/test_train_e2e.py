@@ -183,7 +183,7 @@ def test_torchrun_two_processes_train(two_procs):
     losses = _losses(two_procs)
     assert len(losses) == 4 and losses[-1] < losses[0]
     ckpt = two_procs / "checkpoints" / "checkpoint_000004"
-    assert sorted(p.name for p in (ckpt / "state").glob("rank_*.pt")) == ["rank_0.pt", "rank_1.pt"]
+    assert sorted(p.name for p in (ckpt / "state").glob("rank_*.json")) == ["rank_0.json", "rank_1.json"]
 
 
 def test_resume_with_another_process_count_is_explained(workspace, two_procs):

@@ -401,3 +401,5 @@ def test_data_error_on_rank_0_stops_every_rank(workspace, tmp_path):
     assert result.returncode != 0
     assert time.time() - start < 150
     assert f"{missing} does not exist" in result.stderr
+    # torchrun's failure summary names the error as its root cause, not a link to its docs.
+    assert f"traceback : error: data.instruct_data: {missing} does not exist" in result.stderr

@@ -217,6 +217,7 @@ def _ranks_worker(rank: int, world: int, folder: str, out: str, port: int) -> No
     D.destroy()
 
 
+@pytest.mark.slow
 def test_two_compiled_ranks_equal_one_eager_rank(tmp_path):
     write_checkpoint(tmp_path / "model", tiny_vocab_args(), seed=0)
     for world in (1, 2):

@@ -7,6 +7,7 @@ two-rank run in five. The race is timing-dependent, so the test repeats the exit
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -29,6 +30,7 @@ def _gather_then_exit(rank: int, world: int, port: int) -> None:
     D.destroy()
 
 
+@pytest.mark.slow
 def test_ranks_exit_cleanly_after_gathers():
     for _ in range(RUNS):  # mp.spawn raises ProcessExitedException for a rank killed by a signal
         mp.spawn(_gather_then_exit, args=(2, free_port()), nprocs=2)

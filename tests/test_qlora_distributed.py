@@ -25,6 +25,8 @@ from model.args import LoraArgs  # noqa: E402
 from tests.model_helpers import write_checkpoint  # noqa: E402
 from tests.train_helpers import init_test_rank, microbatches, tiny_vocab_args  # noqa: E402
 
+pytestmark = pytest.mark.slow  # multi-process end to end (tens of seconds)
+
 N_BATCHES, SEQ = 4, 48
 SHAPE = dict(dim=64, hidden_dim=128, head_dim=16, n_heads=4, n_kv_heads=2)
 

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.train_helpers import run_cli
 
 
+@pytest.mark.slow
 def test_quickstart_runs_end_to_end(tmp_path) -> None:
     work = tmp_path / "qs"
     result = run_cli(

@@ -21,6 +21,8 @@ from model.args import LoraArgs
 from tests.model_helpers import write_checkpoint
 from tests.train_helpers import init_test_rank, microbatches, tiny_vocab_args
 
+pytestmark = pytest.mark.slow  # multi-process end to end (tens of seconds)
+
 N_BATCHES, SEQ = 4, 48
 
 

@@ -194,6 +194,7 @@ def test_resume_with_another_process_count_is_explained(workspace, two_procs):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_two_nodes_on_localhost_equal_two_local_processes(workspace, two_procs, tmp_path):
     """torchrun --nnodes 2 --nproc-per-node 1 with a c10d rendezvous on localhost."""
     from finetune.distributed import free_port

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,3 +222,30 @@ def test_examples_load_and_7b_matches_the_reference() -> None:
         text = open(f"example/{name}.yaml").read()
         assert text.startswith("# ") and "Sized for:" in text
         load_train_args(f"example/{name}.yaml")
+
+
+def test_create_corrected_that_cannot_be_written_is_one_line(tmp_path, capsys) -> None:
+    config = _workspace(tmp_path, [_good(0), '{"messages": ['])
+    # Root may write anywhere, so the unwritable target is a directory where the copy would go.
+    (tmp_path / "train.jsonl.corrected").mkdir()
+    assert validate_data.main(["--train_yaml", config, "--create_corrected"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: cannot write the corrected copy")
+    assert str(tmp_path / "train.jsonl.corrected") in err and "copy the data to a folder you can write to" in err
+
+
+def test_tokenizer_path_and_tilde_cache_dir_are_honoured(tmp_path, capsys, monkeypatch) -> None:
+    config = _workspace(tmp_path, [_good(0), _good(1)])
+    cfg = yaml.safe_load(Path(config).read_text())
+    cfg["data"]["cache_dir"] = "~/tok"
+    tok = tmp_path / "model" / "tokenizer.model.v3"
+    moved = tmp_path / "elsewhere.model.v3"
+    tok.rename(moved)
+    Path(config).write_text(yaml.safe_dump(cfg))
+    assert validate_data.main(["--train_yaml", config]) == 2
+    assert "tokenizer_path" in capsys.readouterr().err
+    cfg["tokenizer_path"] = str(moved)
+    Path(config).write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert validate_data.main(["--train_yaml", config]) == 0
+    assert any((tmp_path / "home" / "tok").iterdir())

@@ -38,6 +38,7 @@ from typing import Any
 
 from finetune.args import TrainArgs, load_train_args
 from finetune.config import ConfigError
+from finetune.data.cache import resolve_cache_dir
 from finetune.data.validation import DataReport, check_data, write_corrected
 from finetune.monitoring import format_duration
 from model.args import ModelArgs
@@ -69,7 +70,7 @@ def load_inputs(config: str) -> tuple[TrainArgs, ModelArgs, Any]:
     from finetune.build import check_trainable_vocab
 
     check_trainable_vocab(model_args, str(folder))  # a v1 model: points at utils.extend_model_vocab
-    return args, model_args, load_tokenizer(folder, model_args.vocab_size)
+    return args, model_args, load_tokenizer(folder, model_args.vocab_size, args.tokenizer_path)
 
 
 def print_errors(report: DataReport, max_errors: int) -> None:
@@ -125,7 +126,7 @@ def filler_fraction(args: TrainArgs, instruct_tokenizer: Any, world_size: int) -
     """Share of packed positions that are filler, over the first batches rank 0 would train on."""
     from finetune.data.loader import build_train_loader
 
-    cache = Path(args.data.cache_dir) if args.data.cache_dir else None
+    cache = resolve_cache_dir(args.data.cache_dir)
     loader = build_train_loader(
         args.data,
         instruct_tokenizer,
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, model_args, tokenizer = load_inputs(opts.train_yaml)
         t0 = time.perf_counter()
-        cache = Path(args.data.cache_dir) if args.data.cache_dir else None
+        cache = resolve_cache_dir(args.data.cache_dir)
         report = check_data(
             args.data,
             tokenizer.instruct_tokenizer,
@@ -327,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             include_eval=bool(args.data.eval_instruct_data.strip()),
         )
         elapsed = time.perf_counter() - t0
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n_lines = sum(s.lines for s in report.sources)
@@ -339,7 +340,13 @@ def main(argv: list[str] | None = None) -> int:
         print_errors(report, opts.max_errors)
     print_sources(report)
     if opts.create_corrected:
-        create_corrected(args, report, tokenizer.instruct_tokenizer)
+        try:
+            create_corrected(args, report, tokenizer.instruct_tokenizer)
+        except OSError as e:
+            print(f"error: cannot write the corrected copy {e.filename}: {e.strerror}. --create_corrected writes "
+                  "FILE.corrected next to each file: copy the data to a folder you can write to and run on the copy.",
+                  file=sys.stderr)
+            return 2
 
     p = None
     if report.ok:
@@ -366,8 +373,9 @@ def main(argv: list[str] | None = None) -> int:
             else "fix them, or run again with --create_corrected and point the config at the .corrected files."
         )
         print(f"\n{len(report.errors)} invalid line(s): training would refuse to start. To go on, {fix}")
-        if any(e.kind == "last_role" for e in report.errors):
-            print("Chat exports that end on a user turn (e.g. UltraChat): python -m utils.reformat_data FILE")
+        if any("utils.reformat_data" in e.message for e in report.errors):
+            print("Some of these lines are in a format python -m utils.reformat_data FILE converts (see the "
+                  "messages above).")
     if opts.stats_json:
         Path(opts.stats_json).write_text(json.dumps({**report.to_dict(), "plan": p}, indent=2) + "\n")
     return 0 if report.ok else 1

@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import pickle
 import re
 import shutil
 import zlib
@@ -110,11 +111,17 @@ def verify_checkpoint(ckpt: Path) -> str | None:
             return f"{path} has {size} bytes, {entry['size']} were written"
         if "crc32" in entry and _crc32(path) != entry["crc32"]:
             return f"{path} is corrupt (its checksum differs from when it was written)"
+    train_state = ckpt / "state" / "train_state.json"
     try:
-        world = json.loads((ckpt / "state" / "train_state.json").read_text())["world_size"]
+        world = json.loads(train_state.read_text())["world_size"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{train_state} is unreadable ({e})"
+    try:
         read_metadata_file(str(ckpt / "state" / ".metadata"))
-    except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
-        return f"its state is unreadable ({e})"
+    except UnsafeCheckpointError as e:
+        return str(e)
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        return f"{ckpt / 'state' / '.metadata'} is unreadable ({e})"
     missing = [r for r in range(world) if f"state/rank_{r}.json" not in files]
     if missing:
         return f"rank files {missing} of its {world} processes are missing"

@@ -21,7 +21,16 @@ from finetune.checkpointing import MANIFEST, _write_manifest, verify_checkpoint
 from finetune.data.cache import resolve_cache_dir
 from finetune.run_dir import RunDirBusy, RunDirLock, keep_metrics_up_to
 from finetune.safe_dcp import UnsafeCheckpointError, read_metadata_file
-from tests.train_helpers import REPO, make_workspace, read_metrics, run_cli, start_cli, torchrun, write_config
+from tests.train_helpers import (
+    REPO,
+    make_workspace,
+    read_metrics,
+    run_cli,
+    run_config,
+    start_cli,
+    torchrun,
+    write_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,16 +40,7 @@ def workspace(tmp_path_factory):
 
 
 def _config(workspace, name: str, **overrides) -> Path:
-    root, base = workspace
-    config = json.loads(json.dumps(base))
-    config["run_dir"] = str(root / name)
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return write_config(root / f"{name}.yaml", config)
+    return run_config(workspace, name, **overrides)
 
 
 def _fails_in_one_line(result: subprocess.CompletedProcess, *needles: str) -> str:

@@ -14,7 +14,14 @@ from safetensors.torch import load_file
 
 from model.args import ModelArgs
 from model.lora import merge_delta
-from tests.train_helpers import make_workspace, read_metrics, run_cli, start_cli, torchrun, write_config
+from tests.train_helpers import (
+    make_workspace,
+    read_metrics,
+    run_cli,
+    run_config,
+    start_cli,
+    torchrun,
+)
 
 
 @pytest.fixture(scope="module")
@@ -24,16 +31,7 @@ def workspace(tmp_path_factory):
 
 
 def _config(workspace, name: str, **overrides) -> Path:
-    root, base = workspace
-    config = json.loads(json.dumps(base))
-    config["run_dir"] = str(root / name)
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return write_config(root / f"{name}.yaml", config)
+    return run_config(workspace, name, **overrides)
 
 
 def _ok(result: subprocess.CompletedProcess) -> None:

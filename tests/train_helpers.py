@@ -57,6 +57,21 @@ def write_config(path: Path, config: dict) -> Path:
     return path
 
 
+def run_config(workspace: tuple[Path, dict], name: str, **overrides) -> Path:
+    """The workspace's base config with run_dir ``root/name`` and dotted-key overrides, written to
+    ``root/name.yaml``."""
+    root, base = workspace
+    config = json.loads(json.dumps(base))
+    config["run_dir"] = str(root / name)
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return write_config(root / f"{name}.yaml", config)
+
+
 # One thread everywhere: runs that are compared bit for bit must reduce in the same order.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 

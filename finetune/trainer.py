@@ -302,6 +302,20 @@ class LauncherWatch:
         return self.parent is not None and os.getppid() != self.parent
 
 
+def divergence(loss: float, grad_norm: float, applied: bool, state: TrainState, precision: str) -> str | None:
+    """What shows that training diverged at this step, or None. Counts fp16's skipped steps in
+    ``state``. In bf16/fp32 a non-finite gradient is divergence even when the loss is finite; fp16
+    overflows are expected now and then (dynamic loss scaling skips the step), but not many in a row."""
+    if not math.isfinite(loss):
+        return f"the loss is {loss}"
+    if not applied and precision != "fp16":
+        return f"the gradient norm is {grad_norm} (loss {loss:.4g})"
+    state.skipped_in_a_row = 0 if applied else state.skipped_in_a_row + 1
+    if state.skipped_in_a_row >= FP16_MAX_SKIPS_IN_A_ROW:
+        return f"fp16 gradients overflowed {state.skipped_in_a_row} steps in a row (loss scale {state.loss_scale:g})"
+    return None
+
+
 def _diverged(step: int, what: str, run_dir: Path, args: TrainArgs, precision: Precision) -> TrainingDiverged:
     last = latest_resumable(run_dir) if D.is_main() else None
     fp16_hint = ", or train in bf16/fp32 rather than fp16" if precision.name == "fp16" else ""
@@ -389,14 +403,9 @@ def _train(args: TrainArgs, config_path: str, device: torch.device, precision: P
         batches = [next(loader) for _ in range(args.num_microbatches)]
         loss, grad_norm, applied = train_step(model, optimizer, batches, args, state, precision, device)
         # grad_norm and loss are reduced over ranks: every rank takes the same branch.
-        if not math.isfinite(loss):
-            raise _diverged(step, f"the loss is {loss}", run_dir, args, precision)
-        if not applied and precision.name != "fp16":
-            raise _diverged(step, f"the gradient norm is {grad_norm} (loss {loss:.4g})", run_dir, args, precision)
-        state.skipped_in_a_row = 0 if applied else state.skipped_in_a_row + 1
-        if state.skipped_in_a_row >= FP16_MAX_SKIPS_IN_A_ROW:
-            raise _diverged(step, f"fp16 gradients overflowed {state.skipped_in_a_row} steps in a row "
-                                  f"(loss scale {state.loss_scale:g})", run_dir, args, precision)
+        problem = divergence(loss, grad_norm, applied, state, precision.name)
+        if problem is not None:
+            raise _diverged(step, problem, run_dir, args, precision)
         dt = time.perf_counter() - t0
         state.step, state.tokens_seen, state.train_seconds = step, state.tokens_seen + tokens_per_step, state.train_seconds + dt
         session_steps, session_seconds = session_steps + 1, session_seconds + dt

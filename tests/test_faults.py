@@ -403,3 +403,20 @@ def test_data_error_on_rank_0_stops_every_rank(workspace, tmp_path):
     assert f"{missing} does not exist" in result.stderr
     # torchrun's failure summary names the error as its root cause, not a link to its docs.
     assert f"traceback : error: data.instruct_data: {missing} does not exist" in result.stderr
+
+
+def test_divergence_rule_per_precision():
+    from finetune.trainer import FP16_MAX_SKIPS_IN_A_ROW, TrainState, divergence
+
+    inf, nan = float("inf"), float("nan")
+    assert divergence(nan, 1.0, True, TrainState(), "fp32") == "the loss is nan"
+    for precision in ("fp32", "bf16"):  # one non-finite gradient is enough
+        assert divergence(2.0, inf, False, TrainState(), precision) == "the gradient norm is inf (loss 2)"
+    # fp16: skipped steps are loss scaling at work, until too many come in a row.
+    state = TrainState(loss_scale=1.0)
+    for _ in range(FP16_MAX_SKIPS_IN_A_ROW - 1):
+        assert divergence(2.0, inf, False, state, "fp16") is None
+    assert divergence(2.0, 0.5, True, state, "fp16") is None and state.skipped_in_a_row == 0  # reset
+    for _ in range(FP16_MAX_SKIPS_IN_A_ROW - 1):
+        assert divergence(2.0, inf, False, state, "fp16") is None
+    assert f"overflowed {FP16_MAX_SKIPS_IN_A_ROW} steps in a row" in divergence(2.0, inf, False, state, "fp16")

@@ -297,6 +297,8 @@ def _write_error_message(final: Path, code: int, error: BaseException | None, mo
         )
     if error is None:
         return f"another process failed to write checkpoint {final} (see its message). {kept_text}."
+    if isinstance(error, CheckpointException) and error.failures:
+        error = next(iter(error.failures.values()))[0]  # the first failing rank's own exception
     detail = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
     where = f" ({error.filename})" if isinstance(error, OSError) and error.filename else ""
     return (f"cannot write checkpoint {final}: {detail}{where}. {kept_text}. Make run_dir writable, "

@@ -420,3 +420,13 @@ def test_divergence_rule_per_precision():
     for _ in range(FP16_MAX_SKIPS_IN_A_ROW - 1):
         assert divergence(2.0, inf, False, state, "fp16") is None
     assert f"overflowed {FP16_MAX_SKIPS_IN_A_ROW} steps in a row" in divergence(2.0, inf, False, state, "fp16")
+
+
+def test_other_checkpoint_write_errors_name_the_file(workspace):
+    cfg = _config(workspace, "ckptfile", max_steps=1)
+    run_dir = workspace[0] / "ckptfile"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").write_text("")  # a file where the checkpoints folder goes
+    line = _fails_in_one_line(run_cli(["train.py", str(cfg)]), "cannot write checkpoint",
+                              str(run_dir / "checkpoints"), "No earlier checkpoint exists")
+    assert "Make run_dir writable" in line

@@ -323,3 +323,34 @@ def test_cli_missing_model_folder_is_a_user_error(tmp_path, capsys):
     assert main(["--train_yaml", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "nowhere" in err and "params.json" in err
+
+
+def test_cli_without_a_gpu_plans_for_this_machines_ram(tmp_path, capsys, monkeypatch):
+    # It used to plan silently for "1 GPU(s), 80 GB" on a machine without one.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = _workspace(tmp_path, seq_len=8192)
+    main(["--train_yaml", str(cfg)])
+    out = capsys.readouterr().out
+    assert out.startswith("planning for 1 CPU process(es) sharing this machine's ")
+    assert "GB of available RAM (no GPU here; --gpus N [--gpu-memory GB] plans for GPUs)" in out
+    assert "per CPU process" in out and "GPU" not in out.split("\n", 2)[2]
+    # Asked for GPUs it has not got: planned for them, and the memory it assumed is said.
+    assert main(["--train_yaml", str(cfg), "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("planning for 8 GPU(s) of 80 GB (assumed: no GPU here; --gpu-memory GB to change)")
+    assert "per GPU" in out and " GB of 80 GB (" in out
+    main(["--train_yaml", str(cfg), "--gpu-memory", "24"])
+    assert capsys.readouterr().out.startswith("planning for 1 GPU(s) of 24 GB (--gpu-memory)")
+
+
+def test_cpu_processes_hold_a_second_copy_of_the_root_while_gathering():
+    # Over gloo the all-gather's own buffers hold the root twice (see the micro-measurement in
+    # docs/memory.md); one process gathers no frozen weights, and on GPU that moment is not the peak.
+    m = ModelArgs(**SHAPE_7B, norm_eps=1e-5)
+    args = _train_args(seq_len=8192, precision="bf16")
+    root = param_counts(m, ALL, 16)["root"] * 2
+    part = "all-gather: second copy of the root"
+    assert estimate(m, args, n_devices=2, device="cpu").parts[part] == root
+    assert estimate(m, args, n_devices=8, device="cpu").parts[part] == root  # gathered whole on every rank
+    assert part not in estimate(m, args, n_devices=1, device="cpu").parts
+    assert part not in estimate(m, args, n_devices=2, device="cuda").parts

@@ -14,7 +14,8 @@ root over all N):
 - frozen base weights in the compute dtype (NF4 linears at 4.13 bits with ``quantization: nf4``) / N,
   plus the all-gathered *unsharded* root (embedding, final norm, output: alive through forward and
   backward) and the largest block unsharded twice (the one computing and the one prefetched); on
-  one device, frozen weights are not FSDP's, so only the adapters are gathered;
+  one device, frozen weights are not FSDP's, so only the adapters are gathered; on CPU with
+  N > 1, a second copy of the root (the all-gather's buffers over gloo);
 - adapters in float32 + their gradients + AdamW's two moments (16 bytes per trainable parameter) / N;
 - activations: the tensors autograd saves per layer and token (``saved_bytes_per_token``, which
   equals what a real block saves; a test checks it), for every layer without activation
@@ -196,6 +197,12 @@ def estimate(
     block_unsharded = (block_base * c / base_b if frozen_gathered else 0.0) + counts["block_lora"] * c
     gathered = "unsharded root + 2 blocks" if frozen_gathered else "unsharded adapters of 2 blocks"
     parts[gathered] = (counts["root"] * c if frozen_gathered else 0.0) + 2 * block_unsharded
+    if frozen_gathered and N > 1 and device == "cpu":
+        # The all-gather briefly holds the root twice: gloo receives into a flat buffer of its own and
+        # copies it into FSDP's output buffer, from which FSDP copies the parameters out. On GPU that
+        # moment (forward's start) holds no activations; on CPU the heap still holds the previous
+        # step's freed memory, so the second copy adds to the peak.
+        parts["all-gather: second copy of the root"] = counts["root"] * c
     trainable = L * counts["block_lora"] if lora else L * counts["block"] + counts["root"]
     parts["trainable: fp32 + grads + AdamW"] = (trainable * 16 - (base_total if not lora else 0)) / N
     if not lora:
@@ -272,7 +279,7 @@ def advise(m: ModelArgs, args: TrainArgs, plan: Plan) -> list[str]:
     if seq != args.seq_len:
         knobs.append((f"seq_len: {seq}", total(replace(args, seq_len=seq))))
     n = plan.n_devices
-    while n < 1024 and total(args, n) > cap:
+    while plan.device == "cuda" and n < 1024 and total(args, n) > cap:  # CPU processes share one RAM
         n *= 2
     if n != plan.n_devices:
         knobs.append((f"{n} GPUs (FSDP shards weights and optimizer state)", total(args, n)))
@@ -355,33 +362,61 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Other --key value pairs override the YAML, as for train.py.",
     )
     parser.add_argument("--train_yaml", required=True)
-    parser.add_argument("--gpus", type=int, default=1, help="world size (processes sharding the model)")
+    parser.add_argument(
+        "--gpus", type=int, default=None,
+        help="world size (processes sharding the model); default: this machine's GPUs, else 1 CPU process",
+    )
     parser.add_argument(
         "--gpu-memory",
         "--gpu_memory",
         type=float,
-        default=80.0,
+        default=None,
         dest="gpu_memory",
-        help="GB per GPU (default 80)",
+        help="GB per GPU (default: this machine's GPU, else 80)",
     )
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument(
+        "--device", choices=["cuda", "cpu"], default=None,
+        help="default: cuda with a GPU here or --gpus/--gpu-memory given, else cpu (this machine's RAM)",
+    )
     parser.add_argument("--model", help="folder with params.json (or the file), instead of model_id_or_path")
     opts, overrides = parser.parse_known_args(argv)
     try:
-        if opts.gpus < 1:
+        if opts.gpus is not None and opts.gpus < 1:
             raise ConfigError(f"--gpus must be >= 1, got {opts.gpus}.")
         args = load_train_args(opts.train_yaml, overrides)
         m = _load_model_args(opts.model or args.model_id_or_path)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if opts.device == "cuda":
-        capacity = opts.gpu_memory * GB
-    else:
-        capacity = _ram_bytes() / opts.gpus
-    plan = estimate(m, args, n_devices=opts.gpus, device=opts.device, capacity=capacity)
+    device, n, capacity, assumed = target(opts.device, opts.gpus, opts.gpu_memory)
+    print(f"planning for {assumed}\n")
+    plan = estimate(m, args, n_devices=n, device=device, capacity=capacity)
     print(describe(m, args, plan))
     return 0 if plan.fits else 1
+
+
+def target(device: str | None, gpus: int | None, gpu_memory: float | None) -> tuple[str, int, float, str]:
+    """(device, world size, bytes per device, what was assumed, in words) from the command line,
+    filling what it leaves out from this machine: its GPUs, else its RAM."""
+    import torch
+
+    here = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device is None:
+        device = "cuda" if here or gpus is not None or gpu_memory is not None else "cpu"
+    if device == "cpu":
+        n = gpus or 1
+        ram = _ram_bytes()
+        return device, n, ram / n, (
+            f"{n} CPU process(es) sharing this machine's {ram / GB:.1f} GB of available RAM"
+            + ("" if here or gpus is not None else " (no GPU here; --gpus N [--gpu-memory GB] plans for GPUs)")
+        )
+    n = gpus or here or 1
+    if gpu_memory is not None:
+        return device, n, gpu_memory * GB, f"{n} GPU(s) of {gpu_memory:g} GB (--gpu-memory)"
+    if here:
+        props = torch.cuda.get_device_properties(0)
+        return device, n, props.total_memory, f"{n} GPU(s) of {props.total_memory / GB:.0f} GB ({props.name}, this machine's)"
+    return device, n, 80 * GB, f"{n} GPU(s) of 80 GB (assumed: no GPU here; --gpu-memory GB to change)"
 
 
 def _ram_bytes() -> float:

@@ -28,6 +28,7 @@ from finetune import distributed as D
 from finetune.args import load_train_args
 from finetune.build import build_model, resolve_precision
 from finetune.checkpointing import save_checkpoint
+from finetune.data.cache import resolve_cache_dir
 from finetune.data.loader import build_eval_loader, build_train_loader
 from finetune.data.tokenizer import load_tokenizer
 from finetune.data.validation import check_data
@@ -50,8 +51,8 @@ def run(config: str, workdir: Path, steps: int, seconds: float, launched_at: flo
     args = load_train_args(config)
     precision = resolve_precision(args.precision, device)
     model_args = ModelArgs.from_folder(args.model_id_or_path)
-    tokenizer = load_tokenizer(args.model_id_or_path, model_args.vocab_size)
-    cache = Path(args.data.cache_dir) if args.data.cache_dir else None
+    tokenizer = load_tokenizer(args.model_id_or_path, model_args.vocab_size, args.tokenizer_path)
+    cache = resolve_cache_dir(args.data.cache_dir)
     if D.is_main():  # train.py scans the data on rank 0 before training (from the cache when set)
         check_data(args.data, tokenizer.instruct_tokenizer, args.seq_len, cache_dir=cache,
                    include_eval=not args.no_eval)
@@ -108,6 +109,7 @@ def run(config: str, workdir: Path, steps: int, seconds: float, launched_at: flo
         "first_step_s": times[0],
         "step_s": statistics.mean(times[1:]),
         "steps": len(times) - 1,
+        "step_times_s": [round(t, 4) for t in times],
         "eval_s": eval_s,
         "eval_batches": n_eval,
         "checkpoint_s": ckpt_s,

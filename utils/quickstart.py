@@ -1,4 +1,4 @@
-"""Fine-tune a small model end to end on this machine, CPU only, no downloads, in about 5 minutes.
+"""Fine-tune a small model end to end on this machine, with no downloads.
 
     python -m utils.quickstart [--workdir quickstart_run] [--max_steps 300]
 
@@ -7,10 +7,13 @@ What it does, with the same tools you will use on a real model:
      tokenizer) in the standard folder layout: params.json, consolidated.safetensors, tokenizer.model.v3;
   2. writes a synthetic instruct data set whose answers can be checked (reverse a list of letters),
      as train.jsonl and a held-out eval.jsonl with prompts that never occur in training;
-  3. runs ``python -m utils.validate_data`` on the config it wrote;
+  3. runs ``python -m utils.validate_data --measure`` on the config it wrote (checks the data and
+     times a short real run for the ETA);
   4. measures held-out exact-match accuracy of the untrained model (greedy, KV-cached decoding);
-  5. trains LoRA adapters with ``torchrun train.py`` on the available devices (all GPUs, or 2 CPU processes);
-  6. measures the accuracy again with the trained adapters and prints a few generations.
+  5. trains LoRA adapters with ``torchrun train.py``: one process per GPU, or without a GPU one
+     process with the cores other work leaves idle (the fastest on CPU, see docs/benchmarks.md);
+  6. measures the accuracy again with the trained adapters, prints a few generations and compares
+     the training time with validate_data's ETA.
 
 Why this task and size: a random-init model's embeddings and output layer stay frozen under LoRA, so
 the adapters must learn to route each letter to the right output position (attention, learnable
@@ -37,6 +40,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+# The one time claim, also in README.md and docs/tools.md (a test keeps them equal); measured in
+# docs/benchmarks.md.
+TIME_CLAIM = "1-2 minutes on 2 CPU cores"
 
 
 @dataclass
@@ -176,13 +182,22 @@ def load_for_eval(model_folder: Path, adapter: Path | None, rank: int):
     return model.eval()
 
 
-def launch_processes() -> tuple[int, int]:
-    """(processes, threads each): one per GPU, else two CPU processes sharing the cores."""
+def launch_processes() -> tuple[int, int, str]:
+    """(processes, threads each, why): one process per GPU; without a GPU, one process with the
+    cores that other work leaves idle.
+
+    On CPU, more processes only split the same cores and add FSDP's all-gathers of the frozen
+    weights over gloo. And OpenMP threads that share their cores with other work wait for each
+    other at every barrier: on a busy machine two threads ran several times slower than one, on
+    an idle one faster (docs/benchmarks.md). So the threads are the cores minus the 1-minute load
+    average.
+    """
     if torch.cuda.is_available():
-        return torch.cuda.device_count(), 1
+        return torch.cuda.device_count(), 1, "one process per GPU"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    nproc = 2 if cores >= 2 else 1
-    return nproc, max(1, cores // nproc)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    threads = max(1, min(cores, cores - round(load)))
+    return 1, threads, f"{cores} cores, load average {load:.1f} at the start"
 
 
 def _run(cmd: list[str], env: dict[str, str]) -> None:
@@ -193,7 +208,9 @@ def _run(cmd: list[str], env: dict[str, str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m utils.quickstart", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m utils.quickstart", description=f"{__doc__.splitlines()[0]} It takes {TIME_CLAIM}."
+    )
     parser.add_argument(
         "--workdir", default="quickstart_run", help="where the model, data and run go (replaced)"
     )
@@ -208,6 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     opts = parser.parse_args(argv)
     start = time.perf_counter()
+    nproc, threads, why = launch_processes()  # before this run adds to the load
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
     workdir = Path(opts.workdir).resolve()
@@ -228,7 +246,6 @@ def main(argv: list[str] | None = None) -> dict:
         f"[2/6] data: {opts.n_train} training and {opts.n_eval} held-out samples, e.g. "
         f"{train.read_text().splitlines()[0]}"
     )
-    nproc, threads = launch_processes()
     config = workdir / "quickstart.yaml"
     write_config(config, workdir, train, eval_, opts, nproc)
     env = {
@@ -236,7 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
         "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         "OMP_NUM_THREADS": str(threads),
     }
-    print("[3/6] validating the data")
+    print("[3/6] validating the data and timing a short run for the ETA")
+    stats = workdir / "validate_data.json"
     _run(
         [
             sys.executable,
@@ -247,16 +265,19 @@ def main(argv: list[str] | None = None) -> dict:
             "--measure",
             "--num_gpus",
             str(nproc),
+            "--stats_json",
+            str(stats),
         ],
         env,
     )
+    eta = json.loads(stats.read_text())["plan"]["eta_seconds"]
 
     tokenizer = MistralTokenizer.from_file(str(workdir / "model" / "tokenizer.model.v3"))
     torch.set_num_threads(max(1, threads * nproc))
     before, _ = accuracy(load_for_eval(workdir / "model", None, opts.rank), tokenizer, eval_, task)
     print(f"[4/6] held-out exact match before fine-tuning: {before:.1%}")
 
-    print(f"[5/6] training LoRA adapters: {nproc} process(es) x {threads} thread(s)")
+    print(f"[5/6] training LoRA adapters: {nproc} process(es) x {threads} thread(s) ({why})")
     t0 = time.perf_counter()
     _run(
         [
@@ -289,7 +310,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
     total = time.perf_counter() - start
     print(
-        f"Done in {total:.0f} s (training {train_seconds:.0f} s). Try the adapter yourself:\n"
+        f"Done in {total:.0f} s (training {train_seconds:.0f} s; validate_data --measure predicted "
+        f"{eta:.0f} s, {100 * (eta - train_seconds) / train_seconds:+.0f}%). Try the adapter yourself:\n"
         f"  python -m utils.generate --model {workdir / 'model'} --lora {adapter} --prompt 'Reverse: q u i t'"
     )
     result = {
@@ -297,6 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
         "accuracy_after": after,
         "seconds": total,
         "train_seconds": train_seconds,
+        "eta_seconds": eta,
         "processes": nproc,
         "threads": threads,
     }

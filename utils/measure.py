@@ -47,6 +47,7 @@ def _sync(device: torch.device) -> float:
 
 
 def run(config: str, workdir: Path, steps: int, seconds: float, launched_at: float | None) -> dict:
+    """Seconds per part of train.py's run of ``config`` on this process group (rank 0's clock)."""
     device = D.init_distributed()
     args = load_train_args(config)
     precision = resolve_precision(args.precision, device)

@@ -216,6 +216,14 @@ def _agree_or_raise(error: Exception | None, device: torch.device, what: str) ->
         raise ConfigError(f"{what} (see rank 0's message)")
 
 
+def build_loaders(args: TrainArgs, instruct_tokenizer, cache_dir: Path) -> tuple[Any, list[Batch]]:
+    """This rank's training loader (seeded, resumable) and the evaluation batches (empty with no_eval)."""
+    kw = dict(seq_len=args.seq_len, batch_size=args.batch_size, rank=D.rank(), world_size=D.world_size(),
+              cache_dir=cache_dir)
+    loader = build_train_loader(args.data, instruct_tokenizer, seed=args.seed, **kw)
+    return loader, [] if args.no_eval else build_eval_loader(args.data, instruct_tokenizer, **kw)
+
+
 def build_optimizer(model: CausalLMLoss, args: TrainArgs) -> torch.optim.Optimizer:
     """AdamW over the trainable (float32) parameters; the learning rate is set every step."""
     return torch.optim.AdamW(
@@ -356,11 +364,7 @@ def _train(args: TrainArgs, config_path: str, device: torch.device, precision: P
     if D.is_main():
         (run_dir / "args.yaml").write_text(yaml.safe_dump(to_dict(args), sort_keys=False))
     D.barrier()
-    loader_kw = dict(seq_len=args.seq_len, batch_size=args.batch_size, rank=D.rank(),
-                     world_size=D.world_size(), cache_dir=cache_dir)
-    loader = build_train_loader(args.data, tokenizer.instruct_tokenizer, seed=args.seed, **loader_kw)
-    eval_batches = [] if args.no_eval else build_eval_loader(args.data, tokenizer.instruct_tokenizer, **loader_kw)
-
+    loader, eval_batches = build_loaders(args, tokenizer.instruct_tokenizer, cache_dir)
     model, model_args = build_model(args, device, precision)
     optimizer = build_optimizer(model, args)
     state = TrainState() if resume_from is None else _resume(resume_from, model, optimizer, loader, args)

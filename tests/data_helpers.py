@@ -80,3 +80,12 @@ def write_jsonl(path: Path, samples: list[Any]) -> Path:
 def numbered_texts(prefix: str, n: int, rng: random.Random, max_words: int = 60) -> list[dict]:
     """Pretraining docs whose text starts with a unique tag, so every sample's tokens are unique."""
     return [{"text": f"{prefix}{i} " + words(rng, rng.randint(1, max_words))} for i in range(n)]
+
+
+def tool_conversation_with(**changes) -> dict:
+    """tool_conversation() with message fields replaced: ``_1__content="x"`` sets messages[1]["content"]."""
+    s = tool_conversation()
+    for path, value in changes.items():
+        i, key = path.lstrip("_").split("__")
+        s["messages"][int(i)][key] = value
+    return s

@@ -12,7 +12,7 @@ from finetune.data.errors import DataFormatError
 from finetune.data.loader import build_train_loader
 from finetune.data.tokenize import SampleType, encode
 from finetune.data.validation import check_data, write_corrected
-from tests.data_helpers import TOOLS, call, chat, spm, tool_conversation, write_jsonl
+from tests.data_helpers import TOOLS, call, chat, spm, tool_conversation, tool_conversation_with, write_jsonl
 
 SPM = spm()
 GOOD = json.dumps(chat(random.Random(0), 1))
@@ -20,14 +20,6 @@ GOOD = json.dumps(chat(random.Random(0), 1))
 
 def _msgs(*roles_contents) -> dict:
     return {"messages": [{"role": r, "content": c} for r, c in roles_contents]}
-
-
-def _tool(**changes) -> dict:
-    s = tool_conversation()
-    for path, value in changes.items():
-        i, key = path.split("__")
-        s["messages"][int(i)][key] = value
-    return s
 
 
 BAD_INSTRUCT = {
@@ -80,18 +72,18 @@ BAD_INSTRUCT = {
         "weight true",
     ),
     "call_id": (
-        _tool(**{"2__tool_calls": [call("abc", "Paris")]}),
+        tool_conversation_with(**{"2__tool_calls": [call("abc", "Paris")]}),
         "bad_tool_call_id",
         "exactly 9 characters",
     ),
-    "tool_message_id": (_tool(**{"3__tool_call_id": "nope"}), "bad_tool_call_id", "9-character id"),
+    "tool_message_id": (tool_conversation_with(**{"3__tool_call_id": "nope"}), "bad_tool_call_id", "9-character id"),
     "unmatched_result": (
-        _tool(**{"3__tool_call_id": "QQQQQQQQQ"}),
+        tool_conversation_with(**{"3__tool_call_id": "QQQQQQQQQ"}),
         "bad_tool_call_id",
         "match it to the call's 'id'",
     ),
     "arguments_object": (
-        _tool(
+        tool_conversation_with(
             **{
                 "2__tool_calls": [
                     {"id": "aB3dE5gH7", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
@@ -102,7 +94,7 @@ BAD_INSTRUCT = {
         r"json.dumps\(arguments\)",
     ),
     "arguments_not_json": (
-        _tool(
+        tool_conversation_with(
             **{
                 "2__tool_calls": [
                     {"id": "aB3dE5gH7", "function": {"name": "get_weather", "arguments": "{city"}}
@@ -112,7 +104,7 @@ BAD_INSTRUCT = {
         "bad_arguments",
         "is not valid JSON",
     ),
-    "content_and_calls": (_tool(**{"2__content": "hi"}), "content_and_tool_calls", "split it into two"),
+    "content_and_calls": (tool_conversation_with(**{"2__content": "hi"}), "content_and_tool_calls", "split it into two"),
     "no_content": (
         {"messages": [{"role": "user", "content": "a"}, {"role": "assistant"}]},
         "missing_key",

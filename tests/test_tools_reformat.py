@@ -6,7 +6,7 @@ import json
 
 from finetune.data.args import DataArgs
 from finetune.data.validation import check_data
-from tests.data_helpers import spm, tool_conversation, write_jsonl
+from tests.data_helpers import spm, tool_conversation, tool_conversation_with, write_jsonl
 from utils import reformat_data, reformat_data_glaive, split_data
 
 WEATHER = {"name": "get_weather", "description": "Current weather",
@@ -223,14 +223,6 @@ def test_reformat_converts_sharegpt_and_reports_every_line_it_leaves_out(tmp_pat
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
 
 
-def _tool(**changes) -> dict:
-    s = tool_conversation()
-    for path, value in changes.items():
-        i, key = path.split("__")
-        s["messages"][int(i)][key] = value
-    return s
-
-
 # Each line is invalid for one reason that validate_data says utils.reformat_data fixes.
 REFORMAT_FIXES = [
     SHAREGPT, SHAREGPT_TOOLS, SHAREGPT_GPT_FIRST, OPENAI_FUNCTIONS, OPENAI_TEXT_AND_CALL, TOOL_CALLS_NO_IDS, ULTRACHAT,
@@ -239,12 +231,12 @@ REFORMAT_FIXES = [
     {"messages": [_user("a"), _assistant("b")], "system": "Be brief."},
     {"messages": [_user("a"), _assistant("b")], "tools": json.dumps([WEATHER])},
     {"messages": [_user("a"), _assistant("b")], "tools": [WEATHER]},
-    _tool(**{"2__tool_calls": [{"id": "call_1", "function": {"name": "get_weather", "arguments": "{}"}}],
+    tool_conversation_with(**{"2__tool_calls": [{"id": "call_1", "function": {"name": "get_weather", "arguments": "{}"}}],
              "3__tool_call_id": "call_1"}),
-    _tool(**{"3__tool_call_id": "x"}),
-    _tool(**{"3__tool_call_id": "QQQQQQQQQ"}),
-    _tool(**{"3__content": {"temp": 20}}),
-    _tool(**{"2__content": "Let me look."}),
+    tool_conversation_with(**{"3__tool_call_id": "x"}),
+    tool_conversation_with(**{"3__tool_call_id": "QQQQQQQQQ"}),
+    tool_conversation_with(**{"3__content": {"temp": 20}}),
+    tool_conversation_with(**{"2__content": "Let me look."}),
 ]
 
 

@@ -29,11 +29,10 @@ from finetune.args import load_train_args
 from finetune.build import build_model, resolve_precision
 from finetune.checkpointing import save_checkpoint
 from finetune.data.cache import resolve_cache_dir
-from finetune.data.loader import build_eval_loader, build_train_loader
 from finetune.data.tokenizer import load_tokenizer
 from finetune.data.validation import check_data
 from finetune.monitoring import peak_memory_gb
-from finetune.trainer import TrainState, build_optimizer, evaluate, train_step
+from finetune.trainer import TrainState, build_loaders, build_optimizer, evaluate, train_step
 from model.args import ModelArgs
 
 MAX_STEPS = 100  # the time budget's cap on timed steps
@@ -58,10 +57,7 @@ def run(config: str, workdir: Path, steps: int, seconds: float, launched_at: flo
         check_data(args.data, tokenizer.instruct_tokenizer, args.seq_len, cache_dir=cache,
                    include_eval=not args.no_eval)
     D.barrier()
-    loader_kw = dict(seq_len=args.seq_len, batch_size=args.batch_size, rank=D.rank(),
-                     world_size=D.world_size(), cache_dir=cache)
-    loader = build_train_loader(args.data, tokenizer.instruct_tokenizer, seed=args.seed, **loader_kw)
-    eval_batches = [] if args.no_eval else build_eval_loader(args.data, tokenizer.instruct_tokenizer, **loader_kw)
+    loader, eval_batches = build_loaders(args, tokenizer.instruct_tokenizer, cache)
     model, model_args = build_model(args, device, precision)
     optimizer = build_optimizer(model, args)  # the training optimizer, so memory is the same
     state = TrainState()

@@ -163,7 +163,7 @@ print(json.dumps({{"vmhwm_gb": hwm * 1024 / 1e9}}))
 @pytest.mark.skipif(
     torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2"),
     reason="bf16 on a CPU without AVX-512 runs through emulated kernels: over 7 minutes a run instead of "
-           "seconds, with other buffers; the planner's CPU terms are fitted to bf16 on AVX-512/AMX CPUs",
+           "seconds; the planner's CPU terms are fitted to bf16 on AVX-512/AMX CPUs",
 )
 @pytest.mark.parametrize("checkpoint", ["full", "selective", "none"])
 def test_cpu_estimate_within_15_percent_of_measured_peak(checkpoint):

@@ -8,6 +8,7 @@ CUDA + NCCL when GPUs are present, otherwise CPU + gloo: the rest of the code on
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import socket
 import time
@@ -108,3 +109,17 @@ def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
         time.sleep(EXIT_GRACE_S)
+
+
+def report_to_torchrun(message: str) -> None:
+    """Under torchrun, put a worker's one-line error where torchrun's failure summary looks for its
+    traceback, so the summary's root cause shows this message instead of a link to torchrun's docs."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    record = {"message": {"message": message, "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(record, f)
+    except OSError:
+        pass  # the summary then shows torchrun's generic text; the error itself was printed

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import math
 import os
@@ -478,19 +477,7 @@ def main(argv: list[str]) -> int:
     except (ConfigError, ValueError, OSError, TrainingDiverged) as e:
         if is_rank0:
             print(f"error: {e}", file=sys.stderr)
-            _tell_torchrun(f"error: {e}")
+            D.report_to_torchrun(f"error: {e}")
         return 1
     return 0
 
-
-def _tell_torchrun(message: str) -> None:
-    """Under torchrun, put the one-line error where its failure summary looks for a worker's
-    traceback, so the summary's root cause shows this message instead of a link to the docs."""
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path:
-        return
-    record = {"message": {"message": message, "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}}
-    try:
-        Path(path).write_text(json.dumps(record))
-    except OSError:
-        pass  # the summary then shows torchrun's generic text; the error itself is printed above

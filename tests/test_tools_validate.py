@@ -249,3 +249,16 @@ def test_tokenizer_path_and_tilde_cache_dir_are_honoured(tmp_path, capsys, monke
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert validate_data.main(["--train_yaml", config]) == 0
     assert any((tmp_path / "home" / "tok").iterdir())
+
+
+def test_measure_on_a_corrupt_weights_file_is_one_line(tmp_path) -> None:
+    config = _workspace(tmp_path, [_good(i) for i in range(4)])
+    weights = tmp_path / "model" / "consolidated.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    result = run_cli(["-m", "utils.validate_data", "--train_yaml", config, "--measure"])
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert errors[0].startswith(f"error: --measure: the timed run failed: {weights} cannot be read (")
+    assert "the file is truncated or corrupt" in errors[0]
+    assert "Traceback" not in result.stderr

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -126,11 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     workdir = Path(opts.workdir)
     try:
-        result = run(opts.config, workdir, opts.steps, opts.seconds, opts.launched_at)
-        if D.is_main():
-            (workdir / "timings.json").write_text(json.dumps(result, indent=2) + "\n")
-    finally:
-        D.destroy()
+        try:
+            result = run(opts.config, workdir, opts.steps, opts.seconds, opts.launched_at)
+            if D.is_main():
+                (workdir / "timings.json").write_text(json.dumps(result, indent=2) + "\n")
+        finally:
+            D.destroy()
+    except (ValueError, OSError) as e:  # ConfigError is a ValueError: the user's to fix, one line
+        if os.environ.get("RANK", "0") == "0":  # the group is gone: rank from the launcher
+            print(f"error: {e}", file=sys.stderr)
+            D.report_to_torchrun(f"error: {e}")
+        return 1
     return 0
 
 

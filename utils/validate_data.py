@@ -155,8 +155,10 @@ def measure(config: str, processes: int, steps: int) -> dict[str, Any]:
         ended_at = time.time()
         out = Path(tmp) / "timings.json"
         if proc.returncode != 0 or not out.is_file():
-            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-            raise ValueError(f"--measure: the timed run failed (exit status {proc.returncode}):\n{tail}")
+            lines = (proc.stdout + proc.stderr).strip().splitlines()
+            errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+            detail = errors[0] if errors else "\n" + "\n".join(lines[-15:])
+            raise ValueError(f"--measure: the timed run failed: {detail}")
         result = json.loads(out.read_text())
     result["exit_s"] = ended_at - result.pop("done_at")  # leaving the process group, interpreter exit
     return result

@@ -57,10 +57,10 @@ def _growth(bound: bool) -> float:
 def test_bf16_attention_over_varying_lengths_grows_far_less_with_the_caps():
     # The invariant: with the caps, the growth from oneDNN's per-shape caches is cut off, so over the
     # same 250 calls (most on lengths not seen yet) RSS grows by a fraction of what it grows without
-    # them. Not zero: on CPUs with AMX, aten's own bf16 attention kernels keep a per-shape cache
-    # that no setting bounds (it stops growing once every length has been seen: 0.4 GB for 419
-    # lengths here), so a fixed threshold held on one CPU and failed on another. The uncapped run is
-    # the control; where this CPU's bf16 path caches nothing there is nothing to bound.
+    # them. Not zero: on a Xeon with AMX the capped run still grows, by something per shape that
+    # the caps do not reach (it stops once every length has been seen: about 0.4 GB for 419 lengths),
+    # so a fixed threshold held on one CPU and failed on another. The uncapped run is the control;
+    # where this CPU's bf16 path caches nothing there is nothing to bound.
     unbounded = _growth(False)
     if unbounded < 0.2:
         pytest.skip(f"bf16 attention grows RSS by only {unbounded:.2f} GB on this CPU without the caps")

@@ -23,7 +23,7 @@ from finetune.run_dir import RunDirBusy, RunDirLock, keep_metrics_up_to
 from finetune.safe_dcp import UnsafeCheckpointError, read_metadata_file
 from tests.train_helpers import (
     REPO,
-    make_workspace,
+    module_workspace,
     read_metrics,
     run_cli,
     run_config,
@@ -32,15 +32,7 @@ from tests.train_helpers import (
     write_config,
 )
 
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    return root, make_workspace(root)
-
-
-def _config(workspace, name: str, **overrides) -> Path:
-    return run_config(workspace, name, **overrides)
+workspace = module_workspace("faults")
 
 
 def _fails_in_one_line(result: subprocess.CompletedProcess, *needles: str) -> str:
@@ -66,7 +58,7 @@ def test_non_finite_gradient_with_a_finite_loss_stops_the_run_without_a_checkpoi
     weights = load_file(str(poisoned / "consolidated.safetensors"))
     weights["output.weight"][5] = 1e25
     save_file(weights, str(poisoned / "consolidated.safetensors"))
-    cfg = _config(workspace, "diverged", max_steps=4, ckpt_freq=1, model_id_or_path=str(poisoned))
+    cfg = run_config(workspace, "diverged", max_steps=4, ckpt_freq=1, model_id_or_path=str(poisoned))
     result = run_cli(["train.py", str(cfg)])
     _fails_in_one_line(result, "training diverged at step 1: the gradient norm is inf (loss ",
                        "Stopping without saving", "No checkpoint was saved before it", "Lower optim.lr")
@@ -103,7 +95,7 @@ def test_run_dir_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path
 
 
 def test_second_training_on_the_same_run_dir_refuses_at_once(workspace):
-    cfg = _config(workspace, "shared", max_steps=400, ckpt_freq=0, no_ckpt=True)
+    cfg = run_config(workspace, "shared", max_steps=400, ckpt_freq=0, no_ckpt=True)
     first = start_cli(["train.py", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = workspace[0] / "shared" / "metrics.train.jsonl"
     try:
@@ -146,7 +138,7 @@ def _running(pid: int) -> bool:
 
 @pytest.mark.slow
 def test_workers_of_a_killed_launcher_stop_and_the_rerun_resumes(workspace):
-    cfg = _config(workspace, "orphans", max_steps=400, ckpt_freq=0)
+    cfg = run_config(workspace, "orphans", max_steps=400, ckpt_freq=0)
     run_dir = workspace[0] / "orphans"
     launcher = start_cli(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "train.py", str(cfg)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -199,7 +191,7 @@ def test_metadata_reader_refuses_pickled_code(tmp_path):
 @pytest.fixture(scope="module")
 def two_checkpoints(workspace):
     """A run with checkpoints at steps 2 and 4 (kept pristine; tests damage copies)."""
-    cfg = _config(workspace, "pristine", max_steps=4, ckpt_freq=2)
+    cfg = run_config(workspace, "pristine", max_steps=4, ckpt_freq=2)
     result = run_cli(["train.py", str(cfg)])
     assert result.returncode == 0, result.stderr[-3000:]
     return workspace[0] / "pristine"
@@ -318,7 +310,7 @@ def test_keep_metrics_up_to_drops_later_and_partial_rows(tmp_path, caplog):
 
 def test_fresh_start_drops_an_earlier_attempts_rows_and_expands_cache_dir(workspace, tmp_path):
     # A first attempt killed before its first checkpoint left rows 1-3 behind.
-    cfg = _config(workspace, "restarted", max_steps=3, no_ckpt=True, **{"data.cache_dir": "~/tok"})
+    cfg = run_config(workspace, "restarted", max_steps=3, no_ckpt=True, **{"data.cache_dir": "~/tok"})
     run_dir = workspace[0] / "restarted"
     run_dir.mkdir()
     (run_dir / "metrics.train.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))
@@ -335,7 +327,7 @@ def test_fresh_start_drops_an_earlier_attempts_rows_and_expands_cache_dir(worksp
 
 def test_run_dir_under_a_file_is_one_line(workspace, tmp_path):
     (tmp_path / "afile").write_text("")
-    cfg = _config(workspace, "underfile", run_dir=str(tmp_path / "afile" / "run"))
+    cfg = run_config(workspace, "underfile", run_dir=str(tmp_path / "afile" / "run"))
     _fails_in_one_line(run_cli(["train.py", str(cfg)]), f"run_dir {tmp_path / 'afile' / 'run'} cannot be used",
                        "is under a file")
 
@@ -345,10 +337,10 @@ def test_model_folder_without_tokenizer_is_refused_and_tokenizer_path_supplies_o
     bare = tmp_path / "bare"
     shutil.copytree(model, bare)
     (bare / "tokenizer.model.v3").unlink()
-    cfg = _config(workspace, "notok", model_id_or_path=str(bare))
+    cfg = run_config(workspace, "notok", model_id_or_path=str(bare))
     _fails_in_one_line(run_cli(["train.py", str(cfg)]), f"No mistral-common tokenizer file in {bare}", "tokenizer_path")
     assert not (workspace[0] / "notok").exists()
-    cfg = _config(workspace, "withtok", model_id_or_path=str(bare), max_steps=1,
+    cfg = run_config(workspace, "withtok", model_id_or_path=str(bare), max_steps=1,
                   tokenizer_path=str(model / "tokenizer.model.v3"))
     result = run_cli(["train.py", str(cfg)])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -362,7 +354,7 @@ def test_corrupt_weights_file_is_one_line(workspace, tmp_path):
     shutil.copytree(model, broken)
     weights = broken / "consolidated.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
-    cfg = _config(workspace, "broken", model_id_or_path=str(broken))
+    cfg = run_config(workspace, "broken", model_id_or_path=str(broken))
     _fails_in_one_line(run_cli(["train.py", str(cfg)]), f"{weights} cannot be read", "truncated or corrupt")
 
 
@@ -395,7 +387,7 @@ def test_data_error_on_rank_0_stops_every_rank(workspace, tmp_path):
     # check_data ran outside the try on rank 0: rank 1 waited for it in a collective until the
     # 30-minute timeout. Now both ranks stop at once and one message names the file.
     missing = tmp_path / "gone.jsonl"
-    cfg = _config(workspace, "rank0data", **{"data.instruct_data": str(missing), "data.eval_instruct_data": ""})
+    cfg = run_config(workspace, "rank0data", **{"data.instruct_data": str(missing), "data.eval_instruct_data": ""})
     start = time.time()
     result = torchrun(["train.py", str(cfg)], nproc=2, timeout=180)
     assert result.returncode != 0
@@ -423,7 +415,7 @@ def test_divergence_rule_per_precision():
 
 
 def test_other_checkpoint_write_errors_name_the_file(workspace):
-    cfg = _config(workspace, "ckptfile", max_steps=1)
+    cfg = run_config(workspace, "ckptfile", max_steps=1)
     run_dir = workspace[0] / "ckptfile"
     run_dir.mkdir()
     (run_dir / "checkpoints").write_text("")  # a file where the checkpoints folder goes

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from model.args import ModelArgs
 from model.lora import merge_delta
 from tests.train_helpers import (
-    make_workspace,
+    module_workspace,
     read_metrics,
     run_cli,
     run_config,
@@ -23,15 +23,7 @@ from tests.train_helpers import (
     torchrun,
 )
 
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    return root, make_workspace(root)
-
-
-def _config(workspace, name: str, **overrides) -> Path:
-    return run_config(workspace, name, **overrides)
+workspace = module_workspace("train")
 
 
 def _ok(result: subprocess.CompletedProcess) -> None:
@@ -45,7 +37,7 @@ def _losses(run_dir: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def single(workspace):
     """One plain `python train.py` run with eval and two checkpoints."""
-    cfg = _config(workspace, "single", max_steps=12, ckpt_freq=6, no_eval=False, eval_freq=6)
+    cfg = run_config(workspace, "single", max_steps=12, ckpt_freq=6, no_eval=False, eval_freq=6)
     _ok(run_cli(["train.py", str(cfg)]))
     return workspace[0] / "single"
 
@@ -68,7 +60,7 @@ def test_loss_goes_down_and_metrics_are_written(single):
 def test_compiled_run_equals_eager_run(single, workspace):
     # compile: true end to end: training with checkpointing, evaluation without gradients (its own
     # graph) and checkpoint saving, with the eager run's losses.
-    cfg = _config(workspace, "compiled", max_steps=12, ckpt_freq=6, no_eval=False, eval_freq=6, compile=True)
+    cfg = run_config(workspace, "compiled", max_steps=12, ckpt_freq=6, no_eval=False, eval_freq=6, compile=True)
     _ok(run_cli(["train.py", str(cfg)]))
     compiled = workspace[0] / "compiled"
     assert _losses(compiled) == pytest.approx(_losses(single), rel=1e-5)
@@ -98,7 +90,7 @@ def test_checkpoint_layout_keys_and_dtypes(single, workspace):
 
 
 def test_merged_checkpoint_equals_base_plus_adapters(single, workspace):
-    cfg = _config(workspace, "merged", max_steps=12, ckpt_freq=6, no_eval=False, eval_freq=6, save_adapters=False,
+    cfg = run_config(workspace, "merged", max_steps=12, ckpt_freq=6, no_eval=False, eval_freq=6, save_adapters=False,
                   **{"wandb.project": "offline-test", "wandb.offline": True})
     _ok(run_cli(["train.py", str(cfg)]))
     # wandb ran offline (no network) and wrote its run under run_dir.
@@ -118,7 +110,7 @@ def test_merged_checkpoint_equals_base_plus_adapters(single, workspace):
 
 def test_resume_after_sigterm_equals_uninterrupted(single, workspace):
     # Selective activation checkpointing here, full in `single`: the numbers must not change.
-    cfg = _config(workspace, "resumed", max_steps=12, ckpt_freq=6, no_eval=False, eval_freq=6, checkpoint="selective")
+    cfg = run_config(workspace, "resumed", max_steps=12, ckpt_freq=6, no_eval=False, eval_freq=6, checkpoint="selective")
     run_dir = workspace[0] / "resumed"
     proc = start_cli(["train.py", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = run_dir / "metrics.train.jsonl"
@@ -143,7 +135,7 @@ def test_resume_after_sigterm_equals_uninterrupted(single, workspace):
 
 
 def test_kill_during_checkpoint_leaves_no_half_checkpoint(workspace):
-    cfg = _config(workspace, "killed", max_steps=40, ckpt_freq=1, num_ckpt_keep=None)
+    cfg = run_config(workspace, "killed", max_steps=40, ckpt_freq=1, num_ckpt_keep=None)
     run_dir = workspace[0] / "killed"
     proc = start_cli(["train.py", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -172,7 +164,7 @@ def test_kill_during_checkpoint_leaves_no_half_checkpoint(workspace):
 
 @pytest.fixture(scope="module")
 def two_procs(workspace):
-    cfg = _config(workspace, "torchrun2", max_steps=4, num_microbatches=2, ckpt_freq=4)
+    cfg = run_config(workspace, "torchrun2", max_steps=4, num_microbatches=2, ckpt_freq=4)
     _ok(torchrun(["-m", "train", str(cfg)], nproc=2))  # `torchrun ... -m train` as the reference documents
     return workspace[0] / "torchrun2"
 
@@ -185,7 +177,7 @@ def test_torchrun_two_processes_train(two_procs):
 
 
 def test_resume_with_another_process_count_is_explained(workspace, two_procs):
-    cfg = _config(workspace, "torchrun2", max_steps=5, num_microbatches=2, ckpt_freq=4)
+    cfg = run_config(workspace, "torchrun2", max_steps=5, num_microbatches=2, ckpt_freq=4)
     result = run_cli(["train.py", str(cfg)])  # one process, the checkpoint has two
     assert result.returncode == 1
     assert "written by 2 processes but this run has 1" in result.stderr and "init_lora_from" in result.stderr
@@ -198,7 +190,7 @@ def test_two_nodes_on_localhost_equal_two_local_processes(workspace, two_procs, 
     from finetune.distributed import free_port
 
     port = free_port()
-    cfg = _config(workspace, "twonodes", max_steps=4, num_microbatches=2, ckpt_freq=4)
+    cfg = run_config(workspace, "twonodes", max_steps=4, num_microbatches=2, ckpt_freq=4)
     launcher = ["-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes-test"]
     nodes = [start_cli([*launcher, "train.py", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -210,19 +202,19 @@ def test_two_nodes_on_localhost_equal_two_local_processes(workspace, two_procs, 
 
 
 def test_bad_config_values_name_the_key(workspace):
-    cfg = _config(workspace, "bad", **{"optim.lrr": 0.1})
+    cfg = run_config(workspace, "bad", **{"optim.lrr": 0.1})
     result = run_cli(["train.py", str(cfg)])
     assert result.returncode == 1
     assert "unknown key 'optim.lrr'" in result.stderr and "Did you mean 'optim.lr'" in result.stderr
     assert "Traceback" not in result.stderr
-    result = run_cli(["train.py", str(_config(workspace, "bad2")), "--seq_len", "-5"])
+    result = run_cli(["train.py", str(run_config(workspace, "bad2")), "--seq_len", "-5"])
     assert result.returncode == 1 and "'seq_len' must be > 0" in result.stderr
 
 
 def test_invalid_data_refuses_to_train(workspace, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n')
-    cfg = _config(workspace, "baddata", **{"data.instruct_data": str(bad), "data.eval_instruct_data": ""})
+    cfg = run_config(workspace, "baddata", **{"data.instruct_data": str(bad), "data.eval_instruct_data": ""})
     result = run_cli(["train.py", str(cfg)])
     assert result.returncode == 1, result.stdout[-2000:]
     assert f"{bad}:1" in result.stderr and f"{bad}:2" in result.stderr
@@ -233,14 +225,14 @@ def test_invalid_data_refuses_to_train(workspace, tmp_path):
 
 def test_new_run_can_start_from_an_existing_adapter(single, workspace):
     adapter = single / "checkpoints" / "checkpoint_000012" / "consolidated" / "lora.safetensors"
-    cfg = _config(workspace, "continued", max_steps=1, init_lora_from=str(adapter))
+    cfg = run_config(workspace, "continued", max_steps=1, init_lora_from=str(adapter))
     _ok(run_cli(["train.py", str(cfg)]))
     # Its first step already has the trained adapter's loss, far below a fresh start's.
     assert _losses(workspace[0] / "continued")[0] < _losses(single)[0] - 0.2
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(workspace):
-    cfg = _config(workspace, "diverged", max_steps=6, ckpt_freq=1, **{"optim.lr": 1e30, "optim.pct_start": 0.0})
+    cfg = run_config(workspace, "diverged", max_steps=6, ckpt_freq=1, **{"optim.lr": 1e30, "optim.pct_start": 0.0})
     result = run_cli(["train.py", str(cfg)])
     assert result.returncode == 1, result.stdout[-2000:]
     assert "loss is nan" in result.stderr or "loss is inf" in result.stderr
@@ -255,7 +247,7 @@ def test_v1_vocabulary_model_explains_how_to_extend(workspace, tmp_path):
     from tests.train_helpers import tiny_vocab_args
 
     write_checkpoint(tmp_path / "v1", tiny_vocab_args(vocab_size=32000))
-    cfg = _config(workspace, "v1", model_id_or_path=str(tmp_path / "v1"))
+    cfg = run_config(workspace, "v1", model_id_or_path=str(tmp_path / "v1"))
     result = run_cli(["train.py", str(cfg)])
     assert result.returncode == 1
     assert "vocab_size 32000" in result.stderr

@@ -57,6 +57,18 @@ def write_config(path: Path, config: dict) -> Path:
     return path
 
 
+def module_workspace(name: str):
+    """A module-scoped ``workspace`` fixture: (root folder, base config) from make_workspace."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def workspace(tmp_path_factory):
+        root = tmp_path_factory.mktemp(name)
+        return root, make_workspace(root)
+
+    return workspace
+
+
 def run_config(workspace: tuple[Path, dict], name: str, **overrides) -> Path:
     """The workspace's base config with run_dir ``root/name`` and dotted-key overrides, written to
     ``root/name.yaml``."""

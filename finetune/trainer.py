@@ -25,7 +25,7 @@ from finetune.checkpointing import checkpoint_dir, latest_resumable, load_checkp
 from finetune.config import ConfigError, to_dict
 from finetune.data.cache import resolve_cache_dir
 from finetune.data.loader import Batch, build_eval_loader, build_train_loader
-from finetune.data.tokenizer import load_tokenizer, resolve_tokenizer_file
+from finetune.data.tokenizer import load_tokenizer
 from finetune.data.validation import check_data
 from finetune.loss import CausalLMLoss
 from finetune.monitoring import MetricsLogger, format_duration, peak_memory_gb, setup_logging, start_wandb
@@ -185,10 +185,10 @@ def _from_b64(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
 
-def _tokenizer_to_ship(model_folder: str, tokenizer_path: str | None) -> tuple[Path, str]:
-    """(source file, name in the checkpoint): the tokenizer training used, under the name
+def _tokenizer_to_ship(tokenizer) -> tuple[Path, str]:
+    """(source file, name in the checkpoint): the file the tokenizer was loaded from, under the name
     mistral-common and mistral-inference look for."""
-    src = resolve_tokenizer_file(model_folder, tokenizer_path)
+    src = Path(tokenizer.instruct_tokenizer.tokenizer.file_path)
     if src.name == "tekken.json" or src.name.startswith("tokenizer.model"):
         return src, src.name
     return src, "tekken.json" if src.suffix == ".json" else "tokenizer.model"
@@ -258,13 +258,13 @@ def _warn_changed_settings(saved: dict[str, Any], args: TrainArgs, step: int) ->
     if not changed:
         return
     lines = [f"Resuming from step {step} with settings changed since that checkpoint: {'; '.join(changed)}."]
-    old_max, old_lr = before.get("max_steps"), before.get("optim.lr")
-    if (old_max, old_lr) != (args.max_steps, args.optim.lr) and isinstance(old_max, int) and old_max > 0:
-        old_optim = {k: before[f"optim.{k}"] for k in ("lr", "pct_start", "min_lr_ratio") if f"optim.{k}" in before}
-        old_args = replace(args, max_steps=old_max, optim=replace(args.optim, **old_optim))
+    old_optim = {k: before[f"optim.{k}"] for k in ("lr", "pct_start", "min_lr_ratio") if f"optim.{k}" in before}
+    old_args = replace(args, max_steps=before.get("max_steps", args.max_steps), optim=replace(args.optim, **old_optim))
+    new_lr, old_lr = lr_at(step + 1, args), lr_at(step + 1, old_args)
+    if new_lr != old_lr:
         lines.append(
-            f"The learning-rate schedule follows the new settings: step {step + 1} uses lr {lr_at(step + 1, args):.3g} "
-            f"(it would have been {lr_at(step + 1, old_args):.3g}), decaying to {args.optim.lr * args.optim.min_lr_ratio:.3g} "
+            f"The learning-rate schedule follows the new settings: step {step + 1} uses lr {new_lr:.3g} "
+            f"(it would have been {old_lr:.3g}), decaying to {args.optim.lr * args.optim.min_lr_ratio:.3g} "
             f"at step {args.max_steps}."
         )
     logger.warning(" ".join(lines))
@@ -379,7 +379,7 @@ def _train(args: TrainArgs, config_path: str, device: torch.device, precision: P
     )
     train_log = MetricsLogger(run_dir, "train", wandb_run)
     eval_log = MetricsLogger(run_dir, "eval", wandb_run)
-    tok_file = _tokenizer_to_ship(args.model_id_or_path, args.tokenizer_path)
+    tok_file = _tokenizer_to_ship(tokenizer)
     tokens_per_step = args.batch_size * args.seq_len * args.num_microbatches * D.world_size()
     stop, launcher = StopRequest(), LauncherWatch()
     progress = tqdm(total=args.max_steps, initial=state.step, disable=not (D.is_main() and sys.stderr.isatty()),

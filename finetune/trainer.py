@@ -194,7 +194,7 @@ def _tokenizer_to_ship(tokenizer) -> tuple[Path, str]:
     return src, "tekken.json" if src.suffix == ".json" else "tokenizer.model"
 
 
-def _check_data(args: TrainArgs, tokenizer, config_path: str, device: torch.device, cache_dir: Path) -> None:
+def check_data_on_rank0(args: TrainArgs, tokenizer, config_path: str, device: torch.device, cache_dir: Path) -> None:
     """Rank 0 scans every line; all ranks stop together if any line is invalid or a file is unreadable."""
     error = None
     if D.is_main():
@@ -346,7 +346,7 @@ def run(args: TrainArgs, config_path: str, device: torch.device) -> None:
     check_compile(args.compile, model_args, args.model_id_or_path)
     tokenizer = load_tokenizer(args.model_id_or_path, model_args.vocab_size, args.tokenizer_path)
     cache_dir = resolve_cache_dir(args.data.cache_dir)
-    _check_data(args, tokenizer, config_path, device, cache_dir)
+    check_data_on_rank0(args, tokenizer, config_path, device, cache_dir)
 
     run_dir = Path(args.run_dir)
     lock = _lock_run_dir(run_dir, device)  # held until this process exits

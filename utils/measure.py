@@ -31,9 +31,15 @@ from finetune.build import build_model, resolve_precision
 from finetune.checkpointing import save_checkpoint
 from finetune.data.cache import resolve_cache_dir
 from finetune.data.tokenizer import load_tokenizer
-from finetune.data.validation import check_data
 from finetune.monitoring import peak_memory_gb
-from finetune.trainer import TrainState, build_loaders, build_optimizer, evaluate, train_step
+from finetune.trainer import (
+    TrainState,
+    build_loaders,
+    build_optimizer,
+    check_data_on_rank0,
+    evaluate,
+    train_step,
+)
 from model.args import ModelArgs
 
 MAX_STEPS = 100  # the time budget's cap on timed steps
@@ -54,10 +60,8 @@ def run(config: str, workdir: Path, steps: int, seconds: float, launched_at: flo
     model_args = ModelArgs.from_folder(args.model_id_or_path)
     tokenizer = load_tokenizer(args.model_id_or_path, model_args.vocab_size, args.tokenizer_path)
     cache = resolve_cache_dir(args.data.cache_dir)
-    if D.is_main():  # train.py scans the data on rank 0 before training (from the cache when set)
-        check_data(args.data, tokenizer.instruct_tokenizer, args.seq_len, cache_dir=cache,
-                   include_eval=not args.no_eval)
-    D.barrier()
+    # train.py's scan of the data on rank 0 (from the cache when set); all ranks stop on an error.
+    check_data_on_rank0(args, tokenizer, config, device, cache)
     loader, eval_batches = build_loaders(args, tokenizer.instruct_tokenizer, cache)
     model, model_args = build_model(args, device, precision)
     optimizer = build_optimizer(model, args)  # the training optimizer, so memory is the same

@@ -20,6 +20,7 @@ from finetune.loss import CausalLMLoss
 from finetune.parallel import freeze, parallelize
 from model.args import LoraArgs, ModelArgs
 from model.checkpoint import iter_base_weights, load_adapters_state
+from model.configs import load_model_args
 from model.lora import init_lora_A_, is_lora_key, lora_modules
 from model.quant import NF4LoRALinear, import_bitsandbytes, quantize_lora_layers, quantize_nf4
 from model.transformer import Transformer
@@ -88,7 +89,7 @@ def build_model(args: TrainArgs, device: torch.device, precision: Precision) -> 
             f"model_id_or_path '{folder}' is not a folder: download the model (params.json + "
             "consolidated.safetensors + tokenizer) and point model_id_or_path at it."
         )
-    model_args = ModelArgs.from_folder(folder)
+    model_args = load_model_args(folder)
     check_trainable_vocab(model_args, folder)
     lora = args.lora if args.lora.enable else None
     check_quantization(args.quantization)

@@ -42,6 +42,7 @@ from finetune.config import ConfigError
 from finetune.loss import CausalLMLoss
 from finetune.safe_dcp import SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpointError, read_metadata_file
 from model.args import LoraArgs, ModelArgs
+from model.configs import params_from_args
 from model.lora import LoRALinear, is_lora_key, lora_modules, merge_delta
 from model.quant import NF4LoRALinear
 
@@ -184,7 +185,7 @@ def gather_merged(model: CausalLMLoss, dtype: torch.dtype) -> dict[str, torch.Te
 
 
 def adapter_params(model_args: ModelArgs, lora: LoraArgs | None) -> dict[str, Any]:
-    params = model_args.to_dict()
+    params = params_from_args(model_args)
     if lora is not None:
         params["lora"] = asdict(lora)  # enable, rank, scaling, dropout, target_modules
     return params

@@ -31,6 +31,7 @@ from finetune.loss import CausalLMLoss
 from finetune.monitoring import MetricsLogger, format_duration, peak_memory_gb, setup_logging, start_wandb
 from finetune.run_dir import RunDirLock, create_run_dir, keep_metrics_up_to
 from model.args import ModelArgs
+from model.configs import load_model_args
 
 logger = logging.getLogger("finetune")
 
@@ -341,7 +342,7 @@ def run(args: TrainArgs, config_path: str, device: torch.device) -> None:
     logger.info("Training on %d process(es), device %s, precision %s, activation checkpointing %s",
                 D.world_size(), device.type, precision.name, args.checkpoint_mode)
     # Model and data are checked before anything is written: a mistake leaves no run_dir behind.
-    model_args = ModelArgs.from_folder(args.model_id_or_path)
+    model_args = load_model_args(args.model_id_or_path)
     check_trainable_vocab(model_args, args.model_id_or_path)  # before the tokenizer: its error is clearer
     check_compile(args.compile, model_args, args.model_id_or_path)
     tokenizer = load_tokenizer(args.model_id_or_path, model_args.vocab_size, args.tokenizer_path)

@@ -26,6 +26,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from model.configs import args_from_hf_config
+from model.hf import tensors_from_hf
 from model.lora import LoRALinear, is_lora_key, lora_modules
 
 logger = logging.getLogger("model")
@@ -118,8 +120,6 @@ def _readable(path: Path) -> Iterator[None]:
 
 def _iter_hf_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
     """HF tensors under Mistral names; unknown keys pass through unchanged so loading reports them."""
-    from model.hf import args_from_hf_config, tensors_from_hf
-
     config = json.loads((folder / "config.json").read_text())
     args = args_from_hf_config(config, source=str(folder / "config.json"))
     tied = bool(config.get("tie_word_embeddings", False))

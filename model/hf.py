@@ -88,86 +88,12 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[st
     return dict(tensor_to_hf(key, w, args) for key, w in state.items())
 
 
-def hf_config_dict(args: ModelArgs, dtype: str = "bfloat16") -> dict:
-    """A ``config.json`` for transformers describing the same network."""
-    common = {
-        "vocab_size": args.vocab_size,
-        "hidden_size": args.dim,
-        "intermediate_size": args.hidden_dim,
-        "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.n_kv_heads,
-        "head_dim": args.head_dim,
-        "rms_norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta,
-        "sliding_window": args.sliding_window,
-        "max_position_embeddings": 32768 if args.sliding_window is None else max(32768, args.sliding_window),
-        "hidden_act": "silu",
-        "tie_word_embeddings": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "torch_dtype": dtype,
-    }
-    if args.moe is None:
-        return {"architectures": ["MistralForCausalLM"], "model_type": "mistral", **common}
-    return {
-        "architectures": ["MixtralForCausalLM"],
-        "model_type": "mixtral",
-        "num_local_experts": args.moe.num_experts,
-        "num_experts_per_tok": args.moe.num_experts_per_tok,
-        **common,
-    }
-
-
 # --- Hugging Face -> Mistral (importing an HF-format base model) ---
 
 _TOP_FROM_HF = {v: k for k, v in _TOP.items()}
 _LAYER_FROM_HF = {v: k for k, v in _LAYER.items() if k != "feed_forward.gate"}
 _HF_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)$")
 _HF_EXPERT = re.compile(r"block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
-
-
-def args_from_hf_config(config: dict[str, Any], source: str = "config.json") -> ModelArgs:
-    """ModelArgs for a transformers ``MistralForCausalLM``/``MixtralForCausalLM`` config.json."""
-    model_type = config.get("model_type")
-    if model_type not in ("mistral", "mixtral"):
-        raise ValueError(
-            f"{source}: model_type is {model_type!r}; only 'mistral' and 'mixtral' Hugging Face "
-            "folders can be imported. Use a Mistral-format folder (params.json) for other models."
-        )
-    if config.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{source}: hidden_act is {config['hidden_act']!r}; Mistral models use 'silu'.")
-    required = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
-                "rms_norm_eps", "vocab_size")
-    missing = [k for k in required if config.get(k) is None]
-    if missing:
-        raise ValueError(f"{source}: missing required key(s) {missing}.")
-    # transformers 5 nests RoPE settings under rope_parameters; 4.x kept rope_theta at the top.
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(
-            f"{source}: RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not supported; "
-            "only the default rotary embedding is implemented."
-        )
-    params: dict[str, Any] = {
-        "dim": config.get("hidden_size"),
-        "n_layers": config.get("num_hidden_layers"),
-        # HF's own rule when a config has no head_dim; every Mistral release states it explicitly.
-        "head_dim": config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"],
-        "hidden_dim": config.get("intermediate_size"),
-        "n_heads": config.get("num_attention_heads"),
-        "n_kv_heads": config.get("num_key_value_heads") or config.get("num_attention_heads"),
-        "norm_eps": config.get("rms_norm_eps"),
-        "vocab_size": config.get("vocab_size"),
-        "rope_theta": rope.get("rope_theta", config.get("rope_theta")),
-        "sliding_window": config.get("sliding_window"),
-    }
-    if model_type == "mixtral":
-        params["moe"] = {
-            "num_experts": config.get("num_local_experts"),
-            "num_experts_per_tok": config.get("num_experts_per_tok"),
-        }
-    return ModelArgs.from_dict(params, source=source)
 
 
 def key_from_hf(key: str, moe: bool) -> str:

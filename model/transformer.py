@@ -14,6 +14,7 @@ from torch import nn
 
 from model.args import LoraArgs, ModelArgs
 from model.attention import Attention, AttentionMask
+from model.configs import load_model_args
 from model.lora import linear_factory
 from model.moe import FeedForward, MoeLayer
 from model.rope import positions_from_seqlens, rope_frequencies
@@ -22,8 +23,7 @@ from model.rope import positions_from_seqlens, rope_frequencies
 class _RMSNormFunction(torch.autograd.Function):
     """RMSNorm with its backward written out: it saves the input in its own dtype and the
     (tokens, 1) float32 rsqrt, not a float32 copy of the input, and runs fewer element-wise
-    passes than autograd would (forward + backward at 1024 x 512 bf16 on CPU: 1.42 ms instead of
-    2.33 ms, benchmarks/bench_rms_norm.py)."""
+    passes than autograd would (timings: benchmarks/bench_rms_norm.py, docs/benchmarks.md)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -131,7 +131,7 @@ class Transformer(nn.Module):
         """
         from model.checkpoint import init_adapters, load_base_weights
 
-        args = ModelArgs.from_folder(folder)
+        args = load_model_args(folder)
         with torch.device("meta"):
             model = cls(args, lora=lora, attention=attention)
         load_base_weights(model, folder, device=device, dtype=dtype)

@@ -11,6 +11,7 @@ import torch
 
 from model.args import ModelArgs, MoeArgs
 from model.checkpoint import save_model_folder
+from model.configs import params_from_args
 from model.transformer import Transformer
 
 
@@ -37,7 +38,7 @@ def write_checkpoint(folder: Path, args: ModelArgs, seed: int = 0, layout: str =
     With ``tokenizer``, models of the v3 (32768) or Tekken (131072) vocabulary get the matching real
     tokenizer file that mistral-common ships, as an official release folder has."""
     state = random_base_model(args, seed, dtype).state_dict()
-    save_model_folder(folder, args.to_dict(), state, layout=layout)
+    save_model_folder(folder, params_from_args(args), state, layout=layout)
     if tokenizer and args.vocab_size in (32768, 131072):
         src = bundled_tokenizer_file(tekken=args.vocab_size == 131072)
         shutil.copy(src, folder / ("tekken.json" if src.suffix == ".json" else "tokenizer.model.v3"))

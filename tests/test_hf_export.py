@@ -13,7 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from model.args import LoraArgs, ModelArgs
-from model.hf import hf_config_dict, to_hf_state_dict
+from model.configs import hf_config_from_args
+from model.hf import to_hf_state_dict
 from model.lora import freeze_all_but_lora, lora_state_dict, merged_state_dict
 from model.transformer import Transformer
 from tests.model_helpers import read_params, tiny_args, write_checkpoint
@@ -67,7 +68,7 @@ def _hf_base(folder: Path, args: ModelArgs, state: dict):
     from transformers import AutoModelForCausalLM
 
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(hf_config_dict(args, dtype="float32")))
+    (folder / "config.json").write_text(json.dumps(hf_config_from_args(args, dtype="float32")))
     base = {k: v for k, v in state.items() if ".lora_" not in k}
     save_file({k: v.contiguous() for k, v in to_hf_state_dict(base, args).items()}, str(folder / "model.safetensors"))
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from model.args import LoraArgs, ModelArgs
+from model.args import LoraArgs
 from model.checkpoint import iter_checkpoint_tensors
+from model.configs import hf_config_from_args, load_model_args
 from model.hf import key_from_hf, key_to_hf, to_hf_state_dict
 from model.transformer import Transformer
 from tests.model_helpers import random_base_model, tiny_args
@@ -65,13 +66,12 @@ def test_import_is_exact_inverse_of_export(tmp_path):
     """Mistral -> HF (to_hf_state_dict) -> streamed back: every tensor bit-for-bit."""
     from safetensors.torch import save_file
 
-    from model.hf import hf_config_dict
 
     args = tiny_args(moe={"num_experts": 2, "num_experts_per_tok": 1}, sliding_window=8)
     state = random_base_model(args, seed=3).state_dict()
-    (tmp_path / "config.json").write_text(json.dumps(hf_config_dict(args, dtype="float32")))
+    (tmp_path / "config.json").write_text(json.dumps(hf_config_from_args(args, dtype="float32")))
     save_file({k: v.contiguous() for k, v in to_hf_state_dict(state, args).items()}, str(tmp_path / "model.safetensors"))
-    assert ModelArgs.from_folder(tmp_path) == args
+    assert load_model_args(tmp_path) == args
     loaded = {key: t for key, t, _ in iter_checkpoint_tensors(tmp_path)}
     assert sorted(loaded) == sorted(state)
     for key, value in state.items():
@@ -106,10 +106,10 @@ def test_tied_embeddings_fill_the_output_layer(tmp_path):
 def test_unsupported_hf_folders_are_explained(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
     with pytest.raises(ValueError, match=r"config.json: model_type is 'llama'"):
-        ModelArgs.from_folder(tmp_path)
+        load_model_args(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral", "num_hidden_layers": 2}))
     with pytest.raises(ValueError, match=r"missing required key\(s\) \['hidden_size'"):
-        ModelArgs.from_folder(tmp_path)
+        load_model_args(tmp_path)
     _save_hf(tmp_path, {})
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):

@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 
 from model.args import LoraArgs, ModelArgs
 from model.checkpoint import load_adapters
-from model.hf import hf_config_dict, to_hf_state_dict
+from model.configs import args_from_params, hf_config_from_args, load_model_args, params_from_args
+from model.hf import to_hf_state_dict
 from model.lora import LoRALinear, freeze_all_but_lora, lora_state_dict, merged_state_dict
 from model.transformer import RMSNorm, Transformer, _RMSNormFunction
 from tests.model_helpers import random_base_model, tiny_args, write_checkpoint
@@ -28,7 +29,7 @@ def _hf_model(tmp_path, args: ModelArgs, state: dict):
 
     folder = tmp_path / "hf"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(hf_config_dict(args, dtype="float32")))
+    (folder / "config.json").write_text(json.dumps(hf_config_from_args(args, dtype="float32")))
     save_file({k: v.contiguous() for k, v in to_hf_state_dict(state, args).items()}, str(folder / "model.safetensors"))
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
 
@@ -219,7 +220,7 @@ def test_missing_weight_is_named(tmp_path):
     del state["layers.1.feed_forward.w3.weight"]
     from model.checkpoint import save_model_folder
 
-    save_model_folder(tmp_path, args.to_dict(), state)
+    save_model_folder(tmp_path, params_from_args(args), state)
     with pytest.raises(ValueError, match=r"missing 1 weight.*layers\.1\.feed_forward\.w3\.weight"):
         Transformer.from_folder(tmp_path, dtype=torch.float32)
 
@@ -230,13 +231,13 @@ def test_unexpected_weight_is_named(tmp_path):
     state["layers.0.attention.bias"] = torch.zeros(3)
     from model.checkpoint import save_model_folder
 
-    save_model_folder(tmp_path, args.to_dict(), state)
+    save_model_folder(tmp_path, params_from_args(args), state)
     with pytest.raises(ValueError, match=r"'layers\.0\.attention\.bias' is not part of this model"):
         Transformer.from_folder(tmp_path, dtype=torch.float32)
 
 
 def test_no_weights_file_is_explained(tmp_path):
-    (tmp_path / "params.json").write_text(json.dumps(tiny_args().to_dict()))
+    (tmp_path / "params.json").write_text(json.dumps(params_from_args(tiny_args())))
     with pytest.raises(FileNotFoundError, match="consolidated.safetensors"):
         Transformer.from_folder(tmp_path)
 
@@ -259,20 +260,20 @@ def test_incomplete_shards_are_reported(tmp_path):
     ],
 )
 def test_params_json_errors_name_file_and_key(tmp_path, edit, message):
-    params = tiny_args().to_dict()
+    params = params_from_args(tiny_args())
     edit(params)
     (tmp_path / "params.json").write_text(json.dumps(params))
     with pytest.raises(ValueError, match=message) as err:
-        ModelArgs.from_folder(tmp_path)
+        load_model_args(tmp_path)
     assert "params.json" in str(err.value)
 
 
 def test_params_json_round_trips_unknown_keys(tmp_path):
-    params = {**tiny_args(moe={"num_experts": 4, "num_experts_per_tok": 2}).to_dict(),
+    params = {**params_from_args(tiny_args(moe={"num_experts": 4, "num_experts_per_tok": 2})),
               "quantization": None, "max_seq_len": 4096}
     params["moe"]["router_jitter"] = 0.0
-    args = ModelArgs.from_dict(params)
-    assert args.to_dict() == params
+    args = args_from_params(params)
+    assert params_from_args(args) == params
 
 
 def test_adapters_round_trip_through_safetensors(tmp_path):

@@ -10,6 +10,7 @@ import torch
 
 from model.args import LoraArgs
 from model.checkpoint import save_model_folder
+from model.configs import params_from_args
 from model.generate import KVCache, forward_cached, generate
 from model.transformer import Transformer
 from tests.model_helpers import tiny_args
@@ -84,7 +85,7 @@ def test_cli_with_and_without_cache_and_chat(tmp_path, capsys, monkeypatch) -> N
     args = tiny_vocab_args()
     model = Transformer(args)
     model.init_weights(seed=0, std=0.2)
-    save_model_folder(tmp_path / "m", args.to_dict(), model.state_dict())
+    save_model_folder(tmp_path / "m", params_from_args(args), model.state_dict())
     tok = MistralTokenizer.v3()  # a model folder ships its tokenizer file
     shutil.copy(tok.instruct_tokenizer.tokenizer.file_path, tmp_path / "m" / "tokenizer.model.v3")
     outputs = []

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.args import LoraArgs, ModelArgs
+from model.configs import params_from_args
 from model.lora import lora_state_dict, merged_state_dict
 from model.transformer import Transformer
 from tests.model_helpers import tiny_args, write_checkpoint
@@ -27,7 +28,7 @@ def _adapter_folder(folder, args: ModelArgs, lora: LoraArgs, seed: int = 0) -> T
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     folder.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in lora_state_dict(model).items()}, str(folder / "lora.safetensors"))
-    params = {**args.to_dict(), "lora": {"enable": True, "rank": lora.rank, "scaling": lora.scaling}}
+    params = {**params_from_args(args), "lora": {"enable": True, "rank": lora.rank, "scaling": lora.scaling}}
     (folder / "params.json").write_text(json.dumps(params))
     return model
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model.args import ModelArgs
+from model.configs import load_model_args
 from model.lora import merge_delta
 from tests.train_helpers import (
     module_workspace,
@@ -155,7 +155,7 @@ def test_kill_during_checkpoint_leaves_no_half_checkpoint(workspace):
         # Every checkpoint under its final name is complete and loadable.
         assert (ckpt / "state" / "train_state.json").is_file(), ckpt
         load_file(str(ckpt / "consolidated" / "lora.safetensors"))
-        ModelArgs.from_folder(ckpt / "consolidated")
+        load_model_args(ckpt / "consolidated")
     _ok(run_cli(["train.py", str(cfg), "--max_steps", "41"]))
     steps = [m["step"] for m in read_metrics(run_dir)]
     assert steps == list(range(1, 42))  # resumed without gaps or duplicates

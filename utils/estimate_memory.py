@@ -40,6 +40,7 @@ from finetune.args import TrainArgs, load_train_args
 from finetune.config import ConfigError
 from finetune.loss import block_rows
 from model.args import ModelArgs
+from model.configs import load_model_args
 
 GB = 1e9
 CUDA_CONTEXT = 1.0 * GB  # CUDA context + cuBLAS/NCCL workspaces; outside max_memory_allocated
@@ -352,7 +353,7 @@ def _load_model_args(path: str) -> ModelArgs:
             f"model folder '{path}' not found: give --model a folder with params.json (the file alone is enough "
             "for planning) or set model_id_or_path in the config."
         )
-    return ModelArgs.from_folder(p)
+    return load_model_args(p)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,8 @@ from safetensors.torch import load_file, save_file
 
 from model.args import LoraArgs, ModelArgs
 from model.checkpoint import checkpoint_files, is_hf_folder, iter_checkpoint_tensors
-from model.hf import hf_config_dict, peft_adapter_config, tensor_to_hf, to_peft_state_dict
+from model.configs import args_from_params, hf_config_from_args, load_model_args
+from model.hf import peft_adapter_config, tensor_to_hf, to_peft_state_dict
 from model.lora import merge_delta
 
 logger = logging.getLogger("export_hf")
@@ -109,7 +110,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             "(rank, scaling); training writes it. Add it with the run's lora settings."
         )
     run_dir = folder.parent.parent.parent if folder.parent.parent.name == "checkpoints" else None
-    return Checkpoint(folder, ModelArgs.from_dict(params, source=str(params_path)), lora, adapter, run_dir)
+    return Checkpoint(folder, args_from_params(params, source=str(params_path)), lora, adapter, run_dir)
 
 
 def resolve_base_model(ckpt: Checkpoint, base_model: str | None) -> str | None:
@@ -157,7 +158,7 @@ def _merged_tensors(ckpt: Checkpoint, base_model: str | None) -> Iterator[tuple[
             "with model_id_or_path was found; pass --base_model /path/to/base."
         )
     base = Path(base_model)
-    base_args = ModelArgs.from_folder(base)
+    base_args = load_model_args(base)
     if _shape(base_args) != _shape(ckpt.args):
         raise ExportError(
             f"base model {base} has shape {_shape(base_args)} but {ckpt.folder / 'params.json'} has "
@@ -239,7 +240,7 @@ def export_merged(ckpt: Checkpoint, out: Path, base_model: str | None, max_shard
         dtype = dtype or tensor.dtype
         writer.add(*tensor_to_hf(key, tensor, ckpt.args))
     files = writer.close()
-    config = hf_config_dict(ckpt.args, dtype=_DTYPE_NAMES.get(dtype, "bfloat16"))
+    config = hf_config_from_args(ckpt.args, dtype=_DTYPE_NAMES.get(dtype, "bfloat16"))
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return files
 

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from model.args import ModelArgs
 from model.checkpoint import iter_checkpoint_tensors
+from model.configs import load_model_args, params_from_args
 from utils.merge_lora import tensor_specs, write_streamed
 
 OLD_VOCAB, NEW_VOCAB, N_SPECIAL, N_CONTROL = 32000, 32768, 3, 768
@@ -61,7 +61,7 @@ def extend_rows(old: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def extend(src: Path, dst: Path, seed: int) -> None:
-    args = ModelArgs.from_folder(src)
+    args = load_model_args(src)
     if args.vocab_size != OLD_VOCAB:
         raise ValueError(
             f"{src}/params.json has vocab_size {args.vocab_size}; only {OLD_VOCAB}-token (v1) checkpoints need "
@@ -85,7 +85,7 @@ def extend(src: Path, dst: Path, seed: int) -> None:
 
     dst.mkdir(parents=True, exist_ok=True)
     write_streamed(dst / "consolidated.safetensors", specs, tensors())
-    params = args.to_dict()
+    params = params_from_args(args)
     params["vocab_size"] = NEW_VOCAB
     (dst / "params.json").write_text(json.dumps(params, indent=4) + "\n")
     shutil.copy2(tokenizer, dst / "tokenizer.model.v3")

@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 from finetune.data.tokenizer import load_tokenizer, tokenizer_file
-from model.args import LoraArgs, ModelArgs
+from model.args import LoraArgs
 from model.checkpoint import load_adapters
+from model.configs import load_model_args
 from model.generate import generate
 from model.transformer import Transformer
 from utils.merge_lora import find_adapter
@@ -107,7 +108,7 @@ def _tokenizer(opts: argparse.Namespace):
             f"--model {opts.model} has no mistral-common tokenizer file (tekken.json, tokenizer.model.v*); copy "
             f"the model's file into it, or pass --tokenizer {example}."
         )
-    return load_tokenizer(opts.model, ModelArgs.from_folder(opts.model).vocab_size, opts.tokenizer)
+    return load_tokenizer(opts.model, load_model_args(opts.model).vocab_size, opts.tokenizer)
 
 
 def check_sampling_options(opts: argparse.Namespace) -> str | None:

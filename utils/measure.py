@@ -40,7 +40,7 @@ from finetune.trainer import (
     evaluate,
     train_step,
 )
-from model.args import ModelArgs
+from model.configs import load_model_args
 
 MAX_STEPS = 100  # the time budget's cap on timed steps
 EVAL_BATCHES = 8  # eval batches timed; the rest are assumed to cost the same
@@ -57,7 +57,7 @@ def run(config: str, workdir: Path, steps: int, seconds: float, launched_at: flo
     device = D.init_distributed()
     args = load_train_args(config)
     precision = resolve_precision(args.precision, device)
-    model_args = ModelArgs.from_folder(args.model_id_or_path)
+    model_args = load_model_args(args.model_id_or_path)
     tokenizer = load_tokenizer(args.model_id_or_path, model_args.vocab_size, args.tokenizer_path)
     cache = resolve_cache_dir(args.data.cache_dir)
     # train.py's scan of the data on rank 0 (from the cache when set); all ranks stop on an error.

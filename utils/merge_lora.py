@@ -29,8 +29,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from finetune.data.tokenizer import tokenizer_file
-from model.args import ModelArgs
 from model.checkpoint import checkpoint_files, is_hf_folder, iter_checkpoint_tensors
+from model.configs import load_model_args, params_from_args
 from model.lora import merge_delta
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -200,9 +200,9 @@ def main(argv: list[str] | None = None) -> int:
             raise MergeError(
                 f"{adapter.parent}/params.json with a 'lora.scaling' was not found; pass --scaling."
             )
-        base_args = ModelArgs.from_folder(base)
+        base_args = load_model_args(base)
         n = merge(base, adapter, float(scaling), out, _DTYPES.get(opts.dtype))
-        (out / "params.json").write_text(json.dumps(base_args.to_dict(), indent=4) + "\n")
+        (out / "params.json").write_text(json.dumps(params_from_args(base_args), indent=4) + "\n")
         tok = tokenizer_file(adapter.parent) or tokenizer_file(base)
         if tok is not None:
             shutil.copy2(tok, out / tok.name)

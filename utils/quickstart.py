@@ -38,6 +38,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from model.configs import params_from_args
+
 REPO = Path(__file__).resolve().parents[1]
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 # The one time claim, also in README.md and docs/tools.md (a test keeps them equal); measured in
@@ -85,7 +87,7 @@ def create_model(folder: Path, dim: int, n_layers: int, seed: int) -> None:
     args = model_args(dim, n_layers)
     model = Transformer(args)
     model.init_weights(seed)
-    save_model_folder(folder, args.to_dict(), model.state_dict())
+    save_model_folder(folder, params_from_args(args), model.state_dict())
     shutil.copy2(MistralTokenizer.v3().instruct_tokenizer.tokenizer.file_path, folder / "tokenizer.model.v3")
 
 

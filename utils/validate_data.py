@@ -42,6 +42,7 @@ from finetune.data.cache import resolve_cache_dir
 from finetune.data.validation import DataReport, check_data, write_corrected
 from finetune.monitoring import format_duration
 from model.args import ModelArgs
+from model.configs import load_model_args
 
 # Reference throughput (mistral-finetune's measurement): Mistral 7B, one H100, seq_len 32768.
 _REF_TOKENS_PER_S = 5720.0
@@ -66,7 +67,7 @@ def load_inputs(config: str) -> tuple[TrainArgs, ModelArgs, Any]:
             f"{config}: model_id_or_path '{folder}' is not a folder; the data is checked with the model's own "
             "tokenizer, so point it at the downloaded model (params.json + weights + tokenizer file)."
         )
-    model_args = ModelArgs.from_folder(folder)
+    model_args = load_model_args(folder)
     from finetune.build import check_trainable_vocab
 
     check_trainable_vocab(model_args, str(folder))  # a v1 model: points at utils.extend_model_vocab

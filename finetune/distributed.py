@@ -18,10 +18,9 @@ import torch.distributed as dist
 
 # oneDNN, and PyTorch's ideep layer over it, keep one compiled kernel per matmul shape: 1024 each
 # by default. On CPU, bf16 attention's backward runs matmuls shaped by each document's length, so
-# with packed documents of varying lengths these caches only grow: RSS rose by 0.8 GB over 30 steps
-# of the small benchmark, and by 1.8 GB over 600 attention calls on 64-512-token documents. 256
-# entries bound that and still hold the model's own fixed-shape matmuls between uses: at 64, rows
-# of 4096 tokens (about 16 documents) evicted them and ran 12% slower (docs/benchmarks.md). Both
+# with packed documents of varying lengths these caches, and the RSS, grow without end. 256 entries
+# bound that and still hold the model's own fixed-shape matmuls between uses; with far fewer, the
+# document shapes of a long row evict those and every step slows down (docs/benchmarks.md). Both
 # are read at the first oneDNN call; a value the user set is kept.
 CPU_KERNEL_CACHE_CAPACITY = "256"
 
@@ -103,8 +102,8 @@ def destroy() -> None:
     A gloo worker thread frees a finished collective's work object after the caller's wait() has
     returned. When that drops the last C++ reference to a Python tensor (DTensor.full_tensor does)
     the thread needs the GIL, and if the interpreter is already shutting down the process aborts
-    ("terminate called without an active exception", SIGABRT) after a successful run: 4-5 of 20
-    two-rank runs did here. Sleeping releases the GIL so those threads finish first (0 of 20).
+    ("terminate called without an active exception", SIGABRT) after a successful run, in a fraction
+    of two-rank runs (docs/benchmarks.md). Sleeping releases the GIL so those threads finish first.
     """
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -19,10 +19,9 @@ from torch import nn
 from model.transformer import Transformer
 
 # Logits turned into the softmax at once, in float32. The element-wise passes (max, exp, sum,
-# divide, casts) are memory-bound: on a CPU they stay in cache over a 4 MB block (the whole loss,
-# 1024 x 512 -> 32768, forward + backward: 229 ms instead of 270 ms for the whole chunk at once;
-# docs/benchmarks.md); a GPU wants large blocks (each pass is a kernel launch), and there the
-# block only bounds the float32 buffer.
+# divide, casts) are memory-bound: on a CPU a 4 MB block stays in cache between passes, where a
+# whole chunk would stream from DRAM at every pass (docs/benchmarks.md); a GPU wants large blocks
+# (each pass is a kernel launch), and there the block only bounds the float32 buffer.
 BLOCK_LOGITS = {"cpu": 1 << 20}  # 4 MB of float32
 DEFAULT_BLOCK_LOGITS = 1 << 24  # 64 MB of float32
 
@@ -42,8 +41,9 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         loss = torch.zeros((), dtype=acc, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        # One float32 buffer for every block. Allocated per block, it came back from the kernel as
-        # fresh pages in training (the block casts took 38 ms of a 1024-token step instead of 5.5).
+        # One float32 buffer for every block: allocated per block, it comes back from the kernel as
+        # fresh pages, and faulting them in costs the block casts far more than the casts themselves
+        # (docs/benchmarks.md).
         buffer = None
         if acc != h.dtype:
             buffer = torch.empty((min(block, h.shape[0]), weight.shape[0]), dtype=acc, device=h.device)

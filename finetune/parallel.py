@@ -126,9 +126,9 @@ def parallelize(
         raise ValueError(f"unknown activation checkpointing mode {checkpoint_mode!r}; use one of {CHECKPOINT_MODES}")
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     # Alone, a process has nothing to shard frozen weights with: FSDP would only copy them into and
-    # out of a one-rank all-gather for every forward and backward (small CPU config: 0.94x peak RSS,
-    # 1.02-1.04x tokens/s; docs/benchmarks.md). They stay plain tensors, already stored in the
-    # compute dtype (build_sharded), so no cast is lost.
+    # out of a one-rank all-gather for every forward and backward, which costs memory and copies
+    # (docs/benchmarks.md). They stay plain tensors, already stored in the compute dtype
+    # (build_sharded), so no cast is lost.
     alone = D.world_size() == 1
     ignored = {p for p in model.parameters() if not p.requires_grad and p.dtype == compute_dtype} if alone else None
     for block in model.model.layers:

@@ -48,10 +48,10 @@ CPU_BASELINE = 0.31 * GB  # RSS of python + torch + this project imported, gloo 
 # Calibrated, not derived (docs/memory.md): on CPU the peak RSS also holds memory that glibc keeps
 # after frees (heap fragmentation; autograd's backward thread allocates from another arena) and
 # oneDNN/OpenMP scratch. Fitted by least squares on bench_train_step.py's small and tiny configs
-# (13 runs, every checkpointing mode, residuals within 0.07 GB) as a constant, bytes per token and
-# vocabulary entry (freed logits the heap keeps: the loss's compute-dtype chunks) and blocks' saved
-# tensors (the forward's and the backward thread's arenas). On GPU max_memory_allocated counts live
-# tensors only.
+# (every checkpointing mode; the runs and residuals are in docs/memory.md) as a constant, bytes per
+# token and vocabulary entry (freed logits the heap keeps: the loss's compute-dtype chunks) and
+# blocks' saved tensors (the forward's and the backward thread's arenas). On GPU
+# max_memory_allocated counts live tensors only.
 CPU_RUNTIME = 0.007 * GB
 CPU_HEAP_PER_LOGIT = 3.48
 CPU_HEAP_BLOCKS = 1.33

@@ -108,37 +108,92 @@ def parse_pretrain(sample: Any) -> str:
     return text
 
 
+def _is_call_id(value: Any) -> bool:
+    return isinstance(value, str) and bool(_TOOL_CALL_ID.match(value))
+
+
+def _function_name(name: Any, where: str, kind: str) -> str:
+    if not isinstance(name, str) or not _FUNCTION_NAME.match(name):
+        raise DataFormatError(
+            kind,
+            f"{where} has function name {_short(name)}; use 1 to 64 characters from a-z, A-Z, 0-9, _ and -.",
+        )
+    return name
+
+
+def _parse_tool(tool: Any, i: int) -> Tool:
+    """One entry of the sample's 'tools': a function definition."""
+    if not isinstance(tool, dict) or not isinstance(tool.get("function"), dict):
+        fix = 'write {"type": "function", "function": {"name": ..., "description": ..., "parameters": {...}}}'
+        if isinstance(tool, dict) and "name" in tool:
+            fix += f", or let {reformat_hint('wrap bare function definitions')}"
+        raise DataFormatError("bad_tool", f"tool {i} has no 'function' object; {fix}.")
+    fn = tool["function"]
+    name = _function_name(fn.get("name"), f"tool {i}", "bad_tool")
+    description = fn.get("description", "")
+    _require_str(description, f"tool {i} ({name}) 'description'", "describe the function in a string.")
+    params = fn.get("parameters", {})
+    if not isinstance(params, dict):
+        raise DataFormatError(
+            "bad_tool",
+            f"tool {i} ({name}) 'parameters' must be a JSON-schema object, got {_short(params)}; "
+            "use {} for a function without parameters.",
+        )
+    return Tool(function=Function(name=name, description=description, parameters=params))
+
+
 def _parse_tools(raw: Any) -> list[Tool]:
     if not isinstance(raw, list):
         hint = f"; {reformat_hint('parses tools written as a JSON string')}" if isinstance(raw, str) else ""
         raise DataFormatError(
             "bad_tool", f"'tools' must be a list of tool definitions, got {_short(raw)}{hint}."
         )
-    tools = []
-    for i, tool in enumerate(raw):
-        fix = 'write {"type": "function", "function": {"name": ..., "description": ..., "parameters": {...}}}'
-        if not isinstance(tool, dict) or not isinstance(tool.get("function"), dict):
-            if isinstance(tool, dict) and "name" in tool:
-                fix += f", or let {reformat_hint('wrap bare function definitions')}"
-            raise DataFormatError("bad_tool", f"tool {i} has no 'function' object; {fix}.")
-        fn = tool["function"]
-        name = fn.get("name")
-        if not isinstance(name, str) or not _FUNCTION_NAME.match(name):
-            raise DataFormatError(
-                "bad_tool",
-                f"tool {i} has function name {_short(name)}; use 1 to 64 characters from a-z, A-Z, 0-9, _ and -.",
-            )
-        description = fn.get("description", "")
-        _require_str(description, f"tool {i} ({name}) 'description'", "describe the function in a string.")
-        params = fn.get("parameters", {})
-        if not isinstance(params, dict):
-            raise DataFormatError(
-                "bad_tool",
-                f"tool {i} ({name}) 'parameters' must be a JSON-schema object, got {_short(params)}; "
-                "use {} for a function without parameters.",
-            )
-        tools.append(Tool(function=Function(name=name, description=description, parameters=params)))
-    return tools
+    return [_parse_tool(tool, i) for i, tool in enumerate(raw)]
+
+
+def _check_arguments(args: Any, where: str, name: str) -> str:
+    """A tool call's arguments: a string holding JSON, as mistral-common encodes them verbatim."""
+    if not isinstance(args, str):
+        raise DataFormatError(
+            "bad_arguments",
+            f'{where} ({name}) \'arguments\' must be a JSON-encoded string such as "{{\\"city\\": \\"Paris\\"}}", '
+            f"got {type(args).__name__} {_short(args)}; encode it with json.dumps(arguments) "
+            f"({reformat_hint('does')}).",
+        )
+    try:
+        json.loads(args)
+    except json.JSONDecodeError as e:
+        raise DataFormatError(
+            "bad_arguments",
+            f"{where} ({name}) 'arguments' is not valid JSON ({e.msg} at column {e.colno}): {_short(args)}; "
+            "it must be json.dumps(arguments).",
+        ) from None
+    return args
+
+
+def _parse_tool_call(call: Any, where: str, is_last: bool) -> ToolCall:
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        raise DataFormatError(
+            "bad_tool_call",
+            f"{where} has no 'function' object; write "
+            '{"id": "abc123XYZ", "type": "function", "function": {"name": ..., "arguments": "{...}"}}.',
+        )
+    call_id = call.get("id")
+    # The final turn's ids are dropped before encoding, so only earlier calls need one.
+    if not (is_last and call_id is None) and not _is_call_id(call_id):
+        raise DataFormatError(
+            "bad_tool_call_id",
+            f"{where} has id {_short(call_id)}; ids must be exactly 9 characters from a-z, A-Z, 0-9 "
+            "(e.g. 'a1B2c3D4e'), the same in the tool message's 'tool_call_id'; "
+            f"{_RELINK}.",
+        )
+    fn = call["function"]
+    name = _function_name(fn.get("name"), where, "bad_tool_call")
+    args = _check_arguments(fn.get("arguments"), where, name)
+    return ToolCall(
+        id=call_id if isinstance(call_id, str) else "null",
+        function=FunctionCall(name=name, arguments=args),
+    )
 
 
 def _parse_tool_calls(raw: Any, index: int, is_last: bool) -> list[ToolCall]:
@@ -147,63 +202,16 @@ def _parse_tool_calls(raw: Any, index: int, is_last: bool) -> list[ToolCall]:
             "bad_tool_call",
             f"message {index} (assistant) 'tool_calls' must be a non-empty list, got {_short(raw)}.",
         )
-    calls = []
-    for j, call in enumerate(raw):
-        where = f"message {index} (assistant) tool call {j}"
-        if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
-            raise DataFormatError(
-                "bad_tool_call",
-                f"{where} has no 'function' object; write "
-                '{"id": "abc123XYZ", "type": "function", "function": {"name": ..., "arguments": "{...}"}}.',
-            )
-        call_id = call.get("id")
-        # The final turn's ids are dropped before encoding, so only earlier calls need one.
-        if not (is_last and call_id is None):
-            if not isinstance(call_id, str) or not _TOOL_CALL_ID.match(call_id):
-                raise DataFormatError(
-                    "bad_tool_call_id",
-                    f"{where} has id {_short(call_id)}; ids must be exactly 9 characters from a-z, A-Z, 0-9 "
-                    "(e.g. 'a1B2c3D4e'), the same in the tool message's 'tool_call_id'; "
-                    f"{_RELINK}.",
-                )
-        fn = call["function"]
-        name = fn.get("name")
-        if not isinstance(name, str) or not _FUNCTION_NAME.match(name):
-            raise DataFormatError(
-                "bad_tool_call",
-                f"{where} has function name {_short(name)}; use 1 to 64 characters from a-z, A-Z, 0-9, _ and -.",
-            )
-        args = fn.get("arguments")
-        if not isinstance(args, str):
-            raise DataFormatError(
-                "bad_arguments",
-                f'{where} ({name}) \'arguments\' must be a JSON-encoded string such as "{{\\"city\\": \\"Paris\\"}}", '
-                f"got {type(args).__name__} {_short(args)}; encode it with json.dumps(arguments) "
-                f"({reformat_hint('does')}).",
-            )
-        try:
-            json.loads(args)
-        except json.JSONDecodeError as e:
-            raise DataFormatError(
-                "bad_arguments",
-                f"{where} ({name}) 'arguments' is not valid JSON ({e.msg} at column {e.colno}): {_short(args)}; "
-                "it must be json.dumps(arguments).",
-            ) from None
-        calls.append(
-            ToolCall(
-                id=call_id if isinstance(call_id, str) else "null",
-                function=FunctionCall(name=name, arguments=args),
-            )
-        )
-    return calls
+    return [
+        _parse_tool_call(call, f"message {index} (assistant) tool call {j}", is_last)
+        for j, call in enumerate(raw)
+    ]
 
 
-def parse_instruct(sample: Any) -> Conversation:
-    """Check an instruct sample against the rules of mistral-common's finetuning validator.
+# The sample: its list of messages and its settings.
 
-    Every rule is checked here, in plain Python, so that a bad line gets a message that says how to fix it
-    instead of a traceback from inside mistral-common.
-    """
+
+def _raw_messages(sample: Any) -> list:
     if not isinstance(sample, dict):
         raise DataFormatError(
             "not_object", f'expected a JSON object like {{"messages": [...]}}, got {type(sample).__name__}.'
@@ -228,7 +236,11 @@ def parse_instruct(sample: Any) -> Conversation:
             "empty_conversation",
             f"'{key}' is empty; a sample needs at least a user and an assistant message.",
         )
+    return raw_messages
 
+
+def _refuse_unread_keys(sample: dict) -> None:
+    """Top-level keys from other formats that training would silently ignore."""
     if sample.get("functions"):  # read by nobody: the model would never see these definitions
         raise DataFormatError(
             "bad_tool",
@@ -241,115 +253,135 @@ def parse_instruct(sample: Any) -> Conversation:
             "the sample has a top-level 'system', which training does not read; rename it 'system_prompt', "
             f"or let {reformat_hint('make it the first message')}.",
         )
-    tools_key, raw_tools = _one_of(sample, ("tools", "available_tools"), "the sample")
+
+
+def _sample_settings(sample: dict) -> tuple[list[Tool] | None, bool, str | None]:
+    """The sample's tools (None for none), only_last and system_prompt."""
+    _, raw_tools = _one_of(sample, ("tools", "available_tools"), "the sample")
     tools = _parse_tools(raw_tools) if raw_tools is not None else None
-    tools = tools or None  # an empty list means no tools
     only_last = sample.get("only_last", False)
     if not isinstance(only_last, bool):
         raise DataFormatError("bad_type", f"'only_last' must be true or false, got {_short(only_last)}.")
     system_prompt = sample.get("system_prompt")
     if system_prompt is not None:
         system_prompt = _require_str(system_prompt, "'system_prompt'", "write the system prompt as a string.")
+    return tools or None, only_last, system_prompt  # an empty list of tools means no tools
 
-    messages: list[UserMessage | FinetuningAssistantMessage | ToolMessage] = []
-    roles: list[str] = []
-    n = len(raw_messages)
-    for i, msg in enumerate(raw_messages):
-        if not isinstance(msg, dict):
-            raise DataFormatError("bad_type", f"message {i} must be a JSON object, got {_short(msg)}.")
-        role = msg.get("role")
-        if role is None:
-            if "from" in msg:
-                raise DataFormatError(
-                    "missing_key",
-                    f"message {i} is a ShareGPT turn ('from'/'value'), not a message ('role'/'content'); "
-                    f"{reformat_hint('converts it')}.",
-                )
+
+# One parser per role. Each gets the message, its text ('content' or 'text') and its index.
+
+
+def _role_of(msg: Any, i: int) -> str:
+    if not isinstance(msg, dict):
+        raise DataFormatError("bad_type", f"message {i} must be a JSON object, got {_short(msg)}.")
+    role = msg.get("role")
+    if role is None:
+        if "from" in msg:
             raise DataFormatError(
                 "missing_key",
-                f"message {i} has no 'role' (keys: {sorted(msg)}); use one of {', '.join(_ROLES)}.",
+                f"message {i} is a ShareGPT turn ('from'/'value'), not a message ('role'/'content'); "
+                f"{reformat_hint('converts it')}.",
             )
-        if role not in _ROLES:
-            hint = f", or let {reformat_hint('convert it')}" if role in FOREIGN_ROLES else ""
-            raise DataFormatError(
-                "unknown_role",
-                f"message {i} has role {_short(role)}; use one of {', '.join(_ROLES)}{hint}.",
-            )
-        if roles and role not in _NEXT_ROLES[roles[-1]]:
-            raise DataFormatError(
-                "bad_role_order",
-                f"message {i} ({role}) cannot follow a {roles[-1]} message; a {roles[-1]} message may be "
-                f"followed by {', '.join(sorted(_NEXT_ROLES[roles[-1]]))}.",
-            )
-        roles.append(role)
-        content = _text_of(msg, role, i)
-        if role == "system":
-            if system_prompt is not None:
-                raise DataFormatError(
-                    "multiple_system",
-                    f"message {i} is a second system prompt; keep one system message (or 'system_prompt').",
-                )
-            system_prompt = _require_str(
-                content, f"message {i} (system) 'content'", "write the system prompt as a string."
-            )
-        elif role == "user":
-            content = _require_str(
-                content, f"message {i} (user) 'content'", "write the user text as a string."
-            )
-            messages.append(UserMessage(content=content))
-        elif role == "tool":
-            content = _require_str(
-                content,
-                f"message {i} (tool) 'content'",
-                f"write the tool result as a string ({reformat_hint('encodes it as JSON')}).",
-            )
-            call_id = msg.get("tool_call_id")
-            if not isinstance(call_id, str) or not _TOOL_CALL_ID.match(call_id):
-                raise DataFormatError(
-                    "bad_tool_call_id",
-                    f"message {i} (tool) has tool_call_id {_short(call_id)}; it must be the 9-character id "
-                    f"(a-z, A-Z, 0-9) of the tool call it answers, {_RELINK}.",
-                )
-            messages.append(ToolMessage(content=content, tool_call_id=call_id))
-        else:
-            weight = msg.get("weight")
-            if weight is not None and (isinstance(weight, bool) or weight not in (0, 1)):
-                raise DataFormatError(
-                    "bad_weight",
-                    f"message {i} (assistant) has weight {_short(weight)}; use 0 (not trained) or 1 (trained, the default).",
-                )
-            if "function_call" in msg:  # never trained on: the call would be dropped silently
-                raise DataFormatError(
-                    "bad_tool_call",
-                    f"message {i} (assistant) has OpenAI's legacy 'function_call', which training does not read; "
-                    f"write 'tool_calls', or let {reformat_hint('convert it (and link the function results)')}.",
-                )
-            raw_calls = msg.get("tool_calls")
-            if content is not None and raw_calls:
-                raise DataFormatError(
-                    "content_and_tool_calls",
-                    f"message {i} (assistant) has both content and tool_calls; split it into two assistant "
-                    f"messages ({reformat_hint('does')}).",
-                )
-            if raw_calls:
-                calls = _parse_tool_calls(raw_calls, i, is_last=i == n - 1)
-                messages.append(FinetuningAssistantMessage(tool_calls=calls, weight=weight))
-            else:
-                if content is None:
-                    raise DataFormatError(
-                        "missing_key",
-                        f"message {i} (assistant) has neither 'content' nor 'tool_calls'; add one.",
-                    )
-                content = _require_str(
-                    content, f"message {i} (assistant) 'content'", "write the answer as a string."
-                )
-                if not content.rstrip(" "):
-                    raise DataFormatError(
-                        "empty_content",
-                        f"message {i} (assistant) has empty content; write the answer or delete the turn.",
-                    )
-                messages.append(FinetuningAssistantMessage(content=content, weight=weight))
+        raise DataFormatError(
+            "missing_key",
+            f"message {i} has no 'role' (keys: {sorted(msg)}); use one of {', '.join(_ROLES)}.",
+        )
+    if role not in _ROLES:
+        hint = f", or let {reformat_hint('convert it')}" if role in FOREIGN_ROLES else ""
+        raise DataFormatError(
+            "unknown_role",
+            f"message {i} has role {_short(role)}; use one of {', '.join(_ROLES)}{hint}.",
+        )
+    return role
 
+
+def _parse_system(content: Any, i: int, system_prompt: str | None) -> str:
+    """The system prompt; ``system_prompt`` is the one already given, if any."""
+    if system_prompt is not None:
+        raise DataFormatError(
+            "multiple_system",
+            f"message {i} is a second system prompt; keep one system message (or 'system_prompt').",
+        )
+    return _require_str(content, f"message {i} (system) 'content'", "write the system prompt as a string.")
+
+
+def _parse_user(content: Any, i: int) -> UserMessage:
+    content = _require_str(content, f"message {i} (user) 'content'", "write the user text as a string.")
+    return UserMessage(content=content)
+
+
+def _parse_tool_result(msg: dict, content: Any, i: int) -> ToolMessage:
+    content = _require_str(
+        content,
+        f"message {i} (tool) 'content'",
+        f"write the tool result as a string ({reformat_hint('encodes it as JSON')}).",
+    )
+    call_id = msg.get("tool_call_id")
+    if not _is_call_id(call_id):
+        raise DataFormatError(
+            "bad_tool_call_id",
+            f"message {i} (tool) has tool_call_id {_short(call_id)}; it must be the 9-character id "
+            f"(a-z, A-Z, 0-9) of the tool call it answers, {_RELINK}.",
+        )
+    return ToolMessage(content=content, tool_call_id=call_id)
+
+
+def _assistant_weight(msg: dict, i: int) -> int | None:
+    weight = msg.get("weight")
+    if weight is not None and (isinstance(weight, bool) or weight not in (0, 1)):
+        raise DataFormatError(
+            "bad_weight",
+            f"message {i} (assistant) has weight {_short(weight)}; use 0 (not trained) or 1 (trained, the default).",
+        )
+    return weight
+
+
+def _parse_assistant(msg: dict, content: Any, i: int, is_last: bool) -> FinetuningAssistantMessage:
+    """An answer: either text or tool calls, never both."""
+    weight = _assistant_weight(msg, i)
+    if "function_call" in msg:  # never trained on: the call would be dropped silently
+        raise DataFormatError(
+            "bad_tool_call",
+            f"message {i} (assistant) has OpenAI's legacy 'function_call', which training does not read; "
+            f"write 'tool_calls', or let {reformat_hint('convert it (and link the function results)')}.",
+        )
+    raw_calls = msg.get("tool_calls")
+    if content is not None and raw_calls:
+        raise DataFormatError(
+            "content_and_tool_calls",
+            f"message {i} (assistant) has both content and tool_calls; split it into two assistant "
+            f"messages ({reformat_hint('does')}).",
+        )
+    if raw_calls:
+        return FinetuningAssistantMessage(tool_calls=_parse_tool_calls(raw_calls, i, is_last), weight=weight)
+    if content is None:
+        raise DataFormatError(
+            "missing_key",
+            f"message {i} (assistant) has neither 'content' nor 'tool_calls'; add one.",
+        )
+    content = _require_str(content, f"message {i} (assistant) 'content'", "write the answer as a string.")
+    if not content.rstrip(" "):
+        raise DataFormatError(
+            "empty_content",
+            f"message {i} (assistant) has empty content; write the answer or delete the turn.",
+        )
+    return FinetuningAssistantMessage(content=content, weight=weight)
+
+
+# The order rules: which role may follow which, how the conversation starts and ends, and which
+# call each tool result answers.
+
+
+def _check_follows(previous: str, role: str, i: int) -> None:
+    if role not in _NEXT_ROLES[previous]:
+        raise DataFormatError(
+            "bad_role_order",
+            f"message {i} ({role}) cannot follow a {previous} message; a {previous} message may be "
+            f"followed by {', '.join(sorted(_NEXT_ROLES[previous]))}.",
+        )
+
+
+def _check_start_and_end(roles: list[str]) -> None:
     if roles[0] not in ("user", "system"):
         raise DataFormatError(
             "bad_role_order",
@@ -363,14 +395,12 @@ def parse_instruct(sample: Any) -> Conversation:
             "(delete the trailing messages or add the assistant's answer; "
             f"{reformat_hint('drops the trailing messages')}).",
         )
-    _check_tool_results(messages)
-    return Conversation(messages, system_prompt, tools, only_last or tools is not None)
 
 
 def _check_tool_results(messages: list) -> None:
     """A tool message must answer a call of the assistant turn just before it, once."""
     pending: set[str] = set()
-    for _i, m in enumerate(messages):
+    for m in messages:
         if isinstance(m, FinetuningAssistantMessage):
             pending = {c.id for c in m.tool_calls} if m.tool_calls else set()
         elif isinstance(m, ToolMessage):
@@ -383,6 +413,39 @@ def _check_tool_results(messages: list) -> None:
             pending.discard(m.tool_call_id)
         else:
             pending = set()
+
+
+def parse_instruct(sample: Any) -> Conversation:
+    """Check an instruct sample against the rules of mistral-common's finetuning validator.
+
+    Every rule is checked here, in plain Python, so that a bad line gets a message that says how to fix it
+    instead of a traceback from inside mistral-common. The first broken rule is reported, in reading
+    order: the sample's keys, each message in turn (its role, whether that role may follow the previous
+    one, its fields), then how the conversation starts and ends, then the tool results' links.
+    """
+    raw_messages = _raw_messages(sample)
+    _refuse_unread_keys(sample)
+    tools, only_last, system_prompt = _sample_settings(sample)
+    messages: list[UserMessage | FinetuningAssistantMessage | ToolMessage] = []
+    roles: list[str] = []
+    last = len(raw_messages) - 1
+    for i, msg in enumerate(raw_messages):
+        role = _role_of(msg, i)
+        if roles:
+            _check_follows(roles[-1], role, i)
+        roles.append(role)
+        content = _text_of(msg, role, i)
+        if role == "system":
+            system_prompt = _parse_system(content, i, system_prompt)
+        elif role == "user":
+            messages.append(_parse_user(content, i))
+        elif role == "tool":
+            messages.append(_parse_tool_result(msg, content, i))
+        else:
+            messages.append(_parse_assistant(msg, content, i, is_last=i == last))
+    _check_start_and_end(roles)
+    _check_tool_results(messages)
+    return Conversation(messages, system_prompt, tools, only_last or tools is not None)
 
 
 def chunk_conversation(conv: Conversation) -> list[Conversation]:

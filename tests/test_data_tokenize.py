@@ -23,7 +23,6 @@ from finetune.data.tokenize import (
     SampleType,
     TokenSample,
     chunk_conversation,
-    encode,
     encode_all,
     parse_instruct,
 )
@@ -95,7 +94,7 @@ def test_tokens_equal_encode_instruct(name: str, index: int) -> None:
         ref_sample = {"messages": [{"role": m["role"], "content": m["text"]} for m in sample["interactions"]]}
     else:
         ref_sample = sample
-    got = encode(sample, it, SampleType.INSTRUCT)
+    [got] = encode_all(sample, it, SampleType.INSTRUCT, chunk=False)
     want = it.encode_instruct(reference_request(ref_sample, separate_system=name == "spm_v7")).tokens
     assert got.tokens == want
     assert len(got.masks) == len(got.tokens)
@@ -114,7 +113,7 @@ def test_masks_are_trained_assistant_turns(it) -> None:
     rng = random.Random(1)
     sample = chat(rng, 3)
     sample["messages"][3]["weight"] = 0
-    ts = encode(sample, it, SampleType.INSTRUCT)
+    [ts] = encode_all(sample, it, SampleType.INSTRUCT, chunk=False)
     targets = [t for t, m in zip(ts.tokens, ts.masks, strict=False) if m]
     want = _assistant_tokens(it, sample, 1) + _assistant_tokens(it, sample, 5)
     assert targets == want
@@ -131,12 +130,12 @@ def test_reference_layout_spm() -> None:
             {"role": "assistant", "content": "A2"},
         ]
     }
-    ts = encode(s, SPM, SampleType.INSTRUCT)
+    [ts] = encode_all(s, SPM, SampleType.INSTRUCT, chunk=False)
     assert len(ts.tokens) == 14 and sum(ts.masks) == 6
     assert ts.tokens[:2] == [1, 3] and ts.tokens[-1] == 2
     s["messages"].insert(0, {"role": "system", "content": "SYS"})
     s["messages"][-1]["weight"] = 0
-    ts = encode(s, SPM, SampleType.INSTRUCT)
+    [ts] = encode_all(s, SPM, SampleType.INSTRUCT, chunk=False)
     assert sum(ts.masks) == 3  # "Yo </s>" only
     second_inst = SPM.decode(ts.tokens[ts.tokens.index(3, 2) :], special_token_policy=SpecialTokenPolicy.KEEP)
     assert second_inst.startswith("[INST]▁SYS<0x0A><0x0A>Q2[/INST]")  # system prompt in the last user turn
@@ -148,7 +147,7 @@ def test_reference_layout_spm() -> None:
 @pytest.mark.parametrize("it", [SPM, TEKKEN], ids=["spm", "tekken"])
 def test_tool_sample_trains_only_final_call_without_its_id(it) -> None:
     sample = tool_conversation()
-    ts = encode(sample, it, SampleType.INSTRUCT)
+    [ts] = encode_all(sample, it, SampleType.INSTRUCT, chunk=False)
     targets = [t for t, m in zip(ts.tokens, ts.masks, strict=False) if m]
     tool_calls_id = it.TOOL_CALLS
     assert targets[0] == tool_calls_id and targets[-1] == it.tokenizer.eos_id
@@ -169,7 +168,8 @@ def test_chunking_counts_and_prefixes() -> None:
     assert len(parts) == n_assistant  # the sample plus one per earlier assistant turn
     assert [len(p.messages) for p in parts] == [6, 4, 2]  # longest first, each ends on an assistant turn
     encoded = encode_all(sample, SPM, SampleType.INSTRUCT, chunk=True)
-    assert encoded[0] == encode(sample, SPM, SampleType.INSTRUCT)
+    # Unchunked, the line is one sample: the whole conversation, the first of the chunks.
+    assert encode_all(sample, SPM, SampleType.INSTRUCT, chunk=False) == encoded[:1]
     for p, ts in zip(parts, encoded, strict=False):
         last = p.messages[-1]
         if last.tool_calls:  # every sample's final call is encoded without its id
@@ -181,14 +181,15 @@ def test_chunking_counts_and_prefixes() -> None:
         )
     # chat samples without tools or only_last are never chunked
     assert len(encode_all(chat(random.Random(0), 3), SPM, SampleType.INSTRUCT, chunk=True)) == 1
-    assert len(encode_all(sample, SPM, SampleType.INSTRUCT, chunk=False)) == 1
 
 
 def test_pretrain() -> None:
-    assert encode({"text": "Hello world"}, SPM, SampleType.PRETRAIN) == TokenSample(
-        [1, 23325, 2294, 2], [True] * 4
-    )
-    assert encode({"content": "Hello world"}, TEKKEN, SampleType.PRETRAIN).tokens == [1, 22177, 4304, 2]
+    # A document is one sample, chunked or not.
+    assert encode_all({"text": "Hello world"}, SPM, SampleType.PRETRAIN, chunk=True) == [
+        TokenSample([1, 23325, 2294, 2], [True] * 4)
+    ]
+    [ts] = encode_all({"content": "Hello world"}, TEKKEN, SampleType.PRETRAIN, chunk=False)
+    assert ts.tokens == [1, 22177, 4304, 2]
 
 
 def test_encode_does_not_modify_the_sample() -> None:
@@ -223,6 +224,6 @@ def test_load_tokenizer_takes_the_model_folders_file_and_never_guesses(tmp_path,
 
 
 def test_tool_arguments_re_emitted_as_object() -> None:
-    ts = encode(tool_conversation(), TEKKEN, SampleType.INSTRUCT)
+    [ts] = encode_all(tool_conversation(), TEKKEN, SampleType.INSTRUCT, chunk=False)
     text = TEKKEN.decode([t for t, m in zip(ts.tokens, ts.masks, strict=False) if m])
     assert json.loads(text) == [{"name": "get_weather", "arguments": {"city": "Rome"}}]

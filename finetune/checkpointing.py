@@ -43,7 +43,8 @@ from finetune.loss import CausalLMLoss
 from finetune.safe_dcp import SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpointError, read_metadata_file
 from model.args import LoraArgs, ModelArgs
 from model.configs import params_from_args
-from model.lora import LoRALinear, is_lora_key, lora_modules, merge_delta
+from model.lora import lora_modules, lora_state_dict
+from model.merge import merged_weights
 from model.quant import NF4LoRALinear
 
 logger = logging.getLogger("finetune")
@@ -154,33 +155,24 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 def gather_adapters(model: CausalLMLoss, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The adapter file's tensors, gathered one at a time onto rank 0's CPU."""
     out = {}
-    for name, m in sorted(lora_modules(model.model).items()):
-        for ab in ("lora_A", "lora_B"):
-            full = _full(getattr(m, ab).weight.detach())
-            if D.is_main():
-                out[f"{name}.{ab}.weight"] = full.to("cpu", dtype).contiguous()
+    for key, t in lora_state_dict(model.model).items():
+        full = _full(t)
+        if D.is_main():
+            out[key] = full.to("cpu", dtype).contiguous()
     return out
 
 
 def gather_merged(model: CausalLMLoss, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Full weights with adapters folded in, gathered tensor by tensor onto rank 0's CPU."""
-    lora = {f"{n}.weight": m for n, m in lora_modules(model.model).items()}
-    if any(isinstance(m, NF4LoRALinear) for m in lora.values()):
+    """Full weights with adapters folded in (``model.merge``), gathered tensor by tensor onto rank 0's CPU."""
+    if any(isinstance(m, NF4LoRALinear) for m in lora_modules(model.model).values()):
         logger.info("Merging adapters into the de-quantized NF4 base (the weights they were trained on); "
                     "to merge into the original base instead, save adapters and use utils.merge_lora.")
     out = {}
-    for key, p in model.model.named_parameters():
-        if is_lora_key(key):
-            continue
-        full = _full(p.detach())
-        if key in lora:
-            m: LoRALinear = lora[key]
-            if isinstance(m, NF4LoRALinear):
-                full = m.dequantize(full)  # packed codes -> (out, in) in the training precision
-            full = merge_delta(full, _full(m.lora_A.weight.detach()), _full(m.lora_B.weight.detach()), m.scaling)
+    for key, weight in merged_weights(model.model, full=_full):
         if D.is_main():
-            out[key] = full.to("cpu", dtype).contiguous()
+            out[key] = weight.to("cpu", dtype).contiguous()
     return out
 
 

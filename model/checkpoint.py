@@ -28,7 +28,7 @@ from torch import nn
 
 from model.configs import args_from_hf_config
 from model.hf import tensors_from_hf
-from model.lora import LoRALinear, is_lora_key, lora_modules
+from model.lora import is_lora_key, lora_modules, lora_state_dict
 
 logger = logging.getLogger("model")
 
@@ -196,16 +196,28 @@ def init_adapters(model: nn.Module, *, device: torch.device | str, dtype: torch.
     assert not still_meta, f"parameters left on meta after loading: {still_meta[:5]}"
 
 
+def find_adapter(path: str | Path) -> tuple[Path, dict | None]:
+    """(lora.safetensors, its params.json contents or None) from a training checkpoint folder, its
+    ``consolidated/`` folder or the file itself."""
+    path = Path(path)
+    for candidate in (path, path / "lora.safetensors", path / "consolidated" / "lora.safetensors"):
+        if candidate.is_file() and candidate.name.endswith(".safetensors"):
+            params_path = candidate.parent / "params.json"
+            params = json.loads(params_path.read_text()) if params_path.is_file() else None
+            return candidate, params
+    raise FileNotFoundError(
+        f"no adapter at {path}: give RUN_DIR/checkpoints/checkpoint_N, its consolidated/ folder or the "
+        "lora.safetensors file (a run with save_adapters: false already wrote merged weights)."
+    )
+
+
 def load_adapters_state(model: nn.Module, path: str | Path) -> dict[str, torch.Tensor]:
     """Read a ``lora.safetensors`` and check it fits the model's adapters (keys and ranks)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter file {path} not found (expected a lora.safetensors).")
     state = load_file(str(path))
-    shapes = {}
-    for name, m in lora_modules(model).items():
-        shapes[f"{name}.lora_A.weight"] = tuple(m.lora_A.weight.shape)
-        shapes[f"{name}.lora_B.weight"] = tuple(m.lora_B.weight.shape)
+    shapes = {key: tuple(t.shape) for key, t in lora_state_dict(model).items()}
     missing = sorted(set(shapes) - set(state))
     unexpected = sorted(set(state) - set(shapes))
     if missing or unexpected:
@@ -229,13 +241,6 @@ def load_adapters(model: nn.Module, path: str | Path) -> None:
     with torch.no_grad():
         for key, value in load_adapters_state(model, path).items():
             params[key].copy_(value)
-
-
-def adapter_keys(model: nn.Module) -> list[str]:
-    return sorted(
-        f"{name}.{ab}.weight" for name, m in lora_modules(model).items() if isinstance(m, LoRALinear)
-        for ab in ("lora_A", "lora_B")
-    )
 
 
 def save_model_folder(

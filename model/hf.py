@@ -175,11 +175,7 @@ def to_peft_state_dict(lora_state: dict[str, torch.Tensor], args: ModelArgs) -> 
             for w, (out_features, in_features) in dims.items():
                 state.setdefault(f"{expert}.{w}.lora_A.weight", a.new_zeros(a.shape[0], in_features))
                 state.setdefault(f"{expert}.{w}.lora_B.weight", a.new_zeros(out_features, a.shape[0]))
-    out = {}
-    for key, w in state.items():
-        hf_key, hf_w = tensor_to_hf(key, w, args)
-        out[_PEFT_PREFIX + hf_key] = hf_w.contiguous()
-    return out
+    return {_PEFT_PREFIX + key: w.contiguous() for key, w in to_hf_state_dict(state, args).items()}
 
 
 def peft_adapter_config(lora: LoraArgs, args: ModelArgs, base_model: str | None) -> dict[str, Any]:

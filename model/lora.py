@@ -72,10 +72,6 @@ class LoRALinear(nn.Module):
         flat = base.view(-1, self.out_features).addmm_(u.reshape(-1, self.rank), b.t(), alpha=self.scaling)
         return flat.view(base.shape)
 
-    def merged_weight(self) -> torch.Tensor:
-        """W + scaling * B A, computed in float32 and cast to the base dtype."""
-        return merge_delta(self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling)
-
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling}"
 
@@ -103,7 +99,8 @@ def freeze_all_but_lora(model: nn.Module) -> None:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter weights only, keyed ``<module>.lora_A.weight`` / ``<module>.lora_B.weight``."""
+    """The adapter file's tensors (``lora.safetensors``), keyed ``<module>.lora_A.weight`` /
+    ``<module>.lora_B.weight``: the names are a public contract (``tests/test_model.py``)."""
     out = {}
     for name, m in lora_modules(model).items():
         out[f"{name}.lora_A.weight"] = m.lora_A.weight.detach()
@@ -111,19 +108,8 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights with every adapter folded in, under the plain checkpoint key names."""
-    merged = {f"{name}.weight": m.merged_weight() for name, m in lora_modules(model).items()}
-    out = {}
-    for key, value in model.state_dict().items():
-        if is_lora_key(key):
-            continue
-        out[key] = merged.get(key, value)
-    return out
-
-
 def merge_delta(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """W + scaling * B A for raw tensors (used by the streaming merge tool)."""
+    """W + scaling * B A, computed in float32 and cast to W's dtype (every merge: ``model.merge``)."""
     return (weight.float() + scaling * (lora_b.float() @ lora_a.float())).to(weight.dtype)
 
 

@@ -24,7 +24,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from model.lora import LoRALinear, lora_modules, merge_delta
+from model.lora import LoRALinear, lora_modules
 
 BLOCKSIZE = 64  # weights per absmax (the QLoRA paper's choice)
 NESTED_BLOCKSIZE = 256  # absmaxes per float32 scale of the double quantization
@@ -163,10 +163,6 @@ class NF4LoRALinear(LoRALinear):
             nn.functional.linear(self.dropout(x).to(a.dtype), a), self.lora_B.weight
         )
         return base + (update * self.scaling).to(base.dtype)
-
-    def merged_weight(self) -> torch.Tensor:
-        """dequant(W) + scaling * B A: the function the adapters were trained on, in full precision."""
-        return merge_delta(self.dequantize(), self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", nf4 (storage {self.weight.dtype})"

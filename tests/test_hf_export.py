@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from model.args import LoraArgs, ModelArgs
 from model.configs import hf_config_from_args
 from model.hf import to_hf_state_dict
-from model.lora import freeze_all_but_lora, lora_state_dict, merged_state_dict
+from model.lora import freeze_all_but_lora, lora_state_dict
+from model.merge import merged_weights
 from model.transformer import Transformer
 from tests.model_helpers import read_params, tiny_args, write_checkpoint
 from utils.export_hf import main as export
@@ -55,7 +56,7 @@ def _make_run(tmp_path: Path, args: ModelArgs, lora: LoraArgs, *, save_adapters:
     lora_params = {"enable": True, "rank": lora.rank, "scaling": lora.scaling, "dropout": lora.dropout,
                    "target_modules": lora.target_modules}
     (folder / "params.json").write_text(json.dumps({**read_params(base), "lora": lora_params}))
-    state = lora_state_dict(model) if save_adapters else merged_state_dict(model)
+    state = lora_state_dict(model) if save_adapters else dict(merged_weights(model))
     name = "lora.safetensors" if save_adapters else "consolidated.safetensors"
     save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(folder / name))
     shutil.copy(_tokenizer_file(), folder / "tokenizer.model.v3")
@@ -136,7 +137,7 @@ def test_merged_export_loads_in_transformers_and_round_trips(tmp_path):
     _assert_same_logits(ours, AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval())
 
     # Our HF import reads the export back as exactly our merged weights.
-    merged = merged_state_dict(ours)
+    merged = dict(merged_weights(ours))
     back = Transformer.from_folder(out, dtype=torch.float32)
     for key, value in back.state_dict().items():
         torch.testing.assert_close(value, merged[key], rtol=0, atol=0)
@@ -172,7 +173,7 @@ def test_merged_export_of_a_full_weights_checkpoint(tmp_path):
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     merged = Transformer(args).eval()
-    merged.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in merged_state_dict(ours).items()})
+    merged.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in dict(merged_weights(ours)).items()})
     _assert_same_logits(merged, hf)
     with pytest.raises(ValueError, match="holds merged weights.*--merged"):
         export(["--checkpoint", str(ckpt), "--out", str(tmp_path / "adapter")])

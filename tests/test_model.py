@@ -12,7 +12,8 @@ from model.args import LoraArgs, ModelArgs
 from model.checkpoint import load_adapters
 from model.configs import args_from_params, hf_config_from_args, load_model_args, params_from_args
 from model.hf import to_hf_state_dict
-from model.lora import LoRALinear, freeze_all_but_lora, lora_state_dict, merged_state_dict
+from model.lora import LoRALinear, freeze_all_but_lora, lora_state_dict
+from model.merge import merged_weights
 from model.transformer import RMSNorm, Transformer, _RMSNormFunction
 from tests.model_helpers import random_base_model, tiny_args, write_checkpoint
 
@@ -161,7 +162,7 @@ def test_merged_equals_unmerged():
             if isinstance(m, LoRALinear):
                 m.lora_B.weight.normal_(0, 0.05)
     merged = Transformer(base.args)
-    merged.load_state_dict(merged_state_dict(lora))
+    merged.load_state_dict(dict(merged_weights(lora)))
     tokens = _tokens(sum(SEQLENS), 128)
     with torch.no_grad():
         out_lora, out_merged = lora(tokens, SEQLENS), merged.eval()(tokens, SEQLENS)

@@ -18,8 +18,9 @@ from finetune.build import check_quantization  # noqa: E402
 from finetune.config import ConfigError  # noqa: E402
 from finetune.data.args import DataArgs  # noqa: E402
 from model.args import LoraArgs  # noqa: E402
-from model.checkpoint import adapter_keys, load_adapters  # noqa: E402
-from model.lora import LoRALinear, lora_modules, merge_delta, merged_state_dict  # noqa: E402
+from model.checkpoint import load_adapters  # noqa: E402
+from model.lora import LoRALinear, lora_modules, lora_state_dict, merge_delta  # noqa: E402
+from model.merge import merged_weights  # noqa: E402
 from model.quant import NF4LoRALinear, quantize_lora_layers, quantize_nf4, quantized_weight_bytes  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
 from tests.train_helpers import make_workspace, read_metrics, run_cli, tiny_vocab_args, write_config  # noqa: E402
@@ -61,7 +62,7 @@ def test_nf4_layer_output_within_nf4_error_of_full_precision():
     )
     assert 0.05 < out_error < NF4_REL_RMS
     # The layer is dequantize-then-matmul, exactly.
-    torch.testing.assert_close(nf4(x), x @ nf4.merged_weight().t(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nf4(x), x @ merge_delta(nf4.dequantize(), nf4.lora_A.weight, nf4.lora_B.weight, nf4.scaling).t(), rtol=1e-5, atol=1e-5)
 
 
 def test_packed_storage_and_quantized_weight_bytes():
@@ -82,7 +83,7 @@ def test_zero_adapter_on_nf4_base_equals_the_nf4_base():
         assert not m.lora_B.weight.any()  # freshly initialised: B = 0, A random
     # The same transformer without adapters, its linears holding the de-quantized NF4 weights.
     plain = Transformer(model.args)
-    plain.load_state_dict(merged_state_dict(model))
+    plain.load_state_dict(dict(merged_weights(model)))
     ids = torch.randint(0, 256, (40,))
     torch.testing.assert_close(model(ids, [25, 15]), plain(ids, [25, 15]), rtol=0, atol=0)
 
@@ -94,7 +95,7 @@ def test_merged_equals_unmerged_on_nf4_base():
         for m in lora_modules(model).values():
             m.lora_B.weight.normal_(0, 0.05)
     merged = Transformer(model.args)
-    merged.load_state_dict(merged_state_dict(model))
+    merged.load_state_dict(dict(merged_weights(model)))
     ids = torch.randint(0, 256, (40,))
     torch.testing.assert_close(model(ids, [40]), merged(ids, [40]), rtol=1e-4, atol=1e-5)
 
@@ -110,7 +111,7 @@ def test_gradients_reach_only_adapters():
             m.lora_B.weight.normal_(0, 0.05)  # so lora_A receives a gradient too
     model(torch.randint(0, 256, (32,)), [32]).logsumexp(-1).sum().backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    assert with_grad == set(adapter_keys(model))
+    assert with_grad == set(sorted(lora_state_dict(model)))
     assert all(not p.requires_grad for n, p in model.named_parameters() if n not in with_grad)
 
 
@@ -160,7 +161,7 @@ def test_train_nf4_end_to_end(workspace):
     lora = load_file(str(consolidated / "lora.safetensors"))
     folder = workspace[1]["model_id_or_path"]
     model = Transformer.from_folder(folder, dtype=torch.float32, lora=LoraArgs(rank=4))
-    assert sorted(lora) == adapter_keys(model)  # the same keys as without quantization
+    assert sorted(lora) == sorted(lora_state_dict(model))  # the same keys as without quantization
     assert {t.dtype for t in lora.values()} == {torch.float32}
     assert json.loads((consolidated / "params.json").read_text())["lora"]["rank"] == 4
     load_adapters(model, consolidated / "lora.safetensors")  # strict key and shape checks

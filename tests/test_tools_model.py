@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from model.args import LoraArgs, ModelArgs
 from model.configs import params_from_args
-from model.lora import lora_state_dict, merged_state_dict
+from model.lora import lora_state_dict
+from model.merge import MergeError, merge_weights, merged_weights
 from model.transformer import Transformer
 from tests.model_helpers import tiny_args, write_checkpoint
 from tests.train_helpers import make_workspace, run_cli, write_config
@@ -34,7 +35,7 @@ def _adapter_folder(folder, args: ModelArgs, lora: LoraArgs, seed: int = 0) -> T
 
 
 @pytest.mark.parametrize("layout", ["safetensors", "sharded", "pth"])
-def test_merge_equals_merged_state_dict_for_every_layout(tmp_path, layout) -> None:
+def test_merge_equals_merged_weights_for_every_layout(tmp_path, layout) -> None:
     args = tiny_args(moe={"num_experts": 2, "num_experts_per_tok": 1}) if layout == "sharded" else tiny_args()
     write_checkpoint(tmp_path / "base", args, seed=0, layout=layout)
     lora = LoraArgs(rank=4, scaling=1.5, target_modules=["wq", "wv", "w2"])
@@ -42,7 +43,7 @@ def test_merge_equals_merged_state_dict_for_every_layout(tmp_path, layout) -> No
     assert merge_lora.main(["--base_model", str(tmp_path / "base"), "--lora", str(tmp_path / "adapter"),
                             "--out", str(tmp_path / "merged")]) == 0
     merged = load_file(str(tmp_path / "merged" / "consolidated.safetensors"))
-    expected = merged_state_dict(model)
+    expected = dict(merged_weights(model))
     assert sorted(merged) == sorted(expected)
     for key in expected:
         torch.testing.assert_close(merged[key], expected[key], rtol=0, atol=0)
@@ -77,6 +78,27 @@ def test_merge_errors(tmp_path, capsys) -> None:
         assert err.startswith("error: ") and message in err, err
     assert not (tmp_path / "out" / "consolidated.safetensors").exists()
     assert not list((tmp_path / "out").glob("*.tmp")) if (tmp_path / "out").exists() else True
+
+
+def test_merge_weights_folds_pairs_and_refuses_what_does_not_fit() -> None:
+    """The one merge (merge_lora, export_hf --merged, the in-training merge): its checks by message."""
+    weights = {"layers.0.attention.wq.weight": torch.zeros(8, 4), "norm.weight": torch.ones(4)}
+    a, b = torch.ones(2, 4), torch.ones(8, 2)  # B A = 2 everywhere
+    wq = "layers.0.attention.wq"
+    merged = dict(merge_weights(weights.items(), {f"{wq}.lora_A.weight": a, f"{wq}.lora_B.weight": b}, 0.5))
+    assert torch.equal(merged[f"{wq}.weight"], torch.ones(8, 4)) and merged["norm.weight"] is weights["norm.weight"]
+    wk = "layers.0.attention.wk"
+    cases = [
+        ({f"{wq}.lora_A.weight": a}, "'layers.0.attention.wq' has only one of lora_A/lora_B"),
+        ({f"{wq}.lora_A.weight": a, f"{wq}.lora_B.weight": b, f"{wk}.lora_A.weight": a, f"{wk}.lora_B.weight": b},
+         r"1 adapter\(s\) match no weight of base, e\.g\. \['layers\.0\.attention\.wk'\]"),
+        ({f"{wq}.lora_A.weight": a[:, :3], f"{wq}.lora_B.weight": b},
+         r"'layers.0.attention.wq' adapter shapes \(8, 2\) x \(2, 3\) do not fit base's weight \(8, 4\)"),
+        ({f"{wq}.bias": a}, "'layers.0.attention.wq.bias' is not an adapter weight"),
+    ]
+    for adapters, message in cases:
+        with pytest.raises(MergeError, match=f"^lora.safetensors: {message}"):
+            dict(merge_weights(weights.items(), adapters, 1.0, source="lora.safetensors", base="base"))
 
 
 def test_merge_lora_equals_the_in_training_merge(tmp_path) -> None:

@@ -33,7 +33,7 @@ from model.args import LoraArgs, ModelArgs
 from model.checkpoint import checkpoint_files, is_hf_folder, iter_checkpoint_tensors
 from model.configs import args_from_params, hf_config_from_args, load_model_args
 from model.hf import peft_adapter_config, tensor_to_hf, to_peft_state_dict
-from model.lora import merge_delta
+from model.merge import merge_weights
 
 logger = logging.getLogger("export_hf")
 
@@ -164,18 +164,9 @@ def _merged_tensors(ckpt: Checkpoint, base_model: str | None) -> Iterator[tuple[
             f"base model {base} has shape {_shape(base_args)} but {ckpt.folder / 'params.json'} has "
             f"{_shape(ckpt.args)}; pass the --base_model the adapter was trained on."
         )
-    adapters = load_file(str(ckpt.adapter))
-    for key, weight, _ in iter_checkpoint_tensors(base):
-        module = key.removesuffix(".weight")
-        a, b = adapters.pop(f"{module}.lora_A.weight", None), adapters.pop(f"{module}.lora_B.weight", None)
-        if a is not None and b is not None:
-            weight = merge_delta(weight, a, b, ckpt.lora.scaling)
-        yield key, weight
-    if adapters:
-        raise ExportError(
-            f"{ckpt.adapter}: {len(adapters)} adapter tensor(s) match no base weight, e.g. {sorted(adapters)[:3]}; "
-            f"is {base} the model this adapter was trained on?"
-        )
+    weights = ((key, tensor) for key, tensor, _ in iter_checkpoint_tensors(base))
+    yield from merge_weights(weights, load_file(str(ckpt.adapter)), ckpt.lora.scaling,
+                             source=str(ckpt.adapter), base=str(base))
 
 
 def _shape(args: ModelArgs) -> tuple:

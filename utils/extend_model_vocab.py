@@ -29,7 +29,7 @@ import torch
 
 from model.checkpoint import iter_checkpoint_tensors
 from model.configs import load_model_args, params_from_args
-from utils.merge_lora import tensor_specs, write_streamed
+from model.streaming import tensor_specs, write_streamed
 
 OLD_VOCAB, NEW_VOCAB, N_SPECIAL, N_CONTROL = 32000, 32768, 3, 768
 _VOCAB_KEYS = ("tok_embeddings.weight", "output.weight")

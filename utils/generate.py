@@ -27,11 +27,10 @@ import torch
 
 from finetune.data.tokenizer import load_tokenizer, tokenizer_file
 from model.args import LoraArgs
-from model.checkpoint import load_adapters
+from model.checkpoint import find_adapter, load_adapters
 from model.configs import load_model_args
 from model.generate import generate
 from model.transformer import Transformer
-from utils.merge_lora import find_adapter
 
 
 def load_model(model_dir: str, lora: str | None, device: torch.device, dtype: torch.dtype) -> Transformer:

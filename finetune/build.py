@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -20,7 +19,6 @@ from finetune.loss import CausalLMLoss
 from finetune.parallel import freeze, parallelize
 from model.args import LoraArgs, ModelArgs
 from model.checkpoint import iter_base_weights, load_adapters_state
-from model.configs import load_model_args
 from model.lora import init_lora_A_, is_lora_key, lora_modules
 from model.quant import NF4LoRALinear, import_bitsandbytes, quantize_lora_layers, quantize_nf4
 from model.transformer import Transformer
@@ -33,8 +31,7 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 @dataclass
 class Precision:
     name: str
-    compute: torch.dtype  # forward/backward matmuls
-    base: torch.dtype  # storage of frozen weights
+    dtype: torch.dtype  # forward/backward matmuls and the storage of frozen weights
 
 
 def resolve_precision(requested: str, device: torch.device) -> Precision:
@@ -44,7 +41,7 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
             name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
             name = "fp32"
-    return Precision(name, _DTYPES[name], _DTYPES[name])
+    return Precision(name, _DTYPES[name])
 
 
 # FlexAttention's GPU kernels need head_dim >= 16 (every released Mistral model has 128).
@@ -82,29 +79,29 @@ def check_compile(compile: bool, model_args: ModelArgs, folder: str) -> None:
         )
 
 
-def build_model(args: TrainArgs, device: torch.device, precision: Precision) -> tuple[CausalLMLoss, ModelArgs]:
-    folder = args.model_id_or_path
-    if not Path(folder).is_dir():
-        raise ConfigError(
-            f"model_id_or_path '{folder}' is not a folder: download the model (params.json + "
-            "consolidated.safetensors + tokenizer) and point model_id_or_path at it."
-        )
-    model_args = load_model_args(folder)
-    check_trainable_vocab(model_args, folder)
-    lora = args.lora if args.lora.enable else None
+def check_model_settings(args: TrainArgs, model_args: ModelArgs, device: torch.device) -> None:
+    """Refuse, before anything is built or written, the settings this model cannot train with."""
+    check_trainable_vocab(model_args, args.model_id_or_path)
+    check_compile(args.compile, model_args, args.model_id_or_path)
     check_quantization(args.quantization)
-    check_compile(args.compile, model_args, folder)
+    resolve_attention(args.attention, device, model_args.head_dim)
+    if args.init_lora_from and not args.lora.enable:
+        raise ConfigError("'init_lora_from' needs lora.enable: true.")
+
+
+def build_model(args: TrainArgs, model_args: ModelArgs, device: torch.device, precision: Precision) -> CausalLMLoss:
+    """The sharded training model with the base weights of ``args.model_id_or_path`` and initial
+    adapters; ``check_model_settings`` has accepted the settings."""
+    lora = args.lora if args.lora.enable else None
     model = build_sharded(
         model_args, lora, device, precision,
         attention=resolve_attention(args.attention, device, model_args.head_dim),
         checkpoint_mode=args.checkpoint_mode, loss_chunk_size=args.loss_chunk_size,
         quantization=args.quantization, compile=args.compile,
     )
-    _load_base(model, folder, device)
+    _load_base(model, args.model_id_or_path, device)
     _init_adapters(model, seed=args.seed, device=device)
     if args.init_lora_from:
-        if lora is None:
-            raise ConfigError("'init_lora_from' needs lora.enable: true.")
         _load_into_shards(model, load_adapters_state(model.model, args.init_lora_from), device)
         logger.info("Adapters initialised from %s", args.init_lora_from)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)  # DTensors report global sizes
@@ -114,7 +111,7 @@ def build_model(args: TrainArgs, device: torch.device, precision: Precision) -> 
     logger.info(
         "%s out of %s parameters are fine-tuned (%.2f%%).", f"{n_train:,}", f"{n_total:,}", 100 * n_train / n_total
     )
-    return model, model_args
+    return model
 
 
 def build_sharded(
@@ -134,12 +131,12 @@ def build_sharded(
         model = CausalLMLoss(Transformer(model_args, lora=lora, attention=attention), chunk_size=loss_chunk_size)
     if quantization == "nf4":
         # Packed codes stored in the compute dtype: FSDP2 shards them and its cast is a no-op.
-        quantize_lora_layers(model.model, storage_dtype=precision.base)
+        quantize_lora_layers(model.model, storage_dtype=precision.dtype)
     freeze(model, lora is not None)
     # Storage dtypes before sharding: frozen base in the compute dtype, trainable weights in float32.
     for p in model.parameters():
-        p.data = p.data.to(torch.float32 if p.requires_grad else precision.base)
-    parallelize(model, compute_dtype=precision.compute, checkpoint_mode=checkpoint_mode, compile=compile)
+        p.data = p.data.to(torch.float32 if p.requires_grad else precision.dtype)
+    parallelize(model, compute_dtype=precision.dtype, checkpoint_mode=checkpoint_mode, compile=compile)
     model.to_empty(device=device)
     return model
 

@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -90,6 +91,22 @@ def all_reduce_max(value: float, device: torch.device) -> float:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
+
+
+def broadcast_json(value: Any, device: torch.device) -> Any:
+    """Rank 0's ``value`` on every rank (the others pass None), sent as JSON text: two broadcasts,
+    its length then its bytes."""
+    if not dist.is_initialized():
+        return value
+    data = json.dumps(value).encode() if is_main() else b""
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=0)
+    if is_main():
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    else:
+        buf = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    dist.broadcast(buf, src=0)
+    return value if is_main() else json.loads(buf.cpu().numpy().tobytes())
 
 
 # How long destroy() releases the GIL to the backend's threads before the interpreter may exit.

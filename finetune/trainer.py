@@ -16,16 +16,17 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from tqdm import tqdm
 
 from finetune import distributed as D
 from finetune.args import TrainArgs, load_train_args
-from finetune.build import Precision, build_model, check_compile, check_trainable_vocab, resolve_precision
+from finetune.build import Precision, build_model, check_model_settings, resolve_precision
 from finetune.checkpointing import checkpoint_dir, latest_resumable, load_checkpoint, save_checkpoint
 from finetune.config import ConfigError, to_dict
-from finetune.data.cache import resolve_cache_dir
-from finetune.data.loader import Batch, build_eval_loader, build_train_loader
-from finetune.data.tokenizer import load_tokenizer
+from finetune.data.dataset import SourceData, open_manifest
+from finetune.data.loader import Batch, TrainLoader, build_eval_batches, build_train_loader
+from finetune.data.tokenizer import load_tokenizer, tokenizer_file_to_ship
 from finetune.data.validation import check_data
 from finetune.loss import CausalLMLoss
 from finetune.monitoring import MetricsLogger, format_duration, peak_memory_gb, setup_logging, start_wandb
@@ -145,7 +146,7 @@ def _update_loss_scale(state: TrainState, finite: bool) -> None:
 def evaluate(model: CausalLMLoss, batches: list[Batch], device: torch.device) -> tuple[float, float, int]:
     """Token-weighted loss over the whole eval set (all ranks) and perplexity exp(loss)."""
     model.eval()
-    loss_sum, n = torch.zeros((), dtype=torch.float64, device=device), 0  # summed as before, in float64
+    loss_sum, n = torch.zeros((), dtype=torch.float64, device=device), 0  # float64: many batches summed
     for batch in batches:
         x, y, mask = _to_device(batch, device)
         loss_sum += model(x, batch.seqlens, y, mask)  # stays on the device: one sync at the end
@@ -186,26 +187,55 @@ def _from_b64(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
 
-def _tokenizer_to_ship(tokenizer) -> tuple[Path, str]:
-    """(source file, name in the checkpoint): the file the tokenizer was loaded from, under the name
-    mistral-common and mistral-inference look for."""
-    src = Path(tokenizer.instruct_tokenizer.tokenizer.file_path)
-    if src.name == "tekken.json" or src.name.startswith("tokenizer.model"):
-        return src, src.name
-    return src, "tekken.json" if src.suffix == ".json" else "tokenizer.model"
+@dataclass
+class Inputs:
+    """What a run reads before it builds anything: each file read and checked once, on every rank."""
+
+    model_args: ModelArgs
+    tokenizer: MistralTokenizer
+    train_data: list[SourceData]
+    eval_data: list[SourceData]  # empty with no_eval or no eval source
 
 
-def check_data_on_rank0(args: TrainArgs, tokenizer, config_path: str, device: torch.device, cache_dir: Path) -> None:
-    """Rank 0 scans every line; all ranks stop together if any line is invalid or a file is unreadable."""
-    error = None
+def load_inputs(args: TrainArgs, config_path: str, device: torch.device) -> Inputs:
+    """The model's params, its tokenizer and the data, checked before anything is written: a mistake
+    leaves no run_dir behind."""
+    folder = Path(args.model_id_or_path)
+    if not folder.is_dir():
+        raise ConfigError(
+            f"model_id_or_path '{folder}' is not a folder: download the model (params.json + "
+            "consolidated.safetensors + tokenizer) and point model_id_or_path at it."
+        )
+    model_args = load_model_args(folder)
+    check_model_settings(args, model_args, device)  # before the tokenizer: a v1 vocabulary's error is clearer
+    tokenizer = load_tokenizer(folder, model_args.vocab_size, args.tokenizer_path)
+    train_data, eval_data = scan_data_on_rank0(args, tokenizer, config_path, device)
+    return Inputs(model_args, tokenizer, train_data, eval_data)
+
+
+def scan_data_on_rank0(
+    args: TrainArgs, tokenizer: MistralTokenizer, config_path: str, device: torch.device
+) -> tuple[list[SourceData], list[SourceData]]:
+    """Rank 0 reads every line into the token cache and reports every invalid one; it then sends the
+    other ranks the names of the cache entries, which they open without reading the data files. On
+    an error (an invalid line, an unreadable file) every rank stops, and only rank 0 has the message."""
+    sent: dict[str, Any] | None = None
+    error: Exception | None = None
     if D.is_main():
         try:
-            report = check_data(args.data, tokenizer.instruct_tokenizer, args.seq_len, cache_dir=cache_dir,
-                                include_eval=not args.no_eval)
+            report = check_data(args.data, tokenizer.instruct_tokenizer, args.seq_len, include_eval=not args.no_eval)
             report.raise_if_invalid(config_path)
+            sent = report.manifest()
         except (ValueError, OSError) as e:  # OSError: a file vanished or is unreadable
-            error = e
-    _agree_or_raise(error, device, "invalid training data")
+            error, sent = e, {"error": True}
+    received = D.broadcast_json(sent, device)
+    if "error" in received:
+        raise error if error is not None else ConfigError("invalid training data (see rank 0's message)")
+    if D.is_main():
+        return report.train, report.eval
+    it = tokenizer.instruct_tokenizer
+    cache = args.data.cache_path
+    return open_manifest(received["train"], it, cache), open_manifest(received["eval"], it, cache)
 
 
 def _agree_or_raise(error: Exception | None, device: torch.device, what: str) -> None:
@@ -214,14 +244,6 @@ def _agree_or_raise(error: Exception | None, device: torch.device, what: str) ->
         if error is not None:
             raise error
         raise ConfigError(f"{what} (see rank 0's message)")
-
-
-def build_loaders(args: TrainArgs, instruct_tokenizer, cache_dir: Path) -> tuple[Any, list[Batch]]:
-    """This rank's training loader (seeded, resumable) and the evaluation batches (empty with no_eval)."""
-    kw = dict(seq_len=args.seq_len, batch_size=args.batch_size, rank=D.rank(), world_size=D.world_size(),
-              cache_dir=cache_dir)
-    loader = build_train_loader(args.data, instruct_tokenizer, seed=args.seed, **kw)
-    return loader, [] if args.no_eval else build_eval_loader(args.data, instruct_tokenizer, **kw)
 
 
 def build_optimizer(model: CausalLMLoss, args: TrainArgs) -> torch.optim.Optimizer:
@@ -336,121 +358,176 @@ def _diverged(step: int, what: str, run_dir: Path, args: TrainArgs, precision: P
     )
 
 
+@dataclass
+class Training:
+    """Everything a run trains with: built by ``setup``, used by ``train`` and by ``utils.measure``."""
+
+    args: TrainArgs
+    device: torch.device
+    precision: Precision
+    inputs: Inputs
+    model: CausalLMLoss
+    optimizer: torch.optim.Optimizer
+    loader: TrainLoader
+    eval_batches: list[Batch]
+    state: TrainState
+
+
+def setup(args: TrainArgs, inputs: Inputs, device: torch.device, precision: Precision,
+          resume_from: Path | None = None) -> Training:
+    """Loaders over the checked data, the sharded model, its optimizer, and the state (restored from
+    ``resume_from`` when given)."""
+    policy = args.data.long_sample_policy
+    kw = dict(seq_len=args.seq_len, batch_size=args.batch_size, rank=D.rank(), world_size=D.world_size(),
+              long_sample_policy=policy)
+    loader = build_train_loader(inputs.train_data, seed=args.seed, **kw)
+    eval_batches = [] if args.no_eval else build_eval_batches(inputs.eval_data, **kw)
+    model = build_model(args, inputs.model_args, device, precision)
+    optimizer = build_optimizer(model, args)
+    state = TrainState() if resume_from is None else _resume(resume_from, model, optimizer, loader, args)
+    return Training(args, device, precision, inputs, model, optimizer, loader, eval_batches, state)
+
+
+def save(t: Training, run_dir: Path) -> None:
+    """A resumable checkpoint of step ``t.state.step`` (collective: every rank calls it)."""
+    args = t.args
+    save_checkpoint(
+        run_dir, t.state.step, t.model, t.optimizer,
+        model_args=t.inputs.model_args, lora=args.lora if args.lora.enable else None,
+        save_adapters=args.save_adapters, save_dtype=t.precision.dtype,
+        tokenizer_file=tokenizer_file_to_ship(t.inputs.tokenizer),
+        train_state={"train": asdict(t.state), "world_size": D.world_size(), "config": to_dict(args)},
+        rank_state=_rng_state(t.loader), num_keep=args.num_ckpt_keep,
+    )
+
+
+def tokens_per_step(args: TrainArgs) -> int:
+    """Input positions per optimizer step over all ranks, filler included."""
+    return args.batch_size * args.seq_len * args.num_microbatches * D.world_size()
+
+
 def run(args: TrainArgs, config_path: str, device: torch.device) -> None:
     precision = resolve_precision(args.precision, device)
     torch.manual_seed(args.seed + D.rank())  # dropout masks; data order has its own seeded RNGs
     logger.info("Training on %d process(es), device %s, precision %s, activation checkpointing %s",
                 D.world_size(), device.type, precision.name, args.checkpoint_mode)
-    # Model and data are checked before anything is written: a mistake leaves no run_dir behind.
-    model_args = load_model_args(args.model_id_or_path)
-    check_trainable_vocab(model_args, args.model_id_or_path)  # before the tokenizer: its error is clearer
-    check_compile(args.compile, model_args, args.model_id_or_path)
-    tokenizer = load_tokenizer(args.model_id_or_path, model_args.vocab_size, args.tokenizer_path)
-    cache_dir = resolve_cache_dir(args.data.cache_dir)
-    check_data_on_rank0(args, tokenizer, config_path, device, cache_dir)
-
+    inputs = load_inputs(args, config_path, device)
     run_dir = Path(args.run_dir)
     lock = _lock_run_dir(run_dir, device)  # held until this process exits
     try:
-        _train(args, config_path, device, precision, model_args, tokenizer, cache_dir, run_dir)
+        resume_from = _find_resumable(run_dir, device)
+        if D.is_main():
+            (run_dir / "args.yaml").write_text(yaml.safe_dump(to_dict(args), sort_keys=False))
+        D.barrier()
+        t = setup(args, inputs, device, precision, resume_from)
+        if D.is_main():  # rows past the restart point belong to an attempt that is being redone
+            keep_metrics_up_to(run_dir, t.state.step)
+        if t.state.step >= args.max_steps:
+            logger.info("Nothing to do: run_dir already reached max_steps=%d.", args.max_steps)
+            return
+        train(t, run_dir, resumed=resume_from is not None)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(args: TrainArgs, config_path: str, device: torch.device, precision: Precision, model_args: ModelArgs,
-           tokenizer, cache_dir: Path, run_dir: Path) -> None:
-    resume_from = _find_resumable(run_dir, device)
-    if D.is_main():
-        (run_dir / "args.yaml").write_text(yaml.safe_dump(to_dict(args), sort_keys=False))
-    D.barrier()
-    loader, eval_batches = build_loaders(args, tokenizer.instruct_tokenizer, cache_dir)
-    model, model_args = build_model(args, device, precision)
-    optimizer = build_optimizer(model, args)
-    state = TrainState() if resume_from is None else _resume(resume_from, model, optimizer, loader, args)
-    if D.is_main():  # rows past the restart point belong to an attempt that is being redone
-        keep_metrics_up_to(run_dir, state.step)
-    if state.step >= args.max_steps:
-        logger.info("Nothing to do: run_dir already reached max_steps=%d.", args.max_steps)
-        return
-
-    wandb_run = (
-        start_wandb(args.wandb.project, args.wandb.run_name, args.wandb.offline, run_dir, to_dict(args))
-        if args.wandb_enabled else None
-    )
-    train_log = MetricsLogger(run_dir, "train", wandb_run)
-    eval_log = MetricsLogger(run_dir, "eval", wandb_run)
-    tok_file = _tokenizer_to_ship(tokenizer)
-    tokens_per_step = args.batch_size * args.seq_len * args.num_microbatches * D.world_size()
+def train(t: Training, run_dir: Path, resumed: bool) -> None:
+    """The loop: steps until max_steps, a stop request or divergence; evaluates, logs and saves."""
+    args, state = t.args, t.state
+    progress = Progress(t, run_dir)
     stop, launcher = StopRequest(), LauncherWatch()
-    progress = tqdm(total=args.max_steps, initial=state.step, disable=not (D.is_main() and sys.stderr.isatty()),
-                    dynamic_ncols=True, leave=False)
-
-    def checkpoint(step: int) -> None:
-        save_checkpoint(
-            run_dir, step, model, optimizer,
-            model_args=model_args, lora=args.lora if args.lora.enable else None,
-            save_adapters=args.save_adapters, save_dtype=precision.compute, tokenizer_file=tok_file,
-            train_state={"train": asdict(state), "world_size": D.world_size(), "config": to_dict(args)},
-            rank_state=_rng_state(loader), num_keep=args.num_ckpt_keep,
-        )
-
-    model.train()
-    last_saved = state.step if resume_from is not None else None
-    first_step, session_start, session_steps, session_seconds = state.step, time.perf_counter(), 0, 0.0
+    last_saved = state.step if resumed else None
+    t.model.train()
     while state.step < args.max_steps:
         step = state.step + 1
         lr = lr_at(step, args)
-        for group in optimizer.param_groups:
+        for group in t.optimizer.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
-        batches = [next(loader) for _ in range(args.num_microbatches)]
-        loss, grad_norm, applied = train_step(model, optimizer, batches, args, state, precision, device)
-        # grad_norm and loss are reduced over ranks: every rank takes the same branch.
-        problem = divergence(loss, grad_norm, applied, state, precision.name)
+        batches = [next(t.loader) for _ in range(args.num_microbatches)]
+        loss, grad_norm, applied = train_step(t.model, t.optimizer, batches, args, state, t.precision, t.device)
+        # loss and grad_norm are reduced over ranks: every rank takes the same branch.
+        problem = divergence(loss, grad_norm, applied, state, t.precision.name)
         if problem is not None:
-            raise _diverged(step, problem, run_dir, args, precision)
+            raise _diverged(step, problem, run_dir, args, t.precision)
         dt = time.perf_counter() - t0
-        state.step, state.tokens_seen, state.train_seconds = step, state.tokens_seen + tokens_per_step, state.train_seconds + dt
-        session_steps, session_seconds = session_steps + 1, session_seconds + dt
-        progress.update(1)
+        state.step, state.tokens_seen, state.train_seconds = step, state.tokens_seen + tokens_per_step(args), state.train_seconds + dt
         is_last = step == args.max_steps
-        orphaned = launcher.launcher_died()
-        if orphaned:
-            logger.warning("The torchrun launcher (pid %d) is gone: saving a checkpoint and exiting.", launcher.parent)
-        stopping = D.all_reduce_max(1.0 if stop.requested or orphaned else 0.0, device) > 0
-
-        if not args.no_eval and ((args.eval_freq > 0 and step % args.eval_freq == 0) or is_last):
-            eval_loss, ppl, n_eval = evaluate(model, eval_batches, device)
-            eval_log.log({"step": step, "eval_loss": eval_loss, "perplexity": ppl, "eval_tokens": n_eval, "train_loss": loss})
-            logger.info("step %d | eval_loss %.4f | perplexity %.3f | %d target tokens", step, eval_loss, ppl, n_eval)
-
-        if step % args.log_freq == 0 or is_last or stopping:
-            elapsed = time.perf_counter() - session_start
-            rate = session_steps * tokens_per_step / elapsed
-            mem = peak_memory_gb(device)
-            train_log.log({
-                "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
-                "avg_tokens_per_s": rate, "peak_mem_gb": mem, "tokens_seen": state.tokens_seen,
-                "step_skipped": not applied,
-            })
-            eta = format_duration((args.max_steps - step) * elapsed / session_steps)
-            line = (f"step {step:>6}/{args.max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f} | "
-                    f"{rate:,.0f} tok/s | peak mem {mem:.2f} GB | ETA {eta}")
-            (progress.write(line) if not progress.disable else logger.info(line))
-
-        if not args.no_ckpt and ((args.ckpt_freq > 0 and step % args.ckpt_freq == 0) or is_last or stopping):
-            checkpoint(step)
+        stopping = _stop_agreed(stop, launcher, t.device)
+        if not args.no_eval and (_every(step, args.eval_freq) or is_last):
+            progress.log_eval(step, evaluate(t.model, t.eval_batches, t.device), loss)
+        progress.step_done(step, loss, lr, grad_norm, applied, dt, log=step % args.log_freq == 0 or is_last or stopping)
+        if not args.no_ckpt and (_every(step, args.ckpt_freq) or is_last or stopping):
+            save(t, run_dir)
             last_saved = step
         if stopping:
             logger.info("Stop requested: saved step %s, exiting. Re-run the same command to resume.", last_saved)
             break
-    progress.close()
-    if wandb_run is not None:
-        wandb_run.finish()
-    resumed = f" (resumed at step {first_step}; {format_duration(state.train_seconds)} of training in all)" if first_step else ""
-    logger.info("Done: step %d of %d; this run trained %d steps in %s%s.", state.step, args.max_steps,
-                session_steps, format_duration(session_seconds), resumed)
+    progress.finish()
+
+
+def _every(step: int, freq: int) -> bool:
+    return freq > 0 and step % freq == 0
+
+
+def _stop_agreed(stop: StopRequest, launcher: LauncherWatch, device: torch.device) -> bool:
+    """Whether any rank was asked to stop (a signal, or its launcher died): all ranks stop together."""
+    orphaned = launcher.launcher_died()
+    if orphaned:
+        logger.warning("The torchrun launcher (pid %d) is gone: saving a checkpoint and exiting.", launcher.parent)
+    return D.all_reduce_max(1.0 if stop.requested or orphaned else 0.0, device) > 0
+
+
+class Progress:
+    """Metrics files, wandb, the progress bar and the log lines of one session of a run."""
+
+    def __init__(self, t: Training, run_dir: Path) -> None:
+        args = t.args
+        self.args, self.device = args, t.device
+        self.state, self.first_step = t.state, t.state.step
+        self.wandb_run = (
+            start_wandb(args.wandb.project, args.wandb.run_name, args.wandb.offline, run_dir, to_dict(args))
+            if args.wandb_enabled else None
+        )
+        self.train_log = MetricsLogger(run_dir, "train", self.wandb_run)
+        self.eval_log = MetricsLogger(run_dir, "eval", self.wandb_run)
+        self.bar = tqdm(total=args.max_steps, initial=t.state.step, disable=not (D.is_main() and sys.stderr.isatty()),
+                        dynamic_ncols=True, leave=False)
+        self.started, self.steps, self.seconds = time.perf_counter(), 0, 0.0
+
+    def log_eval(self, step: int, result: tuple[float, float, int], train_loss: float) -> None:
+        eval_loss, ppl, n_eval = result
+        self.eval_log.log({"step": step, "eval_loss": eval_loss, "perplexity": ppl, "eval_tokens": n_eval,
+                           "train_loss": train_loss})
+        logger.info("step %d | eval_loss %.4f | perplexity %.3f | %d target tokens", step, eval_loss, ppl, n_eval)
+
+    def step_done(self, step: int, loss: float, lr: float, grad_norm: float, applied: bool, dt: float, log: bool) -> None:
+        self.steps, self.seconds = self.steps + 1, self.seconds + dt
+        self.bar.update(1)
+        if not log:
+            return
+        elapsed = time.perf_counter() - self.started
+        per_step = tokens_per_step(self.args)
+        rate = self.steps * per_step / elapsed
+        mem = peak_memory_gb(self.device)
+        self.train_log.log({
+            "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": per_step / dt,
+            "avg_tokens_per_s": rate, "peak_mem_gb": mem, "tokens_seen": self.state.tokens_seen,
+            "step_skipped": not applied,
+        })
+        eta = format_duration((self.args.max_steps - step) * elapsed / self.steps)
+        line = (f"step {step:>6}/{self.args.max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f} | "
+                f"{rate:,.0f} tok/s | peak mem {mem:.2f} GB | ETA {eta}")
+        (self.bar.write(line) if not self.bar.disable else logger.info(line))
+
+    def finish(self) -> None:
+        self.bar.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+        resumed = (f" (resumed at step {self.first_step}; {format_duration(self.state.train_seconds)} of training "
+                   "in all)" if self.first_step else "")
+        logger.info("Done: step %d of %d; this run trained %d steps in %s%s.", self.state.step, self.args.max_steps,
+                    self.steps, format_duration(self.seconds), resumed)
 
 
 _USAGE = """usage: train.py CONFIG.yaml [--key value ...]

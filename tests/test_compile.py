@@ -199,6 +199,7 @@ def _ranks_worker(rank: int, world: int, folder: str, out: str, port: int) -> No
     from finetune.build import build_model, resolve_precision
     from finetune.checkpointing import gather_adapters
     from finetune.trainer import TrainState, train_step
+    from model.configs import load_model_args
 
     device = init_test_rank(rank, world, port)
     mine = microbatches(4, 48, 0.2)[rank::world]
@@ -207,7 +208,7 @@ def _ranks_worker(rank: int, world: int, folder: str, out: str, port: int) -> No
                      lora=LoraArgs(rank=4), num_microbatches=len(mine), max_norm=1e9,
                      checkpoint="selective", compile=compiled)
     precision = resolve_precision("fp32", device)
-    model, _ = build_model(args, device, precision)
+    model = build_model(args, load_model_args(args.model_id_or_path), device, precision)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     losses = [train_step(model, optimizer, mine, args, TrainState(), precision, device)[0] for _ in range(2)]
     adapters = gather_adapters(model, torch.float32)

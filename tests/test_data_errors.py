@@ -9,8 +9,7 @@ import pytest
 
 from finetune.data.args import DataArgs
 from finetune.data.errors import DataFormatError
-from finetune.data.loader import build_train_loader
-from finetune.data.tokenize import SampleType, encode
+from finetune.data.tokenize import SampleType, encode_all
 from finetune.data.validation import check_data, write_corrected
 from tests.data_helpers import TOOLS, call, chat, spm, tool_conversation, tool_conversation_with, write_jsonl
 
@@ -190,7 +189,7 @@ def test_bad_instruct_line_reported_with_file_and_line(tmp_path, case) -> None:
     bad, kind, fix = BAD_INSTRUCT[case]
     bad_line = bad if isinstance(bad, str) else json.dumps(bad)
     path = write_jsonl(tmp_path / "train.jsonl", [GOOD, bad_line, GOOD])
-    report = check_data(DataArgs(instruct_data=str(path)), SPM, 512, cache_dir=tmp_path / "cache")
+    report = check_data(DataArgs(instruct_data=str(path), cache_dir=str(tmp_path / "cache")), SPM, 512)
     assert [(e.path, e.line, e.kind) for e in report.errors] == [(str(path), 2, kind)]
     assert report.sources[0].valid == 2 and report.sources[0].invalid == 1
     import re
@@ -214,7 +213,7 @@ def test_bad_instruct_line_reported_with_file_and_line(tmp_path, case) -> None:
 def test_bad_pretrain_line(tmp_path, raw, kind, fix) -> None:
     path = tmp_path / "text.jsonl"
     _write_raw(path, [b'{"text": "ok"}', raw, b'{"text": "fine"}'])
-    report = check_data(DataArgs(data=str(path)), SPM, 512, cache_dir=tmp_path / "cache")
+    report = check_data(DataArgs(data=str(path), cache_dir=str(tmp_path / "cache")), SPM, 512)
     assert [(e.line, e.kind) for e in report.errors] == [(2, kind)]
     assert fix in report.errors[0].message
 
@@ -222,30 +221,28 @@ def test_bad_pretrain_line(tmp_path, raw, kind, fix) -> None:
 def test_bom_and_crlf_are_accepted(tmp_path) -> None:
     path = tmp_path / "win.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + GOOD.encode() + b"\r\n" + GOOD.encode() + b"\r\n")
-    report = check_data(DataArgs(instruct_data=str(path)), SPM, 512, cache_dir=tmp_path / "cache")
+    report = check_data(DataArgs(instruct_data=str(path), cache_dir=str(tmp_path / "cache")), SPM, 512)
     assert report.ok and report.sources[0].valid == 2
 
 
 def test_training_refuses_invalid_data(tmp_path) -> None:
     path = write_jsonl(tmp_path / "train.jsonl", [GOOD, "{oops", GOOD, json.dumps({"messages": []})])
-    args = DataArgs(instruct_data=str(path))
-    report = check_data(args, SPM, 512, cache_dir=tmp_path / "cache")
+    args = DataArgs(instruct_data=str(path), cache_dir=str(tmp_path / "cache"))
+    report = check_data(args, SPM, 512)
     with pytest.raises(DataFormatError, match="--train_yaml conf.yaml --create_corrected") as info:
         report.raise_if_invalid("conf.yaml")
-    assert f"{path}:2: invalid JSON" in str(info.value) and f"{path}:4: " in str(info.value)
-    with pytest.raises(DataFormatError, match=f"{path}:2: invalid JSON") as info:
-        build_train_loader(
-            args, SPM, seq_len=512, batch_size=1, seed=0, rank=0, world_size=1, cache_dir=tmp_path / "cache"
-        )
-    assert info.value.__cause__ is None
+    message = str(info.value)
+    assert f"{path}:2: invalid JSON" in message and f"{path}:4: " in message
+    assert message.count(f"{path}:2:") == 1 and info.value.__cause__ is None  # one line per bad line
 
 
 def test_errors_never_carry_a_mistral_common_traceback() -> None:
     with pytest.raises(DataFormatError) as info:
-        encode(
+        encode_all(
             {"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]},
             SPM,
             SampleType.INSTRUCT,
+            chunk=False,
         )
     assert info.value.__cause__ is None and info.value.__context__ is None
     assert "message 1 has role 'robot'" in str(info.value)  # __str__ works (the reference's crashed)
@@ -259,6 +256,14 @@ def test_write_corrected(tmp_path) -> None:
     result = write_corrected(path, out, SampleType.INSTRUCT, SPM)
     assert result.kept == 3 and result.fixed == [2]
     assert [(e.line, e.kind) for e in result.dropped] == [(3, "blank_line"), (4, "bad_type")]
-    report = check_data(DataArgs(instruct_data=str(out)), SPM, 512, cache_dir=tmp_path / "cache")
+    report = check_data(DataArgs(instruct_data=str(out), cache_dir=str(tmp_path / "cache")), SPM, 512)
     assert report.ok and report.sources[0].lines == 3
     assert out.read_text().splitlines()[0] == GOOD
+
+
+@pytest.mark.parametrize("role", [{"name": "user"}, ["user"], 3])
+def test_a_role_that_is_not_a_string_is_an_unknown_role(role) -> None:
+    sample = {"messages": [{"role": role, "content": "a"}, {"role": "assistant", "content": "b"}]}
+    with pytest.raises(DataFormatError, match="message 0 has role .*; use one of") as info:
+        encode_all(sample, SPM, SampleType.INSTRUCT, chunk=False)
+    assert info.value.kind == "unknown_role"

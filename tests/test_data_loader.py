@@ -1,7 +1,7 @@
 """Packing, mixing, sharding, determinism, resume, eval, cache: checked on the batches themselves.
 
-Every segment of a batch is looked up among the samples encoded directly with ``encode`` (not through
-the cache), so these tests also check that the cache stores exactly what ``encode`` produces.
+Every segment of a batch is looked up among the samples encoded directly with ``encode_all`` (not
+through the cache), so these tests also check that the cache stores exactly what it produces.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import logging
 import math
 import random
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,8 @@ import pytest
 
 from finetune.data.args import DataArgs, InstructArgs
 from finetune.data.cache import TokenizerPool, load_tokenized
-from finetune.data.loader import Batch, build_eval_loader, build_train_loader
-from finetune.data.tokenize import SampleType, encode
+from finetune.data.loader import Batch, build_eval_batches, build_train_loader
+from finetune.data.tokenize import SampleType, encode_all
 from finetune.data.validation import check_data
 from tests.data_helpers import chat, numbered_texts, spm, write_jsonl
 
@@ -31,7 +32,7 @@ def lookup(
 ) -> dict[tuple[int, ...], tuple[str, int, list[bool]]]:
     out = {}
     for i, s in enumerate(samples):
-        ts = encode(s, SPM, as_type)
+        ts = encode_all(s, SPM, as_type, chunk=False)[0]
         out[tuple(ts.tokens)] = (tag, i, ts.masks)
     return out
 
@@ -71,11 +72,24 @@ def pretrain_file(
     return write_jsonl(tmp_path / f"{name}.jsonl", samples), samples
 
 
+def checked(args: DataArgs, cache: Path, seq_len: int = 128):
+    """check_data with the token cache in ``cache``: the report the loaders are built from."""
+    report = check_data(replace(args, cache_dir=str(cache)), SPM, seq_len)
+    assert report.ok, report.errors
+    return report
+
+
 def loader(tmp_path, args, **kw):
     kw.setdefault("seed", 0)
     kw.setdefault("rank", 0)
     kw.setdefault("world_size", 1)
-    return build_train_loader(args, SPM, cache_dir=tmp_path / "cache", **kw)
+    report = checked(args, tmp_path / "cache", kw["seq_len"])
+    return build_train_loader(report.train, long_sample_policy=args.long_sample_policy, **kw)
+
+
+def eval_batches(args, cache, **kw):
+    report = checked(args, cache, kw["seq_len"])
+    return build_eval_batches(report.eval, long_sample_policy=args.long_sample_policy, **kw)
 
 
 def test_packing_never_splits_a_fitting_sample(tmp_path) -> None:
@@ -192,10 +206,10 @@ def _long_file(tmp_path) -> tuple[Path, list[dict]]:
 @pytest.mark.parametrize("policy", ["split", "truncate", "drop"])
 def test_long_sample_policy(tmp_path, policy) -> None:
     path, samples = _long_file(tmp_path)
-    long_tokens = encode(samples[-1], SPM, SampleType.PRETRAIN).tokens
+    long_tokens = encode_all(samples[-1], SPM, SampleType.PRETRAIN, chunk=False)[0].tokens
     seq_len = 64
     args = DataArgs(data=str(path), long_sample_policy=policy)
-    report = check_data(args, SPM, seq_len, cache_dir=tmp_path / "cache")
+    report = check_data(replace(args, cache_dir=str(tmp_path / "cache")), SPM, seq_len)
     assert report.sources[0].too_long == 1
     ld = loader(tmp_path, args, seq_len=seq_len, batch_size=1, buffer_size=4)
     segs = []
@@ -222,15 +236,7 @@ def test_eval_uses_every_sample_once(tmp_path, world_size, batch_size) -> None:
     known = lookup(samples, SampleType.INSTRUCT, "eval")
     args = DataArgs(instruct_data=str(path), eval_instruct_data=str(path))
     per_rank = [
-        build_eval_loader(
-            args,
-            SPM,
-            seq_len=128,
-            batch_size=batch_size,
-            rank=r,
-            world_size=world_size,
-            cache_dir=tmp_path / "c",
-        )
+        eval_batches(args, tmp_path / "c", seq_len=128, batch_size=batch_size, rank=r, world_size=world_size)
         for r in range(world_size)
     ]
     assert len({len(b) for b in per_rank}) == 1  # same number of batches on every rank
@@ -239,7 +245,7 @@ def test_eval_uses_every_sample_once(tmp_path, world_size, batch_size) -> None:
     )
     assert used == Counter({("eval", i): 1 for i in range(23)})
     total_targets = sum(b.n_targets for batches in per_rank for b in batches)
-    assert total_targets == sum(sum(encode(s, SPM, SampleType.INSTRUCT).masks[1:]) for s in samples)
+    assert total_targets == sum(sum(encode_all(s, SPM, SampleType.INSTRUCT, chunk=False)[0].masks[1:]) for s in samples)
     for batches in per_rank:
         assert all(len(b.x) == batch_size * 128 for b in batches)
 
@@ -257,9 +263,7 @@ def test_eval_pads_ranks_to_the_same_batch_count(tmp_path) -> None:
     path = write_jsonl(tmp_path / "e.jsonl", samples)
     args = DataArgs(instruct_data=str(path), eval_instruct_data=str(path))
     r0, r1 = (
-        build_eval_loader(
-            args, SPM, seq_len=110, batch_size=1, rank=r, world_size=2, cache_dir=tmp_path / "c"
-        )
+        eval_batches(args, tmp_path / "c", seq_len=110, batch_size=1, rank=r, world_size=2)
         for r in (0, 1)
     )
     assert len(r0) == len(r1) == 2
@@ -271,14 +275,13 @@ def test_cache_is_reused_and_keyed_by_content(tmp_path, caplog) -> None:
     path, _ = pretrain_file(tmp_path, "doc", 50)
     cache = tmp_path / "cache"
     args = DataArgs(data=str(path))
-    check_data(args, SPM, 128, cache_dir=cache)
+    check_data(replace(args, cache_dir=str(cache)), SPM, 128)
     assert caplog.text.count("Tokenized") == 1
     entries = sorted(p.name for p in cache.iterdir() if p.is_dir())
     caplog.clear()
-    check_data(args, SPM, 128, cache_dir=cache)
-    ld = build_train_loader(
-        args, SPM, seq_len=128, batch_size=1, seed=0, rank=0, world_size=1, cache_dir=cache
-    )
+    check_data(replace(args, cache_dir=str(cache)), SPM, 128)
+    ld = build_train_loader(checked(args, cache).train, seq_len=128, batch_size=1, seed=0, rank=0, world_size=1,
+                            long_sample_policy="split")
     next(ld)
     assert "Tokenized" not in caplog.text  # second run reads the cache
     assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == entries
@@ -286,17 +289,17 @@ def test_cache_is_reused_and_keyed_by_content(tmp_path, caplog) -> None:
     assert isinstance(tf.tokens, np.memmap) and isinstance(tf.masks, np.memmap)
     with open(path, "a") as f:
         f.write(json.dumps({"text": "one more"}) + "\n")
-    check_data(args, SPM, 128, cache_dir=cache)
+    check_data(replace(args, cache_dir=str(cache)), SPM, 128)
     assert caplog.text.count("Tokenized") == 1  # changed content, new entry
     # another tokenizer or another encoding option is another entry, too
     check_data(
         DataArgs(
             instruct_data=str(write_jsonl(tmp_path / "c.jsonl", [chat(random.Random(0), 1)])),
             instruct=InstructArgs(dynamic_chunk_fn_call=False),
+            cache_dir=str(cache),
         ),
         SPM,
         128,
-        cache_dir=cache,
     )
     assert len([p for p in cache.iterdir() if p.is_dir()]) == len(entries) + 2
 

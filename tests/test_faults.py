@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from finetune.checkpointing import MANIFEST, _write_manifest, verify_checkpoint
-from finetune.data.cache import resolve_cache_dir
+from finetune.data.args import DataArgs
 from finetune.run_dir import RunDirBusy, RunDirLock, keep_metrics_up_to
 from finetune.safe_dcp import UnsafeCheckpointError, read_metadata_file
 from tests.train_helpers import (
@@ -322,7 +322,7 @@ def test_fresh_start_drops_an_earlier_attempts_rows_and_expands_cache_dir(worksp
     assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3]
     assert any((tmp_path / "tok").iterdir())  # ~ expanded to $HOME ...
     assert not (REPO / "~").exists()  # ... not a literal ./~ folder
-    assert resolve_cache_dir("~/x") == Path.home() / "x"
+    assert DataArgs(cache_dir="~/x").cache_path == Path.home() / "x"
 
 
 def test_run_dir_under_a_file_is_one_line(workspace, tmp_path):

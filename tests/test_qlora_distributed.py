@@ -40,6 +40,7 @@ def _worker(rank: int, world: int, folder: str, out: str, port: int) -> None:
     from finetune.build import build_model, resolve_precision
     from finetune.checkpointing import gather_adapters, gather_merged
     from finetune.trainer import TrainState, train_step
+    from model.configs import load_model_args
     from model.quant import NF4LoRALinear
 
     device = init_test_rank(rank, world, port)
@@ -55,9 +56,9 @@ def _worker(rank: int, world: int, folder: str, out: str, port: int) -> None:
             quantization="nf4",
         )
         precision = resolve_precision(name, device)
-        model, _ = build_model(args, device, precision)
+        model = build_model(args, load_model_args(args.model_id_or_path), device, precision)
         wq = model.model.layers[0].attention.wq
-        assert isinstance(wq, NF4LoRALinear) and wq.weight.dtype == precision.base
+        assert isinstance(wq, NF4LoRALinear) and wq.weight.dtype == precision.dtype
         if world > 1:  # each rank stores only its shard of the packed codes
             assert wq.weight.to_local().numel() == wq.weight.numel() // world
         else:  # alone, frozen weights are left out of FSDP: no one-rank all-gather copies

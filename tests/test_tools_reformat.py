@@ -14,7 +14,7 @@ WEATHER = {"name": "get_weather", "description": "Current weather",
 
 
 def _check(path, tmp_path):
-    return check_data(DataArgs(instruct_data=str(path)), spm(), 512, cache_dir=tmp_path / "cache")
+    return check_data(DataArgs(instruct_data=str(path), cache_dir=str(tmp_path / "cache")), spm(), 512)
 
 
 def _user(text: str) -> dict:
@@ -151,8 +151,8 @@ def test_split_is_reproducible_and_line_preserving(tmp_path, capsys) -> None:
     assert (tmp_path / "s2" / "all.eval.jsonl").read_bytes() != first["eval"]
     # The eval split plugs into data.eval_instruct_data.
     report = check_data(DataArgs(instruct_data=str(tmp_path / "all.train.jsonl"),
-                                 eval_instruct_data=str(tmp_path / "all.eval.jsonl")), spm(), 64,
-                        cache_dir=tmp_path / "cache")
+                                 eval_instruct_data=str(tmp_path / "all.eval.jsonl"),
+                                 cache_dir=str(tmp_path / "cache")), spm(), 64)
     assert report.ok and [s.lines for s in report.sources] == [35, 5]
     assert split_data.main([str(src), "--eval", "0.6", "--test", "0.5"]) == 1
 

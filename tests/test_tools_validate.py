@@ -12,7 +12,7 @@ import yaml
 
 from finetune.args import load_train_args
 from finetune.data.args import DataArgs
-from finetune.data.tokenize import SampleType, encode
+from finetune.data.tokenize import SampleType, encode_all
 from finetune.data.validation import check_data
 from tests.data_helpers import chat, spm, tool_conversation, write_jsonl
 from tests.model_helpers import write_checkpoint
@@ -90,7 +90,7 @@ def test_every_bad_input_class_reported_and_corrected(tmp_path, capsys) -> None:
     assert (tmp_path / "text.jsonl.corrected").read_bytes() == b"".join(line + b"\n" for line in text_kept)
     for path in (tmp_path / "train.jsonl.corrected", tmp_path / "text.jsonl.corrected"):
         sample_type = "instruct_data" if path.name.startswith("train") else "data"
-        assert check_data(DataArgs(**{sample_type: str(path)}), spm(), 64, cache_dir=tmp_path / "c2").ok
+        assert check_data(DataArgs(**{sample_type: str(path)}, cache_dir=str(tmp_path / "c2")), spm(), 64).ok
 
 
 def test_valid_data_statistics_and_plan(tmp_path, capsys) -> None:
@@ -107,7 +107,7 @@ def test_valid_data_statistics_and_plan(tmp_path, capsys) -> None:
     (source,) = report["sources"]
     assert source["lines"] == 41 and source["invalid"] == 0
     assert source["samples"] == 41 + 2  # the tool conversation is chunked into its 3 assistant turns
-    expected_tokens = sum(len(encode(json.loads(line), spm(), SampleType.INSTRUCT).tokens) for line in lines)
+    expected_tokens = sum(len(encode_all(json.loads(line), spm(), SampleType.INSTRUCT, chunk=False)[0].tokens) for line in lines)
     assert source["tokens"] > expected_tokens  # chunked prefixes add tokens
     assert plan["epochs_per_source"][f"data.instruct_data {tmp_path / 'train.jsonl'}"] == pytest.approx(
         plan["train_tokens"] / source["tokens"])
@@ -203,7 +203,7 @@ def test_inspect_shows_trained_tokens(tmp_path, capsys) -> None:
     assert f"{tmp_path / 'train.jsonl'}:2: invalid (invalid_json)" in out
     assert inspect_data.main(["--train_yaml", config, "-n", "3", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    expected = encode(json.loads(lines[0]), spm(), SampleType.INSTRUCT)
+    expected = encode_all(json.loads(lines[0]), spm(), SampleType.INSTRUCT, chunk=False)[0]
     assert rows[0]["tokens"] == expected.tokens and rows[0]["trained"] == expected.masks
     assert rows[0]["n_trained"] == 3  # " b", " a" and EOS; nothing of the prompt
     assert rows[1]["error"] == "invalid_json" and rows[2]["line"] == 3

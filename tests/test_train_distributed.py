@@ -44,6 +44,7 @@ def _run(rank: int, world: int, folder: str, out: str, full_ft: bool, device: to
     from finetune.build import build_model, resolve_precision
     from finetune.checkpointing import gather_adapters, gather_merged
     from finetune.trainer import TrainState, train_step
+    from model.configs import load_model_args
 
     mine = _batches()[rank::world]
     args = TrainArgs(model_id_or_path=folder, run_dir=out, data=DataArgs(instruct_data="unused"),
@@ -52,7 +53,7 @@ def _run(rank: int, world: int, folder: str, out: str, full_ft: bool, device: to
                      # selective checkpointing, the two ranks full and none.
                      checkpoint="selective" if world == 1 else rank == 0)
     precision = resolve_precision("fp32", device)
-    model, _ = build_model(args, device, precision)
+    model = build_model(args, load_model_args(args.model_id_or_path), device, precision)
     # Alone, frozen weights are plain tensors (no one-rank all-gather, finetune/parallel.py); with
     # two ranks every parameter is sharded. So "two ranks equal one" covers both arrangements.
     for p in model.parameters():

@@ -20,27 +20,15 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from finetune import distributed as D
 from finetune.args import load_train_args
-from finetune.build import build_model, resolve_precision
-from finetune.checkpointing import save_checkpoint
-from finetune.data.cache import resolve_cache_dir
-from finetune.data.tokenizer import load_tokenizer
+from finetune.build import resolve_precision
 from finetune.monitoring import peak_memory_gb
-from finetune.trainer import (
-    TrainState,
-    build_loaders,
-    build_optimizer,
-    check_data_on_rank0,
-    evaluate,
-    train_step,
-)
-from model.configs import load_model_args
+from finetune.trainer import evaluate, load_inputs, save, setup, tokens_per_step, train_step
 
 MAX_STEPS = 100  # the time budget's cap on timed steps
 EVAL_BATCHES = 8  # eval batches timed; the rest are assumed to cost the same
@@ -57,25 +45,19 @@ def run(config: str, workdir: Path, steps: int, seconds: float, launched_at: flo
     device = D.init_distributed()
     args = load_train_args(config)
     precision = resolve_precision(args.precision, device)
-    model_args = load_model_args(args.model_id_or_path)
-    tokenizer = load_tokenizer(args.model_id_or_path, model_args.vocab_size, args.tokenizer_path)
-    cache = resolve_cache_dir(args.data.cache_dir)
-    # train.py's scan of the data on rank 0 (from the cache when set); all ranks stop on an error.
-    check_data_on_rank0(args, tokenizer, config, device, cache)
-    loader, eval_batches = build_loaders(args, tokenizer.instruct_tokenizer, cache)
-    model, model_args = build_model(args, device, precision)
-    optimizer = build_optimizer(model, args)  # the training optimizer, so memory is the same
-    state = TrainState()
-    model.train()
+    # train.py's own setup: the data scanned on rank 0 (from the cache when set), the same model,
+    # loaders and optimizer (so memory is the same); all ranks stop on an error.
+    t = setup(args, load_inputs(args, config, device), device, precision)
+    t.model.train()
     D.barrier()
     ready_at = time.time()
 
     times: list[float] = []
     spent = 0.0
     while len(times) < steps + 1 or (spent < seconds and len(times) < MAX_STEPS + 1):
-        batches = [next(loader) for _ in range(args.num_microbatches)]
+        batches = [next(t.loader) for _ in range(args.num_microbatches)]
         t0 = _sync(device)
-        train_step(model, optimizer, batches, args, state, precision, device)  # .item() syncs all ranks
+        train_step(t.model, t.optimizer, batches, args, t.state, precision, device)  # .item() syncs all ranks
         times.append(_sync(device) - t0)
         spent += times[-1] if len(times) > 1 else 0.0
         # Every rank must take the same number of steps: stop when any rank's budget is spent.
@@ -83,23 +65,18 @@ def run(config: str, workdir: Path, steps: int, seconds: float, launched_at: flo
         if D.all_reduce_max(1.0 if done else 0.0, device):
             break
 
-    eval_s, n_eval = 0.0, len(eval_batches)
+    eval_s, n_eval = 0.0, len(t.eval_batches)
     if n_eval:
-        timed = eval_batches[:EVAL_BATCHES]  # every rank has the same number of eval batches
+        timed = t.eval_batches[:EVAL_BATCHES]  # every rank has the same number of eval batches
         t0 = _sync(device)
-        evaluate(model, timed, device)
+        evaluate(t.model, timed, device)
         eval_s = (_sync(device) - t0) * n_eval / len(timed)
-        model.train()
 
     ckpt_s = 0.0
     if not args.no_ckpt:
+        t.state.step = len(times)
         t0 = _sync(device)
-        save_checkpoint(
-            workdir / "run", len(times), model, optimizer,
-            model_args=model_args, lora=args.lora if args.lora.enable else None,
-            save_adapters=args.save_adapters, save_dtype=precision.compute, tokenizer_file=None,
-            train_state={"train": asdict(state), "world_size": D.world_size()}, rank_state={}, num_keep=1,
-        )
+        save(t, workdir / "run")
         ckpt_s = _sync(device) - t0
 
     return {
@@ -116,7 +93,7 @@ def run(config: str, workdir: Path, steps: int, seconds: float, launched_at: flo
         "eval_batches": n_eval,
         "checkpoint_s": ckpt_s,
         "peak_mem_gb": peak_memory_gb(device),
-        "tokens_per_step": args.batch_size * args.seq_len * args.num_microbatches * D.world_size(),
+        "tokens_per_step": tokens_per_step(args),
         "done_at": time.time(),
     }
 

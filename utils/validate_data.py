@@ -38,7 +38,6 @@ from typing import Any
 
 from finetune.args import TrainArgs, load_train_args
 from finetune.config import ConfigError
-from finetune.data.cache import resolve_cache_dir
 from finetune.data.validation import DataReport, check_data, write_corrected
 from finetune.monitoring import format_duration
 from model.args import ModelArgs
@@ -95,22 +94,16 @@ def print_sources(report: DataReport) -> None:
         print(f"  {s.key} {s.source}: {s.files} file(s), {s.lines} lines, {s.valid} valid, {verdict}")
 
 
-def create_corrected(args: TrainArgs, report: DataReport, instruct_tokenizer: Any) -> None:
-    from finetune.data.dataset import eval_sources, train_sources
-
+def create_corrected(report: DataReport, instruct_tokenizer: Any) -> None:
     bad_files = {e.path for e in report.errors}
-    sources = train_sources(args.data)
-    if args.data.eval_instruct_data.strip():
-        sources += eval_sources(args.data)
     print()
-    for source in sources:
-        chunk = source.key == "data.instruct_data" and args.data.instruct.dynamic_chunk_fn_call
-        for path in source.files:
-            if str(path) not in bad_files:
-                print(f"{path}: no errors, no corrected copy needed.")
+    for data in report.train + report.eval:
+        for f in data.files:
+            if str(f.path) not in bad_files:
+                print(f"{f.path}: no errors, no corrected copy needed.")
                 continue
-            out = path.with_name(path.name + ".corrected")
-            c = write_corrected(path, out, source.sample_type, instruct_tokenizer, chunk=chunk)
+            out = f.path.with_name(f.path.name + ".corrected")
+            c = write_corrected(f.path, out, data.source.sample_type, instruct_tokenizer, chunk=f.chunk)
             fixed = f", {len(c.fixed)} repaired (lines {_lines(c.fixed)})" if c.fixed else ""
             print(
                 f"{out}: {c.kept} line(s) kept{fixed}, {len(c.dropped)} left out "
@@ -123,21 +116,12 @@ def _lines(numbers: list[int], n: int = 20) -> str:
     return text + (f", ... ({len(numbers)} in all)" if len(numbers) > n else "")
 
 
-def filler_fraction(args: TrainArgs, instruct_tokenizer: Any, world_size: int) -> float:
+def filler_fraction(args: TrainArgs, report: DataReport, world_size: int) -> float:
     """Share of packed positions that are filler, over the first batches rank 0 would train on."""
     from finetune.data.loader import build_train_loader
 
-    cache = resolve_cache_dir(args.data.cache_dir)
-    loader = build_train_loader(
-        args.data,
-        instruct_tokenizer,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        rank=0,
-        world_size=world_size,
-        cache_dir=cache,
-    )
+    loader = build_train_loader(report.train, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
+                                rank=0, world_size=world_size, long_sample_policy=args.data.long_sample_policy)
     for _ in range(min(_FILLER_BATCHES, args.max_steps * args.num_microbatches)):
         next(loader)
     return loader.filler_fraction
@@ -322,14 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, model_args, tokenizer = load_inputs(opts.train_yaml)
         t0 = time.perf_counter()
-        cache = resolve_cache_dir(args.data.cache_dir)
-        report = check_data(
-            args.data,
-            tokenizer.instruct_tokenizer,
-            args.seq_len,
-            cache_dir=cache,
-            include_eval=bool(args.data.eval_instruct_data.strip()),
-        )
+        report = check_data(args.data, tokenizer.instruct_tokenizer, args.seq_len)
         elapsed = time.perf_counter() - t0
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -344,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     print_sources(report)
     if opts.create_corrected:
         try:
-            create_corrected(args, report, tokenizer.instruct_tokenizer)
+            create_corrected(report, tokenizer.instruct_tokenizer)
         except OSError as e:
             print(f"error: cannot write the corrected copy {e.filename}: {e.strerror}. --create_corrected writes "
                   "FILE.corrected next to each file: copy the data to a folder you can write to and run on the copy.",
@@ -360,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         # Without a GPU, --num_gpus N plans for N H100s, unless --measure: then N CPU processes here.
         on_gpu = gpus > 0 or (opts.num_gpus is not None and not opts.measure)
         try:
-            filler = filler_fraction(args, tokenizer.instruct_tokenizer, devices)
+            filler = filler_fraction(args, report, devices)
             measured = measure(opts.train_yaml, min(devices, gpus) if gpus else devices, opts.measure_steps) \
                 if opts.measure else None
         except (ConfigError, ValueError) as e:  # e.g. a source whose samples have no trained token

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 LONG_SAMPLE_POLICIES = ("split", "truncate", "drop")
 
@@ -36,6 +38,15 @@ class DataArgs:
     # Where tokenized arrays are cached; "" means $XDG_CACHE_HOME/mistral-lora-finetune/tokens
     # (~/.cache/... when XDG_CACHE_HOME is unset).
     cache_dir: str = ""
+
+    @property
+    def cache_path(self) -> Path:
+        """``cache_dir`` as a folder, ``~`` expanded; read when used, so the config itself reads no
+        environment variable."""
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        return Path(base) / "mistral-lora-finetune" / "tokens"
 
     def validate(self) -> None:
         """Check the settings that need no file system access; paths are checked when data is loaded."""

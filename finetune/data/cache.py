@@ -46,17 +46,6 @@ _BLOCK_BYTES = 1 << 20  # one pool task
 _IN_PROCESS_BYTES = 1 << 20  # smaller files are not worth starting a pool for
 
 
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/mistral-lora-finetune/tokens``, or ``~/.cache/...`` when unset."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "mistral-lora-finetune" / "tokens"
-
-
-def resolve_cache_dir(setting: str) -> Path:
-    """The ``data.cache_dir`` setting as a folder, ``~`` expanded; "" means default_cache_dir()."""
-    return Path(setting).expanduser() if setting else default_cache_dir()
-
-
 def file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -103,6 +92,7 @@ class TokenizedFile:
     targets: np.ndarray  # int32 (n_samples)
     n_lines: int
     n_valid: int
+    chunk: bool  # function-calling conversations expanded into one sample per assistant turn
     errors: list[LineError] = field(default_factory=list)
 
     entry: Path | None = None
@@ -112,8 +102,8 @@ class TokenizedFile:
 
     def read(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Sample k's tokens and masks, read with ``pread``. Unlike touching the memory map, this leaves
-        nothing behind in the process: a page fault on the map also maps ~64 KB around the access, and
-        those pages count towards the RSS until the map is closed (+100 KB per random sample)."""
+        nothing behind in the process: a page fault on the map also maps the pages around the access
+        (fault-around), and those count towards the RSS until the map is closed (docs/data.md)."""
         a, b = int(self.offsets[k]), int(self.offsets[k + 1])
         assert self.entry is not None, "read() needs a cache entry"
         return _pread(self.entry / "tokens.bin", a * 4, b - a, np.int32), _pread(
@@ -303,14 +293,27 @@ def load_tokenized(
     instruct_tokenizer: Any,
     *,
     chunk: bool,
-    cache_dir: Path | None,
+    cache_dir: Path,
     pool: TokenizerPool | None = None,
 ) -> TokenizedFile:
     """The tokenized file from the cache, tokenizing it first when it is not there yet."""
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    cache_dir.mkdir(parents=True, exist_ok=True)
     chunk = chunk and sample_type is SampleType.INSTRUCT
     key = cache_key(file_digest(path), tokenizer_identity(instruct_tokenizer), sample_type, chunk)
+    return open_entry(path, key, sample_type, instruct_tokenizer, chunk=chunk, cache_dir=cache_dir, pool=pool)
+
+
+def open_entry(
+    path: Path,
+    key: str,
+    sample_type: SampleType,
+    instruct_tokenizer: Any,
+    *,
+    chunk: bool,
+    cache_dir: Path,
+    pool: TokenizerPool | None = None,
+) -> TokenizedFile:
+    """Cache entry ``key`` (the tokens of ``path``), built first when this cache folder lacks it."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
     entry = cache_dir / key
     if not (entry / "meta.json").is_file():
         with _lock(cache_dir / f"{key}.lock"):
@@ -418,6 +421,7 @@ def _open(path: Path, key: str, entry: Path) -> TokenizedFile:
         targets=np.load(entry / "targets.npy"),
         n_lines=meta["n_lines"],
         n_valid=meta["n_valid"],
+        chunk=meta["chunk"],
         errors=[LineError(str(path), line, kind, msg) for line, kind, msg in meta["errors"]],
         entry=entry,
     )

@@ -1,4 +1,10 @@
-"""Data sources opened from the cache: one index space of samples per source."""
+"""Data sources opened from the cache: one index space of samples per source.
+
+Two phases. ``tokenize_sources`` reads every file once (tokenizing into the cache what is not there
+yet) and is what the data check runs; ``to_manifest`` names the cache entry of every file, and
+``open_manifest`` opens those entries again, in another process, without reading or hashing the
+data files. Training scans on rank 0 and hands the other ranks the manifest.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from finetune.data.args import DataArgs
-from finetune.data.cache import LineError, TokenizedFile, TokenizerPool, load_tokenized
+from finetune.data.cache import LineError, TokenizedFile, TokenizerPool, load_tokenized, open_entry
 from finetune.data.sources import DataSource, check_no_duplicates, parse_sources
 from finetune.data.tokenize import SampleType
 
@@ -69,42 +75,46 @@ class SourceData:
         f, k = self.locate(i)
         return f.read(k)
 
-    def line_of(self, i: int) -> tuple[Path, int]:
-        f, k = self.locate(i)
-        return f.path, int(f.lines[k])
 
 
-def open_sources(
-    sources: list[DataSource],
-    instruct_tokenizer: Any,
-    *,
-    chunk_instruct: bool,
-    args: DataArgs,
-    cache_dir: Path | None,
-    pool: TokenizerPool | None = None,
+def tokenize_sources(
+    sources: list[DataSource], instruct_tokenizer: Any, *, chunk_instruct: bool, args: DataArgs, pool: TokenizerPool
 ) -> list[SourceData]:
-    """Tokenize (or reuse the cache of) every file of every source."""
-    own_pool = pool is None
-    pool = pool or TokenizerPool(instruct_tokenizer)
-    if cache_dir is None and args.cache_dir:
-        cache_dir = Path(args.cache_dir).expanduser()
-    try:
-        out = []
-        for s in sources:
-            files = [
-                load_tokenized(
-                    f,
-                    s.sample_type,
-                    instruct_tokenizer,
-                    chunk=chunk_instruct and s.sample_type is SampleType.INSTRUCT,
-                    cache_dir=cache_dir,
-                    pool=pool,
-                )
-                for f in s.files
-            ]
-            shuffle = args.instruct.shuffle if s.sample_type is SampleType.INSTRUCT else args.shuffle
-            out.append(SourceData(s, files, shuffle))
-        return out
-    finally:
-        if own_pool:
-            pool.close()
+    """Read every file of every source, tokenizing into the cache what is not there yet."""
+    out = []
+    for s in sources:
+        chunk = chunk_instruct and s.sample_type is SampleType.INSTRUCT
+        files = [load_tokenized(f, s.sample_type, instruct_tokenizer, chunk=chunk, cache_dir=args.cache_path, pool=pool)
+                 for f in s.files]
+        out.append(SourceData(s, files, _shuffled(s, args)))
+    return out
+
+
+def _shuffled(source: DataSource, args: DataArgs) -> bool:
+    return args.instruct.shuffle if source.sample_type is SampleType.INSTRUCT else args.shuffle
+
+
+def to_manifest(data: list[SourceData]) -> list[dict[str, Any]]:
+    """JSON naming each source and the cache entry of each of its files."""
+    return [
+        {
+            "spec": d.source.spec, "key": d.source.key, "path": str(d.source.path), "weight": d.source.weight,
+            "sample_type": d.source.sample_type.value, "shuffle": d.shuffle,
+            "files": [[str(f.path), f.key, f.chunk] for f in d.files],
+        }
+        for d in data
+    ]
+
+
+def open_manifest(manifest: list[dict[str, Any]], instruct_tokenizer: Any, cache_dir: Path) -> list[SourceData]:
+    """The sources of ``to_manifest``, opened from the cache by entry name (a node whose cache folder
+    lacks an entry tokenizes that file into it)."""
+    out = []
+    for m in manifest:
+        sample_type = SampleType(m["sample_type"])
+        files = [open_entry(Path(path), key, sample_type, instruct_tokenizer, chunk=chunk, cache_dir=cache_dir)
+                 for path, key, chunk in m["files"]]
+        source = DataSource(m["spec"], m["key"], Path(m["path"]), m["weight"], sample_type,
+                            tuple(f.path for f in files))
+        out.append(SourceData(source, files, m["shuffle"]))
+    return out

@@ -17,15 +17,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from finetune.data.args import LONG_SAMPLE_POLICIES, DataArgs
-from finetune.data.dataset import SourceData, eval_sources, train_sources
+from finetune.data.dataset import SourceData
 from finetune.data.packing import BestFitBuffer, Piece, best_fit_decreasing, cut_long
-from finetune.data.validation import open_checked
 
 logger = logging.getLogger("finetune.data")
 
@@ -84,10 +81,6 @@ class TrainLoader:
             raise ValueError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be positive.")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}.")
-        if long_sample_policy not in LONG_SAMPLE_POLICIES:
-            raise ValueError(
-                f"data.long_sample_policy is {long_sample_policy!r}; use one of {', '.join(LONG_SAMPLE_POLICIES)}."
-            )
         for d in data:
             usable = d.targets > 0
             if long_sample_policy == "drop":
@@ -257,69 +250,37 @@ def _jsonable(value: Any) -> Any:
 
 
 def build_train_loader(
-    args: DataArgs,
-    instruct_tokenizer: Any,
+    data: list[SourceData],
     *,
     seq_len: int,
     batch_size: int,
     seed: int,
     rank: int,
     world_size: int,
-    cache_dir: Path | None,
+    long_sample_policy: str,
     buffer_size: int = 1024,
 ) -> TrainLoader:
-    """The training batches of ``rank``; tokenizes into the cache on first use. Invalid data raises.
+    """The training batches of ``rank``, from checked sources (``check_data``'s ``report.train``).
 
     ``buffer_size`` pieces are kept for best-fit packing: larger packs tighter and mixes more."""
-    data = open_checked(
-        train_sources(args),
-        instruct_tokenizer,
-        chunk_instruct=args.instruct.dynamic_chunk_fn_call,
-        args=args,
-        cache_dir=cache_dir,
-    )
     for d in data:
         n_long = int((d.positions > seq_len).sum())
         if n_long:
-            logger.warning(
-                "%s %s: %d of %d samples are longer than seq_len %d; data.long_sample_policy=%s",
-                d.source.key,
-                d.source.spec,
-                n_long,
-                len(d),
-                seq_len,
-                args.long_sample_policy,
-            )
-    return TrainLoader(
-        data,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        long_sample_policy=args.long_sample_policy,
-        buffer_size=buffer_size,
-    )
+            logger.warning("%s %s: %d of %d samples are longer than seq_len %d; data.long_sample_policy=%s",
+                           d.source.key, d.source.spec, n_long, len(d), seq_len, long_sample_policy)
+    return TrainLoader(data, seq_len=seq_len, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
+                       long_sample_policy=long_sample_policy, buffer_size=buffer_size)
 
 
-def build_eval_loader(
-    args: DataArgs,
-    instruct_tokenizer: Any,
-    *,
-    seq_len: int,
-    batch_size: int,
-    rank: int,
-    world_size: int,
-    cache_dir: Path | None,
+def build_eval_batches(
+    data: list[SourceData], *, seq_len: int, batch_size: int, rank: int, world_size: int, long_sample_policy: str
 ) -> list[Batch]:
-    """This rank's eval batches. Every eval sample (or piece, under the long-sample policy) is used
-    exactly once across ranks; the last batch is padded, not dropped; every rank gets the same number of
-    batches, padded with batches that have no target, so no rank waits in a collective."""
-    if not args.eval_instruct_data.strip():
+    """This rank's eval batches, from checked sources (``report.eval``). Every eval sample (or piece,
+    under the long-sample policy) is used exactly once across ranks; the last batch is padded, not
+    dropped; every rank gets the same number of batches, padded with batches that have no target, so no
+    rank waits in a collective."""
+    if not data:
         return []
-    data = open_checked(
-        eval_sources(args), instruct_tokenizer, chunk_instruct=False, args=args, cache_dir=cache_dir
-    )
     # Global order: sources in order, samples in file order; sample g belongs to rank g % world_size.
     per_rank: list[list[Piece]] = [[] for _ in range(world_size)]
     g = n_long = 0
@@ -327,7 +288,7 @@ def build_eval_loader(
         for index in range(len(d)):
             length = int(d.positions[index])
             n_long += length > seq_len
-            for start, n in cut_long(length, seq_len, args.long_sample_policy):
+            for start, n in cut_long(length, seq_len, long_sample_policy):
                 per_rank[g % world_size].append(Piece(0, s, index, start, n))
             g += 1
     if n_long:
@@ -335,7 +296,7 @@ def build_eval_loader(
             "data.eval_instruct_data: %d samples longer than seq_len %d (data.long_sample_policy=%s)",
             n_long,
             seq_len,
-            args.long_sample_policy,
+            long_sample_policy,
         )
     rows_of = [best_fit_decreasing([p.length for p in pieces], seq_len) for pieces in per_rank]
     n_batches = max(math.ceil(len(rows) / batch_size) for rows in rows_of)

@@ -287,7 +287,7 @@ def _role_of(msg: Any, i: int) -> str:
             f"message {i} has no 'role' (keys: {sorted(msg)}); use one of {', '.join(_ROLES)}.",
         )
     if role not in _ROLES:
-        hint = f", or let {reformat_hint('convert it')}" if role in FOREIGN_ROLES else ""
+        hint = f", or let {reformat_hint('convert it')}" if isinstance(role, str) and role in FOREIGN_ROLES else ""
         raise DataFormatError(
             "unknown_role",
             f"message {i} has role {_short(role)}; use one of {', '.join(_ROLES)}{hint}.",
@@ -518,14 +518,6 @@ def encode_pretrain(text: str, instruct_tokenizer: Any) -> TokenSample:
 def _as_instruct_tokenizer(tokenizer: Any) -> Any:
     # Accept a MistralTokenizer as well as its .instruct_tokenizer.
     return getattr(tokenizer, "instruct_tokenizer", tokenizer)
-
-
-def encode(sample: dict, instruct_tokenizer: Any, as_type: SampleType) -> TokenSample:
-    """Encode one parsed JSON line (no chunking). Raises :class:`DataFormatError` for a malformed sample."""
-    it = _as_instruct_tokenizer(instruct_tokenizer)
-    if as_type is SampleType.PRETRAIN:
-        return encode_pretrain(parse_pretrain(sample), it)
-    return _guarded(encode_conversation, parse_instruct(sample), it)
 
 
 def encode_all(sample: Any, instruct_tokenizer: Any, as_type: SampleType, chunk: bool) -> list[TokenSample]:

@@ -74,3 +74,13 @@ def load_tokenizer(model_folder: str | Path, vocab_size: int, tokenizer_path: st
         )
     logger.info("Using tokenizer %s (%s)", path, tokenizer.instruct_tokenizer.tokenizer.version.value)
     return tokenizer
+
+
+def tokenizer_file_to_ship(tokenizer: MistralTokenizer) -> tuple[Path, str]:
+    """(source file, name in a checkpoint) of the tokenizer a run uses: the file it was loaded from,
+    under the name mistral-common and mistral-inference look for (a ``tokenizer_path`` may be named
+    anything)."""
+    src = Path(tokenizer.instruct_tokenizer.tokenizer.file_path)
+    if src.name in TOKENIZER_NAMES or src.name.startswith("tokenizer.model.v"):
+        return src, src.name
+    return src, "tekken.json" if src.suffix == ".json" else "tokenizer.model"

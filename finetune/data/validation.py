@@ -1,7 +1,9 @@
 """Checking data files: the one scan shared by training and ``python -m utils.validate_data``.
 
 Scanning a file *is* tokenizing it into the cache (``finetune.data.cache``), so the rules applied here
-are exactly the rules training applies, and a file checked once is not tokenized again.
+are exactly the rules training applies, and a file checked once is not tokenized again. The report
+holds the opened sources: the loaders are built from them (or from their manifest, on other ranks)
+and never read the data files themselves.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 from finetune.data.args import DataArgs
 from finetune.data.cache import LineError, TokenizerPool, decode_line
-from finetune.data.dataset import SourceData, eval_sources, open_sources, train_sources
+from finetune.data.dataset import SourceData, eval_sources, to_manifest, tokenize_sources, train_sources
 from finetune.data.errors import DataFormatError
 from finetune.data.tokenize import SampleType, encode_all
 
@@ -62,6 +64,9 @@ class DataReport:
     seq_len: int
     sources: list[SourceStats] = field(default_factory=list)
     errors: list[LineError] = field(default_factory=list)
+    # The scanned sources, opened from the cache: what the loaders are built from.
+    train: list[SourceData] = field(default_factory=list, repr=False)
+    eval: list[SourceData] = field(default_factory=list, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -92,6 +97,10 @@ class DataReport:
             f"  python -m utils.validate_data --train_yaml {config_path} --create_corrected",
         )
 
+    def manifest(self) -> dict[str, Any]:
+        """JSON from which another process opens the same sources (``open_manifest``)."""
+        return {"train": to_manifest(self.train), "eval": to_manifest(self.eval)}
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "seq_len": self.seq_len,
@@ -100,48 +109,22 @@ class DataReport:
         }
 
 
-def check_data(
-    args: DataArgs,
-    instruct_tokenizer: Any,
-    seq_len: int,
-    *,
-    cache_dir: Path | None = None,
-    include_eval: bool = True,
-) -> DataReport:
-    """Scan every training (and eval) file line by line; the tokenized result stays in the cache."""
+def check_data(args: DataArgs, instruct_tokenizer: Any, seq_len: int, *, include_eval: bool = True) -> DataReport:
+    """Scan every training (and eval) file line by line into the cache (``args.cache_path``)."""
     pool = TokenizerPool(instruct_tokenizer)
     report = DataReport(seq_len)
     try:
-        groups = [(train_sources(args), args.instruct.dynamic_chunk_fn_call)]
+        report.train = tokenize_sources(train_sources(args), instruct_tokenizer,
+                                        chunk_instruct=args.instruct.dynamic_chunk_fn_call, args=args, pool=pool)
         if include_eval and args.eval_instruct_data.strip():
-            groups.append((eval_sources(args), False))
-        for sources, chunk in groups:
-            for data in open_sources(
-                sources, instruct_tokenizer, chunk_instruct=chunk, args=args, cache_dir=cache_dir, pool=pool
-            ):
-                report.sources.append(SourceStats.of(data, seq_len))
-                report.errors += data.errors
+            report.eval = tokenize_sources(eval_sources(args), instruct_tokenizer, chunk_instruct=False,
+                                           args=args, pool=pool)
     finally:
         pool.close()
+    for data in report.train + report.eval:
+        report.sources.append(SourceStats.of(data, seq_len))
+        report.errors += data.errors
     return report
-
-
-def open_checked(
-    sources: list, instruct_tokenizer: Any, *, chunk_instruct: bool, args: DataArgs, cache_dir: Path | None
-) -> list[SourceData]:
-    """Open sources for a loader; invalid lines are an error (never silently dropped)."""
-    data = open_sources(
-        sources, instruct_tokenizer, chunk_instruct=chunk_instruct, args=args, cache_dir=cache_dir
-    )
-    errors = [e for d in data for e in d.errors]
-    if errors:
-        shown = "\n".join(f"  {e}" for e in errors[:MAX_LISTED_ERRORS])
-        raise DataFormatError(
-            "invalid_data",
-            f"{len(errors)} invalid line(s) in the data:\n{shown}\nRun python -m utils.validate_data "
-            "--train_yaml <config> --create_corrected to list them all and write corrected copies.",
-        )
-    return data
 
 
 # ------------------------------------------------------------------------------------------ correction

@@ -1,6 +1,6 @@
-"""The memory planner: its activation formula equals what autograd saves, its CPU estimate is within
-15% of a measured peak, its GPU estimate within 15% of the H100 peaks of docs/benchmarks.md, and
-its command line says whether a plan fits and what to change."""
+"""The memory planner: its activation formula equals what autograd saves, its weight terms count the
+real model's parameters, its CPU estimate is within 15% of a peak measured here, its GPU plan moves
+the right way with every setting, and its command line says whether a plan fits and what to change."""
 
 from __future__ import annotations
 
@@ -247,28 +247,80 @@ def test_cpu_estimate_of_two_processes_within_12_percent_of_each_ranks_peak(tmp_
     assert plan.total / GB == pytest.approx(measured, rel=0.12), (plan.parts, measured)
 
 
-@pytest.mark.parametrize(
-    "shape, seq_len, checkpoint, measured_gb",
-    [
-        (SHAPE_7B, 8192, True, 20.4),
-        (SHAPE_7B, 8192, False, 65.2),
-        (SHAPE_7B, 32768, True, 33.6),
-        (SHAPE_NEMO, 8192, True, 35.5),
-    ],
-    ids=["7b-8k-ckpt", "7b-8k", "7b-32k-ckpt", "nemo-8k-ckpt"],
-)
-def test_gpu_estimate_within_15_percent_of_h100_peaks(shape, seq_len, checkpoint, measured_gb):
-    # docs/benchmarks.md: one H100, LoRA rank 16, bf16, torch.cuda.max_memory_allocated, measured
-    # with the code of 93ffb5a (2026-11-26). Since then one device no longer gathers frozen weights
-    # and the loss keeps one float32 block instead of a float32 chunk: for these runs the planner
-    # now predicts 1.4 GB (7B) and 3.8 GB (Nemo) less than it did; and since e8469ae RMSNorm saves
-    # bf16 inputs, not float32 copies (7B at 8192: 0.2 GB less with checkpointing, 4.4 without).
-    # Until benchmarks/gpu_check.sh re-measures these peaks, this compares today's formula with
-    # that code's peaks.
+# No GPU peak is compared here: the H100 peaks of docs/benchmarks.md ("GPU: training step (one
+# H100)") were measured by an older version of the code, the planner's prediction for those runs has
+# moved by 1.4-3.8 GB since, and this suite runs without a GPU, so they cannot be re-measured with
+# the code under test. They are re-measured on a GPU machine by `bash benchmarks/gpu_check.sh`
+# (bench_train_step.py's peak_mem_gb) and compared with the planner by
+# `python benchmarks/check_memory_planner.py --gpu_only`. What holds without a GPU is checked
+# instead: the weight terms against the real model's parameters (built on the meta device, so 7B and
+# Nemo cost nothing), the activation terms against what autograd saves (the tests above), and the
+# direction in which every setting moves the GPU plan (below).
+SHAPE_MIXTRAL = dict(SHAPE_7B, moe=MoeArgs(8, 2))
+
+
+def _real_counts(m: ModelArgs, lora: LoraArgs | None) -> dict[str, int]:
+    """Parameters of the real model (meta device: shapes only): frozen, trainable, one block, the root."""
+    with torch.device("meta"):
+        model = Transformer(m, lora=lora)
+    if lora is not None:
+        freeze_all_but_lora(model)
+    params = list(model.parameters())
+    block = sum(p.numel() for p in model.layers[0].parameters())
+    return {
+        "frozen": sum(p.numel() for p in params if not p.requires_grad),
+        "trainable": sum(p.numel() for p in params if p.requires_grad),
+        "all": sum(p.numel() for p in params),
+        "block": block,
+        "root": sum(p.numel() for p in params) - m.n_layers * block,
+    }
+
+
+@pytest.mark.parametrize("shape", [SHAPE_7B, SHAPE_NEMO, SHAPE_MIXTRAL], ids=["7b", "nemo", "mixtral"])
+@pytest.mark.parametrize("targets", [ALL, ["wq", "wv"], None], ids=["lora-all", "lora-qv", "full"])
+def test_weight_terms_count_the_real_models_parameters(shape, targets):
     m = ModelArgs(**shape, norm_eps=1e-5)
-    plan = estimate(m, _train_args(seq_len=seq_len, checkpoint=checkpoint, precision="bf16"), device="cuda")
-    assert plan.allocated / GB == pytest.approx(measured_gb, rel=0.15)
-    assert plan.total == pytest.approx(plan.allocated + 1.0 * GB)  # plus the CUDA context
+    args = _train_args(seq_len=4096, precision="bf16")
+    lora = None
+    if targets is None:
+        args.lora.enable = False
+    else:
+        args.lora.target_modules = targets
+        lora = LoraArgs(rank=args.lora.rank, target_modules=targets)
+    real = _real_counts(m, lora)
+    for n in (1, 8):
+        plan = estimate(m, args, n_devices=n)
+        weights = plan.parts["base weights (sharded)"] * n
+        optimizer = plan.parts["trainable: fp32 + grads + AdamW"] * n
+        if lora is not None:  # frozen base in bf16; adapters in fp32 with their gradient and two moments
+            assert weights == real["frozen"] * 2
+            assert optimizer == real["trainable"] * 16
+        else:  # every weight trains: fp32 weight, gradient, two moments
+            assert real["frozen"] == 0 and weights + optimizer == real["all"] * 16
+    # Two devices gather the whole root and two whole blocks (base and adapters) in bf16.
+    assert estimate(m, args, n_devices=2).parts["unsharded root + 2 blocks"] == 2 * (real["root"] + 2 * real["block"])
+
+
+@pytest.mark.parametrize("shape", [SHAPE_7B, SHAPE_NEMO, SHAPE_MIXTRAL], ids=["7b", "nemo", "mixtral"])
+def test_gpu_plan_grows_with_every_setting_that_keeps_more(shape):
+    m = ModelArgs(**shape, norm_eps=1e-5)
+
+    def allocated(n_devices: int = 1, **kw) -> float:
+        lora_enable = kw.pop("lora_enable", True)
+        args = _train_args(precision="bf16", **{"seq_len": 8192, "checkpoint": True, **kw})
+        args.lora.enable = lora_enable
+        plan = estimate(m, args, n_devices=n_devices, device="cuda")
+        assert plan.total == pytest.approx(plan.allocated + 1.0 * GB)  # plus the CUDA context
+        return plan.allocated
+
+    seq = [allocated(seq_len=s) for s in (2048, 8192, 32768)]
+    assert seq == sorted(seq) and len(set(seq)) == 3
+    assert allocated(batch_size=1) < allocated(batch_size=2) < allocated(batch_size=4)
+    assert allocated(checkpoint=True) < allocated(checkpoint="selective") < allocated(checkpoint=False)
+    assert allocated() < allocated(lora_enable=False)
+    # More devices shard weights and optimizer state; the activations of each stay.
+    assert allocated(n_devices=8) < allocated(n_devices=2)
+    assert allocated(n_devices=8, lora_enable=False) < allocated(n_devices=2, lora_enable=False) / 2
 
 
 def test_sharding_divides_weights_and_optimizer_state():

@@ -57,13 +57,14 @@ class TrainState:
 
 
 def lr_at(step: int, args: TrainArgs) -> float:
-    """Linear warm-up over pct_start of the steps, then cosine decay to lr * min_lr_ratio.
+    """Linear warm-up over pct_start of the steps, then cosine decay to lr * min_lr_ratio at max_steps.
     ``step`` is 1-based: the learning rate used by that optimizer step."""
     o = args.optim
     warmup = round(o.pct_start * args.max_steps)
     if warmup and step <= warmup:
         return o.lr * step / warmup
-    progress = (step - warmup) / max(1, args.max_steps - warmup)
+    peak = max(warmup, 1)  # the last warm-up step, or step 1 without warm-up, uses the peak
+    progress = (step - peak) / max(1, args.max_steps - peak)
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 

@@ -124,8 +124,6 @@ def test_schedule_warms_up_then_decays_by_cosine():
     assert lr_at(mid, args) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 45 / 90)))
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: with pct_start 0, lr_at starts the cosine at progress "
-                   "1/max_steps, so step 1 is already below the peak and optim.lr is never used")
 def test_no_warmup_starts_at_peak():
     # Without warm-up the first optimizer step is the peak, as the end of a warm-up is with one.
     args = _args(lr=2e-4, pct_start=0.0, min_lr_ratio=0.1)

@@ -19,6 +19,7 @@ import pytest
 
 from finetune.data.args import DataArgs, InstructArgs
 from finetune.data.cache import TokenizerPool, load_tokenized
+from finetune.data.dataset import open_manifest
 from finetune.data.loader import Batch, build_eval_batches, build_train_loader
 from finetune.data.tokenize import SampleType, encode_all
 from finetune.data.validation import check_data
@@ -370,3 +371,23 @@ def test_rank_without_trainable_samples_is_an_error_not_a_hang(tmp_path) -> None
             seq_len=32,
             batch_size=1,
         )
+
+
+def test_manifest_opens_the_scanned_sources_without_reading_the_data(tmp_path, caplog) -> None:
+    # What rank 0 sends the other ranks: they open the same cache entries by name and get the same
+    # batches; a node whose cache folder lacks an entry builds it from the named file.
+    path, _ = pretrain_file(tmp_path, "doc", 40)
+    args = DataArgs(data=str(path), shuffle=True)
+    report = checked(args, tmp_path / "cache")
+    sent = json.loads(json.dumps(report.manifest()))  # crosses ranks as JSON text
+    kw = dict(seq_len=64, batch_size=2, seed=3, rank=0, world_size=1, long_sample_policy="split")
+    expected = next(build_train_loader(report.train, **kw))
+    caplog.set_level(logging.INFO, logger="finetune.data")
+    for cache in (tmp_path / "cache", tmp_path / "node2"):
+        caplog.clear()
+        opened = open_manifest(sent["train"], SPM, cache)
+        assert [d.source for d in opened] == [d.source for d in report.train]
+        got = next(build_train_loader(opened, **kw))
+        assert np.array_equal(got.x, expected.x) and np.array_equal(got.y_mask, expected.y_mask)
+        assert ("Tokenized" in caplog.text) == (cache.name == "node2")
+    assert open_manifest(sent["eval"], SPM, tmp_path / "cache") == []

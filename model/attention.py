@@ -11,6 +11,9 @@ Two kernels behind one switch, both exact and both runnable on CPU:
 Under ``torch.compile`` (``compile: true``) the per-document loop runs as one opaque custom op,
 ``mistral_finetune::document_attention``, whose document lengths are a tensor: the compiled
 block neither breaks its graph at the kernel nor recompiles for every new list of lengths.
+
+Decoding (``model.generate``) passes a ``CacheStep`` instead: the same projections and rotations,
+with the queries attending to a key/value cache (``model/kv_cache.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.args import ModelArgs
+from model.kv_cache import CacheStep
 from model.lora import LinearFactory
 from model.rope import apply_rope
 
@@ -61,13 +65,19 @@ class Attention(nn.Module):
         self.wv = make_linear("wv", args.dim, args.n_kv_heads * args.head_dim)
         self.wo = make_linear("wo", args.n_heads * args.head_dim, args.dim)
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, freqs: torch.Tensor, mask: AttentionMask | None, cache: CacheStep | None = None
+    ) -> torch.Tensor:
+        """``x`` (tokens, dim) -> (tokens, dim). With a ``cache`` (decoding, ``model.generate``) the
+        tokens attend to the cached past instead, and ``mask`` is not used."""
         tokens = x.shape[0]
         q = self.wq(x).view(tokens, self.n_heads, self.head_dim)  # (tokens, heads, head_dim)
         k = self.wk(x).view(tokens, self.n_kv_heads, self.head_dim)  # (tokens, kv_heads, head_dim)
         v = self.wv(x).view(tokens, self.n_kv_heads, self.head_dim)  # (tokens, kv_heads, head_dim)
         q, k = apply_rope(q, freqs), apply_rope(k, freqs)
-        if mask.block_mask is not None:
+        if cache is not None:
+            out = cache.attend(q, k, v)
+        elif mask.block_mask is not None:
             out = _flex(q, k, v, mask.block_mask)
         elif torch.compiler.is_compiling():
             out = document_attention(q, k, v, mask.lengths, mask.sliding_window)

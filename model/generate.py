@@ -1,102 +1,34 @@
 """Autoregressive decoding with a KV cache, for trying a (fine-tuned) model without another package.
 
-The cache reuses the model's own modules (norms, LoRA/plain linears, feed-forward, RoPE) and only
-replaces the attention *kernel*: a batch of sequences attends to a padded cache of past keys and
-values instead of to a packed row, so one token per sequence costs one small forward. The model's
-``Attention`` stays untouched; ``tests/test_tools_generate.py`` checks that cached decoding equals a
-full forward pass, token for token and logit for logit.
-
-Layout: each sequence b owns row b of the cache; its token at position p is stored at slot p. A
-prompt batch is prefilled right-padded: padding is written past a prompt's end, but a query only
-attends to slots <= its own position, and decoding overwrites slot p before any query can see it.
+Decoding runs the model's own blocks (``TransformerBlock``: norms, residuals, LoRA/plain linears,
+feed-forward, RoPE); only the attention *kernel* differs: given a ``CacheStep`` (``model/kv_cache.py``),
+a batch of sequences attends to a padded cache of past keys and values instead of to a packed row, so
+one token per sequence costs one small forward. ``tests/test_tools_generate.py`` checks that cached
+decoding equals a full forward pass, token for token and logit for logit.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 
-from model.attention import Attention
-from model.rope import apply_rope, rope_frequencies
+from model.kv_cache import KVCache
+from model.rope import rope_frequencies
 from model.transformer import Transformer
-
-
-@dataclass
-class KVCache:
-    k: list[torch.Tensor]  # per layer (batch, kv_heads, max_len, head_dim)
-    v: list[torch.Tensor]  # per layer (batch, kv_heads, max_len, head_dim)
-
-    @classmethod
-    def empty(cls, model: Transformer, batch: int, max_len: int) -> KVCache:
-        a = model.args
-        p = next(model.parameters())
-        shape = (batch, a.n_kv_heads, max_len, a.head_dim)
-        return cls(
-            [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(a.n_layers)],
-            [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(a.n_layers)],
-        )
-
-    @property
-    def max_len(self) -> int:
-        return self.k[0].shape[2]
-
-
-def _cached_attention(
-    attn: Attention,
-    x: torch.Tensor,
-    positions: torch.Tensor,
-    freqs: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    window: int | None,
-) -> torch.Tensor:
-    """x (batch, T, dim) at ``positions`` (batch, T); writes this step's K/V into the cache first."""
-    b, t, _ = x.shape
-    flat = x.reshape(b * t, -1)  # (batch*T, dim)
-    q = attn.wq(flat).view(b * t, attn.n_heads, attn.head_dim)  # (batch*T, heads, head_dim)
-    k = attn.wk(flat).view(b * t, attn.n_kv_heads, attn.head_dim)  # (batch*T, kv_heads, head_dim)
-    v = attn.wv(flat).view(b * t, attn.n_kv_heads, attn.head_dim)  # (batch*T, kv_heads, head_dim)
-    q, k = apply_rope(q, freqs), apply_rope(k, freqs)
-    rows = torch.arange(b, device=x.device)[:, None].expand(b, t)  # (batch, T)
-    # (batch, T, kv_heads, head_dim) written at [row, :, position, :]
-    k_cache[rows, :, positions] = k.view(b, t, attn.n_kv_heads, attn.head_dim)
-    v_cache[rows, :, positions] = v.view(b, t, attn.n_kv_heads, attn.head_dim)
-    slots = torch.arange(k_cache.shape[2], device=x.device)  # (max_len,)
-    delta = positions[:, :, None] - slots[None, None, :]  # (batch, T, max_len): query minus key position
-    allowed = delta >= 0
-    if window is not None:
-        allowed &= delta < window
-    qh = q.view(b, t, attn.n_heads, attn.head_dim).transpose(1, 2)  # (batch, heads, T, head_dim)
-    out = F.scaled_dot_product_attention(
-        qh, k_cache, v_cache, attn_mask=allowed[:, None], enable_gqa=True
-    )  # (batch, heads, T, head_dim)
-    out = out.transpose(1, 2).reshape(b * t, attn.n_heads * attn.head_dim)  # (batch*T, heads*head_dim)
-    return attn.wo(out).view(b, t, -1)  # (batch, T, dim)
 
 
 @torch.no_grad()
 def forward_cached(
     model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache
 ) -> torch.Tensor:
-    """Logits (batch, T, vocab) of ``tokens`` (batch, T) at ``positions`` (batch, T), given the cache."""
+    """Logits (batch, T, vocab) of ``tokens`` (batch, T) at ``positions`` (batch, T), given the cache;
+    this step's keys and values are added to it."""
     a = model.args
     b, t = tokens.shape
     freqs = rope_frequencies(positions.reshape(-1), a.head_dim, a.rope_theta)  # (batch*T, head_dim // 2)
-    h = model.tok_embeddings(tokens)  # (batch, T, dim)
-    for i, layer in enumerate(model.layers):
-        h = h + _cached_attention(
-            layer.attention,
-            layer.attention_norm(h),
-            positions,
-            freqs,
-            cache.k[i],
-            cache.v[i],
-            a.sliding_window,
-        )
-        h = h + layer.feed_forward(layer.ffn_norm(h).reshape(b * t, -1)).view(b, t, -1)
-    return model.output(model.norm(h))
+    h = model.tok_embeddings(tokens.reshape(-1))  # (batch*T, dim)
+    for layer, step in zip(model.layers, cache.steps(positions), strict=True):
+        h = layer(h, freqs, None, step)
+    return model.output(model.norm(h)).view(b, t, -1)  # (batch, T, vocab)
 
 
 def _pick(

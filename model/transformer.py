@@ -15,6 +15,7 @@ from torch import nn
 from model.args import LoraArgs, ModelArgs
 from model.attention import Attention, AttentionMask
 from model.configs import load_model_args
+from model.kv_cache import CacheStep
 from model.lora import linear_factory
 from model.moe import FeedForward, MoeLayer
 from model.rope import positions_from_seqlens, rope_frequencies
@@ -69,8 +70,11 @@ class TransformerBlock(nn.Module):
             MoeLayer(args, make_linear) if args.moe is not None else FeedForward(args.dim, args.hidden_dim, make_linear)
         )
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs, mask)
+    def forward(
+        self, x: torch.Tensor, freqs: torch.Tensor, mask: AttentionMask | None, cache: CacheStep | None = None
+    ) -> torch.Tensor:
+        """``x`` (tokens, dim) -> (tokens, dim); ``cache`` only when decoding (``model.generate``)."""
+        h = x + self.attention(self.attention_norm(x), freqs, mask, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 

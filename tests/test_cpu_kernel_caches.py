@@ -2,8 +2,7 @@
 
 bf16 attention's backward on CPU compiles matmul kernels shaped by each document's length; with
 oneDNN's default cache sizes a process training on packed documents of varying lengths grows by
-gigabytes (1.8 GB over 600 calls on 64-512-token documents on a 2-core AMD EPYC; 1.2 GB over
-800 calls on a Xeon with AMX, where the capped run still grows by a third of that).
+gigabytes (measured on AMD EPYC and Intel AMX machines: docs/benchmarks.md, "oneDNN's kernel caches").
 """
 
 from __future__ import annotations
@@ -58,8 +57,8 @@ def test_bf16_attention_over_varying_lengths_grows_far_less_with_the_caps():
     # The invariant: with the caps, the growth from oneDNN's per-shape caches is cut off, so over the
     # same 250 calls (most on lengths not seen yet) RSS grows by a fraction of what it grows without
     # them. Not zero: on a Xeon with AMX the capped run still grows, by something per shape that
-    # the caps do not reach (it stops once every length has been seen: about 0.4 GB for 419 lengths),
-    # so a fixed threshold held on one CPU and failed on another. The uncapped run is the control;
+    # the caps do not reach (it stops once every length has been seen), so a fixed threshold held on
+    # one CPU and failed on another. The uncapped run is the control;
     # where this CPU's bf16 path caches nothing there is nothing to bound.
     unbounded = _growth(False)
     if unbounded < 0.2:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A/B of our training step between two commits, alternating runs in fresh processes:
-#   bash benchmarks/ab_train_step.sh BEFORE_REV AFTER_REV [repeats] -- [bench_train_step.py options]
+#   bash benchmarks/ab_train_step.sh BEFORE_REV AFTER_REV [repeats] -- [utils.bench_train_step options]
 # Prints tokens/s and peak RSS of each run and the median of the per-pair ratios after/before.
 set -euo pipefail
 before=$1 after=$2 repeats=${3:-3}
@@ -11,9 +11,10 @@ tmp=$(mktemp -d)
 trap 'git -C "$root" worktree remove --force "$tmp/before" >/dev/null 2>&1; git -C "$root" worktree remove --force "$tmp/after" >/dev/null 2>&1; rm -rf "$tmp"' EXIT
 git -C "$root" worktree add -f --detach "$tmp/before" "$before" >/dev/null 2>&1
 git -C "$root" worktree add -f --detach "$tmp/after" "$after" >/dev/null 2>&1
-# The benchmark script itself comes from the newer tree, so both sides are measured the same way.
-cp "$root/benchmarks/bench_train_step.py" "$tmp/bench.py"
-cp "$root/benchmarks/workload.py" "$tmp/workload.py"  # imported from the script's own folder
+# The benchmark itself (utils/bench_train_step.py and the workload it imports) comes from the current
+# tree, so both sides are measured the same way, also revisions from before it moved into utils/.
+cp "$root/utils/bench_train_step.py" "$tmp/bench.py"
+for side in before after; do cp "$root/utils/workload.py" "$tmp/$side/utils/workload.py"; done
 for i in $(seq "$repeats"); do
   for side in before after; do
     (cd "$tmp/$side" && PYTHONPATH="$tmp/$side" python "$tmp/bench.py" "${opts[@]}" 2>/dev/null | tail -1 \

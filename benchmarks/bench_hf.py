@@ -40,8 +40,8 @@ VENV = Path(__file__).resolve().parent / ".venv-hf"
 TORCH_REQ = "torch==2.13.0"
 HF_REQS = ("transformers==5.24.0", "peft==0.21.2", "numpy")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workload import PRESETS, packed_rows  # noqa: E402  (the same shapes and rows as ours)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils.workload import PRESETS, packed_rows  # noqa: E402  (NumPy only: the same shapes and rows as ours)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

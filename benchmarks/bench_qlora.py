@@ -24,15 +24,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_train_step import DTYPES, PRESETS, packed_batches  # noqa: E402
 from finetune import distributed as D  # noqa: E402
 from finetune.args import TrainArgs  # noqa: E402
-from finetune.build import Precision, _copy_into, build_sharded, resolve_attention  # noqa: E402
+from finetune.build import _copy_into, build_sharded, resolve_attention, resolve_precision  # noqa: E402
 from finetune.monitoring import peak_memory_gb  # noqa: E402
 from finetune.trainer import TrainState, train_step  # noqa: E402
 from model.args import LoraArgs, ModelArgs  # noqa: E402
 from model.lora import is_lora_key, lora_modules  # noqa: E402
 from model.quant import NF4LoRALinear, quantize_nf4  # noqa: E402
+from utils.bench_train_step import DTYPES, PRESETS, packed_batches  # noqa: E402
 
 
 @torch.no_grad()
@@ -59,8 +59,7 @@ def run_one(opts: argparse.Namespace, quantization: str) -> dict:
     device = D.init_distributed()
     model_args = ModelArgs(**PRESETS[opts.preset], norm_eps=1e-5, rope_theta=1e6)
     lora = LoraArgs(rank=opts.rank)
-    dtype = DTYPES[opts.precision]
-    precision = Precision(opts.precision, dtype, dtype)
+    precision = resolve_precision(opts.precision, device)
     model = build_sharded(
         model_args, lora, device, precision,
         attention=resolve_attention("auto", device, model_args.head_dim),

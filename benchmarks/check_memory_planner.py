@@ -5,7 +5,7 @@
     python3 benchmarks/check_memory_planner.py --gpu_only # only the H100 peaks recorded in docs
     python3 benchmarks/check_memory_planner.py --train_yaml quickstart_run/quickstart.yaml --processes 1 2
 
-CPU rows run benchmarks/bench_train_step.py (bf16, 2 threads in all) in fresh processes, under
+CPU rows run ``python -m utils.bench_train_step`` (bf16, 2 threads in all) in fresh processes, under
 ``torch.distributed.run`` when ``--processes`` is more than 1 (the cores shared out), and compare
 the largest rank's own peak RSS (VmHWM) with the planner's ``--device cpu`` estimate for that world
 size. With ``--train_yaml``, ``train.py`` itself runs that config (30 steps) instead. GPU rows
@@ -19,15 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import runpy
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from workload import PRESETS as SHAPES  # noqa: E402  (NumPy only: this process stays small)
+sys.path.insert(0, str(ROOT))
+from utils.workload import PRESETS as SHAPES  # noqa: E402  (NumPy only: this process stays small)
 
 # docs/benchmarks.md, "GPU: training step (one H100)": (shape, seq_len, checkpoint, peak GB).
 H100 = [
@@ -46,15 +45,15 @@ def _vmhwm_gb() -> float:
 
 
 def worker(out: Path, what: str, argv: list[str]) -> None:
-    """In each process: train (``train.py`` or ``bench_train_step.py``), then write this rank's peak RSS."""
-    sys.path.insert(0, str(ROOT))
+    """In each process: train (``train.py`` or ``utils.bench_train_step``), then write this rank's peak RSS."""
     if what == "train":
         from finetune.trainer import main as train
 
         code = train(argv)
     else:
-        sys.argv = ["bench_train_step.py", *argv]
-        runpy.run_path(str(ROOT / "benchmarks" / "bench_train_step.py"), run_name="__main__")
+        from utils.bench_train_step import main as bench
+
+        bench(argv)
         code = 0
     rank = os.environ.get("RANK", "0")
     (out / f"rank_{rank}.json").write_text(json.dumps({"code": code, "vmhwm_gb": _vmhwm_gb()}))
@@ -83,7 +82,6 @@ def bench_argv(preset: str, seq_len: int, checkpoint: str, steps: int, processes
 
 def main_train(config: str, processes: list[int], repeat: int) -> None:
     measured = {n: [run_ranks("train", [config, "--max_steps", "30"], n) for _ in range(repeat)] for n in processes}
-    sys.path.insert(0, str(ROOT))
     from finetune.args import load_train_args
     from utils.estimate_memory import GB, _load_model_args, estimate
 
@@ -122,7 +120,6 @@ def main() -> None:
                     cpu.append(("small", n, seq_len, ckpt, peak))
                     print(f"measured small x{n} seq {seq_len} ckpt {ckpt}: {peak:.3f} GB", file=sys.stderr)
 
-    sys.path.insert(0, str(ROOT))
     from finetune.args import TrainArgs
     from model.args import ModelArgs
     from utils.estimate_memory import GB, estimate

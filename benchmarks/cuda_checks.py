@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from finetune.loss import linear_cross_entropy_sum
 from model.args import LoraArgs
 from model.lora import LoRALinear
+from model.tiny import tiny_args
 from model.transformer import Transformer
-from tests.model_helpers import tiny_args
 
 
 def _grads(model, tokens, seqlens):

@@ -20,13 +20,17 @@ python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.
 if [ "${SKIP_TRAIN:-0}" != 1 ]; then
 echo "== train.py on one GPU"
 python3 - <<'PY'
-import json
 from pathlib import Path
-from tests.train_helpers import make_workspace, write_config
+import yaml
+from utils.quickstart import Task, create_model, write_data  # a small model and chat data, no tests/ import
 root = Path("/tmp/gpu_train"); root.mkdir(exist_ok=True)
-cfg = make_workspace(root)
-cfg.update(run_dir=str(root / "run"), max_steps=8, ckpt_freq=4, no_eval=False, eval_freq=4)
-write_config(root / "cfg.yaml", cfg)
+create_model(root / "model", dim=128, n_layers=2, seed=0)
+train, eval_ = write_data(root, Task(), n_train=300, n_eval=40, seed=0)
+cfg = {"model_id_or_path": str(root / "model"), "run_dir": str(root / "run"), "seq_len": 128, "batch_size": 2,
+       "data": {"instruct_data": str(train), "eval_instruct_data": str(eval_), "cache_dir": str(root / "cache")},
+       "max_steps": 8, "ckpt_freq": 4, "no_eval": False, "eval_freq": 4, "log_freq": 1, "seed": 0,
+       "optim": {"lr": 5e-2, "pct_start": 0.2}, "lora": {"rank": 4}}
+(root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
 PY
 torchrun --standalone --nproc-per-node 1 train.py /tmp/gpu_train/cfg.yaml --max_steps 4 2>&1 | tail -8 | tee "$OUT/train.txt"
 torchrun --standalone --nproc-per-node 1 train.py /tmp/gpu_train/cfg.yaml 2>&1 | tail -8 | tee -a "$OUT/train.txt"

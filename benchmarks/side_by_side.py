@@ -4,7 +4,7 @@
     python3 benchmarks/side_by_side.py --seq_lens 1024 --checkpoint off --repeats 5 --ours_args="--loss_chunk_size 512"
 
 For every config (seq_len x activation checkpointing) it runs ``--repeats`` pairs, one ours
-(benchmarks/bench_train_step.py) and one theirs (benchmarks/bench_hf.py, in its own venv), each in
+(python -m utils.bench_train_step) and one theirs (benchmarks/bench_hf.py, in its own venv), each in
 its own fresh process so peak RSS is that run's own, in alternating order (ours first, then theirs
 first, ...) with the repeat loop outermost so slow drifts of the machine's load hit every config
 alike. Both get the same packed rows (same document-length distribution and seed; checked by a
@@ -30,12 +30,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BENCH_HF = HERE / "bench_hf.py"
-BENCH_OURS = HERE / "bench_train_step.py"
 
 _CHECK = """
 import json, sys
 sys.path[:0] = [{root!r}, {here!r}]
-import bench_hf, bench_train_step as ours
+import bench_hf
+from utils import bench_train_step as ours
 assert ours.PRESETS[{preset!r}] == bench_hf.PRESETS[{preset!r}], "preset tables differ"
 rows = [(b.x, b.y, b.y_mask, b.seqlens) for b in ours.packed_batches({n}, {seq_len}, 1, {doc_min}, {doc_max},
         ours.PRESETS[{preset!r}]["vocab_size"])]
@@ -129,7 +129,7 @@ def main() -> None:
     def cmd(stack: str, seq_len: int, ckpt: bool) -> list[str]:
         flags = [*common, "--seq_len", str(seq_len)] + ([] if ckpt else ["--no_checkpoint"])
         if stack == "ours":
-            return [sys.executable, str(BENCH_OURS), *flags, "--precision", "bf16", *opts.ours_args.split()]
+            return [sys.executable, "-m", "utils.bench_train_step", *flags, "--precision", "bf16", *opts.ours_args.split()]
         return [hf_python, str(BENCH_HF), *flags, "--precision", "bf16", *opts.hf_args.split()]
 
     results: list[dict] = []

@@ -1,4 +1,4 @@
-"""Tiny Mistral-architecture models for tests, built from the same dataclasses as real ones."""
+"""Test helpers around ``model.tiny`` (tiny models and checkpoints): the real tokenizer files."""
 
 from __future__ import annotations
 
@@ -9,36 +9,18 @@ from pathlib import Path
 
 import torch
 
-from model.args import ModelArgs, MoeArgs
-from model.checkpoint import save_model_folder
-from model.configs import params_from_args
-from model.transformer import Transformer
+from model.args import ModelArgs
+from model.tiny import random_base_model, tiny_args, write_random_model
 
-
-def tiny_args(**overrides) -> ModelArgs:
-    base = dict(
-        dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2,
-        norm_eps=1e-5, vocab_size=128, rope_theta=10000.0,
-    )
-    base.update(overrides)
-    if isinstance(base.get("moe"), dict):
-        base["moe"] = MoeArgs(**base["moe"])
-    return ModelArgs(**base)
-
-
-def random_base_model(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch.float32) -> Transformer:
-    model = Transformer(args)
-    model.init_weights(seed)
-    return model.to(dtype)
+__all__ = ["bundled_tokenizer_file", "random_base_model", "read_params", "tiny_args", "write_checkpoint"]
 
 
 def write_checkpoint(folder: Path, args: ModelArgs, seed: int = 0, layout: str = "safetensors",
                      dtype: torch.dtype = torch.float32, tokenizer: bool = True) -> dict[str, torch.Tensor]:
-    """Save a seeded random base model in an official folder layout; returns its state dict.
-    With ``tokenizer``, models of the v3 (32768) or Tekken (131072) vocabulary get the matching real
-    tokenizer file that mistral-common ships, as an official release folder has."""
-    state = random_base_model(args, seed, dtype).state_dict()
-    save_model_folder(folder, params_from_args(args), state, layout=layout)
+    """``model.tiny.write_random_model``; with ``tokenizer``, models of the v3 (32768) or Tekken
+    (131072) vocabulary also get the matching real tokenizer file that mistral-common ships, as an
+    official release folder has."""
+    state = write_random_model(folder, args, seed, layout, dtype)
     if tokenizer and args.vocab_size in (32768, 131072):
         src = bundled_tokenizer_file(tekken=args.vocab_size == 131072)
         shutil.copy(src, folder / ("tekken.json" if src.suffix == ".json" else "tokenizer.model.v3"))

@@ -17,8 +17,9 @@ from model.configs import hf_config_from_args
 from model.hf import to_hf_state_dict
 from model.lora import freeze_all_but_lora, lora_state_dict
 from model.merge import merged_weights
+from model.tiny import tiny_args
 from model.transformer import Transformer
-from tests.model_helpers import read_params, tiny_args, write_checkpoint
+from tests.model_helpers import read_params, write_checkpoint
 from utils.export_hf import main as export
 
 SEQLENS = [9, 6]

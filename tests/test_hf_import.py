@@ -11,8 +11,8 @@ from model.args import LoraArgs
 from model.checkpoint import iter_checkpoint_tensors
 from model.configs import hf_config_from_args, load_model_args
 from model.hf import key_from_hf, key_to_hf, to_hf_state_dict
+from model.tiny import random_base_model, tiny_args
 from model.transformer import Transformer
-from tests.model_helpers import random_base_model, tiny_args
 
 SEQLENS = [9, 5]
 

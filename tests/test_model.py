@@ -14,8 +14,9 @@ from model.configs import args_from_params, hf_config_from_args, load_model_args
 from model.hf import to_hf_state_dict
 from model.lora import LoRALinear, freeze_all_but_lora, lora_state_dict
 from model.merge import merged_weights
+from model.tiny import random_base_model, tiny_args
 from model.transformer import RMSNorm, Transformer, _RMSNormFunction
-from tests.model_helpers import random_base_model, tiny_args, write_checkpoint
+from tests.model_helpers import write_checkpoint
 
 SEQLENS = [7, 13, 4]
 

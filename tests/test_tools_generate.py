@@ -12,8 +12,8 @@ from model.args import LoraArgs
 from model.checkpoint import save_model_folder
 from model.configs import params_from_args
 from model.generate import KVCache, forward_cached, generate
+from model.tiny import tiny_args
 from model.transformer import Transformer
-from tests.model_helpers import tiny_args
 from tests.train_helpers import tiny_vocab_args
 
 CASES = {

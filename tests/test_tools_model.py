@@ -12,8 +12,9 @@ from model.args import LoraArgs, ModelArgs
 from model.configs import params_from_args
 from model.lora import lora_state_dict
 from model.merge import MergeError, merge_weights, merged_weights
+from model.tiny import tiny_args
 from model.transformer import Transformer
-from tests.model_helpers import tiny_args, write_checkpoint
+from tests.model_helpers import write_checkpoint
 from tests.train_helpers import make_workspace, run_cli, write_config
 from utils import extend_model_vocab, merge_lora
 

@@ -1,5 +1,6 @@
-"""The benchmark workload shared by our benchmark and the Hugging Face one: model shapes and
-packed rows of random documents. NumPy only, so the Hugging Face venv can import it too."""
+"""The benchmark workload shared by our benchmark (``utils.bench_train_step``) and the Hugging Face
+one (``benchmarks/bench_hf.py``): model shapes and packed rows of random documents. NumPy only, so the
+Hugging Face venv can import it too."""
 
 from __future__ import annotations
 

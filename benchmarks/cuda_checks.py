@@ -37,7 +37,7 @@ def check_attention_backends(dtype: torch.dtype, window: int | None, atol: float
     seqlens = [300, 17, 700, 7]
     tokens = torch.randint(0, args.vocab_size, (sum(seqlens),), device="cuda")
     out_s, g_s = _grads(model, tokens, seqlens)
-    model.attention = "flex"
+    model.attention_backend = "flex"
     out_f, g_f = _grads(model, tokens, seqlens)
     torch.testing.assert_close(out_f.float(), out_s.float(), atol=atol, rtol=atol)
     assert g_s.keys() == g_f.keys() and len(g_s) == 2 * 7 * 2  # every adapter of both layers

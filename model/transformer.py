@@ -81,7 +81,8 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, lora: LoraArgs | None = None, attention: str = "sdpa") -> None:
         super().__init__()
-        self.args, self.lora, self.attention = args, lora, attention
+        # The kernel's name (model/attention.py BACKENDS); each block's ``attention`` is the module.
+        self.args, self.lora, self.attention_backend = args, lora, attention
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args, lora) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
@@ -109,7 +110,7 @@ class Transformer(nn.Module):
             )
         positions = positions_from_seqlens(seqlens, input_ids.device)
         freqs = rope_frequencies(positions, self.args.head_dim, self.args.rope_theta)
-        mask = AttentionMask.build(seqlens, self.args.sliding_window, self.attention, input_ids.device)
+        mask = AttentionMask.build(seqlens, self.args.sliding_window, self.attention_backend, input_ids.device)
         h = self.tok_embeddings(input_ids)  # (tokens, dim)
         for layer in self.layers:
             h = layer(h, freqs, mask)

@@ -128,7 +128,7 @@ def test_flex_attention_equals_sdpa(window):
     tokens = _tokens(sum(seqlens), 128, seed=2)
     with torch.no_grad():
         sdpa = model(tokens, seqlens)
-        model.attention = "flex"
+        model.attention_backend = "flex"
         flex = model(tokens, seqlens)
     torch.testing.assert_close(flex, sdpa, rtol=1e-4, atol=1e-4)
 

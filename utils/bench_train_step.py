@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     tok_s = tokens / step_time
     result = {
         "preset": opts.preset, "n_layers": model_args.n_layers, "seq_len": opts.seq_len,
-        "batch_size": opts.batch_size, "precision": opts.precision, "attention": model.model.attention,
+        "batch_size": opts.batch_size, "precision": opts.precision, "attention": model.model.attention_backend,
         "checkpoint": opts.checkpoint, "compile": opts.compile, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "world_size": D.world_size(), "step_s": step_time,
         "first_step_s": warmup_times[0] if warmup_times else None,

@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     lora = LoraArgs(rank=opts.rank)
     dtype = DTYPES[opts.precision]
     precision = resolve_precision(opts.precision, device)
-    model = build_sharded(model_args, lora, device, precision, attention=resolve_attention(opts.attention, device, model_args.head_dim),
+    attention = resolve_attention(opts.attention, device, model_args.head_dim)
+    model = build_sharded(model_args, lora, device, precision, attention=attention,
                           checkpoint_mode=opts.checkpoint, loss_chunk_size=opts.loss_chunk_size, compile=opts.compile)
     _random_init(model)
     assert all(isinstance(m, LoRALinear) for m in lora_modules(model).values())
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     tok_s = tokens / step_time
     result = {
         "preset": opts.preset, "n_layers": model_args.n_layers, "seq_len": opts.seq_len,
-        "batch_size": opts.batch_size, "precision": opts.precision, "attention": model.model.attention_backend,
+        "batch_size": opts.batch_size, "precision": opts.precision, "attention": attention,
         "checkpoint": opts.checkpoint, "compile": opts.compile, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "world_size": D.world_size(), "step_s": step_time,
         "first_step_s": warmup_times[0] if warmup_times else None,

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from finetune.checkpointing import latest_resumable, list_checkpoints, verify_checkpoint
 from model.configs import load_model_args
 from model.lora import merge_delta
 from tests.train_helpers import (
@@ -134,32 +135,56 @@ def test_resume_after_sigterm_equals_uninterrupted(single, workspace):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
-def test_kill_during_checkpoint_leaves_no_half_checkpoint(workspace):
-    cfg = run_config(workspace, "killed", max_steps=40, ckpt_freq=1, num_ckpt_keep=None)
+def _stopped(pid: int) -> bool:
+    """Whether SIGSTOP has taken effect (state T in /proc/PID/stat; kill() only queues the signal)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
+
+
+def test_kill_during_checkpoint_leaves_no_half_checkpoint_and_rotation_keeps_the_newest(workspace):
+    # A checkpoint every step, the newest 2 kept: rotation deletes one after every save.
+    cfg = run_config(workspace, "killed", max_steps=40, ckpt_freq=1, num_ckpt_keep=2)
     run_dir = workspace[0] / "killed"
+    ckpts = run_dir / "checkpoints"
     proc = start_cli(["train.py", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    interrupted = None  # the .tmp folder of the save the kill landed in
     deadline = time.time() + 120
     try:
-        while time.time() < deadline and proc.poll() is None:
-            ckpts = run_dir / "checkpoints"
-            if ckpts.is_dir() and len(list(ckpts.iterdir())) >= 3 and any(p.name.endswith(".tmp") for p in ckpts.iterdir()):
-                proc.kill()  # SIGKILL while a checkpoint is being written
-                break
+        while interrupted is None and time.time() < deadline and proc.poll() is None:
+            names = [p.name for p in ckpts.iterdir()] if ckpts.is_dir() else []
+            if len(names) >= 3 and any(n.endswith(".tmp") for n in names):
+                # Freeze the trainer, then look again: only this process writes there, so a .tmp folder
+                # seen while it is stopped means it stopped between a save's mkdir and its rename.
+                proc.send_signal(signal.SIGSTOP)
+                while proc.poll() is None and not _stopped(proc.pid):
+                    time.sleep(0.001)
+                tmps = [p.name for p in ckpts.iterdir() if p.name.endswith(".tmp")]
+                if tmps:
+                    interrupted = tmps[0]
+                    proc.kill()  # SIGKILL inside the save
+                else:
+                    proc.send_signal(signal.SIGCONT)  # it had just renamed: try the next save
             time.sleep(0.002)
     finally:
         proc.kill()
         proc.wait()
-    for ckpt in (run_dir / "checkpoints").iterdir():
-        if ckpt.name.endswith(".tmp"):
-            continue
-        # Every checkpoint under its final name is complete and loadable.
-        assert (ckpt / "state" / "train_state.json").is_file(), ckpt
+    assert interrupted is not None, "the kill never landed inside a checkpoint save"
+    # The save of step k+1 was cut short; k and k-1 are complete, older ones rotated away.
+    complete = list_checkpoints(run_dir)
+    newest = int(complete[-1].name.removeprefix("checkpoint_"))
+    assert interrupted == f"checkpoint_{newest + 1:06d}.tmp" and (ckpts / interrupted).is_dir()
+    assert [p.name for p in complete] == [f"checkpoint_{s:06d}" for s in (newest - 1, newest)]
+    for ckpt in complete:  # every checkpoint under its final name is complete and loadable
+        assert verify_checkpoint(ckpt) is None, ckpt
         load_file(str(ckpt / "consolidated" / "lora.safetensors"))
         load_model_args(ckpt / "consolidated")
-    _ok(run_cli(["train.py", str(cfg), "--max_steps", "41"]))
+    result = run_cli(["train.py", str(cfg), "--max_steps", "41"])
+    _ok(result)
+    assert f"Resumed from {complete[-1]} at step {newest}" in result.stdout + result.stderr
     steps = [m["step"] for m in read_metrics(run_dir)]
     assert steps == list(range(1, 42))  # resumed without gaps or duplicates
-    assert not any(p.name.endswith(".tmp") for p in (run_dir / "checkpoints").iterdir())
+    # Only the newest num_ckpt_keep remain, the half-written folder is gone, and the latest resumes.
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint_000040", "checkpoint_000041"]
+    assert latest_resumable(run_dir) == ckpts / "checkpoint_000041"
 
 
 @pytest.fixture(scope="module")

@@ -111,9 +111,23 @@ def test_valid_data_statistics_and_plan(tmp_path, capsys) -> None:
     assert source["tokens"] > expected_tokens  # chunked prefixes add tokens
     assert plan["epochs_per_source"][f"data.instruct_data {tmp_path / 'train.jsonl'}"] == pytest.approx(
         plan["train_tokens"] / source["tokens"])
-    assert 0 <= plan["packing_filler_fraction"] < 1
     assert plan["eta_seconds"] == pytest.approx(plan["train_tokens"] / (4 * plan["tokens_per_s_per_device"]))
     assert f"{plan['tokens_per_s_per_device']:,.0f} tokens/s each" in plan["eta_assumption"]
+
+
+def test_packing_filler_is_what_identical_samples_leave(tmp_path) -> None:
+    # Samples of P positions each: rows of seq_len hold seq_len // P whole samples and seq_len % P
+    # positions of filler, every row. A packer that left rows emptier, or split samples that fit, shows.
+    sample = {"messages": [{"role": "user", "content": "Reverse: a b c d"},
+                           {"role": "assistant", "content": "d c b a"}]}
+    (encoded,) = encode_all(sample, spm(), SampleType.INSTRUCT, chunk=False)
+    positions, seq_len = len(encoded.tokens) - 1, 64  # inputs are tokens[:-1]
+    assert seq_len % positions and seq_len // positions >= 2  # filler to measure, and samples to pack
+    config = _workspace(tmp_path, [json.dumps(sample)] * 40, seq_len=seq_len)
+    stats = tmp_path / "stats.json"
+    assert validate_data.main(["--train_yaml", config, "--stats_json", str(stats)]) == 0
+    filler = json.loads(stats.read_text())["plan"]["packing_filler_fraction"]
+    assert filler == pytest.approx((seq_len % positions) / seq_len, abs=1e-12)
 
 
 def test_without_a_gpu_no_eta_is_guessed_and_the_report_is_whole(tmp_path, capsys, monkeypatch) -> None:

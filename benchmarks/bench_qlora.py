@@ -39,8 +39,8 @@ from utils.bench_train_step import DTYPES, PRESETS, packed_batches  # noqa: E402
 def _random_base(model: torch.nn.Module, device: torch.device) -> None:
     """Random base weights, quantized tensor by tensor like _load_base; non-zero adapters."""
     gen = torch.Generator().manual_seed(0)
-    nf4 = {f"{n}.weight": m for n, m in lora_modules(model.model).items() if isinstance(m, NF4LoRALinear)}
-    for name, p in model.model.named_parameters():
+    nf4 = {f"{n}.weight": m for n, m in lora_modules(model.transformer).items() if isinstance(m, NF4LoRALinear)}
+    for name, p in model.transformer.named_parameters():
         if name.endswith("norm.weight"):
             _copy_into(p, torch.ones(p.shape, device=device))
         elif is_lora_key(name):
@@ -62,7 +62,7 @@ def run_one(opts: argparse.Namespace, quantization: str) -> dict:
     precision = resolve_precision(opts.precision, device)
     model = build_sharded(
         model_args, lora, device, precision,
-        attention=resolve_attention("auto", device, model_args.head_dim),
+        attention_backend=resolve_attention("auto", device, model_args.head_dim),
         checkpoint_mode="full", loss_chunk_size=2048, quantization=quantization,
     )
     _random_base(model, device)

@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from finetune.args import TrainArgs
 from finetune.config import ConfigError
-from finetune.loss import CausalLMLoss
+from finetune.loss import TransformerWithLoss
 from finetune.parallel import freeze, parallelize
 from model.args import LoraArgs, ModelArgs
 from model.checkpoint import iter_base_weights, load_adapters_state
@@ -89,25 +89,25 @@ def check_model_settings(args: TrainArgs, model_args: ModelArgs, device: torch.d
         raise ConfigError("'init_lora_from' needs lora.enable: true.")
 
 
-def build_model(args: TrainArgs, model_args: ModelArgs, device: torch.device, precision: Precision) -> CausalLMLoss:
+def build_model(args: TrainArgs, model_args: ModelArgs, device: torch.device, precision: Precision) -> TransformerWithLoss:
     """The sharded training model with the base weights of ``args.model_id_or_path`` and initial
     adapters; ``check_model_settings`` has accepted the settings."""
     lora = args.lora if args.lora.enable else None
     model = build_sharded(
         model_args, lora, device, precision,
-        attention=resolve_attention(args.attention, device, model_args.head_dim),
+        attention_backend=resolve_attention(args.attention, device, model_args.head_dim),
         checkpoint_mode=args.checkpoint_mode, loss_chunk_size=args.loss_chunk_size,
         quantization=args.quantization, compile=args.compile,
     )
     _load_base(model, args.model_id_or_path, device)
     _init_adapters(model, seed=args.seed, device=device)
     if args.init_lora_from:
-        _load_into_shards(model, load_adapters_state(model.model, args.init_lora_from), device)
+        _load_into_shards(model, load_adapters_state(model.transformer, args.init_lora_from), device)
         logger.info("Adapters initialised from %s", args.init_lora_from)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)  # DTensors report global sizes
     n_total = sum(p.numel() for p in model.parameters())
     n_total += sum(m.in_features * m.out_features - m.weight.numel()  # NF4 weights hold packed codes
-                   for m in lora_modules(model.model).values() if isinstance(m, NF4LoRALinear))
+                   for m in lora_modules(model.transformer).values() if isinstance(m, NF4LoRALinear))
     logger.info(
         "%s out of %s parameters are fine-tuned (%.2f%%).", f"{n_train:,}", f"{n_total:,}", 100 * n_train / n_total
     )
@@ -120,18 +120,18 @@ def build_sharded(
     device: torch.device,
     precision: Precision,
     *,
-    attention: str,
+    attention_backend: str,
     checkpoint_mode: str,
     loss_chunk_size: int,
     quantization: str = "none",
     compile: bool = False,
-) -> CausalLMLoss:
+) -> TransformerWithLoss:
     """The model built on the meta device, frozen, sharded, then given (uninitialised) storage."""
     with torch.device("meta"):
-        model = CausalLMLoss(Transformer(model_args, lora=lora, attention=attention), chunk_size=loss_chunk_size)
+        model = TransformerWithLoss(Transformer(model_args, lora=lora, attention_backend=attention_backend), chunk_size=loss_chunk_size)
     if quantization == "nf4":
         # Packed codes stored in the compute dtype: FSDP2 shards them and its cast is a no-op.
-        quantize_lora_layers(model.model, storage_dtype=precision.dtype)
+        quantize_lora_layers(model.transformer, storage_dtype=precision.dtype)
     freeze(model, lora is not None)
     # Storage dtypes before sharding: frozen base in the compute dtype, trainable weights in float32.
     for p in model.parameters():
@@ -152,8 +152,8 @@ def _copy_into(param: torch.Tensor, full: torch.Tensor) -> None:
             param.copy_(full)
 
 
-def _load_into_shards(model: CausalLMLoss, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
-    params = dict(model.model.named_parameters())
+def _load_into_shards(model: TransformerWithLoss, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    params = dict(model.transformer.named_parameters())
     for key, value in tensors.items():
         _copy_into(params[key], value.to(device=device, dtype=params[key].dtype))
 
@@ -167,9 +167,9 @@ def check_quantization(quantization: str) -> None:
         raise ConfigError(f"'quantization: {quantization}': {e}; or set quantization: none.") from None
 
 
-def _load_base(model: CausalLMLoss, folder: str, device: torch.device) -> None:
-    params = {k: v for k, v in model.model.named_parameters() if not is_lora_key(k)}
-    nf4 = {f"{n}.weight": m for n, m in lora_modules(model.model).items() if isinstance(m, NF4LoRALinear)}
+def _load_base(model: TransformerWithLoss, folder: str, device: torch.device) -> None:
+    params = {k: v for k, v in model.transformer.named_parameters() if not is_lora_key(k)}
+    nf4 = {f"{n}.weight": m for n, m in lora_modules(model.transformer).items() if isinstance(m, NF4LoRALinear)}
     # Checkpoint shapes: NF4 layers hold packed codes, but the file holds the (out, in) weight.
     shapes = {k: (nf4[k].out_features, nf4[k].in_features) if k in nf4 else tuple(p.shape) for k, p in params.items()}
     for key, tensor in iter_base_weights(folder, shapes):
@@ -183,11 +183,11 @@ def _load_base(model: CausalLMLoss, folder: str, device: torch.device) -> None:
             _copy_into(params[key], tensor.to(device=device, dtype=params[key].dtype))
 
 
-def _init_adapters(model: CausalLMLoss, seed: int, device: torch.device) -> None:
+def _init_adapters(model: TransformerWithLoss, seed: int, device: torch.device) -> None:
     """Initialise full adapter matrices from one seeded generator, then keep each rank's shard, so
     the initial adapters are identical for every world size."""
     gen = torch.Generator().manual_seed(seed)
-    for _name, module in sorted(lora_modules(model.model).items()):
+    for _name, module in sorted(lora_modules(model.transformer).items()):
         a = init_lora_A_(torch.empty(module.lora_A.weight.shape), generator=gen)
         _copy_into(module.lora_A.weight, a.to(device))
         _copy_into(module.lora_B.weight, torch.zeros(module.lora_B.weight.shape, device=device))

@@ -39,7 +39,7 @@ from torch.distributed.tensor import DTensor
 
 from finetune import distributed as D
 from finetune.config import ConfigError
-from finetune.loss import CausalLMLoss
+from finetune.loss import TransformerWithLoss
 from finetune.safe_dcp import SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpointError, read_metadata_file
 from model.args import LoraArgs, ModelArgs
 from model.configs import params_from_args
@@ -54,6 +54,9 @@ _STATE_OPTIONS = StateDictOptions(ignore_frozen_params=True)
 # Frozen weights come from the base model, not the checkpoint; dcp.load already fails on any
 # trainable key the checkpoint lacks.
 _LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
+# The resume state's layout: its keys are the training module's parameter names. 2: the transformer
+# is the ``transformer`` of TransformerWithLoss (it was ``model``).
+STATE_FORMAT = 2
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -154,23 +157,23 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def gather_adapters(model: CausalLMLoss, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def gather_adapters(model: TransformerWithLoss, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The adapter file's tensors, gathered one at a time onto rank 0's CPU."""
     out = {}
-    for key, t in lora_state_dict(model.model).items():
+    for key, t in lora_state_dict(model.transformer).items():
         full = _full(t)
         if D.is_main():
             out[key] = full.to("cpu", dtype).contiguous()
     return out
 
 
-def gather_merged(model: CausalLMLoss, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def gather_merged(model: TransformerWithLoss, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Full weights with adapters folded in (``model.merge``), gathered tensor by tensor onto rank 0's CPU."""
-    if any(isinstance(m, NF4LoRALinear) for m in lora_modules(model.model).values()):
+    if any(isinstance(m, NF4LoRALinear) for m in lora_modules(model.transformer).values()):
         logger.info("Merging adapters into the de-quantized NF4 base (the weights they were trained on); "
                     "to merge into the original base instead, save adapters and use utils.merge_lora.")
     out = {}
-    for key, weight in merged_weights(model.model, full=_full):
+    for key, weight in merged_weights(model.transformer, full=_full):
         if D.is_main():
             out[key] = weight.to("cpu", dtype).contiguous()
     return out
@@ -186,7 +189,7 @@ def adapter_params(model_args: ModelArgs, lora: LoraArgs | None) -> dict[str, An
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    model: CausalLMLoss,
+    model: TransformerWithLoss,
     optimizer: torch.optim.Optimizer,
     *,
     model_args: ModelArgs,
@@ -250,7 +253,8 @@ def save_checkpoint(
 
     def finish() -> None:
         if D.is_main():
-            (tmp / "state" / "train_state.json").write_text(json.dumps(train_state, indent=2) + "\n")
+            (tmp / "state" / "train_state.json").write_text(
+                json.dumps({**train_state, "format": STATE_FORMAT}, indent=2) + "\n")
             _write_manifest(tmp)
             if final.exists():  # re-saving the same step (e.g. after a resume): replace it
                 shutil.rmtree(final)
@@ -277,7 +281,7 @@ def _error_code(error: BaseException | None) -> int:
     return 2 if any(isinstance(c, OSError) and c.errno in _NO_SPACE for c in causes) else 1
 
 
-def _write_error_message(final: Path, code: int, error: BaseException | None, model: CausalLMLoss,
+def _write_error_message(final: Path, code: int, error: BaseException | None, model: TransformerWithLoss,
                          save_adapters: bool) -> str:
     kept = list_checkpoints(final.parent.parent)
     kept_text = f"The previous checkpoint {kept[-1]} is kept" if kept else "No earlier checkpoint exists"
@@ -298,7 +302,7 @@ def _write_error_message(final: Path, code: int, error: BaseException | None, mo
             "then re-run the same command to resume.")
 
 
-def _checkpoint_bytes(model: CausalLMLoss, save_adapters: bool) -> int:
+def _checkpoint_bytes(model: TransformerWithLoss, save_adapters: bool) -> int:
     """Roughly what one checkpoint takes: fp32 trainable weights and two Adam moments, plus the
     consumable weights (the adapters, or the whole merged model)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -318,10 +322,17 @@ def _rotate(run_dir: Path, num_keep: int | None) -> None:
         logger.info("Removed old checkpoint %s", old)
 
 
-def load_checkpoint(ckpt: Path, model: CausalLMLoss, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+def load_checkpoint(ckpt: Path, model: TransformerWithLoss, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Restore trainable weights and optimizer state; returns (train_state, this rank's state).
     Nothing is unpickled: JSON for the small state, restricted readers for DCP's files."""
     train_state = json.loads((ckpt / "state" / "train_state.json").read_text())
+    if train_state.get("format") != STATE_FORMAT:
+        raise ConfigError(
+            f"{ckpt} was written by an earlier version of this library whose resume state this one cannot "
+            "read. Its adapters are usable: start a new run_dir with "
+            f"init_lora_from: {ckpt / 'consolidated' / 'lora.safetensors'} (the step count and optimizer "
+            "state start over), or finish the run with the version that wrote it."
+        )
     if train_state.get("world_size") != D.world_size():
         raise ConfigError(
             f"{ckpt} was written by {train_state.get('world_size')} processes but this run has "

@@ -99,24 +99,24 @@ def linear_cross_entropy_sum(
     return _LinearCrossEntropySum.apply(h, weight, targets, chunk_size, block)
 
 
-class CausalLMLoss(nn.Module):
+class TransformerWithLoss(nn.Module):
     """The transformer plus its loss as one module.
 
     Training shards this module as FSDP's root, so the embedding, final norm and output layer are
     gathered by the root's hooks for the whole forward and backward, including the fused loss.
     """
 
-    def __init__(self, model: Transformer, chunk_size: int = 2048) -> None:
+    def __init__(self, transformer: Transformer, chunk_size: int = 2048) -> None:
         super().__init__()
-        self.model = model
+        self.transformer = transformer
         self.chunk_size = chunk_size
 
     def forward(
         self, input_ids: torch.Tensor, seqlens: list[int], targets: torch.Tensor, target_mask: torch.Tensor
     ) -> torch.Tensor:
         """Summed natural-log cross-entropy over the positions where ``target_mask`` is True."""
-        h = self.model.hidden_states(input_ids, seqlens)  # (tokens, dim)
+        h = self.transformer.hidden_states(input_ids, seqlens)  # (tokens, dim)
         rows = target_mask.nonzero().squeeze(1)  # (targets,)
         return linear_cross_entropy_sum(
-            h.index_select(0, rows), self.model.output.weight, targets.index_select(0, rows), self.chunk_size
+            h.index_select(0, rows), self.transformer.output.weight, targets.index_select(0, rows), self.chunk_size
         )

@@ -44,7 +44,7 @@ from torch.utils.checkpoint import (
 
 from finetune import distributed as D
 from finetune.args import CHECKPOINT_MODES
-from finetune.loss import CausalLMLoss
+from finetune.loss import TransformerWithLoss
 from model.attention import DOCUMENT_ATTENTION_OP
 from model.lora import freeze_all_but_lora
 
@@ -67,7 +67,7 @@ _ATTENTION_OPS.add(DOCUMENT_ATTENTION_OP)
 _MATMUL_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default}
 
 
-def freeze(model: CausalLMLoss, lora_enabled: bool) -> None:
+def freeze(model: TransformerWithLoss, lora_enabled: bool) -> None:
     if lora_enabled:
         freeze_all_but_lora(model)
     else:
@@ -119,8 +119,8 @@ def compile_block(block: nn.Module) -> None:
 
 
 def parallelize(
-    model: CausalLMLoss, *, compute_dtype: torch.dtype, checkpoint_mode: str, compile: bool = False
-) -> CausalLMLoss:
+    model: TransformerWithLoss, *, compute_dtype: torch.dtype, checkpoint_mode: str, compile: bool = False
+) -> TransformerWithLoss:
     """Checkpoint, compile and shard every block, then shard the root (embedding, norm, output)."""
     if checkpoint_mode not in CHECKPOINT_MODES:
         raise ValueError(f"unknown activation checkpointing mode {checkpoint_mode!r}; use one of {CHECKPOINT_MODES}")
@@ -131,9 +131,9 @@ def parallelize(
     # (build_sharded), so no cast is lost.
     alone = D.world_size() == 1
     ignored = {p for p in model.parameters() if not p.requires_grad and p.dtype == compute_dtype} if alone else None
-    for block in model.model.layers:
+    for block in model.transformer.layers:
         if checkpoint_mode != "none":
-            checkpoint_block(block, checkpoint_mode, model.model.args.hidden_dim)
+            checkpoint_block(block, checkpoint_mode, model.transformer.args.hidden_dim)
         if compile:
             compile_block(block)
         fully_shard(block, mp_policy=mp, ignored_params=ignored)

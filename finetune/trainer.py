@@ -28,7 +28,7 @@ from finetune.data.dataset import SourceData, open_manifest
 from finetune.data.loader import Batch, TrainLoader, build_eval_batches, build_train_loader
 from finetune.data.tokenizer import load_tokenizer, tokenizer_file_to_ship
 from finetune.data.validation import check_data
-from finetune.loss import CausalLMLoss
+from finetune.loss import TransformerWithLoss
 from finetune.monitoring import MetricsLogger, format_duration, peak_memory_gb, setup_logging, start_wandb
 from finetune.run_dir import RunDirLock, create_run_dir, keep_metrics_up_to
 from model.args import ModelArgs
@@ -91,7 +91,7 @@ def _to_device(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.
 
 
 def train_step(
-    model: CausalLMLoss,
+    model: TransformerWithLoss,
     optimizer: torch.optim.Optimizer,
     batches: list[Batch],
     args: TrainArgs,
@@ -144,7 +144,7 @@ def _update_loss_scale(state: TrainState, finite: bool) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: CausalLMLoss, batches: list[Batch], device: torch.device) -> tuple[float, float, int]:
+def evaluate(model: TransformerWithLoss, batches: list[Batch], device: torch.device) -> tuple[float, float, int]:
     """Token-weighted loss over the whole eval set (all ranks) and perplexity exp(loss)."""
     model.eval()
     loss_sum, n = torch.zeros((), dtype=torch.float64, device=device), 0  # float64: many batches summed
@@ -247,7 +247,7 @@ def _agree_or_raise(error: Exception | None, device: torch.device, what: str) ->
         raise ConfigError(f"{what} (see rank 0's message)")
 
 
-def build_optimizer(model: CausalLMLoss, args: TrainArgs) -> torch.optim.Optimizer:
+def build_optimizer(model: TransformerWithLoss, args: TrainArgs) -> torch.optim.Optimizer:
     """AdamW over the trainable (float32) parameters; the learning rate is set every step."""
     return torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
@@ -256,7 +256,7 @@ def build_optimizer(model: CausalLMLoss, args: TrainArgs) -> torch.optim.Optimiz
     )
 
 
-def _resume(ckpt: Path, model: CausalLMLoss, optimizer: torch.optim.Optimizer, loader, args: TrainArgs) -> TrainState:
+def _resume(ckpt: Path, model: TransformerWithLoss, optimizer: torch.optim.Optimizer, loader, args: TrainArgs) -> TrainState:
     """Restore adapters, optimizer, step, data position and RNGs from a checkpoint."""
     train_state, rank_state = load_checkpoint(ckpt, model, optimizer)
     loader.load_state_dict(rank_state["loader"])
@@ -367,7 +367,7 @@ class Training:
     device: torch.device
     precision: Precision
     inputs: Inputs
-    model: CausalLMLoss
+    model: TransformerWithLoss
     optimizer: torch.optim.Optimizer
     loader: TrainLoader
     eval_batches: list[Batch]

@@ -79,10 +79,10 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs, lora: LoraArgs | None = None, attention: str = "sdpa") -> None:
+    def __init__(self, args: ModelArgs, lora: LoraArgs | None = None, attention_backend: str = "sdpa") -> None:
         super().__init__()
         # The kernel's name (model/attention.py BACKENDS); each block's ``attention`` is the module.
-        self.args, self.lora, self.attention_backend = args, lora, attention
+        self.args, self.lora, self.attention_backend = args, lora, attention_backend
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args, lora) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
@@ -127,7 +127,7 @@ class Transformer(nn.Module):
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.bfloat16,
         lora: LoraArgs | None = None,
-        attention: str = "sdpa",
+        attention_backend: str = "sdpa",
     ) -> Transformer:
         """Load a Mistral checkpoint folder onto one device (training shards via finetune.parallel).
 
@@ -138,7 +138,7 @@ class Transformer(nn.Module):
 
         args = load_model_args(folder)
         with torch.device("meta"):
-            model = cls(args, lora=lora, attention=attention)
+            model = cls(args, lora=lora, attention_backend=attention_backend)
         load_base_weights(model, folder, device=device, dtype=dtype)
         init_adapters(model, device=device, dtype=dtype)
         return model

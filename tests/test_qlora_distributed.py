@@ -57,7 +57,7 @@ def _worker(rank: int, world: int, folder: str, out: str, port: int) -> None:
         )
         precision = resolve_precision(name, device)
         model = build_model(args, load_model_args(args.model_id_or_path), device, precision)
-        wq = model.model.layers[0].attention.wq
+        wq = model.transformer.layers[0].attention.wq
         assert isinstance(wq, NF4LoRALinear) and wq.weight.dtype == precision.dtype
         if world > 1:  # each rank stores only its shard of the packed codes
             assert wq.weight.to_local().numel() == wq.weight.numel() // world

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = DTYPES[opts.precision]
     precision = resolve_precision(opts.precision, device)
     attention = resolve_attention(opts.attention, device, model_args.head_dim)
-    model = build_sharded(model_args, lora, device, precision, attention=attention,
+    model = build_sharded(model_args, lora, device, precision, attention_backend=attention,
                           checkpoint_mode=opts.checkpoint, loss_chunk_size=opts.loss_chunk_size, compile=opts.compile)
     _random_init(model)
     assert all(isinstance(m, LoRALinear) for m in lora_modules(model).values())

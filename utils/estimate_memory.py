@@ -41,6 +41,7 @@ from finetune.config import ConfigError
 from finetune.loss import block_rows
 from model.args import ModelArgs
 from model.configs import load_model_args
+from model.quant import quantized_weight_bytes
 
 GB = 1e9
 CUDA_CONTEXT = 1.0 * GB  # CUDA context + cuBLAS/NCCL workspaces; outside max_memory_allocated
@@ -55,7 +56,8 @@ CPU_BASELINE = 0.31 * GB  # RSS of python + torch + this project imported, gloo 
 CPU_RUNTIME = 0.007 * GB
 CPU_HEAP_PER_LOGIT = 3.48
 CPU_HEAP_BLOCKS = 1.33
-NF4_BITS = 4.13  # 4-bit codes + uint8 absmax per 64 + float32 per 256 absmaxes (model/quant.py)
+# Bytes per NF4 weight, statistics included, for a 7B-sized matrix (the share is the same for any large one).
+NF4_BYTES = quantized_weight_bytes(4096 * 14336) / (4096 * 14336)
 _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
@@ -188,7 +190,7 @@ def estimate(
     base_b = 4 if not lora else c
     block_base = counts["block"] * base_b
     if nf4:
-        block_base -= counts["block_targeted"] * (c - NF4_BITS / 8)
+        block_base -= counts["block_targeted"] * (c - NF4_BYTES)
     base_total = L * block_base + counts["root"] * base_b
     parts["base weights (sharded)"] = base_total / N
     # All-gathered copies in the compute dtype: the root for the whole step, two blocks at a time.

@@ -44,7 +44,7 @@ def load_model(model_dir: str, lora: str | None, device: torch.device, dtype: to
                 f"{adapter.parent}/params.json has no 'lora' section (rank, scaling); it is written by training."
             )
         lora_args = LoraArgs(**{k: v for k, v in settings.items() if k in LoraArgs.__dataclass_fields__})
-    model = Transformer.from_folder(model_dir, device=device, dtype=dtype, lora=lora_args, attention="sdpa")
+    model = Transformer.from_folder(model_dir, device=device, dtype=dtype, lora=lora_args, attention_backend="sdpa")
     if adapter is not None:
         load_adapters(model, adapter)
     return model.eval()

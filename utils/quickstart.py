@@ -177,7 +177,7 @@ def load_for_eval(model_folder: Path, adapter: Path | None, rank: int):
     lora = LoraArgs(rank=rank) if adapter is not None else None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = Transformer.from_folder(
-        model_folder, device=device, dtype=torch.float32, lora=lora, attention="sdpa"
+        model_folder, device=device, dtype=torch.float32, lora=lora, attention_backend="sdpa"
     )
     if adapter is not None:
         load_adapters(model, adapter)

@@ -251,6 +251,21 @@ def test_damaged_newest_checkpoint_falls_back_and_changed_settings_are_named(two
     assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
 
 
+def test_checkpoint_of_an_earlier_state_format_is_refused_with_the_way_forward(two_checkpoints, workspace):
+    # Written before train_state.json carried its format (the resume state's keys then named the
+    # transformer "model."): resuming would fail deep in DCP's key matching.
+    run_dir, cfg = _copy_run(two_checkpoints, workspace, "oldformat")
+    ckpt = run_dir / "checkpoints" / "checkpoint_000004"
+    train_state = json.loads((ckpt / "state" / "train_state.json").read_text())
+    assert train_state.pop("format") == 2
+    (ckpt / "state" / "train_state.json").write_text(json.dumps(train_state))
+    _write_manifest(ckpt)
+    adapters = ckpt / "consolidated" / "lora.safetensors"
+    _fails_in_one_line(run_cli(["train.py", str(cfg), "--max_steps", "5"]), f"{ckpt} was written by an earlier version",
+                       f"init_lora_from: {adapters}")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint_000002", "checkpoint_000004"]
+
+
 def test_planted_pickle_in_a_checkpoint_is_skipped_not_run(two_checkpoints, workspace):
     # The attacker rewrites the manifest too: the manifest guards against damage, the restricted
     # readers against tampering.

@@ -149,12 +149,12 @@ def test_selective_formula_equals_what_the_policy_keeps(moe, targets, nf4):
     assert selective_saved_bytes_per_token(args, targets, 8, 2) == measured
 
 
-# A child that trains like benchmarks/bench_train_step.py and reports its own peak RSS. VmHWM, not
-# ru_maxrss: a child's ru_maxrss starts at its parent's (this pytest process's) peak.
+# A child that trains with `python -m utils.bench_train_step` and reports its own peak RSS. VmHWM,
+# not ru_maxrss: a child's ru_maxrss starts at its parent's (this pytest process's) peak.
 _CHILD = """
-import json, runpy, sys
-sys.argv = ["bench_train_step.py", *{argv!r}]
-runpy.run_path({bench!r}, run_name="__main__")
+import json
+from utils.bench_train_step import main
+main({argv!r})
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
 print(json.dumps({{"vmhwm_gb": hwm * 1024 / 1e9}}))
 """
@@ -190,7 +190,7 @@ def test_cpu_estimate_within_15_percent_of_measured_peak(checkpoint):
         "1",
     ]
     argv += ["--checkpoint", checkpoint]
-    code = _CHILD.format(argv=argv, bench=str(REPO / "benchmarks" / "bench_train_step.py"))
+    code = _CHILD.format(argv=argv)
     proc = subprocess.run(
         [sys.executable, "-c", code],
         cwd=REPO,
@@ -216,9 +216,9 @@ def test_cpu_estimate_within_15_percent_of_measured_peak(checkpoint):
 
 
 _RANK_PEAK = """
-import json, os, runpy, sys
-sys.argv = ["bench_train_step.py", *{argv!r}]
-runpy.run_path({bench!r}, run_name="__main__")
+import os
+from utils.bench_train_step import main
+main({argv!r})
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
 open(os.path.join({out!r}, "rank_" + os.environ["RANK"]), "w").write(str(hwm * 1024 / 1e9))
 """
@@ -232,8 +232,7 @@ def test_cpu_estimate_of_two_processes_within_12_percent_of_each_ranks_peak(tmp_
     argv = ["--preset", "small", "--n_layers", str(n_layers), "--seq_len", str(seq_len), "--precision", "fp32",
             "--threads", "1", "--steps", "2", "--warmup", "1", "--peak_tflops", "1", "--checkpoint", "none"]
     script = tmp_path / "rank_peak.py"
-    script.write_text(_RANK_PEAK.format(argv=argv, bench=str(REPO / "benchmarks" / "bench_train_step.py"),
-                                        out=str(tmp_path)))
+    script.write_text(_RANK_PEAK.format(argv=argv, out=str(tmp_path)))
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
@@ -248,10 +247,10 @@ def test_cpu_estimate_of_two_processes_within_12_percent_of_each_ranks_peak(tmp_
 
 
 # No GPU peak is compared here: the H100 peaks of docs/benchmarks.md ("GPU: training step (one
-# H100)") were measured by an older version of the code, the planner's prediction for those runs has
-# moved by 1.4-3.8 GB since, and this suite runs without a GPU, so they cannot be re-measured with
-# the code under test. They are re-measured on a GPU machine by `bash benchmarks/gpu_check.sh`
-# (bench_train_step.py's peak_mem_gb) and compared with the planner by
+# H100)") were measured by an older version of the code, whose memory use and the planner's prediction
+# have both moved since, and this suite runs without a GPU, so they cannot be re-measured with the
+# code under test. They are re-measured on a GPU machine by `bash benchmarks/gpu_check.sh`
+# (utils.bench_train_step's peak_mem_gb) and compared with the planner by
 # `python benchmarks/check_memory_planner.py --gpu_only`. What holds without a GPU is checked
 # instead: the weight terms against the real model's parameters (built on the meta device, so 7B and
 # Nemo cost nothing), the activation terms against what autograd saves (the tests above), and the

@@ -81,7 +81,6 @@ def check_compile(compile: bool, model_args: ModelArgs, folder: str) -> None:
 
 def check_model_settings(args: TrainArgs, model_args: ModelArgs, device: torch.device) -> None:
     """Refuse, before anything is built or written, the settings this model cannot train with."""
-    check_trainable_vocab(model_args, args.model_id_or_path)
     check_compile(args.compile, model_args, args.model_id_or_path)
     check_quantization(args.quantization)
     resolve_attention(args.attention, device, model_args.head_dim)

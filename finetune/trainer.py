@@ -21,7 +21,13 @@ from tqdm import tqdm
 
 from finetune import distributed as D
 from finetune.args import TrainArgs, load_train_args
-from finetune.build import Precision, build_model, check_model_settings, resolve_precision
+from finetune.build import (
+    Precision,
+    build_model,
+    check_model_settings,
+    check_trainable_vocab,
+    resolve_precision,
+)
 from finetune.checkpointing import checkpoint_dir, latest_resumable, load_checkpoint, save_checkpoint
 from finetune.config import ConfigError, to_dict
 from finetune.data.dataset import SourceData, open_manifest
@@ -201,17 +207,25 @@ class Inputs:
 def load_inputs(args: TrainArgs, config_path: str, device: torch.device) -> Inputs:
     """The model's params, its tokenizer and the data, checked before anything is written: a mistake
     leaves no run_dir behind."""
+    model_args, tokenizer = read_model_folder(args)
+    check_model_settings(args, model_args, device)
+    train_data, eval_data = scan_data_on_rank0(args, tokenizer, config_path, device)
+    return Inputs(model_args, tokenizer, train_data, eval_data)
+
+
+def read_model_folder(args: TrainArgs) -> tuple[ModelArgs, MistralTokenizer]:
+    """``params.json`` (or ``config.json``) and the tokenizer of ``model_id_or_path`` (also what
+    ``utils.validate_data`` reads)."""
     folder = Path(args.model_id_or_path)
     if not folder.is_dir():
         raise ConfigError(
             f"model_id_or_path '{folder}' is not a folder: download the model (params.json + "
-            "consolidated.safetensors + tokenizer) and point model_id_or_path at it."
+            "consolidated.safetensors + tokenizer) and point model_id_or_path at it; the data is "
+            "checked with the model's own tokenizer."
         )
     model_args = load_model_args(folder)
-    check_model_settings(args, model_args, device)  # before the tokenizer: a v1 vocabulary's error is clearer
-    tokenizer = load_tokenizer(folder, model_args.vocab_size, args.tokenizer_path)
-    train_data, eval_data = scan_data_on_rank0(args, tokenizer, config_path, device)
-    return Inputs(model_args, tokenizer, train_data, eval_data)
+    check_trainable_vocab(model_args, args.model_id_or_path)  # before the tokenizer: its error is clearer
+    return model_args, load_tokenizer(folder, model_args.vocab_size, args.tokenizer_path)
 
 
 def scan_data_on_rank0(

@@ -41,7 +41,6 @@ from finetune.config import ConfigError
 from finetune.data.validation import DataReport, check_data, write_corrected
 from finetune.monitoring import format_duration
 from model.args import ModelArgs
-from model.configs import load_model_args
 
 # Reference throughput (mistral-finetune's measurement): Mistral 7B, one H100, seq_len 32768.
 _REF_TOKENS_PER_S = 5720.0
@@ -57,20 +56,11 @@ def active_params(m: ModelArgs) -> int:
 
 
 def load_inputs(config: str) -> tuple[TrainArgs, ModelArgs, Any]:
-    from finetune.data.tokenizer import load_tokenizer
+    """The config, the model's params and its tokenizer, read as train.py reads them."""
+    from finetune.trainer import read_model_folder
 
     args = load_train_args(config)
-    folder = Path(args.model_id_or_path)
-    if not folder.is_dir():
-        raise ConfigError(
-            f"{config}: model_id_or_path '{folder}' is not a folder; the data is checked with the model's own "
-            "tokenizer, so point it at the downloaded model (params.json + weights + tokenizer file)."
-        )
-    model_args = load_model_args(folder)
-    from finetune.build import check_trainable_vocab
-
-    check_trainable_vocab(model_args, str(folder))  # a v1 model: points at utils.extend_model_vocab
-    return args, model_args, load_tokenizer(folder, model_args.vocab_size, args.tokenizer_path)
+    return args, *read_model_folder(args)
 
 
 def print_errors(report: DataReport, max_errors: int) -> None:

@@ -1,7 +1,10 @@
 """The quickstart pipeline end to end, shortened: model, data, validate_data, torchrun training, accuracy.
 
 The full run (300 steps, 0% -> 100% held-out accuracy) is measured by hand and recorded in
-docs/benchmarks.md; this test only proves every stage runs and reports.
+docs/benchmarks.md. Exact-match accuracy needs most of those steps (150 steps of the default size
+reached 3% here, in 48 s), so this shortened run proves that every stage runs and reports, that the
+untrained model gets nothing right, and that the training it runs improves the held-out loss of
+the task's answers, measured here with and without the adapter it saved.
 """
 
 from __future__ import annotations
@@ -14,14 +17,31 @@ from pathlib import Path
 import pytest
 import torch
 
+from finetune.data.tokenize import SampleType, encode_all
 from tests.train_helpers import run_cli
 from utils import quickstart
 
 REPO = Path(__file__).resolve().parents[1]
+STEPS = 30
+
+
+def _heldout_loss(model, tokenizer, eval_file: Path) -> float:
+    """Mean natural-log loss of the answer tokens (what training targets) over the held-out file."""
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for line in eval_file.read_text().splitlines():
+            (sample,) = encode_all(json.loads(line), tokenizer.instruct_tokenizer, SampleType.INSTRUCT, chunk=False)
+            tokens, targets = torch.tensor(sample.tokens), torch.tensor(sample.masks[1:])
+            logits = model(tokens[:-1], [len(tokens) - 1])  # (positions, vocab)
+            nll = torch.nn.functional.cross_entropy(logits.float(), tokens[1:], reduction="none")
+            total, n = total + nll[targets].sum().item(), n + int(targets.sum())
+    return total / n
 
 
 @pytest.mark.slow
 def test_quickstart_runs_end_to_end(tmp_path) -> None:
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
     work = tmp_path / "qs"
     result = run_cli(
         [
@@ -30,11 +50,13 @@ def test_quickstart_runs_end_to_end(tmp_path) -> None:
             "--workdir",
             str(work),
             "--max_steps",
-            "3",
+            str(STEPS),
             "--dim",
-            "64",
+            "128",
             "--rank",
-            "4",
+            "16",
+            "--lr",
+            "3e-3",
             "--n_train",
             "200",
             "--n_eval",
@@ -70,12 +92,19 @@ def test_quickstart_runs_end_to_end(tmp_path) -> None:
         letters = s["messages"][0]["content"].removeprefix("Reverse: ").split()
         assert s["messages"][1]["content"] == " ".join(reversed(letters))
     result_json = json.loads((work / "result.json").read_text())
-    assert 0 <= result_json["accuracy_before"] <= 1 and 0 <= result_json["accuracy_after"] <= 1
+    # A random model reverses no held-out prompt. The shortened training gets none right either, but it
+    # lowers the answers' held-out loss (10.39 -> 9.72 here; a random model starts near ln(32768)).
+    assert result_json["accuracy_before"] == 0 and 0 <= result_json["accuracy_after"] <= 1
+    tokenizer = MistralTokenizer.from_file(str(work / "model" / "tokenizer.model.v3"))
+    adapter = work / "run" / "checkpoints" / f"checkpoint_{STEPS:06d}" / "consolidated" / "lora.safetensors"
+    before = _heldout_loss(quickstart.load_for_eval(work / "model", None, 16), tokenizer, work / "eval.jsonl")
+    after = _heldout_loss(quickstart.load_for_eval(work / "model", adapter, 16), tokenizer, work / "eval.jsonl")
+    assert after < before - 0.2, (before, after)
+    # ... and train.py's own evaluation of the same file at the last step agrees.
+    (last_eval,) = [json.loads(line) for line in (work / "run" / "metrics.eval.jsonl").read_text().splitlines()]
+    assert last_eval["step"] == STEPS and last_eval["eval_loss"] == pytest.approx(after, rel=1e-4)
     assert result_json["eta_seconds"] > 0  # validate_data --measure's ETA, compared in the summary
     assert re.search(r"validate_data --measure predicted \d+ s, [+-]\d+%\)", out)
-    assert (
-        work / "run" / "checkpoints" / "checkpoint_000003" / "consolidated" / "lora.safetensors"
-    ).is_file()
     # A rerun replaces its own folder but never deletes one it did not create.
     other = tmp_path / "mine"
     (other / "keep.txt").parent.mkdir()

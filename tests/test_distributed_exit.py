@@ -27,7 +27,7 @@ import pytest
 
 from tests.train_helpers import ENV, REPO
 
-RUNS = 18
+RUNS = 12
 
 
 def fork_runs(runs: int) -> None:

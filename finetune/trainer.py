@@ -241,7 +241,7 @@ def scan_data_on_rank0(
             report = check_data(args.data, tokenizer.instruct_tokenizer, args.seq_len, include_eval=not args.no_eval)
             report.raise_if_invalid(config_path)
             sent = report.manifest()
-        except (ValueError, OSError) as e:  # OSError: a file vanished or is unreadable
+        except Exception as e:  # invalid data, an unreadable file, or a bug: the other ranks must not wait
             error, sent = e, {"error": True}
     received = D.broadcast_json(sent, device)
     if "error" in received:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import random
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import mistral_common
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
 _WORDS = "alpha beta gamma delta model token data Paris Rome weather train answer question".split()
 
@@ -33,6 +37,37 @@ def spm() -> Any:
 
 def tekken() -> Any:
     return MistralTokenizer.v3(is_tekken=True).instruct_tokenizer
+
+
+def write_tekken(folder: Path, version: str, think: bool = True) -> Path:
+    """A Tekken file of instruct ``version`` (v7, v11, v13) as newer checkpoints ship it.
+
+    mistral-common bundles Tekken files of version v3 only. This one is ``tekken_240911.json`` with
+    ``config.version`` set and the special tokens listed: the classic ranks 0-19, fillers, then [ARGS],
+    [CALL_ID] and (with ``think``) [THINK], [/THINK] at ranks 32-35, where Magistral's file has them.
+    """
+    src = Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"
+    model = json.loads(src.read_text(encoding="utf-8"))
+    model.pop("image")  # text only
+    model["config"]["version"] = version
+    names = [str(t["token_str"]) for t in Tekkenizer.DEPRECATED_SPECIAL_TOKENS]
+    names += [f"<SPECIAL_{i}>" for i in range(len(names), 32)]
+    names += ["[ARGS]", "[CALL_ID]"] + (["[THINK]", "[/THINK]"] if think else [])
+    model["special_tokens"] = [{"rank": i, "token_str": n, "is_control": True} for i, n in enumerate(names)]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tekken.json"
+    path.write_text(json.dumps(model), encoding="utf-8")
+    return path
+
+
+_TEKKEN_DIR = tempfile.TemporaryDirectory(prefix="tekken-")  # removed when the test process ends
+
+
+@functools.cache
+def tekken_v(version: str, think: bool = True) -> Any:
+    """The instruct tokenizer of a written Tekken ``version`` file, loaded the way training loads it."""
+    folder = Path(_TEKKEN_DIR.name) / f"{version}-{'think' if think else 'plain'}"
+    return MistralTokenizer.from_file(str(write_tekken(folder, version, think))).instruct_tokenizer
 
 
 def words(rng: random.Random, n: int) -> str:

@@ -16,9 +16,11 @@ from mistral_common.protocol.instruct.messages import (
 )
 from mistral_common.protocol.instruct.request import InstructRequest
 from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
-from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy, TokenizerVersion
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
+from finetune.data.args import DataArgs
+from finetune.data.errors import DataFormatError
 from finetune.data.tokenize import (
     SampleType,
     TokenSample,
@@ -27,18 +29,38 @@ from finetune.data.tokenize import (
     parse_instruct,
 )
 from finetune.data.tokenizer import load_tokenizer, tokenizer_file
-from tests.data_helpers import TOOLS, chat, spm, tekken, tool_conversation
+from finetune.data.validation import check_data
+from tests.data_helpers import (
+    TOOLS,
+    chat,
+    spm,
+    tekken,
+    tekken_v,
+    tool_conversation,
+    write_jsonl,
+    write_tekken,
+)
 
 SPM, TEKKEN = spm(), tekken()
 V7 = MistralTokenizer.v7().instruct_tokenizer
+# Every instruct layout: v3 (SentencePiece and Tekken), v7 (SentencePiece and Tekken), v11, v13.
+TOKENIZERS = {"spm_v3": SPM, "tekken_v3": TEKKEN, "spm_v7": V7, **{f"tekken_{v}": tekken_v(v) for v in ("v7", "v11", "v13")}}
 
 
-def reference_request(sample: dict, separate_system: bool) -> InstructRequest:
-    """Build the InstructRequest straight from the JSON, independently of finetune.data.tokenize."""
+def reference_request(sample: dict, separate_system: bool, keep_final_ids: bool = False) -> InstructRequest:
+    """Build the InstructRequest straight from the JSON, independently of finetune.data.tokenize.
+
+    ``separate_system`` (v7+): system messages stay where they are. ``keep_final_ids`` (v13, which never
+    encodes call ids and refuses "null"): the final turn's call ids are kept instead of dropped.
+    """
     msgs, system = [], sample.get("system_prompt")
+    if separate_system and system:
+        msgs.append(SystemMessage(content=system))
     last = len(sample["messages"]) - 1
     for i, m in enumerate(sample["messages"]):
         if m["role"] == "system":
+            if separate_system:
+                msgs.append(SystemMessage(content=m["content"]))
             system = m["content"]
         elif m["role"] == "user":
             msgs.append(UserMessage(content=m["content"]))
@@ -49,21 +71,22 @@ def reference_request(sample: dict, separate_system: bool) -> InstructRequest:
             if m.get("tool_calls"):
                 calls = [
                     ToolCall(
-                        id="null" if i == last else c["id"],
+                        id="null" if i == last and not keep_final_ids else c["id"],
                         function=FunctionCall(
                             name=c["function"]["name"], arguments=c["function"]["arguments"]
                         ),
                     )
                     for c in m["tool_calls"]
                 ]
+            # mistral-common's own deserialisation of chunk lists ({"type": "thinking", ...})
             msgs.append(
-                FinetuningAssistantMessage(content=m.get("content"), tool_calls=calls, weight=m.get("weight"))
+                FinetuningAssistantMessage.model_validate(
+                    {"content": m.get("content"), "tool_calls": calls, "weight": m.get("weight")}
+                )
             )
     tools = [Tool(function=Function(**t["function"])) for t in sample.get("tools", [])] or None
     if separate_system:
-        return InstructRequest(
-            messages=([SystemMessage(content=system)] if system else []) + msgs, available_tools=tools
-        )
+        return InstructRequest(messages=msgs, available_tools=tools)
     return InstructRequest(messages=msgs, system_prompt=system, available_tools=tools)
 
 
@@ -82,22 +105,62 @@ def samples() -> list[dict]:
         {"messages": tool_conversation()["messages"][:5], "tools": TOOLS},  # ends on a plain answer
         {"messages": chat(rng, 2)["messages"], "only_last": True},
         {"interactions": [{"role": "user", "text": "Hi"}, {"role": "assistant", "text": "Hello"}]},
+        {"messages": chat(rng, 1)["messages"] + [{"role": "user", "content": "And now?"},
+         {"role": "system", "content": "Answer in French."}, {"role": "assistant", "content": "Oui."}]},
     ]
 
 
-@pytest.mark.parametrize("name", ["spm_v3", "tekken_v3", "spm_v7"])
+def reference(it, sample: dict) -> InstructRequest:
+    if "interactions" in sample:
+        sample = {"messages": [{"role": m["role"], "content": m["text"]} for m in sample["interactions"]]}
+    version = it.tokenizer.version
+    return reference_request(sample, version >= TokenizerVersion.v7, version >= TokenizerVersion.v13)
+
+
+@pytest.mark.parametrize("name", list(TOKENIZERS))
 @pytest.mark.parametrize("index", range(len(samples())))
 def test_tokens_equal_encode_instruct(name: str, index: int) -> None:
-    it = {"spm_v3": SPM, "tekken_v3": TEKKEN, "spm_v7": V7}[name]
+    it = TOKENIZERS[name]
     sample = samples()[index]
-    if "interactions" in sample:
-        ref_sample = {"messages": [{"role": m["role"], "content": m["text"]} for m in sample["interactions"]]}
-    else:
-        ref_sample = sample
     [got] = encode_all(sample, it, SampleType.INSTRUCT, chunk=False)
-    want = it.encode_instruct(reference_request(ref_sample, separate_system=name == "spm_v7")).tokens
-    assert got.tokens == want
+    assert got.tokens == it.encode_instruct(reference(it, sample)).tokens
     assert len(got.masks) == len(got.tokens)
+
+
+def expected_masks(it, request: InstructRequest, trained: list[int]) -> list[bool]:
+    """Targets from mistral-common alone: the tokens of assistant message k are what encode_instruct loses
+    when message k is left out (its content, reasoning, calls and EOS; no other message depends on it)."""
+    full = it.encode_instruct(request).tokens
+    masks = [False] * len(full)
+    for k in trained:
+        rest = request.messages[:k] + request.messages[k + 1 :]
+        without = it.encode_instruct(request.model_copy(update={"messages": rest})).tokens
+        n = len(full) - len(without)
+        start = next((j for j, (a, b) in enumerate(zip(full, without, strict=False)) if a != b), len(without))
+        assert n > 0 and without == full[:start] + full[start + n :]
+        masks[start : start + n] = [True] * n
+    return masks
+
+
+def trained_turns(sample: dict, request: InstructRequest) -> list[int]:
+    """Indices in ``request.messages`` of the trained assistant turns: weight not 0, and only the last one
+    when the sample has tools or only_last."""
+    only_last = bool(sample.get("tools")) or sample.get("only_last", False)
+    turns = [k for k, m in enumerate(request.messages) if isinstance(m, FinetuningAssistantMessage)]
+    if only_last:
+        turns = turns[-1:]
+    return [k for k in turns if request.messages[k].weight != 0]
+
+
+@pytest.mark.parametrize("name", list(TOKENIZERS))
+@pytest.mark.parametrize("index", range(len(samples())))
+def test_masks_equal_the_trained_assistant_spans(name: str, index: int) -> None:
+    it = TOKENIZERS[name]
+    sample = samples()[index]
+    request = reference(it, sample)
+    [got] = encode_all(sample, it, SampleType.INSTRUCT, chunk=False)
+    assert got.masks == expected_masks(it, request, trained_turns(sample, request))
+    assert any(got.masks)
 
 
 def _assistant_tokens(it, sample: dict, index: int) -> list[int]:
@@ -227,3 +290,133 @@ def test_tool_arguments_re_emitted_as_object() -> None:
     [ts] = encode_all(tool_conversation(), TEKKEN, SampleType.INSTRUCT, chunk=False)
     text = TEKKEN.decode([t for t, m in zip(ts.tokens, ts.masks, strict=False) if m])
     assert json.loads(text) == [{"name": "get_weather", "arguments": {"city": "Rome"}}]
+
+
+# Reasoning traces (Magistral): an assistant `content` may be mistral-common's chunk list.
+
+
+def _think(text: str, closed: bool = True) -> dict:
+    return {"type": "thinking", "thinking": text, "closed": closed}
+
+
+def _text(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+def thinking_samples() -> list[dict]:
+    tools = tool_conversation()
+    tools["messages"][2]["content"] = [_think("I need the weather tool.")]  # reasoning, then a call
+    tools["messages"][6]["content"] = [_think("Same tool, for Rome.")]
+    return [
+        {
+            "messages": [
+                {"role": "system", "content": "Think step by step."},
+                {"role": "user", "content": "What is 2+3?"},
+                {"role": "assistant", "content": [_think("2 plus 3 is 5."), _text("5")], "weight": 0},
+                {"role": "user", "content": "And 4+4?"},
+                {"role": "assistant", "content": [_think("Four and four.\nThat is 8."), _text("It is 8.")]},
+            ]
+        },
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [_text("Hello")]}]},
+        {"messages": [{"role": "user", "content": "Hm?"}, {"role": "assistant", "content": [_think("Still thinking", closed=False), _text("ok")]}]},
+        {"messages": [{"role": "user", "content": "Think only"}, {"role": "assistant", "content": [_think("a"), _think("b")]}]},
+        tools,
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(thinking_samples())))
+def test_thinking_chunks_encode_as_mistral_common_and_are_trained(index: int) -> None:
+    it = TOKENIZERS["tekken_v13"]
+    sample = thinking_samples()[index]
+    request = reference(it, sample)
+    [got] = encode_all(sample, it, SampleType.INSTRUCT, chunk=False)
+    assert got.tokens == it.encode_instruct(request).tokens
+    assert got.masks == expected_masks(it, request, trained_turns(sample, request))
+
+
+def test_thinking_layout_v13() -> None:
+    it = TOKENIZERS["tekken_v13"]
+    [ts] = encode_all(thinking_samples()[0], it, SampleType.INSTRUCT, chunk=False)
+    targets = [t for t, m in zip(ts.tokens, ts.masks, strict=True) if m]
+    assert it.decode(targets, special_token_policy=SpecialTokenPolicy.KEEP) == (
+        "[THINK]Four and four.\nThat is 8.[/THINK]It is 8.</s>"
+    )
+    assert ts.tokens.count(it.BEGIN_THINK) == 2  # the weight-0 turn's reasoning stays as context
+    # a call after reasoning: [THINK]...[/THINK][TOOL_CALLS]name[ARGS]{...}</s>, all of it trained
+    [ts] = encode_all(thinking_samples()[-1], it, SampleType.INSTRUCT, chunk=False)
+    targets = [t for t, m in zip(ts.tokens, ts.masks, strict=True) if m]
+    assert it.decode(targets, special_token_policy=SpecialTokenPolicy.KEEP) == (
+        '[THINK]Same tool, for Rome.[/THINK][TOOL_CALLS]get_weather[ARGS]{"city": "Rome"}</s>'
+    )
+
+
+def test_tool_call_layouts_v11_v13() -> None:
+    """v11: [TOOL_CALLS]name[CALL_ID]id[ARGS]json, the final (trained) call without its id; v13: no ids
+    at all, and the tool definitions before the first user turn."""
+    sample = tool_conversation(system=False)
+    text = {}
+    for v in ("v11", "v13"):
+        it = TOKENIZERS[f"tekken_{v}"]
+        [ts] = encode_all(sample, it, SampleType.INSTRUCT, chunk=False)
+        text[v] = it.decode(ts.tokens, special_token_policy=SpecialTokenPolicy.KEEP)
+        trained = it.decode([t for t, m in zip(ts.tokens, ts.masks, strict=True) if m],
+                            special_token_policy=SpecialTokenPolicy.KEEP)
+        assert trained == '[TOOL_CALLS]get_weather[ARGS]{"city": "Rome"}</s>'
+    assert '[TOOL_CALLS]get_weather[CALL_ID]aB3dE5gH7[ARGS]{"city": "Paris"}</s>' in text["v11"]
+    assert text["v11"].index("[AVAILABLE_TOOLS]") > text["v11"].index("Weather in Paris?")  # last user turn
+    assert "[CALL_ID]" not in text["v13"] and "aB3dE5gH7" not in text["v13"]
+    assert text["v13"].startswith("<s>[AVAILABLE_TOOLS]")  # first user turn
+    # v13 refuses "null" ids, which it never encodes anyway: a final call without an id still encodes
+    no_id = copy.deepcopy(sample)
+    del no_id["messages"][-1]["tool_calls"][0]["id"]
+    it = TOKENIZERS["tekken_v13"]
+    assert encode_all(no_id, it, SampleType.INSTRUCT, chunk=False) == encode_all(sample, it, SampleType.INSTRUCT, chunk=False)
+
+
+def _one_answer(content) -> dict:
+    return {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": content}]}
+
+
+@pytest.mark.parametrize(
+    ("name", "sample", "kind", "match"),
+    [
+        ("v11", _one_answer([_think("x"), _text("y")]), "no_think_token", r"tokenizer \(v11\) has no \[THINK\]"),
+        ("v13_plain", _one_answer([_think("x"), _text("y")]), "no_think_token", r"drop the thinking chunks"),
+        ("spm_v3", _one_answer([_text("y")]), "bad_chunk", r"v3 tokenizer cannot encode \(v7 or later can\)"),
+        ("v13", _one_answer([_text("y"), _think("x")]), "bad_chunk", "put the reasoning first"),
+        ("v13", _one_answer([]), "empty_content", "empty list"),
+        ("v13", _one_answer([{"type": "image", "url": "x"}]), "bad_chunk", r"chunk 0 is .*\"type\": \"thinking\""),
+        ("v13", _one_answer([_think(3)]), "bad_type", r"chunk 0 'thinking' must be a string"),
+        ("v13", _one_answer([{**_think("x"), "closed": "yes"}]), "bad_type", "'closed' must be true or false"),
+        ("v13", {"messages": [{"role": "user", "content": "Q"},
+                              {"role": "assistant", "content": "A", "reasoning_content": "because"}]},
+         "bad_chunk", r"'reasoning_content', which training does not read; .*reformat_data"),
+        ("v13", {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": [_text("t")],
+                              "tool_calls": tool_conversation()["messages"][-1]["tool_calls"]}]},
+         "content_and_tool_calls", "split it into two"),
+    ],
+)
+def test_bad_chunks_are_clear_errors(name: str, sample: dict, kind: str, match: str) -> None:
+    it = {"v11": TOKENIZERS["tekken_v11"], "v13": TOKENIZERS["tekken_v13"], "spm_v3": SPM,
+          "v13_plain": tekken_v("v13", think=False)}[name]
+    with pytest.raises(DataFormatError, match=match) as info:
+        encode_all(sample, it, SampleType.INSTRUCT, chunk=False)
+    assert info.value.kind == kind and info.value.__cause__ is None and info.value.__context__ is None
+
+
+def test_thinking_on_a_tokenizer_without_think_names_file_and_line(tmp_path) -> None:
+    good = chat(random.Random(0), 1)
+    path = write_jsonl(tmp_path / "train.jsonl", [good, thinking_samples()[0], good])
+    report = check_data(DataArgs(instruct_data=str(path), cache_dir=str(tmp_path / "cache")), TOKENIZERS["tekken_v11"], 512)
+    [error] = report.errors
+    assert error.kind == "no_think_token"
+    assert str(error).startswith(f"{path}:2: an assistant message has a 'thinking' chunk, but this model's "
+                                 "tokenizer (v11) has no [THINK]/[/THINK] tokens")
+
+
+def test_load_tokenizer_reads_the_version_from_the_model_file(tmp_path) -> None:
+    write_tekken(tmp_path, "v13")
+    it = load_tokenizer(tmp_path, 131072).instruct_tokenizer
+    assert type(it).__name__ == "InstructTokenizerV13" and it.tokenizer.version.value == "v13"
+    assert [type(TOKENIZERS[f"tekken_{v}"]).__name__ for v in ("v7", "v11")] == [
+        "InstructTokenizerV7", "InstructTokenizerV11"]

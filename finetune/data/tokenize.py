@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from mistral_common.protocol.instruct.chunk import TextChunk, ThinkChunk
 from mistral_common.protocol.instruct.messages import (
     FinetuningAssistantMessage,
     SystemMessage,
@@ -22,7 +23,7 @@ from mistral_common.protocol.instruct.messages import (
     UserMessage,
 )
 from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
-from mistral_common.tokens.tokenizers.instruct import InstructTokenizerV7
+from mistral_common.tokens.tokenizers.instruct import InstructTokenizerV7, InstructTokenizerV13
 
 from finetune.data.errors import FOREIGN_ROLES, DataFormatError, reformat_hint
 
@@ -53,12 +54,17 @@ _FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
 @dataclass
 class Conversation:
-    """A checked instruct sample: mistral-common messages (no system messages) plus sample settings."""
+    """A checked instruct sample: mistral-common messages (no system messages) plus sample settings.
+
+    ``system_at`` is where the system prompt stood: before ``messages[system_at]``. v3 tokenizers fold
+    the prompt into the last user turn and ignore it; v7+ encode it as a message at that place.
+    """
 
     messages: list[UserMessage | FinetuningAssistantMessage | ToolMessage]
     system_prompt: str | None
     tools: list[Tool] | None
     only_last: bool
+    system_at: int = 0
 
 
 def _one_of(obj: dict, keys: tuple[str, str], where: str) -> tuple[str | None, Any]:
@@ -336,6 +342,36 @@ def _assistant_weight(msg: dict, i: int) -> int | None:
     return weight
 
 
+_CHUNK_SHAPES = '{"type": "thinking", "thinking": "...", "closed": true} or {"type": "text", "text": "..."}'
+
+
+def _parse_chunk(chunk: Any, where: str) -> ThinkChunk | TextChunk:
+    kind = chunk.get("type") if isinstance(chunk, dict) else None
+    if kind == "thinking":
+        thinking = _require_str(chunk.get("thinking"), f"{where} 'thinking'", "write the reasoning as a string.")
+        closed = chunk.get("closed", True)
+        if not isinstance(closed, bool):
+            raise DataFormatError("bad_type", f"{where} 'closed' must be true or false, got {_short(closed)}.")
+        return ThinkChunk(thinking=thinking, closed=closed)
+    if kind == "text":
+        return TextChunk(text=_require_str(chunk.get("text"), f"{where} 'text'", "write the text as a string."))
+    raise DataFormatError("bad_chunk", f"{where} is {_short(chunk)}; write {_CHUNK_SHAPES}.")
+
+
+def _parse_chunks(content: list, i: int) -> list[ThinkChunk | TextChunk]:
+    """An assistant answer in mistral-common's chunk form: reasoning first, then the text."""
+    where = f"message {i} (assistant) content"
+    if not content:
+        raise DataFormatError("empty_content", f"{where} is an empty list; write the answer or delete the turn.")
+    chunks = [_parse_chunk(c, f"{where} chunk {j}") for j, c in enumerate(content)]
+    kinds = [isinstance(c, ThinkChunk) for c in chunks]
+    if kinds != sorted(kinds, reverse=True):
+        raise DataFormatError(
+            "bad_chunk", f"{where} has a thinking chunk after a text chunk; put the reasoning first."
+        )
+    return chunks
+
+
 def _parse_assistant(msg: dict, content: Any, i: int, is_last: bool) -> FinetuningAssistantMessage:
     """An answer: either text or tool calls, never both."""
     weight = _assistant_weight(msg, i)
@@ -345,21 +381,36 @@ def _parse_assistant(msg: dict, content: Any, i: int, is_last: bool) -> Finetuni
             f"message {i} (assistant) has OpenAI's legacy 'function_call', which training does not read; "
             f"write 'tool_calls', or let {reformat_hint('convert it (and link the function results)')}.",
         )
+    for key in ("reasoning_content", "reasoning"):  # never trained on: the reasoning would be dropped silently
+        if msg.get(key):
+            raise DataFormatError(
+                "bad_chunk",
+                f"message {i} (assistant) has '{key}', which training does not read; write the reasoning as a "
+                f"thinking chunk in 'content' ({_CHUNK_SHAPES}), or let {reformat_hint('convert it')}.",
+            )
     raw_calls = msg.get("tool_calls")
-    if content is not None and raw_calls:
+    chunks = _parse_chunks(content, i) if isinstance(content, list) else None
+    # Reasoning before a call ([THINK]...[/THINK][TOOL_CALLS]...) is one turn; text and calls are two.
+    thinking_only = chunks is not None and all(isinstance(c, ThinkChunk) for c in chunks)
+    if content is not None and raw_calls and not thinking_only:
         raise DataFormatError(
             "content_and_tool_calls",
             f"message {i} (assistant) has both content and tool_calls; split it into two assistant "
             f"messages ({reformat_hint('does')}).",
         )
     if raw_calls:
-        return FinetuningAssistantMessage(tool_calls=_parse_tool_calls(raw_calls, i, is_last), weight=weight)
+        calls = _parse_tool_calls(raw_calls, i, is_last)
+        return FinetuningAssistantMessage(content=chunks, tool_calls=calls, weight=weight)
     if content is None:
         raise DataFormatError(
             "missing_key",
             f"message {i} (assistant) has neither 'content' nor 'tool_calls'; add one.",
         )
-    content = _require_str(content, f"message {i} (assistant) 'content'", "write the answer as a string.")
+    if chunks is not None:
+        return FinetuningAssistantMessage(content=chunks, weight=weight)
+    content = _require_str(
+        content, f"message {i} (assistant) 'content'", "write the answer as a string (or a list of chunks)."
+    )
     if not content.rstrip(" "):
         raise DataFormatError(
             "empty_content",
@@ -429,6 +480,7 @@ def parse_instruct(sample: Any) -> Conversation:
     messages: list[UserMessage | FinetuningAssistantMessage | ToolMessage] = []
     roles: list[str] = []
     last = len(raw_messages) - 1
+    system_at = 0
     for i, msg in enumerate(raw_messages):
         role = _role_of(msg, i)
         if roles:
@@ -437,6 +489,7 @@ def parse_instruct(sample: Any) -> Conversation:
         content = _text_of(msg, role, i)
         if role == "system":
             system_prompt = _parse_system(content, i, system_prompt)
+            system_at = len(messages)
         elif role == "user":
             messages.append(_parse_user(content, i))
         elif role == "tool":
@@ -445,7 +498,7 @@ def parse_instruct(sample: Any) -> Conversation:
             messages.append(_parse_assistant(msg, content, i, is_last=i == last))
     _check_start_and_end(roles)
     _check_tool_results(messages)
-    return Conversation(messages, system_prompt, tools, only_last or tools is not None)
+    return Conversation(messages, system_prompt, tools, only_last or tools is not None, system_at)
 
 
 def chunk_conversation(conv: Conversation) -> list[Conversation]:
@@ -456,7 +509,9 @@ def chunk_conversation(conv: Conversation) -> list[Conversation]:
         return out
     ends = [i for i, m in enumerate(conv.messages) if isinstance(m, FinetuningAssistantMessage)]
     for end in reversed(ends[:-1]):
-        out.append(Conversation(conv.messages[: end + 1], conv.system_prompt, conv.tools, conv.only_last))
+        out.append(
+            Conversation(conv.messages[: end + 1], conv.system_prompt, conv.tools, conv.only_last, conv.system_at)
+        )
     return out
 
 
@@ -465,16 +520,52 @@ def _tokens(encoded: Any) -> list[int]:
     return list(encoded[0]) if isinstance(encoded, tuple) else list(encoded)
 
 
+def _check_chunks(m: FinetuningAssistantMessage, it: Any) -> None:
+    """Chunk lists need a v7+ tokenizer, thinking chunks one with [THINK] (mistral-common would assert)."""
+    if not isinstance(m.content, list):
+        return
+    version = it.tokenizer.version.value
+    if not isinstance(it, InstructTokenizerV7):
+        raise DataFormatError(
+            "bad_chunk",
+            f"an assistant message's content is a list of chunks, which this model's {version} tokenizer cannot "
+            "encode (v7 or later can); write the answer as a string.",
+        )
+    if any(isinstance(c, ThinkChunk) for c in m.content) and getattr(it, "BEGIN_THINK", None) is None:
+        raise DataFormatError(
+            "no_think_token",
+            f"an assistant message has a 'thinking' chunk, but this model's tokenizer ({version}) has no "
+            "[THINK]/[/THINK] tokens, so it cannot be trained on reasoning traces; drop the thinking chunks "
+            "(keep the text) or train a reasoning model (e.g. Magistral) with its own tokenizer file.",
+        )
+
+
+def _final_calls(m: FinetuningAssistantMessage, it: Any) -> FinetuningAssistantMessage:
+    """The final turn's calls as trained: v3-v11 encode their id, which is random, so it becomes "null"
+    (encoded as no id). v13 never encodes ids but refuses "null", so a missing one gets a placeholder."""
+    ids_encoded = not isinstance(it, InstructTokenizerV13)
+    calls = [
+        c.model_copy(update={"id": "null" if ids_encoded else (c.id if c.id != "null" else "000000000")})
+        for c in m.tool_calls or []
+    ]
+    return m.model_copy(update={"tool_calls": calls})
+
+
 def encode_conversation(conv: Conversation, instruct_tokenizer: Any) -> TokenSample:
-    """Tokens equal to ``encode_instruct(InstructRequest(...))``; masks mark trained assistant turns."""
+    """Tokens equal to ``encode_instruct(InstructRequest(...))``; masks mark trained assistant turns.
+
+    Each message goes through the tokenizer's own per-message encoder, in encode_instruct's order, so
+    the version-specific layouts (v3 system prompt in the last user turn, v7 [SYSTEM_PROMPT] messages,
+    v11 [CALL_ID]/[ARGS] calls, v13 tools at the first user turn and [THINK] chunks) come from
+    mistral-common; an assistant message's tokens (reasoning, text, calls and EOS) are all targets.
+    """
     it = instruct_tokenizer
     separate_system = isinstance(it, InstructTokenizerV7)  # v7+: system prompt is its own message
     tokens: list[int] = list(it.start())
     masks: list[bool] = [False] * len(tokens)
+    system = None
     if separate_system and conv.system_prompt is not None:
-        t, _ = it.encode_system_message(SystemMessage(content=conv.system_prompt))
-        tokens += t
-        masks += [False] * len(t)
+        system, _ = it.encode_system_message(SystemMessage(content=conv.system_prompt))
     first_user = last_user = -1
     for i, m in enumerate(conv.messages):
         if isinstance(m, UserMessage):
@@ -483,6 +574,9 @@ def encode_conversation(conv: Conversation, instruct_tokenizer: Any) -> TokenSam
                 first_user = i
     last = len(conv.messages) - 1
     for i, m in enumerate(conv.messages):
+        if system is not None and i == conv.system_at:
+            tokens += system
+            masks += [False] * len(system)
         if isinstance(m, UserMessage):
             t = _tokens(
                 it.encode_user_message(
@@ -498,11 +592,9 @@ def encode_conversation(conv: Conversation, instruct_tokenizer: Any) -> TokenSam
             t = _tokens(it.encode_tool_message(m, i < last_user))
             train = False
         else:
+            _check_chunks(m, it)
             if i == last and m.tool_calls:
-                # The final call's id is random: encode it without an id so it is never a target.
-                m = m.model_copy(
-                    update={"tool_calls": [c.model_copy(update={"id": "null"}) for c in m.tool_calls]}
-                )
+                m = _final_calls(m, it)
             t = _tokens(it.encode_assistant_message(m, i < last_user))
             train = m.weight != 0 and (not conv.only_last or i == last)
         tokens += t

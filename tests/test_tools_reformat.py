@@ -1,13 +1,27 @@
-"""reformat_data, reformat_data_glaive and split_data end to end: their output is valid training data."""
+"""reformat_data, reformat_data_glaive and split_data end to end: their output is valid training data.
+And inspect_data on reasoning traces."""
 
 from __future__ import annotations
 
 import json
 
+import yaml
+from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+
 from finetune.data.args import DataArgs
+from finetune.data.tokenize import SampleType, encode_all
 from finetune.data.validation import check_data
-from tests.data_helpers import spm, tool_conversation, tool_conversation_with, write_jsonl
-from utils import reformat_data, reformat_data_glaive, split_data
+from tests.data_helpers import (
+    spm,
+    tekken_v,
+    tool_conversation,
+    tool_conversation_with,
+    write_jsonl,
+    write_tekken,
+)
+from tests.model_helpers import write_checkpoint
+from tests.train_helpers import tiny_vocab_args
+from utils import inspect_data, reformat_data, reformat_data_glaive, split_data
 
 WEATHER = {"name": "get_weather", "description": "Current weather",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
@@ -263,3 +277,76 @@ def test_reformat_command_line_reports_a_bad_glaive_row(tmp_path) -> None:
     assert run.returncode == 0, run.stderr
     assert f"{src}:1: skipped: turn 0 has unknown 'from' 'alien'" in run.stdout
     assert "1 line(s), 1 changed, 1 skipped" in run.stdout
+
+
+# Reasoning traces as exporters write them, and the thinking chunks reformat_data makes of them.
+THINK = {"type": "thinking", "thinking": "2 and 2 make 4.", "closed": True}
+REASONING_EXPORTS = [
+    {"messages": [_user("2+2?"), {"role": "assistant", "content": "4", "reasoning_content": "2 and 2 make 4."}]},
+    {"messages": [_user("2+2?"), _assistant("<think>\n2 and 2 make 4.\n</think>\n\n4")]},
+    {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "<think>2 and 2 make 4.</think>4"}]},
+    {"messages": [_user("2+2?"), {"role": "assistant", "content": "4", "reasoning": "2 and 2 make 4."}]},
+    {"tools": [{"type": "function", "function": WEATHER}], "messages": [  # reasoning, then a call
+        _user("Weather in Paris?"),
+        {"role": "assistant", "content": None, "reasoning_content": "I need the weather tool.", "tool_calls": [
+            {"id": "aB3dE5gH7", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "aB3dE5gH7", "content": '{"temp": 20}'},
+        {"role": "assistant", "content": "<think>It says 20.</think>It is 20C."}]},
+    {"messages": [_user("2+2?"), _assistant("<think></think>4")]},  # a model's "no thinking" mode
+    {"messages": [_user("2+2?"), _assistant("<think>2 and 2 make")]},  # cut off: skipped
+    VALID,
+]
+
+
+def test_reformat_turns_reasoning_exports_into_thinking_chunks(tmp_path, capsys) -> None:
+    v13 = tekken_v("v13")
+    src = write_jsonl(tmp_path / "reasoning.jsonl", REASONING_EXPORTS)
+    before = check_data(DataArgs(instruct_data=str(src), cache_dir=str(tmp_path / "c1")), v13, 512)
+    assert [(e.line, e.kind) for e in before.errors] == [(1, "bad_chunk"), (3, "missing_key"), (4, "bad_chunk"),
+                                                         (5, "bad_chunk")]
+    assert "reformat_data" in before.errors[0].message
+    assert reformat_data.main([str(src)]) == 0
+    text = capsys.readouterr().out
+    assert f"{src}:1: message 1: 'reasoning_content' -> thinking chunk" in text
+    assert f"{src}:2: message 1: <think> tags -> thinking chunk" in text
+    assert f"{src}:6: message 1: empty <think> removed" in text
+    assert f"{src}:7: skipped: message 1: <think> without a closing </think>" in text
+    assert "7 line(s), 6 changed, 1 skipped" in text
+    out = tmp_path / "reasoning.reformatted.jsonl"
+    report = check_data(DataArgs(instruct_data=str(out), cache_dir=str(tmp_path / "c2")), v13, 512)
+    assert report.ok, [str(e) for e in report.errors]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    answer = {"role": "assistant", "content": [THINK, {"type": "text", "text": "4"}]}
+    assert [r["messages"][1] for r in rows[:4]] == [answer] * 4
+    call, _, final = rows[4]["messages"][1:]
+    assert call["content"] == [{**THINK, "thinking": "I need the weather tool."}] and len(call["tool_calls"]) == 1
+    assert final["content"] == [{**THINK, "thinking": "It says 20."}, {"type": "text", "text": "It is 20C."}]
+    assert rows[5]["messages"][1] == _assistant("4") and rows[6] == VALID
+    # what training makes of it: [THINK]reasoning[/THINK]answer</s>, all of it trained
+    [ts] = encode_all(rows[1], v13, SampleType.INSTRUCT, chunk=False)
+    trained = v13.decode([t for t, m in zip(ts.tokens, ts.masks, strict=True) if m],
+                         special_token_policy=SpecialTokenPolicy.KEEP)
+    assert trained == "[THINK]2 and 2 make 4.[/THINK]4</s>"
+
+
+def test_inspect_shows_thinking_as_trained(tmp_path, capsys) -> None:
+    model = tmp_path / "model"
+    write_checkpoint(model, tiny_vocab_args(vocab_size=131072, dim=8, hidden_dim=16, n_heads=2, n_kv_heads=1,
+                                            head_dim=4, n_layers=1), tokenizer=False)
+    write_tekken(model, "v13")
+    row = {"messages": [_user("2+2?"), {"role": "assistant", "content": [THINK, {"type": "text", "text": "4"}]}]}
+    data = write_jsonl(tmp_path / "train.jsonl", [row])
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"model_id_or_path": str(model), "run_dir": str(tmp_path / "run"),
+                                      "data": {"instruct_data": str(data), "cache_dir": str(tmp_path / "cache")},
+                                      "seq_len": 64, "batch_size": 1, "max_steps": 1}))
+    assert inspect_data.main(["--train_yaml", str(config), "-n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "<s>[INST]2+2?[/INST]«[THINK]2 and 2 make 4.[/THINK]4</s>»" in out
+    tok = tekken_v("v13").tokenizer
+    n_thinking = 1 + len(tok.encode(THINK["thinking"], bos=False, eos=False)) + 1  # [THINK] ... [/THINK]
+    n_trained = n_thinking + len(tok.encode("4", bos=False, eos=False)) + 1  # the answer and EOS
+    assert f"{n_trained} trained ({n_thinking} in [THINK])" in out
+    assert inspect_data.main(["--train_yaml", str(config), "--json"]) == 0
+    [shown] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (shown["n_thinking"], shown["n_trained"]) == (n_thinking, n_trained)

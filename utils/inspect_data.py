@@ -6,7 +6,8 @@ Samples are encoded exactly as training encodes them (``finetune.data.tokenize.e
 model's own tokenizer, function-call chunking as configured). On a terminal the trained tokens
 (the loss targets) are green and the others dim; otherwise trained spans are wrapped in «...»,
 so the output can be pasted or diffed. ``--json`` prints one object per sample with token ids,
-pieces and the target mask.
+pieces and the target mask. Reasoning traces show as ``[THINK]...[/THINK]``; the header counts
+the trained tokens inside them (``n_thinking`` in JSON).
 """
 
 from __future__ import annotations
@@ -46,6 +47,20 @@ def render(pieces: list[str], trained: list[bool], color: bool) -> str:
     if inside and not color:
         out.append("»")
     return "".join(out)
+
+
+def thinking_tokens(tokens: list[int], masks: list[bool], instruct_tokenizer: Any) -> int:
+    """Trained tokens from [THINK] to [/THINK] (or the EOS of an unclosed one), both included."""
+    begin, end = getattr(instruct_tokenizer, "BEGIN_THINK", None), getattr(instruct_tokenizer, "END_THINK", None)
+    if begin is None:
+        return 0
+    count, inside = 0, False
+    for t, m in zip(tokens, masks, strict=True):
+        inside = inside or t == begin
+        count += inside and m
+        if t in (end, instruct_tokenizer.tokenizer.eos_id):
+            inside = False
+    return count
 
 
 def iter_samples(
@@ -107,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             pieces = [piece(it.tokenizer, t) for t in sample.tokens]
             n_trained = sum(sample.masks)
+            n_thinking = thinking_tokens(sample.tokens, sample.masks, it)
             if opts.json:
                 print(
                     json.dumps(
@@ -117,13 +133,15 @@ def main(argv: list[str] | None = None) -> int:
                             "trained": sample.masks,
                             "n_tokens": len(sample.tokens),
                             "n_trained": n_trained,
+                            "n_thinking": n_thinking,
                         },
                         ensure_ascii=False,
                     )
                 )
                 continue
             suffix = f" (chunk {k})" if k else ""
-            print(f"--- {s.key} {path}:{n}{suffix}: {len(sample.tokens)} tokens, {n_trained} trained")
+            thinking = f" ({n_thinking} in [THINK])" if n_thinking else ""
+            print(f"--- {s.key} {path}:{n}{suffix}: {len(sample.tokens)} tokens, {n_trained} trained{thinking}")
             print(render(pieces, sample.masks, color))
         if shown and not opts.json:
             legend = (

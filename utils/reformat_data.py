@@ -18,6 +18,11 @@ Per line, and only where needed (an untouched line is copied byte for byte):
     both text and calls is split into a text message followed by a call message;
   - ``function`` messages become ``tool`` messages whose ``tool_call_id`` answers the matching call
     (by id, else by function name, else the next unanswered call of the preceding assistant turn);
+  - reasoning traces: an assistant message's ``reasoning_content`` (or ``reasoning``) field, or
+    ``<think>...</think>`` at the start of its content, becomes mistral-common's thinking chunk:
+    ``"content": [{"type": "thinking", "thinking": ..., "closed": true}, {"type": "text", "text": ...}]``
+    (whitespace around the reasoning and before the answer is dropped; an empty one is removed);
+    reasoning before tool calls stays in the calls' message;
   - messages before the first user (or system) message and after the last assistant message are
     dropped (UltraChat ends many conversations on a user turn, ShareGPT dumps often start on a
     ``gpt`` turn): a training sample starts with the user and ends with the assistant.
@@ -226,12 +231,56 @@ def _fix_calls(
     for key in ("content", "text"):
         if key in msg:
             value = msg.pop(key)
-            if value:
+            if _is_thinking_only(value):
+                msg[key] = value  # reasoning before the calls is part of the calls' turn
+            elif value:
                 text = {"role": "assistant", "content": value}
                 notes.append(f"message {i}: text and tool calls split into two assistant messages")
             else:
                 notes.append(f"message {i}: empty '{key}' removed from tool-call message")
     return text
+
+
+_THINK_TAGS = re.compile(r"\s*<think>(.*?)</think>\s*", re.DOTALL)
+
+
+def _is_thinking_only(content: Any) -> bool:
+    return isinstance(content, list) and bool(content) and all(
+        isinstance(c, dict) and c.get("type") == "thinking" for c in content
+    )
+
+
+def _thinking(msg: dict, i: int, notes: list[str]) -> None:
+    """An assistant message's reasoning, exported as a ``reasoning_content`` / ``reasoning`` field or as
+    ``<think>...</think>`` at the start of its content, as a leading thinking chunk."""
+    fields = {k: msg.pop(k) for k in ("reasoning_content", "reasoning") if k in msg}
+    values = {v for v in fields.values() if v}
+    if any(not isinstance(v, str) for v in values):
+        raise Skip(f"message {i}: reasoning must be a string")
+    if len(values) > 1:
+        raise Skip(f"message {i}: 'reasoning_content' and 'reasoning' differ")
+    thinking = values.pop() if values else None
+    for k, v in fields.items():
+        notes.append(f"message {i}: '{k}' -> thinking chunk" if v else f"message {i}: empty '{k}' removed")
+    content = msg.get("content")
+    if isinstance(content, str) and content.lstrip().startswith("<think>"):
+        tags = _THINK_TAGS.match(content)
+        if tags is None:
+            raise Skip(f"message {i}: <think> without a closing </think>")
+        if thinking is not None:
+            raise Skip(f"message {i}: has both a reasoning field and <think> tags")
+        thinking, content = tags.group(1).strip(), content[tags.end() :]
+        msg["content"] = content
+        notes.append(f"message {i}: <think> tags -> thinking chunk" if thinking else f"message {i}: empty <think> removed")
+    if not thinking:
+        return
+    if isinstance(content, list):
+        if any(isinstance(c, dict) and c.get("type") == "thinking" for c in content):
+            raise Skip(f"message {i}: has a reasoning field and thinking chunks")
+        chunks = content
+    else:
+        chunks = [{"type": "text", "text": content}] if content else []
+    msg["content"] = [{"type": "thinking", "thinking": thinking, "closed": True}, *chunks]
 
 
 def _link_tool_message(
@@ -320,6 +369,7 @@ def reformat_sample(obj: Any, rng: random.Random) -> tuple[Any, list[str]]:
         msg = _convert_turn(raw, i, rng, notes)
         role = msg.get("role")
         if role == "assistant":
+            _thinking(msg, i, notes)
             text = _fix_calls(msg, i, rng, renamed, notes)
             fixed += [text] if text else []
             pending = list(msg.get("tool_calls") or [])

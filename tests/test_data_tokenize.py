@@ -410,7 +410,7 @@ def test_thinking_on_a_tokenizer_without_think_names_file_and_line(tmp_path) -> 
     report = check_data(DataArgs(instruct_data=str(path), cache_dir=str(tmp_path / "cache")), TOKENIZERS["tekken_v11"], 512)
     [error] = report.errors
     assert error.kind == "no_think_token"
-    assert str(error).startswith(f"{path}:2: an assistant message has a 'thinking' chunk, but this model's "
+    assert str(error).startswith(f"{path}:2: assistant turn 0 has a 'thinking' chunk, but this model's "
                                  "tokenizer (v11) has no [THINK]/[/THINK] tokens")
 
 

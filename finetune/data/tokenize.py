@@ -385,8 +385,9 @@ def _parse_assistant(msg: dict, content: Any, i: int, is_last: bool) -> Finetuni
         if msg.get(key):
             raise DataFormatError(
                 "bad_chunk",
-                f"message {i} (assistant) has '{key}', which training does not read; write the reasoning as a "
-                f"thinking chunk in 'content' ({_CHUNK_SHAPES}), or let {reformat_hint('convert it')}.",
+                f"message {i} (assistant) has '{key}', which training does not read; for a reasoning model "
+                f"(a tokenizer with [THINK]) write it as a thinking chunk in 'content' ({_CHUNK_SHAPES}) or let "
+                f"{reformat_hint('convert it')}, otherwise delete it.",
             )
     raw_calls = msg.get("tool_calls")
     chunks = _parse_chunks(content, i) if isinstance(content, list) else None
@@ -520,7 +521,7 @@ def _tokens(encoded: Any) -> list[int]:
     return list(encoded[0]) if isinstance(encoded, tuple) else list(encoded)
 
 
-def _check_chunks(m: FinetuningAssistantMessage, it: Any) -> None:
+def _check_chunks(m: FinetuningAssistantMessage, turn: int, it: Any) -> None:
     """Chunk lists need a v7+ tokenizer, thinking chunks one with [THINK] (mistral-common would assert)."""
     if not isinstance(m.content, list):
         return
@@ -528,13 +529,13 @@ def _check_chunks(m: FinetuningAssistantMessage, it: Any) -> None:
     if not isinstance(it, InstructTokenizerV7):
         raise DataFormatError(
             "bad_chunk",
-            f"an assistant message's content is a list of chunks, which this model's {version} tokenizer cannot "
+            f"assistant turn {turn}'s content is a list of chunks, which this model's {version} tokenizer cannot "
             "encode (v7 or later can); write the answer as a string.",
         )
     if any(isinstance(c, ThinkChunk) for c in m.content) and getattr(it, "BEGIN_THINK", None) is None:
         raise DataFormatError(
             "no_think_token",
-            f"an assistant message has a 'thinking' chunk, but this model's tokenizer ({version}) has no "
+            f"assistant turn {turn} has a 'thinking' chunk, but this model's tokenizer ({version}) has no "
             "[THINK]/[/THINK] tokens, so it cannot be trained on reasoning traces; drop the thinking chunks "
             "(keep the text) or train a reasoning model (e.g. Magistral) with its own tokenizer file.",
         )
@@ -592,7 +593,7 @@ def encode_conversation(conv: Conversation, instruct_tokenizer: Any) -> TokenSam
             t = _tokens(it.encode_tool_message(m, i < last_user))
             train = False
         else:
-            _check_chunks(m, it)
+            _check_chunks(m, sum(isinstance(a, FinetuningAssistantMessage) for a in conv.messages[:i]), it)
             if i == last and m.tool_calls:
                 m = _final_calls(m, it)
             t = _tokens(it.encode_assistant_message(m, i < last_user))

@@ -41,7 +41,7 @@ from finetune.data.tokenize import SampleType, _as_instruct_tokenizer, encode_al
 
 logger = logging.getLogger("finetune.data")
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: v7+ layouts (system messages in place, v11/v13 calls) and thinking chunks
 _BLOCK_BYTES = 1 << 20  # one pool task
 _IN_PROCESS_BYTES = 1 << 20  # smaller files are not worth starting a pool for
 

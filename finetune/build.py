@@ -18,7 +18,7 @@ from finetune.config import ConfigError
 from finetune.loss import TransformerWithLoss
 from finetune.parallel import freeze, parallelize
 from model.args import LoraArgs, ModelArgs
-from model.checkpoint import iter_base_weights, load_adapters_state
+from model.checkpoint import iter_base_weights, load_adapters_state, retie, tied_aliases
 from model.lora import init_lora_A_, is_lora_key, lora_modules
 from model.quant import NF4LoRALinear, import_bitsandbytes, quantize_lora_layers, quantize_nf4
 from model.transformer import Transformer
@@ -136,7 +136,11 @@ def build_sharded(
     for p in model.parameters():
         p.data = p.data.to(torch.float32 if p.requires_grad else precision.dtype)
     parallelize(model, compute_dtype=precision.dtype, checkpoint_mode=checkpoint_mode, compile=compile)
+    aliases = tied_aliases(model)
     model.to_empty(device=device)
+    # to_empty gives each module its own new tensor where FSDP does not manage a tied weight (a frozen
+    # one on a single process): one parameter again, so output stays the embedding.
+    retie(model, aliases)
     return model
 
 

@@ -41,6 +41,29 @@ class LoraArgs:
             )
 
 
+@dataclass(frozen=True)
+class YarnArgs:
+    """YaRN rotary scaling (Ministral 3): frequencies blended between the plain ones (fast-rotating
+    dimensions) and ones divided by ``factor`` (slow ones); ``model.rope.yarn_inv_freq`` has the math."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0  # params.json "beta"
+    beta_slow: float = 1.0  # params.json "alpha"
+    # Magnitude of the rotations (transformers' ``attention_factor``, applied to cos and sin, so the
+    # attention logits scale by its square): 1 for params.json ``apply_scale: false``.
+    attention_factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class Llama4Scaling:
+    """Llama 4's query scaling by position: queries at position p are multiplied by
+    ``1 + beta * log(1 + floor(p / original_max_position_embeddings))``."""
+
+    beta: float
+    original_max_position_embeddings: int
+
+
 @dataclass
 class ModelArgs:
     dim: int
@@ -54,6 +77,11 @@ class ModelArgs:
     rope_theta: float = 10000.0
     sliding_window: int | None = None
     moe: MoeArgs | None = None
+    # The rotary variant: plain (None) or YaRN; Llama 4's query scaling by position, if any.
+    yarn: YarnArgs | None = None
+    llama_4_scaling: Llama4Scaling | None = None
+    # The output layer is the token embedding (Ministral 3 3B): one weight, no ``output`` in the checkpoint.
+    tied_embeddings: bool = False
     # Keys of params.json this code does not use, kept so a saved params.json round-trips.
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -28,7 +28,7 @@ from torch import nn
 from model.args import ModelArgs
 from model.kv_cache import CacheStep
 from model.lora import LinearFactory
-from model.rope import apply_rope
+from model.rope import apply_rope, query_key_rotations
 
 BACKENDS = ("sdpa", "flex")
 
@@ -74,7 +74,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(tokens, self.n_heads, self.head_dim)  # (tokens, heads, head_dim)
         k = self.wk(x).view(tokens, self.n_kv_heads, self.head_dim)  # (tokens, kv_heads, head_dim)
         v = self.wv(x).view(tokens, self.n_kv_heads, self.head_dim)  # (tokens, kv_heads, head_dim)
-        q, k = apply_rope(q, freqs), apply_rope(k, freqs)
+        q_freqs, k_freqs = query_key_rotations(freqs)  # differ when queries are scaled by position
+        q, k = apply_rope(q, q_freqs), apply_rope(k, k_freqs)
         if cache is not None:
             out = cache.attend(q, k, v)
         elif mask.block_mask is not None:

@@ -122,20 +122,17 @@ def _iter_hf_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
     """HF tensors under Mistral names; unknown keys pass through unchanged so loading reports them."""
     config = json.loads((folder / "config.json").read_text())
     args = args_from_hf_config(config, source=str(folder / "config.json"))
-    tied = bool(config.get("tie_word_embeddings", False))
     for path in hf_checkpoint_files(folder):
         with _readable(path), safe_open(str(path), framework="pt", device="cpu") as f:
             for hf_key in f.keys():
-                if tied and hf_key == "lm_head.weight":
-                    continue
+                if args.tied_embeddings and hf_key == "lm_head.weight":
+                    continue  # some folders store the tied copy too; the model has one weight
                 try:
                     converted = list(tensors_from_hf(hf_key, f.get_tensor(hf_key), args))
                 except KeyError:
                     converted = [(hf_key, f.get_tensor(hf_key))]
                 for key, tensor in converted:
                     yield key, tensor, path
-                    if tied and key == "tok_embeddings.weight":
-                        yield "output.weight", tensor.clone(), path
 
 
 def iter_base_weights(
@@ -169,18 +166,47 @@ def iter_base_weights(
 
 
 def base_weight_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items() if not is_lora_key(k)}
+    """Checkpoint key -> shape; a tied weight (``output`` = ``tok_embeddings``) is stored once, under its
+    first name."""
+    aliases = tied_aliases(model)
+    return {
+        k: tuple(v.shape)
+        for k, v in model.state_dict(keep_vars=True).items()
+        if not is_lora_key(k) and k not in aliases
+    }
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{alias: first name} of parameters registered under several names (tied embeddings)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def retie(model: nn.Module, aliases: dict[str, str]) -> None:
+    """Point every alias back at its first name's parameter (after ``assign``/``to_empty`` replaced it)."""
+    for alias, name in aliases.items():
+        module, _, leaf = alias.rpartition(".")
+        setattr(model.get_submodule(module), leaf, model.get_parameter(name))
+
 
 
 def load_base_weights(
     model: nn.Module, folder: str | Path, *, device: torch.device | str, dtype: torch.dtype
 ) -> None:
     """Assign checkpoint tensors into a (meta-device) model, strictly."""
+    aliases = tied_aliases(model)
     loaded = {
         key: tensor.to(device=device, dtype=dtype)
         for key, tensor in iter_base_weights(folder, base_weight_shapes(model))
     }
     model.load_state_dict(loaded, strict=False, assign=True)
+    retie(model, aliases)  # assign replaced the first name's parameter only
 
 
 def init_adapters(model: nn.Module, *, device: torch.device | str, dtype: torch.dtype) -> None:
@@ -261,6 +287,8 @@ def save_model_folder(
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "params.json").write_text(json.dumps(params, indent=2) + "\n")
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    if params.get("tied_embeddings"):
+        tensors.pop("output.weight", None)  # the embedding is the output layer; stored once
     if layout == "safetensors":
         save_file(tensors, str(folder / "consolidated.safetensors"))
     elif layout == "pth":

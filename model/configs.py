@@ -8,10 +8,11 @@ a message naming the key rather than training a different network.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
-from model.args import ModelArgs, MoeArgs
+from model.args import Llama4Scaling, ModelArgs, MoeArgs, YarnArgs
 
 _REQUIRED_INT = ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads", "vocab_size")
 
@@ -79,6 +80,15 @@ def args_from_params(params: dict[str, Any], source: str = "params.json") -> Mod
         values["moe"] = MoeArgs(**moe_values)
         if moe:  # keep unknown moe keys too
             params["_moe_extra"] = moe
+    for key, read in (("yarn", _yarn), ("llama_4_scaling", _llama_4_scaling)):
+        value = params.pop(key, None)
+        if value is not None:
+            values[key] = read(value, source)
+    tied = params.pop("tied_embeddings", False)
+    if not isinstance(tied, bool):
+        raise ValueError(f"{source}: 'tied_embeddings' must be true or false, got {tied!r}.")
+    values["tied_embeddings"] = tied
+    _refuse_unimplemented(params, source)
     params.pop("lora", None)  # a checkpoint's own LoRA settings are not model shape
     return ModelArgs(**values, extra=params)
 
@@ -106,8 +116,116 @@ def params_from_args(args: ModelArgs) -> dict[str, Any]:
             "num_experts_per_tok": args.moe.num_experts_per_tok,
             **moe_extra,
         }
+    if args.yarn is not None:
+        y = args.yarn
+        out["yarn"] = {
+            "factor": y.factor,
+            "original_max_position_embeddings": y.original_max_position_embeddings,
+            "beta": y.beta_fast,
+            "alpha": y.beta_slow,
+            **_yarn_magnitude(y.factor, y.attention_factor),
+        }
+    if args.llama_4_scaling is not None:
+        out["llama_4_scaling"] = {
+            "original_max_position_embeddings": args.llama_4_scaling.original_max_position_embeddings,
+            "beta": args.llama_4_scaling.beta,
+        }
+    if args.tied_embeddings:
+        out["tied_embeddings"] = True
     out.update(extra)
     return out
+
+
+# params.json keys of architectures this code does not implement (a non-null value changes the network).
+_UNIMPLEMENTED = {
+    "vision_encoder": "a vision encoder (multimodal checkpoints are not supported yet)",
+    "multimodal": "a vision or audio encoder (multimodal checkpoints are not supported yet)",
+    "q_lora_rank": "multi-head latent attention",
+    "kv_lora_rank": "multi-head latent attention",
+    "qk_nope_head_dim": "multi-head latent attention",
+    "qk_rope_head_dim": "multi-head latent attention",
+    "v_head_dim": "multi-head latent attention",
+}
+
+
+def _refuse_unimplemented(params: dict[str, Any], source: str) -> None:
+    for key, what in _UNIMPLEMENTED.items():
+        if params.get(key) not in (None, {}, [], False):
+            raise ValueError(f"{source}: '{key}' describes {what}; this model cannot be trained here.")
+    if params.get("model_type", "transformer") != "transformer":
+        raise ValueError(f"{source}: model_type {params['model_type']!r} is not implemented; only 'transformer'.")
+    if params.get("activation", "silu") != "silu":
+        raise ValueError(f"{source}: activation {params['activation']!r} is not implemented; only 'silu'.")
+
+
+def _mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction (transformers' ``get_mscale``)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn_magnitude(factor: float, attention_factor: float) -> dict[str, Any]:
+    """params.json's spelling of the rotations' magnitude: ``apply_scale`` (false: 1, true: YaRN's
+    0.1 ln(factor) + 1, vLLM's reading), else this library's own ``attention_factor`` (a transformers
+    config's mscale/mscale_all_dim ratio that apply_scale cannot express)."""
+    if attention_factor == 1.0:
+        return {"apply_scale": False}
+    if attention_factor == _mscale(factor):
+        return {"apply_scale": True}
+    return {"attention_factor": attention_factor}
+
+
+def _object(value: Any, key: str, allowed: tuple[str, ...], required: tuple[str, ...], source: str) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"{source}: '{key}' must be an object, got {value!r}.")
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise ValueError(f"{source}: '{key}' has unknown key(s) {unknown}; only {list(allowed)} are implemented.")
+    missing = [k for k in required if value.get(k) is None]
+    if missing:
+        raise ValueError(f"{source}: '{key}' is missing {missing}.")
+    return value
+
+
+def _positive_int(value: Any, key: str, source: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{source}: '{key}' must be a positive integer, got {value!r}.")
+    return value
+
+
+def _yarn(value: Any, source: str) -> YarnArgs:
+    """params.json ``yarn``: beta and alpha are YaRN's beta_fast and beta_slow; ``apply_scale``
+    (absent: true, as vLLM reads it) multiplies the rotations by 0.1 ln(factor) + 1."""
+    y = _object(value, "yarn", ("factor", "original_max_position_embeddings", "beta", "alpha", "apply_scale",
+                                "attention_factor"), ("factor", "original_max_position_embeddings"), source)
+    factor = _positive_float(y["factor"], "yarn.factor", source)
+    if "attention_factor" in y:
+        if "apply_scale" in y:
+            raise ValueError(f"{source}: 'yarn' has both 'apply_scale' and 'attention_factor'; keep one.")
+        attention_factor = _positive_float(y["attention_factor"], "yarn.attention_factor", source)
+    else:
+        apply_scale = y.get("apply_scale", True)
+        if not isinstance(apply_scale, bool):
+            raise ValueError(f"{source}: 'yarn.apply_scale' must be true or false, got {apply_scale!r}.")
+        attention_factor = _mscale(factor) if apply_scale else 1.0
+    return YarnArgs(
+        factor=factor,
+        original_max_position_embeddings=_positive_int(
+            y["original_max_position_embeddings"], "yarn.original_max_position_embeddings", source),
+        beta_fast=_positive_float(y.get("beta", 32.0), "yarn.beta", source),
+        beta_slow=_positive_float(y.get("alpha", 1.0), "yarn.alpha", source),
+        attention_factor=attention_factor,
+    )
+
+
+def _llama_4_scaling(value: Any, source: str) -> Llama4Scaling:
+    keys = ("original_max_position_embeddings", "beta")
+    v = _object(value, "llama_4_scaling", keys, keys, source)
+    beta = v["beta"]
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta < 0:
+        raise ValueError(f"{source}: 'llama_4_scaling.beta' must be a number >= 0, got {beta!r}.")
+    original = _positive_int(v["original_max_position_embeddings"],
+                             "llama_4_scaling.original_max_position_embeddings", source)
+    return Llama4Scaling(beta=float(beta), original_max_position_embeddings=original)
 
 
 def _positive_float(value: Any, key: str, source: str) -> float:
@@ -122,9 +240,14 @@ def _positive_float(value: Any, key: str, source: str) -> float:
 def args_from_hf_config(config: dict[str, Any], source: str = "config.json") -> ModelArgs:
     """ModelArgs for a transformers ``MistralForCausalLM``/``MixtralForCausalLM`` config.json."""
     model_type = config.get("model_type")
-    if model_type not in ("mistral", "mixtral"):
+    if model_type == "mistral3":
         raise ValueError(
-            f"{source}: model_type is {model_type!r}; only 'mistral' and 'mixtral' Hugging Face "
+            f"{source}: model_type is 'mistral3', a multimodal (vision) folder; its text_config cannot be "
+            "imported yet. Use the text-only Ministral3ForCausalLM/MistralForCausalLM layout or params.json."
+        )
+    if model_type not in ("mistral", "mixtral", "ministral3"):
+        raise ValueError(
+            f"{source}: model_type is {model_type!r}; only 'mistral', 'mixtral' and 'ministral3' Hugging Face "
             "folders can be imported. Use a Mistral-format folder (params.json) for other models."
         )
     if config.get("hidden_act", "silu") != "silu":
@@ -136,11 +259,6 @@ def args_from_hf_config(config: dict[str, Any], source: str = "config.json") -> 
         raise ValueError(f"{source}: missing required key(s) {missing}.")
     # transformers 5 nests RoPE settings under rope_parameters; 4.x kept rope_theta at the top.
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(
-            f"{source}: RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not supported; "
-            "only the default rotary embedding is implemented."
-        )
     params: dict[str, Any] = {
         "dim": config.get("hidden_size"),
         "n_layers": config.get("num_hidden_layers"),
@@ -153,6 +271,8 @@ def args_from_hf_config(config: dict[str, Any], source: str = "config.json") -> 
         "vocab_size": config.get("vocab_size"),
         "rope_theta": rope.get("rope_theta", config.get("rope_theta")),
         "sliding_window": config.get("sliding_window"),
+        "tied_embeddings": bool(config.get("tie_word_embeddings", False)),
+        **_rope_from_hf(rope, model_type, source),
     }
     if model_type == "mixtral":
         params["moe"] = {
@@ -160,6 +280,61 @@ def args_from_hf_config(config: dict[str, Any], source: str = "config.json") -> 
             "num_experts_per_tok": config.get("num_experts_per_tok"),
         }
     return args_from_params(params, source=source)
+
+
+_HF_ROPE_KEYS = ("rope_type", "type", "rope_theta", "max_position_embeddings")
+_HF_YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+                 "mscale_all_dim", "attention_factor", "truncate", "partial_rotary_factor")
+
+
+def _rope_from_hf(rope: dict[str, Any], model_type: str, source: str) -> dict[str, Any]:
+    """params.json's ``yarn`` and ``llama_4_scaling`` for a config.json's ``rope_parameters``, with
+    transformers' own defaults and arithmetic (``_compute_yarn_parameters``); an unknown key is refused."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "yarn"):
+        raise ValueError(
+            f"{source}: RoPE scaling {rope_type!r} is not supported; only the default rotary embedding and "
+            "'yarn' are implemented."
+        )
+    allowed = _HF_ROPE_KEYS + (_HF_YARN_KEYS if rope_type == "yarn" else ())
+    allowed += ("llama_4_scaling_beta", "original_max_position_embeddings") if model_type == "ministral3" else ()
+    unknown = sorted(set(rope) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"{source}: rope_parameters has {unknown}, which model_type {model_type!r} with rope_type "
+            f"{rope_type!r} does not implement here."
+        )
+    if rope.get("truncate", True) is not True or rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"{source}: rope_parameters 'truncate: false' and 'partial_rotary_factor' are not supported.")
+    out: dict[str, Any] = {}
+    if rope_type == "yarn":
+        if rope.get("factor") is None or rope.get("original_max_position_embeddings") is None:
+            raise ValueError(f"{source}: yarn rope_parameters need 'factor' and 'original_max_position_embeddings'.")
+        factor = _positive_float(rope["factor"], "rope_parameters.factor", source)
+        attention_factor = rope.get("attention_factor")
+        if attention_factor is None:
+            mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+            if mscale and mscale_all_dim:
+                attention_factor = _mscale(factor, mscale) / _mscale(factor, mscale_all_dim)
+            else:
+                attention_factor = _mscale(factor)
+        out["yarn"] = {
+            "factor": factor,
+            "original_max_position_embeddings": rope["original_max_position_embeddings"],
+            "beta": rope.get("beta_fast") or 32.0,  # transformers' defaults, for 0 or null too
+            "alpha": rope.get("beta_slow") or 1.0,
+            **_yarn_magnitude(factor, float(attention_factor)),
+        }
+    if model_type == "ministral3":
+        # Ministral3Attention scales queries by position with the rope's original context.
+        if rope.get("llama_4_scaling_beta") is None or rope.get("original_max_position_embeddings") is None:
+            raise ValueError(
+                f"{source}: model_type 'ministral3' needs rope_parameters 'llama_4_scaling_beta' and "
+                "'original_max_position_embeddings' (transformers' Ministral3Attention reads both)."
+            )
+        out["llama_4_scaling"] = {"beta": rope["llama_4_scaling_beta"],
+                                  "original_max_position_embeddings": rope["original_max_position_embeddings"]}
+    return out
 
 
 def hf_config_from_args(args: ModelArgs, dtype: str = "bfloat16") -> dict[str, Any]:
@@ -182,6 +357,9 @@ def hf_config_from_args(args: ModelArgs, dtype: str = "bfloat16") -> dict[str, A
         "eos_token_id": 2,
         "torch_dtype": dtype,
     }
+    common["tie_word_embeddings"] = args.tied_embeddings
+    if args.yarn is not None or args.llama_4_scaling is not None:
+        return _ministral3_config(args, common, interleaved=False)
     if args.moe is None:
         return {"architectures": ["MistralForCausalLM"], "model_type": "mistral", **common}
     return {
@@ -191,3 +369,38 @@ def hf_config_from_args(args: ModelArgs, dtype: str = "bfloat16") -> dict[str, A
         "num_experts_per_tok": args.moe.num_experts_per_tok,
         **common,
     }
+
+
+def _ministral3_config(args: ModelArgs, common: dict[str, Any], interleaved: bool) -> dict[str, Any]:
+    """Ministral 3's transformers config: YaRN and the llama-4 query scaling share ``rope_parameters``
+    (Ministral3Attention divides positions by the rope's original context)."""
+    y, l4 = args.yarn, args.llama_4_scaling
+    if y is None or interleaved or args.moe is not None:
+        raise ValueError(
+            "only YaRN with llama-4 query scaling, one attention kind and a dense feed-forward has a transformers "
+            "config class (Ministral3ForCausalLM)."
+        )
+    if l4 is not None and l4.original_max_position_embeddings != y.original_max_position_embeddings:
+        raise ValueError(
+            f"llama_4_scaling.original_max_position_embeddings ({l4.original_max_position_embeddings}) differs "
+            f"from yarn's ({y.original_max_position_embeddings}); transformers' Ministral3 uses one value for both."
+        )
+    rope: dict[str, Any] = {
+        "rope_type": "yarn",
+        "rope_theta": args.rope_theta,
+        "factor": y.factor,
+        "original_max_position_embeddings": y.original_max_position_embeddings,
+        "beta_fast": y.beta_fast,
+        "beta_slow": y.beta_slow,
+        # No llama-4 scaling is beta 0: every factor 1 + 0 * log(...) is exactly 1.
+        "llama_4_scaling_beta": l4.beta if l4 is not None else 0.0,
+    }
+    if y.attention_factor == 1.0:
+        rope.update(mscale=1.0, mscale_all_dim=1.0)  # the releases' spelling (ratio 1)
+    elif y.attention_factor != _mscale(y.factor):
+        rope["attention_factor"] = y.attention_factor
+    common = {k: v for k, v in common.items() if k != "rope_theta"}
+    # The extended context, as the releases state it (transformers warns when it is not factor x original).
+    common["max_position_embeddings"] = int(y.factor * y.original_max_position_embeddings)
+    return {"architectures": ["Ministral3ForCausalLM"], "model_type": "ministral3", **common,
+            "rope_parameters": rope}

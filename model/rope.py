@@ -7,7 +7,11 @@ math runs in float32 and is cast back to the input dtype.
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from model.args import ModelArgs, YarnArgs
 
 
 def positions_from_seqlens(seqlens: list[int], device: torch.device) -> torch.Tensor:
@@ -29,6 +33,55 @@ def rope_frequencies(positions: torch.Tensor, head_dim: int, theta: float) -> to
     # float64 angles and cos/sin keep large positions (128k) exact; the result is complex64.
     angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # (tokens, head_dim // 2)
     return torch.complex(angles.cos().float(), angles.sin().float())
+
+
+def yarn_inv_freq(head_dim: int, theta: float, yarn: YarnArgs) -> torch.Tensor:
+    """YaRN's inverse frequencies (head_dim // 2,) in float64, as transformers'
+    ``_compute_yarn_parameters`` (and vLLM) compute them: dimensions that rotate more than
+    ``beta_fast`` times over the original context keep their frequency, those rotating fewer than
+    ``beta_slow`` times are interpolated (divided by ``factor``), and a linear ramp blends between."""
+    plain = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+
+    def dimension(rotations: float) -> float:  # the dimension that turns ``rotations`` times
+        return head_dim * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+            2 * math.log(theta)
+        )
+
+    # transformers' bounds: truncated to whole dimensions, clamped to [0, head_dim - 1] (not head_dim // 2).
+    low = max(math.floor(dimension(yarn.beta_fast)), 0)
+    high = min(math.ceil(dimension(yarn.beta_slow)), head_dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    return plain / yarn.factor * ramp + plain * (1 - ramp)
+
+
+def rotations(positions: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    """The model's rotary variant for ``positions`` (tokens,): complex64 (tokens, head_dim // 2) that
+    rotates queries and keys alike, or (tokens, 2, head_dim // 2) [keys, queries] when the queries
+    are also scaled by position (``llama_4_scaling``): a real factor on a query's rotation is that
+    factor on the rotated query, as transformers applies it."""
+    if args.yarn is None:
+        freqs = rope_frequencies(positions, args.head_dim, args.rope_theta)
+    else:
+        inv_freq = yarn_inv_freq(args.head_dim, args.rope_theta, args.yarn).to(positions.device)
+        angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # (tokens, head_dim // 2)
+        # transformers multiplies cos and sin by the attention factor: the rotation's magnitude.
+        scale = args.yarn.attention_factor
+        freqs = torch.complex((angles.cos() * scale).float(), (angles.sin() * scale).float())
+    if args.llama_4_scaling is None:
+        return freqs
+    l4 = args.llama_4_scaling
+    # 1 + beta * log(1 + floor(p / original)), computed in float32 as transformers does.
+    q_scale = 1 + l4.beta * torch.log(1 + torch.floor(positions.float() / l4.original_max_position_embeddings))
+    return torch.stack((freqs, freqs * q_scale[:, None]), dim=1)  # (tokens, 2, head_dim // 2)
+
+
+def query_key_rotations(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(queries', keys') rotations (tokens, head_dim // 2) from what ``rotations`` returns."""
+    if freqs.dim() == 3:
+        return freqs[:, 1], freqs[:, 0]
+    return freqs, freqs
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:

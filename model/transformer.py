@@ -18,7 +18,7 @@ from model.configs import load_model_args
 from model.kv_cache import CacheStep
 from model.lora import linear_factory
 from model.moe import FeedForward, MoeLayer
-from model.rope import positions_from_seqlens, rope_frequencies
+from model.rope import positions_from_seqlens, rotations
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -87,6 +87,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args, lora) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tied_embeddings:
+            # One parameter under two names: named_parameters() lists it once, as tok_embeddings.weight.
+            self.output.weight = self.tok_embeddings.weight
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
@@ -109,7 +112,7 @@ class Transformer(nn.Module):
                 f"and sum(seqlens)={sum(seqlens)}"
             )
         positions = positions_from_seqlens(seqlens, input_ids.device)
-        freqs = rope_frequencies(positions, self.args.head_dim, self.args.rope_theta)
+        freqs = rotations(positions, self.args)  # plain or YaRN, with llama-4 query scaling if any
         mask = AttentionMask.build(seqlens, self.args.sliding_window, self.attention_backend, input_ids.device)
         h = self.tok_embeddings(input_ids)  # (tokens, dim)
         for layer in self.layers:

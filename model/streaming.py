@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from model.checkpoint import checkpoint_files, is_hf_folder, iter_checkpoint_tensors
+from model.fp8 import DEQUANTIZED_DTYPE, SAFETENSORS_FP8, is_scale
 
 TensorSpec = tuple[str, tuple[int, ...], torch.dtype]  # (key, shape, dtype)
 
@@ -40,8 +41,11 @@ def tensor_specs(base: str | Path) -> Iterator[TensorSpec]:
         for path in checkpoint_files(base):
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for key in f.keys():
+                    if is_scale(key):
+                        continue  # an FP8 release's scales are consumed by the reader (model.fp8)
                     sl = f.get_slice(key)
-                    yield key, tuple(sl.get_shape()), _ST_DTYPES[sl.get_dtype()]
+                    fp8 = sl.get_dtype() == SAFETENSORS_FP8  # streams dequantized
+                    yield key, tuple(sl.get_shape()), DEQUANTIZED_DTYPE if fp8 else _ST_DTYPES[sl.get_dtype()]
         return
     for key, tensor, _ in iter_checkpoint_tensors(base):
         yield key, tuple(tensor.shape), tensor.dtype

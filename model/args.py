@@ -75,7 +75,10 @@ class ModelArgs:
     norm_eps: float
     vocab_size: int
     rope_theta: float = 10000.0
-    sliding_window: int | None = None
+    # Attention window in tokens (None: full causal attention). An int applies to every layer; a
+    # tuple is a pattern repeated over the layers (params.json's list form, Ministral 8B's
+    # [None, W, W, W]). Read it through ``layer_windows``, never directly.
+    sliding_window: int | tuple[int | None, ...] | None = None
     moe: MoeArgs | None = None
     # The rotary variant: plain (None) or YaRN; Llama 4's query scaling by position, if any.
     yarn: YarnArgs | None = None
@@ -92,3 +95,22 @@ class ModelArgs:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}.")
+        if isinstance(self.sliding_window, list):
+            self.sliding_window = tuple(self.sliding_window)
+        pattern = self.sliding_window if isinstance(self.sliding_window, tuple) else (self.sliding_window,)
+        if not pattern or any(w is not None and (isinstance(w, bool) or not isinstance(w, int) or w <= 0)
+                              for w in pattern):
+            raise ValueError(
+                f"sliding_window must be a positive integer, null, or a non-empty list of them; got {self.sliding_window!r}."
+            )
+        if self.n_layers % len(pattern):
+            raise ValueError(
+                f"sliding_window lists {len(pattern)} windows, which does not divide n_layers ({self.n_layers}); "
+                "the list is a pattern repeated over the layers."
+            )
+
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Layer i's attention window (None: full attention): the one place that says it."""
+        pattern = self.sliding_window if isinstance(self.sliding_window, tuple) else (self.sliding_window,)
+        return pattern * (self.n_layers // len(pattern))

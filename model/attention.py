@@ -6,7 +6,9 @@ Two kernels behind one switch, both exact and both runnable on CPU:
   cost follows document lengths rather than the packed row length and no (tokens x tokens) mask
   is ever built. A document longer than the sliding window gets a (len x len) banded mask.
 - ``flex``: FlexAttention with a block mask encoding documents, causality and the window; the
-  fast path on GPU. The block mask is built once per forward and shared by all layers.
+  fast path on GPU. The block mask is built once per forward for each distinct window (per-layer
+  windows: ``ModelArgs.layer_windows``, Ministral 8B's interleaved full and windowed layers) and
+  shared by the layers that use it.
 
 Under ``torch.compile`` (``compile: true``) the per-document loop runs as one opaque custom op,
 ``mistral_finetune::document_attention``, whose document lengths are a tensor: the compiled
@@ -18,7 +20,8 @@ with the queries attending to a key/value cache (``model/kv_cache.py``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -42,6 +45,17 @@ class AttentionMask:
     block_mask: object | None = None  # FlexAttention BlockMask, only for the flex backend
     # The same lengths as a CPU int64 tensor (docs,): what compiled code passes to the custom op.
     lengths: torch.Tensor | None = None
+    _bands: dict[tuple[int, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def band(self, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The additive (len, len) window mask of a document longer than the window, made once per
+        forward: SDPA saves its mask for backward, and would otherwise save a converted copy of a
+        boolean mask for every layer."""
+        key = (length, dtype)
+        if key not in self._bands:
+            allowed = _banded_causal_mask(length, self.sliding_window, device)  # (len, len) bool
+            self._bands[key] = torch.zeros(length, length, dtype=dtype, device=device).masked_fill_(~allowed, -torch.inf)
+        return self._bands[key]
 
     @classmethod
     def build(
@@ -54,6 +68,15 @@ class AttentionMask:
         # The number of documents varies from batch to batch: compiled code treats it as symbolic.
         torch._dynamo.maybe_mark_dynamic(lengths, 0)
         return cls(list(seqlens), sliding_window, block_mask, lengths)
+
+    @classmethod
+    def per_layer(
+        cls, seqlens: list[int], layer_windows: tuple[int | None, ...], backend: str, device: torch.device
+    ) -> list[AttentionMask]:
+        """Layer i's mask for ``layer_windows[i]`` (``ModelArgs.layer_windows``); each distinct
+        window's mask is built once and shared by the layers that use it."""
+        masks = {w: cls.build(seqlens, w, backend, device) for w in dict.fromkeys(layer_windows)}
+        return [masks[w] for w in layer_windows]
 
 
 class Attention(nn.Module):
@@ -83,14 +106,16 @@ class Attention(nn.Module):
         elif torch.compiler.is_compiling():
             out = document_attention(q, k, v, mask.lengths, mask.sliding_window)
         else:
-            out = _sdpa_per_document(q, k, v, mask.seqlens, mask.sliding_window)
+            out = _sdpa_per_document(q, k, v, mask.seqlens, mask.sliding_window, mask.band)
         return self.wo(out.reshape(tokens, self.n_heads * self.head_dim))
 
 
 def _sdpa_per_document(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: list[int], window: int | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: list[int], window: int | None,
+    bands: Callable[[int, torch.dtype, torch.device], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Block-diagonal causal attention as one SDPA call per document; returns (tokens, heads, head_dim)."""
+    """Block-diagonal causal attention as one SDPA call per document; returns (tokens, heads, head_dim).
+    ``bands`` (``AttentionMask.band``) shares window masks between layers; without it each call makes its own."""
     outputs, start = [], 0
     for length in seqlens:
         end = start + length
@@ -99,7 +124,9 @@ def _sdpa_per_document(
         if window is None or length <= window:
             o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)
         else:
-            band = _banded_causal_mask(length, window, q.device)  # (len, len) bool
+            band = (  # (len, len), additive or bool
+                bands(length, q.dtype, q.device) if bands is not None else _banded_causal_mask(length, window, q.device)
+            )
             o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=band, enable_gqa=True)
         outputs.append(o.squeeze(0).transpose(0, 1))  # (len, heads, head_dim)
         start = end

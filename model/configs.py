@@ -64,9 +64,7 @@ def args_from_params(params: dict[str, Any], source: str = "params.json") -> Mod
         params.pop("rope_theta", None)
     window = params.pop("sliding_window", None)
     if window is not None:
-        if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
-            raise ValueError(f"{source}: 'sliding_window' must be a positive integer or null, got {window!r}.")
-        values["sliding_window"] = window
+        values["sliding_window"] = _sliding_window(window, values["n_layers"], source)
     moe = params.pop("moe", None)
     if moe is not None:
         if not isinstance(moe, dict):
@@ -108,7 +106,9 @@ def params_from_args(args: ModelArgs) -> dict[str, Any]:
         "vocab_size": args.vocab_size,
         "rope_theta": args.rope_theta,
     }
-    if args.sliding_window is not None:
+    if isinstance(args.sliding_window, tuple):
+        out["sliding_window"] = list(args.sliding_window)  # the pattern as written, null = full attention
+    elif args.sliding_window is not None:
         out["sliding_window"] = args.sliding_window
     if args.moe is not None:
         out["moe"] = {
@@ -228,6 +228,32 @@ def _llama_4_scaling(value: Any, source: str) -> Llama4Scaling:
     return Llama4Scaling(beta=float(beta), original_max_position_embeddings=original)
 
 
+def _sliding_window(window: Any, n_layers: int, source: str) -> int | tuple[int | None, ...]:
+    """An int (every layer), or a list repeated cyclically over the layers with null meaning full
+    attention, as mistral-inference's cache sizes read it (the list's length divides n_layers)."""
+
+    def valid(w: Any) -> bool:
+        return isinstance(w, int) and not isinstance(w, bool) and w > 0
+
+    if isinstance(window, list):
+        if not window or not all(w is None or valid(w) for w in window):
+            raise ValueError(
+                f"{source}: 'sliding_window' as a list must hold positive integers or nulls (one per layer "
+                f"of a repeating pattern), got {window!r}."
+            )
+        if n_layers % len(window):
+            raise ValueError(
+                f"{source}: 'sliding_window' lists {len(window)} windows, which does not divide "
+                f"n_layers ({n_layers}); the list is a pattern repeated over the layers."
+            )
+        return tuple(window)
+    if not valid(window):
+        raise ValueError(
+            f"{source}: 'sliding_window' must be a positive integer, null or a list of them, got {window!r}."
+        )
+    return window
+
+
 def _positive_float(value: Any, key: str, source: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ValueError(f"{source}: '{key}' must be a positive number, got {value!r}.")
@@ -238,17 +264,18 @@ def _positive_float(value: Any, key: str, source: str) -> float:
 
 
 def args_from_hf_config(config: dict[str, Any], source: str = "config.json") -> ModelArgs:
-    """ModelArgs for a transformers ``MistralForCausalLM``/``MixtralForCausalLM`` config.json."""
+    """ModelArgs for a transformers ``MistralForCausalLM``/``MixtralForCausalLM``/``MinistralForCausalLM``
+    config.json."""
     model_type = config.get("model_type")
     if model_type == "mistral3":
         raise ValueError(
             f"{source}: model_type is 'mistral3', a multimodal (vision) folder; its text_config cannot be "
             "imported yet. Use the text-only Ministral3ForCausalLM/MistralForCausalLM layout or params.json."
         )
-    if model_type not in ("mistral", "mixtral", "ministral3"):
+    if model_type not in ("mistral", "mixtral", "ministral", "ministral3"):
         raise ValueError(
-            f"{source}: model_type is {model_type!r}; only 'mistral', 'mixtral' and 'ministral3' Hugging Face "
-            "folders can be imported. Use a Mistral-format folder (params.json) for other models."
+            f"{source}: model_type is {model_type!r}; only 'mistral', 'mixtral', 'ministral' and 'ministral3' "
+            "Hugging Face folders can be imported. Use a Mistral-format folder (params.json) for other models."
         )
     if config.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{source}: hidden_act is {config['hidden_act']!r}; Mistral models use 'silu'.")
@@ -270,7 +297,7 @@ def args_from_hf_config(config: dict[str, Any], source: str = "config.json") -> 
         "norm_eps": config.get("rms_norm_eps"),
         "vocab_size": config.get("vocab_size"),
         "rope_theta": rope.get("rope_theta", config.get("rope_theta")),
-        "sliding_window": config.get("sliding_window"),
+        "sliding_window": _hf_sliding_window(config, model_type, source),
         "tied_embeddings": bool(config.get("tie_word_embeddings", False)),
         **_rope_from_hf(rope, model_type, source),
     }
@@ -337,8 +364,55 @@ def _rope_from_hf(rope: dict[str, Any], model_type: str, source: str) -> dict[st
     return out
 
 
+_HF_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _hf_sliding_window(config: dict[str, Any], model_type: str, source: str) -> Any:
+    """params.json's ``sliding_window`` for a config.json: Ministral's ``layer_types`` (one per layer)
+    with its single ``sliding_window`` become the shortest repeating list (an int or null when every
+    layer agrees), so a native pattern exported and read back is the same ``ModelArgs``."""
+    window = config.get("sliding_window")
+    layer_types = config.get("layer_types")
+    n_layers = config["num_hidden_layers"]
+    default = ["full_attention" if window is None else "sliding_attention"] * n_layers
+    if layer_types is None:
+        return window
+    if model_type != "ministral":
+        # MistralForCausalLM/MixtralForCausalLM ignore layer_types: accept only the uniform list they imply.
+        if list(layer_types) != default:
+            raise ValueError(
+                f"{source}: 'layer_types' {layer_types!r} differs per layer, but model_type {model_type!r} "
+                "applies one sliding_window to every layer in transformers; use model_type 'ministral'."
+            )
+        return window
+    if not isinstance(layer_types, list) or len(layer_types) != n_layers:
+        raise ValueError(f"{source}: 'layer_types' must list one entry per layer ({n_layers}), got {layer_types!r}.")
+    unknown = sorted({t for t in layer_types if t not in _HF_LAYER_TYPES}, key=str)
+    if unknown:
+        raise ValueError(
+            f"{source}: 'layer_types' has {unknown}; only {list(_HF_LAYER_TYPES)} are implemented."
+        )
+    if window is None and "sliding_attention" in layer_types:
+        raise ValueError(f"{source}: 'layer_types' has 'sliding_attention' layers but 'sliding_window' is null.")
+    windows = [window if t == "sliding_attention" else None for t in layer_types]
+    period = next(p for p in range(1, n_layers + 1) if n_layers % p == 0 and windows == windows[:p] * (n_layers // p))
+    return windows[0] if period == 1 else windows[:period]
+
+
 def hf_config_from_args(args: ModelArgs, dtype: str = "bfloat16") -> dict[str, Any]:
-    """A ``config.json`` for transformers describing the same network."""
+    """A ``config.json`` for transformers describing the same network: ``ministral`` (per-layer
+    ``layer_types``) when layers attend differently, else ``mistral``/``mixtral``."""
+    windows = args.layer_windows
+    sized = {w for w in windows if w is not None}
+    if len(sized) > 1:
+        raise ValueError(
+            f"sliding_window {args.sliding_window!r} uses several window sizes; a transformers config "
+            "has one sliding_window for all its sliding layers."
+        )
+    window = sized.pop() if sized else None
+    interleaved = len(set(windows)) > 1
+    if interleaved and args.moe is not None:
+        raise ValueError("a mixture-of-experts model with per-layer windows has no transformers config class.")
     common = {
         "vocab_size": args.vocab_size,
         "hidden_size": args.dim,
@@ -349,8 +423,8 @@ def hf_config_from_args(args: ModelArgs, dtype: str = "bfloat16") -> dict[str, A
         "head_dim": args.head_dim,
         "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta,
-        "sliding_window": args.sliding_window,
-        "max_position_embeddings": 32768 if args.sliding_window is None else max(32768, args.sliding_window),
+        "sliding_window": window,
+        "max_position_embeddings": max(32768, window or 0),
         "hidden_act": "silu",
         "tie_word_embeddings": False,
         "bos_token_id": 1,
@@ -359,7 +433,11 @@ def hf_config_from_args(args: ModelArgs, dtype: str = "bfloat16") -> dict[str, A
     }
     common["tie_word_embeddings"] = args.tied_embeddings
     if args.yarn is not None or args.llama_4_scaling is not None:
-        return _ministral3_config(args, common, interleaved=False)
+        return _ministral3_config(args, common, interleaved)
+    if interleaved:
+        layer_types = ["full_attention" if w is None else "sliding_attention" for w in windows]
+        return {"architectures": ["MinistralForCausalLM"], "model_type": "ministral", **common,
+                "layer_types": layer_types}
     if args.moe is None:
         return {"architectures": ["MistralForCausalLM"], "model_type": "mistral", **common}
     return {

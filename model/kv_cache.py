@@ -3,7 +3,7 @@ replaces the packed-row kernels when a batch of sequences attends to its past in
 
 Layout: each sequence b owns row b of every layer's cache; its token at position p is stored at slot
 p. A prompt batch is prefilled right-padded: padding is written past a prompt's end, but a query only
-attends to slots <= its own position (and within the sliding window), and decoding overwrites slot p
+attends to slots <= its own position (and within its layer's sliding window), and decoding overwrites slot p
 before any query can see it.
 """
 
@@ -42,7 +42,7 @@ class CacheStep:
 class KVCache:
     k: list[torch.Tensor]  # per layer (batch, kv_heads, max_len, head_dim)
     v: list[torch.Tensor]  # per layer (batch, kv_heads, max_len, head_dim)
-    sliding_window: int | None
+    layer_windows: tuple[int | None, ...]  # ModelArgs.layer_windows: each layer's window, None = full
 
     @classmethod
     def empty(cls, model: nn.Module, batch: int, max_len: int) -> KVCache:
@@ -53,7 +53,7 @@ class KVCache:
         return cls(
             [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(a.n_layers)],
             [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(a.n_layers)],
-            a.sliding_window,
+            a.layer_windows,
         )
 
     @property
@@ -61,10 +61,15 @@ class KVCache:
         return self.k[0].shape[2]
 
     def steps(self, positions: torch.Tensor) -> list[CacheStep]:
-        """Each layer's ``CacheStep`` for tokens at ``positions`` (batch, T); the mask is shared."""
+        """Each layer's ``CacheStep`` for tokens at ``positions`` (batch, T); layers with the same
+        window share one mask."""
         slots = torch.arange(self.max_len, device=positions.device)  # (max_len,)
         delta = positions[:, :, None] - slots[None, None, :]  # (batch, T, max_len): query minus key position
-        allowed = delta >= 0
-        if self.sliding_window is not None:
-            allowed &= delta < self.sliding_window
-        return [CacheStep(k, v, positions, allowed[:, None]) for k, v in zip(self.k, self.v, strict=True)]
+        causal = delta >= 0
+        allowed = {  # window -> (batch, 1, T, max_len) bool
+            w: (causal if w is None else causal & (delta < w))[:, None] for w in dict.fromkeys(self.layer_windows)
+        }
+        return [
+            CacheStep(k, v, positions, allowed[w])
+            for k, v, w in zip(self.k, self.v, self.layer_windows, strict=True)
+        ]

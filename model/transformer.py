@@ -1,7 +1,7 @@
 """The Mistral decoder-only transformer over a packed batch of documents.
 
 ``forward(input_ids[tokens], seqlens) -> logits[tokens, vocab]``: documents are concatenated into
-one row, attend only within themselves (causally, within the sliding window if any), and their
+one row, attend only within themselves (causally, within each layer's sliding window if any), and their
 rotary positions restart at 0.
 """
 
@@ -113,9 +113,9 @@ class Transformer(nn.Module):
             )
         positions = positions_from_seqlens(seqlens, input_ids.device)
         freqs = rotations(positions, self.args)  # plain or YaRN, with llama-4 query scaling if any
-        mask = AttentionMask.build(seqlens, self.args.sliding_window, self.attention_backend, input_ids.device)
+        masks = AttentionMask.per_layer(seqlens, self.args.layer_windows, self.attention_backend, input_ids.device)
         h = self.tok_embeddings(input_ids)  # (tokens, dim)
-        for layer in self.layers:
+        for layer, mask in zip(self.layers, masks, strict=True):
             h = layer(h, freqs, mask)
         return self.norm(h)
 

@@ -62,10 +62,10 @@ def model_flops_per_token(args: ModelArgs, lora: LoraArgs, batches: list[Batch])
     pairs = tokens = 0
     for b in batches:
         real = [n for n, start in zip(b.seqlens, np.cumsum([0] + b.seqlens[:-1]), strict=True) if b.y_mask[start: start + n].any()]
-        window = args.sliding_window or 1 << 60
-        pairs += sum(sum(min(i + 1, window) for i in range(n)) for n in real)
+        for window in args.layer_windows:  # (query, key) pairs of every layer
+            pairs += sum(sum(min(i + 1, window or 1 << 60) for i in range(n)) for n in real)
         tokens += len(b.x)
-    attn = 4 * args.n_heads * args.head_dim * args.n_layers * pairs / tokens
+    attn = 4 * args.n_heads * args.head_dim * pairs / tokens
     return 4 * frozen + 6 * lora_w + 3 * attn
 
 

@@ -227,6 +227,13 @@ def estimate(
     else:
         parts["activations: saved tensors"] = L * T * per_layer
         recompute = 0.0
+    # Eager SDPA saves, for backward, the additive (len, len) mask of every document longer than a
+    # layer's window; the layers of one window share it (model/attention.py). Bound: every row one
+    # document of seq_len tokens. FlexAttention's block mask is small; the compiled op recomputes its masks.
+    flex = device == "cuda" and args.attention != "sdpa" and m.head_dim >= 16
+    short = {w for w in m.layer_windows if w is not None and w < args.seq_len}
+    if short and not flex and not args.compile:
+        parts["activations: sliding-window masks"] = len(short) * args.batch_size * args.seq_len**2 * c
     # Backward of one block: gradients of its largest intermediates (three (tokens, hidden) at once).
     k = m.moe.num_experts_per_tok if m.moe else 1
     backward = recompute + 3 * T * k * m.hidden_dim * c
@@ -313,7 +320,7 @@ def describe(m: ModelArgs, args: TrainArgs, plan: Plan) -> str:
     lines = [
         f"model: {n_params / 1e9:.2f}B parameters (dim {m.dim}, {m.n_layers} layers, vocab {m.vocab_size}"
         + (f", {m.moe.num_experts} experts" if m.moe else "")
-        + ")",
+        + f"; attention: {_attention_kinds(m)})",
         "training: "
         + (
             f"LoRA rank {args.lora.rank} on {', '.join(args.lora.target_modules)} "
@@ -344,6 +351,13 @@ def describe(m: ModelArgs, args: TrainArgs, plan: Plan) -> str:
             lines.append("to make it fit, change one of:")
             lines += [f"  - {k}" for k in knobs]
     return "\n".join(lines)
+
+
+def _attention_kinds(m: ModelArgs) -> str:
+    """Layers per window, in order of first use: "9 full + 27 window 4096 layers"."""
+    windows = m.layer_windows
+    kinds = [("full" if w is None else f"window {w}", windows.count(w)) for w in dict.fromkeys(windows)]
+    return " + ".join(f"{n} {kind}" for kind, n in kinds) + " layers"
 
 
 def _load_model_args(path: str) -> ModelArgs:

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from model.configs import args_from_hf_config
+from model.fp8 import dequantized, weight_scales
 from model.hf import tensors_from_hf
 from model.lora import is_lora_key, lora_modules, lora_state_dict
 
@@ -93,6 +94,15 @@ def iter_checkpoint_tensors(folder: str | Path) -> Iterator[tuple[str, torch.Ten
     if is_hf_folder(folder):
         yield from _iter_hf_tensors(Path(folder))
         return
+    # FP8 releases (model.fp8): each FP8 weight is dequantized to float32 as it streams, its scales consumed.
+    scales: dict[str, torch.Tensor] = {}
+    for path in checkpoint_files(folder):
+        with _readable(path):
+            scales.update(weight_scales(path))
+    yield from dequantized(_iter_native_tensors(folder), scales, source=str(folder))
+
+
+def _iter_native_tensors(folder: str | Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
     for path in checkpoint_files(folder):
         with _readable(path):
             if path.suffix == ".safetensors":
@@ -193,7 +203,6 @@ def retie(model: nn.Module, aliases: dict[str, str]) -> None:
     for alias, name in aliases.items():
         module, _, leaf = alias.rpartition(".")
         setattr(model.get_submodule(module), leaf, model.get_parameter(name))
-
 
 
 def load_base_weights(

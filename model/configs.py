@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from model.args import Llama4Scaling, ModelArgs, MoeArgs, YarnArgs
+from model.fp8 import check_quantization
 
 _REQUIRED_INT = ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads", "vocab_size")
 
@@ -86,6 +87,12 @@ def args_from_params(params: dict[str, Any], source: str = "params.json") -> Mod
     if not isinstance(tied, bool):
         raise ValueError(f"{source}: 'tied_embeddings' must be true or false, got {tied!r}.")
     values["tied_embeddings"] = tied
+    # FP8 weights are dequantized while loading (model.fp8): the block describes the files, not the
+    # network, so it is not kept, and a merged (dequantized) checkpoint's params.json does not claim FP8.
+    # A null block round-trips like other irrelevant keys.
+    check_quantization(params.get("quantization"), source)
+    if params.get("quantization"):
+        del params["quantization"]
     _refuse_unimplemented(params, source)
     params.pop("lora", None)  # a checkpoint's own LoRA settings are not model shape
     return ModelArgs(**values, extra=params)
@@ -279,6 +286,13 @@ def args_from_hf_config(config: dict[str, Any], source: str = "config.json") -> 
         )
     if config.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{source}: hidden_act is {config['hidden_act']!r}; Mistral models use 'silu'.")
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method") if isinstance(config["quantization_config"], dict) else None
+        raise ValueError(
+            f"{source}: 'quantization_config' (quant_method {method!r}): quantized Hugging Face folders cannot be "
+            "read. Use the release's native folder (params.json + consolidated*.safetensors; FP8 loads there) "
+            "or its unquantized weights."
+        )
     required = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
                 "rms_norm_eps", "vocab_size")
     missing = [k for k in required if config.get(k) is None]

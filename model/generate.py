@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from model.kv_cache import KVCache
-from model.rope import rope_frequencies
+from model.rope import rotations
 from model.transformer import Transformer
 
 
@@ -24,7 +24,7 @@ def forward_cached(
     this step's keys and values are added to it."""
     a = model.args
     b, t = tokens.shape
-    freqs = rope_frequencies(positions.reshape(-1), a.head_dim, a.rope_theta)  # (batch*T, head_dim // 2)
+    freqs = rotations(positions.reshape(-1), a)  # the model's rotary variant, as in training
     h = model.tok_embeddings(tokens.reshape(-1))  # (batch*T, dim)
     for layer, step in zip(model.layers, cache.steps(positions), strict=True):
         h = layer(h, freqs, None, step)

@@ -236,3 +236,22 @@ def test_merge_and_export_keep_the_tie(tmp_path):
         expected = model.eval()(tokens, SEQLENS)
         torch.testing.assert_close(merged(tokens, SEQLENS), expected, rtol=1e-4, atol=1e-4)
     _assert_matches_transformers(merged, hf)
+
+
+def test_cached_decoding_uses_the_yarn_and_llama4_rotations(tmp_path):
+    # generate's KV-cache path must rotate as the training forward does, past the original context.
+    from model.generate import KVCache, forward_cached, generate
+
+    _hf_model(tmp_path / "hf")
+    model = Transformer.from_folder(tmp_path / "hf", device="cpu", dtype=torch.float32).eval()
+    seq = _tokens()[: 2 * ORIGINAL + 3]
+    with torch.no_grad():
+        full = model(seq, [len(seq)])  # (tokens, vocab)
+        cache = KVCache.empty(model, batch=1, max_len=len(seq))
+        prefill = forward_cached(model, seq[None, :5], torch.arange(5)[None], cache)[0]
+        steps = [forward_cached(model, seq[None, p : p + 1], torch.tensor([[p]]), cache)[0, 0]
+                 for p in range(5, len(seq))]
+    torch.testing.assert_close(torch.cat([prefill, torch.stack(steps)]), full, rtol=1e-4, atol=1e-5)
+    kwargs = dict(max_new_tokens=2 * ORIGINAL, eos_id=None)
+    prompts = [seq[:3].tolist()]
+    assert generate(model, prompts, use_cache=True, **kwargs) == generate(model, prompts, use_cache=False, **kwargs)

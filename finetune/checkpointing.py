@@ -3,7 +3,8 @@
 Layout of ``run_dir/checkpoints/checkpoint_{step:06d}/``:
 
 - ``consolidated/``: ``lora.safetensors`` (adapters, mistral-inference key names) or, with
-  ``save_adapters: false``, a merged ``consolidated.safetensors``; ``params.json`` (the base
+  ``save_adapters: false``, a merged ``consolidated.safetensors`` (with a multimodal base's vision
+  weights, read from the base folder as stored); ``params.json`` (the base
   model's keys plus a ``lora`` block) and the model's own tokenizer file.
 - ``state/``: trainable parameters and optimizer state (``torch.distributed.checkpoint``, sharded,
   one file per rank), ``train_state.json`` (step, counters, the run's config) and ``rank_{r}.json``
@@ -45,6 +46,7 @@ from model.args import LoraArgs, ModelArgs
 from model.configs import params_from_args
 from model.lora import lora_modules, lora_state_dict
 from model.merge import merged_weights
+from model.multimodal import vision_block, vision_tensors
 from model.quant import NF4LoRALinear
 
 logger = logging.getLogger("finetune")
@@ -167,8 +169,13 @@ def gather_adapters(model: TransformerWithLoss, dtype: torch.dtype) -> dict[str,
     return out
 
 
-def gather_merged(model: TransformerWithLoss, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Full weights with adapters folded in (``model.merge``), gathered tensor by tensor onto rank 0's CPU."""
+def gather_merged(model: TransformerWithLoss, dtype: torch.dtype,
+                  base_folder: Path | None = None) -> dict[str, torch.Tensor]:
+    """Full weights with adapters folded in (``model.merge``), gathered tensor by tensor onto rank 0's CPU;
+    a multimodal model's vision weights are read from ``base_folder`` as stored (``model.multimodal``)."""
+    vision = vision_block(model.transformer.args.extra) is not None
+    if vision and base_folder is None:  # on every rank, before any collective
+        raise ValueError("a merged checkpoint of a multimodal model needs the base folder to carry its vision weights.")
     if any(isinstance(m, NF4LoRALinear) for m in lora_modules(model.transformer).values()):
         logger.info("Merging adapters into the de-quantized NF4 base (the weights they were trained on); "
                     "to merge into the original base instead, save adapters and use utils.merge_lora.")
@@ -176,6 +183,8 @@ def gather_merged(model: TransformerWithLoss, dtype: torch.dtype) -> dict[str, t
     for key, weight in merged_weights(model.transformer, full=_full):
         if D.is_main():
             out[key] = weight.to("cpu", dtype).contiguous()
+    if vision and D.is_main():
+        out.update(vision_tensors(base_folder))  # as stored: the vision side was not trained
     return out
 
 
@@ -200,6 +209,7 @@ def save_checkpoint(
     train_state: dict[str, Any],
     rank_state: dict[str, Any],
     num_keep: int | None,
+    base_folder: Path | None = None,
 ) -> Path:
     """Write a checkpoint (a collective: every rank calls it). If any rank fails to write, every
     rank raises CheckpointWriteError, the partial checkpoint is removed and older ones are kept."""
@@ -229,7 +239,10 @@ def save_checkpoint(
             (tmp / "state").mkdir()
 
     phase(prepare)
-    weights = gather_adapters(model, save_dtype) if save_adapters else gather_merged(model, save_dtype)
+    if save_adapters:
+        weights = gather_adapters(model, save_dtype)
+    else:
+        weights = gather_merged(model, save_dtype, base_folder)
 
     def write_consolidated() -> None:
         if D.is_main():

@@ -412,7 +412,7 @@ def save(t: Training, run_dir: Path) -> None:
         save_adapters=args.save_adapters, save_dtype=t.precision.dtype,
         tokenizer_file=tokenizer_file_to_ship(t.inputs.tokenizer),
         train_state={"train": asdict(t.state), "world_size": D.world_size(), "config": to_dict(args)},
-        rank_state=_rng_state(t.loader), num_keep=args.num_ckpt_keep,
+        rank_state=_rng_state(t.loader), num_keep=args.num_ckpt_keep, base_folder=Path(args.model_id_or_path),
     )
 
 

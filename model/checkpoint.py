@@ -8,7 +8,9 @@ absent, because they are freshly initialised.
 
 A Hugging Face ``MistralForCausalLM``/``MixtralForCausalLM`` folder (``config.json`` and
 ``model.safetensors`` or ``model-0000k-of-0000n.safetensors`` + index, no ``params.json``) loads too:
-its tensors are renamed and un-permuted one at a time as they stream (see ``model.hf``).
+its tensors are renamed and un-permuted one at a time as they stream (see ``model.hf``). A multimodal
+checkpoint (native ``vision_encoder`` block, HF ``mistral3``) streams its vision weights under native
+names too; they are not part of the trained model (``model.multimodal``).
 """
 
 from __future__ import annotations
@@ -26,10 +28,17 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from model.configs import args_from_hf_config
+from model.configs import args_from_hf_config, load_model_args
 from model.fp8 import dequantized, weight_scales
 from model.hf import tensors_from_hf
 from model.lora import is_lora_key, lora_modules, lora_state_dict
+from model.multimodal import (
+    is_hf_vision_key,
+    is_vision_key,
+    text_key_from_mistral3,
+    vision_block,
+    vision_from_hf,
+)
 
 logger = logging.getLogger("model")
 
@@ -132,15 +141,20 @@ def _iter_hf_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
     """HF tensors under Mistral names; unknown keys pass through unchanged so loading reports them."""
     config = json.loads((folder / "config.json").read_text())
     args = args_from_hf_config(config, source=str(folder / "config.json"))
+    vision = vision_block(args.extra)
     for path in hf_checkpoint_files(folder):
         with _readable(path), safe_open(str(path), framework="pt", device="cpu") as f:
-            for hf_key in f.keys():
+            for stored_key in f.keys():
+                hf_key = text_key_from_mistral3(stored_key) if vision else stored_key
                 if args.tied_embeddings and hf_key == "lm_head.weight":
                     continue  # some folders store the tied copy too; the model has one weight
                 try:
-                    converted = list(tensors_from_hf(hf_key, f.get_tensor(hf_key), args))
+                    if vision and is_hf_vision_key(hf_key):
+                        converted = [vision_from_hf(hf_key, f.get_tensor(stored_key), vision)]
+                    else:
+                        converted = list(tensors_from_hf(hf_key, f.get_tensor(stored_key), args))
                 except KeyError:
-                    converted = [(hf_key, f.get_tensor(hf_key))]
+                    converted = [(stored_key, f.get_tensor(stored_key))]
                 for key, tensor in converted:
                     yield key, tensor, path
 
@@ -154,7 +168,11 @@ def iter_base_weights(
     checkpoint lacks is a ValueError naming it. Adapter weights are never expected.
     """
     seen: set[str] = set()
+    # A multimodal checkpoint's vision weights are carried into merged outputs, not loaded (model.multimodal).
+    carried = is_vision_key if vision_block(load_model_args(folder).extra) else (lambda key: False)
     for key, tensor, path in iter_checkpoint_tensors(folder):
+        if carried(key):
+            continue
         if key not in shapes:
             raise ValueError(
                 f"{path}: weight '{key}' is not part of this model. Is this a Mistral-format "

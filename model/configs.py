@@ -93,6 +93,8 @@ def args_from_params(params: dict[str, Any], source: str = "params.json") -> Mod
     check_quantization(params.get("quantization"), source)
     if params.get("quantization"):
         del params["quantization"]
+    if params.get("vision_encoder") not in (None, {}):
+        _check_vision_encoder(params["vision_encoder"], source)  # carried in extra (model.multimodal)
     _refuse_unimplemented(params, source)
     params.pop("lora", None)  # a checkpoint's own LoRA settings are not model shape
     return ModelArgs(**values, extra=params)
@@ -145,8 +147,7 @@ def params_from_args(args: ModelArgs) -> dict[str, Any]:
 
 # params.json keys of architectures this code does not implement (a non-null value changes the network).
 _UNIMPLEMENTED = {
-    "vision_encoder": "a vision encoder (multimodal checkpoints are not supported yet)",
-    "multimodal": "a vision or audio encoder (multimodal checkpoints are not supported yet)",
+    "multimodal": "a vision or audio encoder (only the Pixtral 'vision_encoder' block is supported)",
     "q_lora_rank": "multi-head latent attention",
     "kv_lora_rank": "multi-head latent attention",
     "qk_nope_head_dim": "multi-head latent attention",
@@ -275,10 +276,7 @@ def args_from_hf_config(config: dict[str, Any], source: str = "config.json") -> 
     config.json."""
     model_type = config.get("model_type")
     if model_type == "mistral3":
-        raise ValueError(
-            f"{source}: model_type is 'mistral3', a multimodal (vision) folder; its text_config cannot be "
-            "imported yet. Use the text-only Ministral3ForCausalLM/MistralForCausalLM layout or params.json."
-        )
+        return _args_from_mistral3(config, source)
     if model_type not in ("mistral", "mixtral", "ministral", "ministral3"):
         raise ValueError(
             f"{source}: model_type is {model_type!r}; only 'mistral', 'mixtral', 'ministral' and 'ministral3' "
@@ -415,7 +413,14 @@ def _hf_sliding_window(config: dict[str, Any], model_type: str, source: str) -> 
 
 def hf_config_from_args(args: ModelArgs, dtype: str = "bfloat16") -> dict[str, Any]:
     """A ``config.json`` for transformers describing the same network: ``ministral`` (per-layer
-    ``layer_types``) when layers attend differently, else ``mistral``/``mixtral``."""
+    ``layer_types``) when layers attend differently, else ``mistral``/``mixtral``; wrapped in a
+    ``mistral3`` config when the model carries a vision encoder."""
+    text = _text_hf_config(args, dtype)
+    vision = args.extra.get("vision_encoder")
+    return _mistral3_config(text, vision, dtype) if vision else text
+
+
+def _text_hf_config(args: ModelArgs, dtype: str) -> dict[str, Any]:
     windows = args.layer_windows
     sized = {w for w in windows if w is not None}
     if len(sized) > 1:
@@ -496,3 +501,101 @@ def _ministral3_config(args: ModelArgs, common: dict[str, Any], interleaved: boo
     common["max_position_embeddings"] = int(y.factor * y.original_max_position_embeddings)
     return {"architectures": ["Ministral3ForCausalLM"], "model_type": "ministral3", **common,
             "rope_parameters": rope}
+
+
+# --- Pixtral vision encoder (carried, not built: model.multimodal) ---
+
+# params.json vision_encoder keys a Mistral3 config.json expresses; others are carried in params.json only.
+_VISION_INTS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+                "max_image_size", "patch_size")
+
+
+def _check_vision_encoder(block: Any, source: str) -> None:
+    """The block is carried, not built; its heads and width are needed to convert the q/k rows."""
+    if not isinstance(block, dict):
+        raise ValueError(f"{source}: 'vision_encoder' must be an object, got {block!r}.")
+    for key in ("hidden_size", "num_attention_heads"):
+        _positive_int(block.get(key), f"vision_encoder.{key}", source)
+
+
+def _args_from_mistral3(config: dict[str, Any], source: str) -> ModelArgs:
+    """``Mistral3ForConditionalGeneration``: the text model from ``text_config``; the vision side as the
+    params.json ``vision_encoder`` block a native release of the same model has."""
+    text = config.get("text_config")
+    if not isinstance(text, dict):
+        raise ValueError(f"{source}: model_type 'mistral3' needs a 'text_config' object, got {text!r}.")
+    text = {"model_type": "mistral", **text}  # Mistral3Config's default text model
+    if config.get("quantization_config"):
+        text["quantization_config"] = config["quantization_config"]  # refused by name below
+    top_tie = config.get("tie_word_embeddings")
+    if top_tie is not None and bool(top_tie) != bool(text.get("tie_word_embeddings", False)):
+        raise ValueError(
+            f"{source}: 'tie_word_embeddings' is {top_tie!r} but text_config's is "
+            f"{text.get('tie_word_embeddings', False)!r}; make them agree."
+        )
+    args = args_from_hf_config(text, source=f"{source} (text_config)")
+    args.extra["vision_encoder"] = _vision_encoder_from_hf(config, source)
+    return args
+
+
+def _vision_encoder_from_hf(config: dict[str, Any], source: str) -> dict[str, Any]:
+    v = config.get("vision_config")
+    if not isinstance(v, dict) or v.get("model_type", "pixtral") != "pixtral":
+        raise ValueError(f"{source}: 'vision_config' must be a Pixtral vision config, got {v!r}.")
+    # Values the native block cannot express (it implies each of these) are refused by key name.
+    for key, value, implied in (
+        ("vision_config.hidden_act", v.get("hidden_act", "gelu"), "silu"),
+        ("projector_hidden_act", config.get("projector_hidden_act", "gelu"), "gelu"),
+        ("vision_feature_layer", config.get("vision_feature_layer", -1), -1),
+        ("vision_config.rope_parameters.rope_type", (v.get("rope_parameters") or {}).get("rope_type", "axial"),
+         "axial"),
+    ):
+        if value != implied:
+            raise ValueError(f"{source}: {key} is {value!r}; Mistral's Pixtral encoder uses {implied!r} only.")
+    hf = {"max_image_size": v.get("image_size", 1024), "patch_size": v.get("patch_size", 16), "num_channels": 3,
+          **{k: v.get(k) for k in _VISION_INTS if k in v}}
+    for key in _VISION_INTS:
+        _positive_int(hf.get(key), f"vision_config.{key}", source)
+    if v.get("head_dim") not in (None, hf["hidden_size"] // hf["num_attention_heads"]):
+        raise ValueError(f"{source}: vision_config.head_dim {v['head_dim']!r} is not hidden_size // num_attention_heads.")
+    return {
+        **{k: hf[k] for k in _VISION_INTS},
+        "rope_theta": (v.get("rope_parameters") or {}).get("rope_theta", v.get("rope_theta", 10000.0)),
+        "image_token_id": config.get("image_token_index", 10),
+        "adapter_bias": bool(config.get("multimodal_projector_bias", False)),
+        "spatial_merge_size": config.get("spatial_merge_size", 2),
+        "mm_projector_id": "patch_merge",
+        "add_pre_mm_projector_layer_norm": True,
+    }
+
+
+def _mistral3_config(text: dict[str, Any], vision: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """``Mistral3ForConditionalGeneration``'s config for a text config and a params.json vision block."""
+    missing = [k for k in _VISION_INTS if not isinstance(vision.get(k), int)]
+    if missing or vision.get("mm_projector_id") != "patch_merge" or not vision.get("add_pre_mm_projector_layer_norm"):
+        raise ValueError(
+            f"vision_encoder {'lacks ' + str(missing) if missing else 'has no patch merger and pre-projector norm'}: "
+            "only Mistral Small 3.x-style encoders (mm_projector_id 'patch_merge', add_pre_mm_projector_layer_norm) "
+            "have a transformers Mistral3ForConditionalGeneration config."
+        )
+    text = {k: v for k, v in text.items() if k not in ("architectures", "torch_dtype")}
+    return {
+        "architectures": ["Mistral3ForConditionalGeneration"],
+        "model_type": "mistral3",
+        "text_config": text,
+        "vision_config": {
+            "model_type": "pixtral",
+            **{k: vision[k] for k in _VISION_INTS if k != "max_image_size"},
+            "image_size": vision["max_image_size"],
+            "head_dim": vision["hidden_size"] // vision["num_attention_heads"],
+            "hidden_act": "silu",
+            "rope_parameters": {"rope_type": "axial", "rope_theta": vision.get("rope_theta", 10000.0)},
+        },
+        "image_token_index": vision.get("image_token_id", 10),
+        "multimodal_projector_bias": bool(vision.get("adapter_bias", False)),
+        "projector_hidden_act": "gelu",
+        "spatial_merge_size": vision.get("spatial_merge_size", 2),
+        "vision_feature_layer": -1,
+        "tie_word_embeddings": text["tie_word_embeddings"],
+        "torch_dtype": dtype,
+    }

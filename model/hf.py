@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from model.args import LoraArgs, ModelArgs
+from model.multimodal import is_vision_key, text_key_to_mistral3, vision_block, vision_to_hf
 
 
 def permute_to_hf(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
@@ -81,6 +82,18 @@ def tensor_to_hf(key: str, w: torch.Tensor, args: ModelArgs) -> tuple[str, torch
     elif key.endswith(("attention.wk.weight", "attention.wk.lora_B.weight")):
         w = permute_to_hf(w, args.n_kv_heads, args.head_dim)
     return key_to_hf(key, args.moe is not None), w
+
+
+def tensor_to_hf_model(key: str, w: torch.Tensor, args: ModelArgs) -> tuple[str, torch.Tensor]:
+    """``tensor_to_hf`` for a whole model's checkpoint: a model carrying a vision encoder is written in
+    ``Mistral3ForConditionalGeneration``'s hub layout, its vision weights converted by ``model.multimodal``."""
+    vision = vision_block(args.extra)
+    if vision is None:
+        return tensor_to_hf(key, w, args)
+    if is_vision_key(key):
+        return vision_to_hf(key, w, vision)
+    hf_key, w = tensor_to_hf(key, w, args)
+    return text_key_to_mistral3(hf_key), w
 
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
@@ -175,7 +188,21 @@ def to_peft_state_dict(lora_state: dict[str, torch.Tensor], args: ModelArgs) -> 
             for w, (out_features, in_features) in dims.items():
                 state.setdefault(f"{expert}.{w}.lora_A.weight", a.new_zeros(a.shape[0], in_features))
                 state.setdefault(f"{expert}.{w}.lora_B.weight", a.new_zeros(out_features, a.shape[0]))
-    return {_PEFT_PREFIX + key: w.contiguous() for key, w in to_hf_state_dict(state, args).items()}
+    # In Mistral3ForConditionalGeneration the text model's modules are model.language_model.layers.N...
+    multimodal = vision_block(args.extra) is not None
+    return {
+        _PEFT_PREFIX + (text_key_to_mistral3(key, "module") if multimodal else key): w.contiguous()
+        for key, w in to_hf_state_dict(state, args).items()
+    }
+
+
+def _peft_targets(lora: LoraArgs, args: ModelArgs) -> list[str] | str:
+    """Leaf names; for a multimodal model a regex (PEFT full-matches a string) on the language model's
+    module paths, because the vision tower has q_proj ... gate_proj leaves of its own."""
+    names = peft_target_modules(lora, args.moe is not None)
+    if vision_block(args.extra) is None:
+        return names
+    return rf"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(names)})"
 
 
 def peft_adapter_config(lora: LoraArgs, args: ModelArgs, base_model: str | None) -> dict[str, Any]:
@@ -191,7 +218,7 @@ def peft_adapter_config(lora: LoraArgs, args: ModelArgs, base_model: str | None)
         "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
         # PEFT cannot apply dropout to fused expert parameters; dropout only matters in training.
         "lora_dropout": 0.0 if moe_experts else lora.dropout,
-        "target_modules": peft_target_modules(lora, args.moe is not None),
+        "target_modules": _peft_targets(lora, args),
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,

@@ -5,7 +5,8 @@ whose keys name the same module (``layers.0.attention.wq.weight`` takes
 ``layers.0.attention.wq.lora_A.weight`` and ``.lora_B.weight``), checking that each adapter fits its
 weight and that none is left over. Its sources:
 
-- checkpoint files: ``merge_checkpoint`` (``utils.merge_lora``) and ``utils.export_hf --merged``;
+- checkpoint files: ``merge_checkpoint`` (``utils.merge_lora``) and ``utils.export_hf --merged``; a
+  multimodal base's vision weights have no adapter and stream through unchanged;
 - a live model: ``merged_weights`` (the merged checkpoint training writes with ``save_adapters: false``,
   gathering shards one at a time under FSDP).
 """
@@ -21,6 +22,7 @@ from torch import nn
 
 from model.checkpoint import iter_checkpoint_tensors
 from model.lora import is_lora_key, lora_modules, lora_state_dict, merge_delta
+from model.multimodal import is_vision_key
 from model.quant import NF4LoRALinear
 from model.streaming import tensor_specs, write_streamed
 
@@ -116,7 +118,11 @@ def merge_checkpoint(base: Path, adapter: Path, scaling: float, out: Path, dtype
     lora = load_file(str(adapter))
     if not lora:
         raise MergeError(f"{adapter} holds no tensors; is it the adapter file written by training?")
-    specs = [(k, s, dtype or d) for k, s, d in tensor_specs(base)]
+    # A multimodal base's vision weights are carried bit for bit, in their own dtype (model.multimodal).
+    def cast(key: str, d: torch.dtype) -> torch.dtype:
+        return d if is_vision_key(key) else dtype or d
+
+    specs = [(k, s, cast(k, d)) for k, s, d in tensor_specs(base)]
     shapes = {k: s for k, s, _ in specs}
     pairs = adapter_pairs(lora, str(adapter))
     for module, (a, b) in pairs.items():
@@ -128,5 +134,5 @@ def merge_checkpoint(base: Path, adapter: Path, scaling: float, out: Path, dtype
     weights = ((key, tensor) for key, tensor, _ in iter_checkpoint_tensors(base))
     merged = merge_weights(weights, lora, scaling, source=str(adapter), base=str(base))
     out.mkdir(parents=True, exist_ok=True)
-    write_streamed(out / "consolidated.safetensors", specs, ((k, t.to(dtype or t.dtype)) for k, t in merged))
+    write_streamed(out / "consolidated.safetensors", specs, ((k, t.to(cast(k, t.dtype))) for k, t in merged))
     return len(pairs)

@@ -130,7 +130,7 @@ def test_native_apply_scale_is_yarn_magnitude():
         ({"yarn": {"factor": 4, "original_max_position_embeddings": 16, "gamma": 1}}, r"'yarn' has unknown key\(s\) \['gamma'\]"),
         ({"llama_4_scaling": {"beta": 0.1}}, r"'llama_4_scaling' is missing \['original_max_position_embeddings'\]"),
         ({"tied_embeddings": "yes"}, "'tied_embeddings' must be true or false"),
-        ({"vision_encoder": {"hidden_size": 8}}, "'vision_encoder' describes a vision encoder"),
+        ({"vision_encoder": {"hidden_size": 8}}, "'vision_encoder.num_attention_heads' must be a positive integer"),
         ({"q_lora_rank": 64}, "'q_lora_rank' describes multi-head latent attention"),
     ],
 )
@@ -149,7 +149,7 @@ def test_hf_refusals_name_the_key(tmp_path):
         ({"rope_parameters": {**config["rope_parameters"], "short_factor": [1.0]}}, r"\['short_factor'\]"),
         ({"rope_parameters": {k: v for k, v in config["rope_parameters"].items() if k != "llama_4_scaling_beta"}},
          "needs rope_parameters 'llama_4_scaling_beta'"),
-        ({"model_type": "mistral3"}, "'mistral3', a multimodal"),
+        ({"model_type": "mistral3"}, "model_type 'mistral3' needs a 'text_config' object"),
     ]:
         (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(ValueError, match="config.json: .*" + match):

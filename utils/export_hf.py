@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from model.args import LoraArgs, ModelArgs
 from model.checkpoint import checkpoint_files, is_hf_folder, iter_checkpoint_tensors
 from model.configs import args_from_params, hf_config_from_args, load_model_args
-from model.hf import peft_adapter_config, tensor_to_hf, to_peft_state_dict
+from model.hf import peft_adapter_config, tensor_to_hf_model, to_peft_state_dict
 from model.merge import merge_weights
 
 logger = logging.getLogger("export_hf")
@@ -229,7 +229,7 @@ def export_merged(ckpt: Checkpoint, out: Path, base_model: str | None, max_shard
     dtype = None
     for key, tensor in _merged_tensors(ckpt, base_model):
         dtype = dtype or tensor.dtype
-        writer.add(*tensor_to_hf(key, tensor, ckpt.args))
+        writer.add(*tensor_to_hf_model(key, tensor, ckpt.args))
     files = writer.close()
     config = hf_config_from_args(ckpt.args, dtype=_DTYPE_NAMES.get(dtype, "bfloat16"))
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,12 +21,14 @@ from model.lora import freeze_all_but_lora
 from model.transformer import Transformer
 from utils.estimate_memory import (
     GB,
+    KNOWN_MODELS,
     LINEARS,
     estimate,
     main,
     param_counts,
     saved_bytes_per_token,
     selective_saved_bytes_per_token,
+    vision_params,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -360,6 +363,59 @@ def test_checkpointing_saves_what_the_formula_says():
     per_layer = saved_bytes_per_token(m, ALL, 16, 0.0, 2)
     assert off.parts["activations: saved tensors"] == 32 * 8192 * per_layer
     assert on.parts["activations: block inputs"] == 32 * 8192 * 4096 * 2
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN_MODELS))
+def test_known_releases_count_the_real_models_parameters(name):
+    """The release shapes (tied 3B, interleaved 8B 2410, 24B) against the real model on the meta device."""
+    m = KNOWN_MODELS[name]
+    real = _real_counts(m, LoraArgs(rank=16))
+    counts = param_counts(m, ALL, 16)
+    assert m.n_layers * counts["block"] + counts["root"] == real["frozen"]  # a tied output counted once
+    assert m.n_layers * counts["block_lora"] == real["trainable"]
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(KNOWN_MODELS) if KNOWN_MODELS[n].extra.get("vision_encoder")])
+def test_vision_count_equals_transformers_pixtral_and_projector(name):
+    from transformers import Mistral3Config, PixtralVisionConfig, PixtralVisionModel
+    from transformers.models.mistral3.modeling_mistral3 import Mistral3MultiModalProjector
+
+    m = KNOWN_MODELS[name]
+    v = m.extra["vision_encoder"]
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+            "patch_size", "image_size")
+    vision = PixtralVisionConfig(**{k: v[k] for k in keys}, head_dim=v["hidden_size"] // v["num_attention_heads"])
+    config = Mistral3Config(vision_config=vision, text_config={"model_type": "mistral", "hidden_size": m.dim},
+                            spatial_merge_size=v["spatial_merge_size"], multimodal_projector_bias=v["adapter_bias"])
+    with torch.device("meta"):
+        modules = [PixtralVisionModel(config.vision_config), Mistral3MultiModalProjector(config)]
+    assert vision_params(m) == sum(p.numel() for mod in modules for p in mod.parameters())
+
+
+def test_mistral_small_32_lora_r16_at_16384_fits_one_80gb_gpu(capsys):
+    """Issue 16's question, answered with example/mistral_small_3.2.yaml (rank 16, seq_len 16384)."""
+    argv = ["--train_yaml", "example/mistral_small_3.2.yaml", "--model", "mistral-small-3.2-24b", "--gpus", "1",
+            "--gpu-memory", "80"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "fits: 65.7 GB of 80 GB (82%)" in out and "0.44B vision encoder" in out and "not in the peak" in out
+    assert main([*argv, "--seq_len", "32768"]) == 1
+    assert "does NOT fit: 81.7 GB" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["ministral3_8b", "mistral_small_3.2", "magistral_small"])
+def test_new_examples_load_and_plan_as_their_comment_says(name, capsys):
+    """Each new example's header quotes the planner's command and total: running it gives that total."""
+    text = (REPO / "example" / f"{name}.yaml").read_text()
+    header = text.split("\n\n", 1)[0]
+    assert text.startswith("# ") and "Sized for:" in header
+    command = next(line for line in header.splitlines() if "python -m utils.estimate_memory" in line)
+    argv = command.split("utils.estimate_memory", 1)[1].split()
+    argv[argv.index("--train_yaml") + 1] = str(REPO / "example" / f"{name}.yaml")
+    assert main([*argv, "--gpu-memory", "80"]) == 0
+    fits = re.search(r"fits: (\d+\.\d) GB", capsys.readouterr().out).group(1)
+    quoted = re.search(r"(\d+\.\d) GB", header.split("# Planner", 1)[1]).group(1)  # its first figure
+    assert quoted == fits, header
 
 
 def _workspace(tmp_path: Path, **config) -> Path:

@@ -4,14 +4,18 @@
     python -m utils.estimate_memory --train_yaml example/7B.yaml --gpus 1 --model /path/params.json \\
         --seq_len 8192 --checkpoint false            # overrides as train.py takes them
     python -m utils.estimate_memory --train_yaml CONFIG.yaml --device cpu --precision bf16
+    python -m utils.estimate_memory --train_yaml example/mistral_small_3.2.yaml --model mistral-small-3.2-24b
 
 The model shape comes from ``params.json`` (or a Hugging Face ``config.json``) in the config's
-``model_id_or_path``, or from ``--model`` (a folder holding only params.json is enough). The
+``model_id_or_path``, or from ``--model``: a folder holding only params.json is enough, or the name
+of a release this file knows (``KNOWN_MODELS``). The
 estimate is a sum of explicit terms, each printed; docs/memory.md derives them and gives the
 measured accuracy. In short, per device with N = world size (FSDP2 shards every block and the
 root over all N):
 
-- frozen base weights in the compute dtype (NF4 linears at 4.13 bits with ``quantization: nf4``) / N,
+- frozen base weights in the compute dtype (NF4 linears at 4.13 bits with ``quantization: nf4``) / N;
+  a multimodal release's vision encoder and adapter are counted (``vision_params``) and said, but are
+  not in the peak: text training never loads them (``model.multimodal`` carries them from the base folder);
   plus the all-gathered *unsharded* root (embedding, final norm, output: alive through forward and
   backward) and the largest block unsharded twice (the one computing and the one prefetched); on
   one device, frozen weights are not FSDP's, so only the adapters are gathered; on CPU with
@@ -39,7 +43,7 @@ from pathlib import Path
 from finetune.args import TrainArgs, load_train_args
 from finetune.config import ConfigError
 from finetune.loss import block_rows
-from model.args import ModelArgs
+from model.args import Llama4Scaling, ModelArgs, YarnArgs
 from model.configs import load_model_args
 from model.quant import quantized_weight_bytes
 
@@ -110,8 +114,73 @@ def param_counts(m: ModelArgs, targets: list[str], rank: int) -> dict[str, int]:
     block += m.dim * m.moe.num_experts if m.moe else 0  # router
     targeted = sum(i * o * _copies(m, n) for n, (i, o) in shapes.items() if n in targets)
     lora = sum(rank * (i + o) * _copies(m, n) for n, (i, o) in shapes.items() if n in targets)
-    root = 2 * m.vocab_size * m.dim + m.dim  # embedding, output, final norm
+    root = (1 if m.tied_embeddings else 2) * m.vocab_size * m.dim + m.dim  # embedding, output (unless tied), norm
     return {"block": block, "block_targeted": targeted, "block_lora": lora, "root": root}
+
+
+def vision_params(m: ModelArgs) -> int:
+    """Parameters of a Pixtral vision encoder and its vision-language adapter, from params.json's
+    ``vision_encoder`` block (kept in ``ModelArgs.extra``); 0 for a text-only model.
+
+    Counted as mistral-inference and transformers build them (no biases unless ``adapter_bias``):
+    the patch convolution (channels x patch^2 x h) and ``ln_pre``; per layer wq wk wv wo (4 h^2),
+    w1 w2 w3 (3 h F_v) and two RMSNorms; then the adapter: the pre-projector norm, the patch merger
+    (h s^2 -> h, for ``mm_projector_id: patch_merge``) and the two linears h -> dim -> dim. The 2D
+    rotary tables are buffers, not weights. The image-token embeddings are the text vocabulary's.
+    """
+    v = m.extra.get("vision_encoder")
+    if not v:
+        return 0
+    h, f, s = v["hidden_size"], v["intermediate_size"], v.get("spatial_merge_size", 1)
+    encoder = v.get("num_channels", 3) * v["patch_size"] ** 2 * h + h
+    encoder += v["num_hidden_layers"] * (4 * h * h + 3 * h * f + 2 * h)
+    adapter = (h if v.get("add_pre_mm_projector_layer_norm") else 0)
+    adapter += s * s * h * h if v.get("mm_projector_id") == "patch_merge" else 0
+    adapter += h * m.dim + m.dim * m.dim + (2 * m.dim if v.get("adapter_bias") else 0)
+    return encoder + adapter
+
+
+# Release shapes, for planning without a model folder (``--model NAME``). Where each value was read is
+# said per entry; rotary settings do not change the plan but make ``describe`` name the variant. The
+# Pixtral encoder below is Mistral Small 3.1's (the official HF config.json's vision_config:
+# hidden 1024, 24 layers, F 4096, patch 14, spatial merge 2, no adapter bias), about 0.44B parameters.
+PIXTRAL_SMALL_31 = {
+    "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+    "num_channels": 3, "patch_size": 14, "image_size": 1540, "max_image_size": 1540, "rope_theta": 10000.0,
+    "spatial_merge_size": 2, "mm_projector_id": "patch_merge", "add_pre_mm_projector_layer_norm": True,
+    "adapter_bias": False,
+}
+_MINISTRAL3_ROPE = dict(
+    rope_theta=1e6,
+    yarn=YarnArgs(factor=16.0, original_max_position_embeddings=16384, beta_fast=32.0, beta_slow=1.0),
+    llama_4_scaling=Llama4Scaling(beta=0.1, original_max_position_embeddings=16384),
+)
+_COMMON = dict(head_dim=128, n_heads=32, n_kv_heads=8, norm_eps=1e-5, vocab_size=131072)
+_SMALL_24B = dict(_COMMON, dim=5120, n_layers=40, hidden_dim=32768, rope_theta=1e9)
+KNOWN_MODELS: dict[str, ModelArgs] = {
+    # transformers' Ministral3Config defaults, documented as mistralai/Ministral-3-8B-Base-2512's.
+    # Vision encoder: assumed to be the Pixtral block above (the model cards give ~0.4B for it); the
+    # release's own vision_encoder block was not found.
+    "ministral-3-8b": ModelArgs(**_COMMON, dim=4096, n_layers=34, hidden_dim=14336, **_MINISTRAL3_ROPE,
+                                extra={"vision_encoder": PIXTRAL_SMALL_31}),
+    # dim 3072, 26 layers, F 9216 from a copy of the release's text_config (and Megatron-Bridge's docs);
+    # tied embeddings as the release's params.json says (issue 16). Rotary and vision assumed as 8B's.
+    "ministral-3-3b": ModelArgs(**_COMMON, dim=3072, n_layers=26, hidden_dim=9216, tied_embeddings=True,
+                                **_MINISTRAL3_ROPE, extra={"vision_encoder": PIXTRAL_SMALL_31}),
+    # config.json of mistralai/Ministral-8B-Instruct-2410 (as fine-tunes copy it: window 32768, rope
+    # 1e8) with transformers' documented pattern, one full layer then three windowed ones. The
+    # release's params.json list itself was not found; its full layers are null here.
+    "ministral-8b-2410": ModelArgs(**_COMMON, dim=4096, n_layers=36, hidden_dim=12288, rope_theta=1e8,
+                                   sliding_window=(None, 32768, 32768, 32768)),
+    # config.json of mistralai/Mistral-Small-3.1-24B-Instruct-2503 (transformers' Mistral3Config
+    # defaults); 3.2 (2506) has the same text shape (a text-only copy of its config.json) and encoder.
+    "mistral-small-3.2-24b": ModelArgs(**_SMALL_24B, extra={"vision_encoder": PIXTRAL_SMALL_31}),
+    # Magistral Small 1.2 (2509) builds on Mistral Small 3.2 and adds its vision encoder back (model card).
+    "magistral-small-24b": ModelArgs(**_SMALL_24B, extra={"vision_encoder": PIXTRAL_SMALL_31}),
+    # Devstral Small 1.0 / 1.1 (2505 / 2507): Mistral Small 3.1 fine-tunes whose releases drop the vision
+    # encoder (model cards); their own params.json was not found, so the shape is Small 3.1's.
+    "devstral-small-24b": ModelArgs(**_SMALL_24B),
+}
 
 
 def saved_bytes_per_token(m: ModelArgs, targets: list[str], rank: int, dropout: float, c: int) -> float:
@@ -193,6 +262,11 @@ def estimate(
         block_base -= counts["block_targeted"] * (c - NF4_BYTES)
     base_total = L * block_base + counts["root"] * base_b
     parts["base weights (sharded)"] = base_total / N
+    vision = vision_params(m)
+    if vision:  # model.multimodal: carried from the base folder into merged outputs, never built
+        notes.append(f"the {vision / 1e9:.2f}B-parameter vision encoder and adapter ({vision * c / GB:.2f} GB in "
+                     f"{precision}) are not loaded for text training: carried from the base folder into merged "
+                     "checkpoints and exports, so not in the peak")
     # All-gathered copies in the compute dtype: the root for the whole step, two blocks at a time.
     # Alone (N = 1), frozen weights are left out of FSDP (finetune/parallel.py): only the adapters
     # are gathered.
@@ -316,11 +390,16 @@ def advise(m: ModelArgs, args: TrainArgs, plan: Plan) -> list[str]:
 def describe(m: ModelArgs, args: TrainArgs, plan: Plan) -> str:
     counts = param_counts(m, list(args.lora.target_modules), args.lora.rank)
     n_params = m.n_layers * counts["block"] + counts["root"]
+    vision = vision_params(m)
     what = "GPU" if plan.device == "cuda" else "CPU process"
     lines = [
         f"model: {n_params / 1e9:.2f}B parameters (dim {m.dim}, {m.n_layers} layers, vocab {m.vocab_size}"
         + (f", {m.moe.num_experts} experts" if m.moe else "")
-        + f"; attention: {_attention_kinds(m)})",
+        + (", tied embeddings" if m.tied_embeddings else "")
+        + f"; attention: {_attention_kinds(m)}"
+        + (f"; rotary: YaRN x{m.yarn.factor:g} over {m.yarn.original_max_position_embeddings}" if m.yarn else "")
+        + ")"
+        + (f" + a {vision / 1e9:.2f}B vision encoder and adapter (not loaded)" if vision else ""),
         "training: "
         + (
             f"LoRA rank {args.lora.rank} on {', '.join(args.lora.target_modules)} "
@@ -361,13 +440,15 @@ def _attention_kinds(m: ModelArgs) -> str:
 
 
 def _load_model_args(path: str) -> ModelArgs:
+    if path in KNOWN_MODELS:
+        return KNOWN_MODELS[path]
     p = Path(path)
     if p.is_file() and p.name in ("params.json", "config.json"):
         p = p.parent
     if not p.is_dir():
         raise ConfigError(
             f"model folder '{path}' not found: give --model a folder with params.json (the file alone is enough "
-            "for planning) or set model_id_or_path in the config."
+            f"for planning) or a known release ({', '.join(KNOWN_MODELS)}), or set model_id_or_path in the config."
         )
     return load_model_args(p)
 
@@ -395,7 +476,11 @@ def main(argv: list[str] | None = None) -> int:
         "--device", choices=["cuda", "cpu"], default=None,
         help="default: cuda with a GPU here or --gpus/--gpu-memory given, else cpu (this machine's RAM)",
     )
-    parser.add_argument("--model", help="folder with params.json (or the file), instead of model_id_or_path")
+    parser.add_argument(
+        "--model",
+        help="folder with params.json (or the file), or a known release, instead of model_id_or_path: "
+        + ", ".join(KNOWN_MODELS),
+    )
     opts, overrides = parser.parse_known_args(argv)
     try:
         if opts.gpus is not None and opts.gpus < 1:

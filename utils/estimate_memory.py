@@ -440,9 +440,9 @@ def _attention_kinds(m: ModelArgs) -> str:
 
 
 def _load_model_args(path: str) -> ModelArgs:
-    if path in KNOWN_MODELS:
-        return KNOWN_MODELS[path]
     p = Path(path)
+    if path in KNOWN_MODELS and not p.exists():  # a folder of that name wins
+        return KNOWN_MODELS[path]
     if p.is_file() and p.name in ("params.json", "config.json"):
         p = p.parent
     if not p.is_dir():

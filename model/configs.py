@@ -77,8 +77,11 @@ def args_from_params(params: dict[str, Any], source: str = "params.json") -> Mod
                 raise ValueError(f"{source}: 'moe' is missing '{key}'.")
             moe_values[key] = moe.pop(key)
         values["moe"] = MoeArgs(**moe_values)
-        if moe:  # keep unknown moe keys too
-            params["_moe_extra"] = moe
+        if moe:  # e.g. shared experts or grouped routing: a different feed-forward, not implemented
+            raise ValueError(
+                f"{source}: 'moe' has {sorted(moe)}, which this library does not implement (it implements "
+                "'num_experts' and 'num_experts_per_tok' only); this model cannot be trained here."
+            )
     for key, read in (("yarn", _yarn), ("llama_4_scaling", _llama_4_scaling)):
         value = params.pop(key, None)
         if value is not None:
@@ -103,7 +106,6 @@ def args_from_params(params: dict[str, Any], source: str = "params.json") -> Mod
 def params_from_args(args: ModelArgs) -> dict[str, Any]:
     """params.json contents: the original unknown keys plus every field we use."""
     extra = dict(args.extra)
-    moe_extra = extra.pop("_moe_extra", {})
     out: dict[str, Any] = {
         "dim": args.dim,
         "n_layers": args.n_layers,
@@ -123,7 +125,6 @@ def params_from_args(args: ModelArgs) -> dict[str, Any]:
         out["moe"] = {
             "num_experts": args.moe.num_experts,
             "num_experts_per_tok": args.moe.num_experts_per_tok,
-            **moe_extra,
         }
     if args.yarn is not None:
         y = args.yarn

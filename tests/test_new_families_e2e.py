@@ -105,6 +105,7 @@ def test_merge_and_export_load_in_transformers_with_our_logits(runs, workspace):
     # attention kind): export_hf says so instead of writing a config that loses the windows ...
     with pytest.raises(ValueError, match="one attention kind .*Ministral3ForCausalLM"):
         export_hf(["--checkpoint", str(ckpt), "--out", str(root / "hf_refused"), "--merged"])
+    assert not (root / "hf_refused").exists()  # refused before anything was written
     # ... so the export check drops the windows (a mask, no weight) from a copy of the merged model:
     # the trained YaRN, llama-4 and tied weights go through export_hf into transformers.
     full = root / "merged_full_attention"

@@ -133,9 +133,9 @@ def export_adapter(ckpt: Checkpoint, out: Path, base_model: str | None) -> None:
             "adapter; export it with --merged instead."
         )
     state = load_file(str(ckpt.adapter))
+    config = peft_adapter_config(ckpt.lora, ckpt.args, base_model)  # may refuse: before anything is written
     out.mkdir(parents=True, exist_ok=True)
     save_file(to_peft_state_dict(state, ckpt.args), str(out / "adapter_model.safetensors"), _SAFETENSORS_METADATA)
-    config = peft_adapter_config(ckpt.lora, ckpt.args, base_model)
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     if base_model is None:
         logger.warning("no base model known (no RUN_DIR/args.yaml, no --base_model): "
@@ -222,6 +222,7 @@ def export_merged(ckpt: Checkpoint, out: Path, base_model: str | None, max_shard
     sources = [ckpt.folder] + ([Path(base_model)] if base_model else [])
     if any(out.resolve() == src.resolve() for src in sources):
         raise ExportError(f"--out {out} is the checkpoint or base model folder it reads from; choose a new folder.")
+    hf_config_from_args(ckpt.args)  # refuses a model transformers has no class for, before anything is written
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
         stale.unlink(missing_ok=True)  # a previous export with other sharding would confuse loaders

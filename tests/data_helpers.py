@@ -40,11 +40,12 @@ def tekken() -> Any:
 
 
 def write_tekken(folder: Path, version: str, think: bool = True) -> Path:
-    """A Tekken file of instruct ``version`` (v7, v11, v13) as newer checkpoints ship it.
+    """A Tekken file of instruct ``version`` (v7, v11, v13, v15) as newer checkpoints ship it.
 
     mistral-common bundles Tekken files of version v3 only. This one is ``tekken_240911.json`` with
     ``config.version`` set and the special tokens listed: the classic ranks 0-19, fillers, then [ARGS],
-    [CALL_ID] and (with ``think``) [THINK], [/THINK] at ranks 32-35, where Magistral's file has them.
+    [CALL_ID] and (with ``think``) [THINK], [/THINK] at ranks 32-35, where Magistral's file has them;
+    v15 also gets [MODEL_SETTINGS], [/MODEL_SETTINGS] after them.
     """
     src = Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"
     model = json.loads(src.read_text(encoding="utf-8"))
@@ -53,6 +54,7 @@ def write_tekken(folder: Path, version: str, think: bool = True) -> Path:
     names = [str(t["token_str"]) for t in Tekkenizer.DEPRECATED_SPECIAL_TOKENS]
     names += [f"<SPECIAL_{i}>" for i in range(len(names), 32)]
     names += ["[ARGS]", "[CALL_ID]"] + (["[THINK]", "[/THINK]"] if think else [])
+    names += ["[MODEL_SETTINGS]", "[/MODEL_SETTINGS]"] if version == "v15" else []
     model["special_tokens"] = [{"rank": i, "token_str": n, "is_control": True} for i, n in enumerate(names)]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "tekken.json"

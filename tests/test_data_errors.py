@@ -79,7 +79,7 @@ BAD_INSTRUCT = {
     "unmatched_result": (
         tool_conversation_with(**{"3__tool_call_id": "QQQQQQQQQ"}),
         "bad_tool_call_id",
-        "match it to the call's 'id'",
+        r"message 3 \(tool\) answers tool_call_id 'QQQQQQQQQ'.*match it to the call's 'id'",
     ),
     "arguments_object": (
         tool_conversation_with(
@@ -103,7 +103,16 @@ BAD_INSTRUCT = {
         "bad_arguments",
         "is not valid JSON",
     ),
-    "content_and_calls": (tool_conversation_with(**{"2__content": "hi"}), "content_and_tool_calls", "split it into two"),
+    "content_and_calls": (  # v3 only: v7+ encode text then calls in one turn
+        tool_conversation_with(**{"2__content": "hi"}),
+        "content_and_tool_calls",
+        r"message 2 \(assistant\) has both .*v3 tokenizer .*split it into two",
+    ),
+    "missing_result": (  # the call is answered nowhere before the next assistant turn
+        {"messages": tool_conversation()["messages"][:3] + tool_conversation()["messages"][4:], "tools": TOOLS},
+        "missing_tool_result",
+        r"message 2 \(assistant\) makes tool call\(s\) 'aB3dE5gH7' that get no tool message before message 3",
+    ),
     "no_content": (
         {"messages": [{"role": "user", "content": "a"}, {"role": "assistant"}]},
         "missing_key",

@@ -8,6 +8,7 @@ import logging
 import random
 
 import pytest
+from mistral_common.exceptions import MistralCommonException
 from mistral_common.protocol.instruct.messages import (
     FinetuningAssistantMessage,
     SystemMessage,
@@ -16,6 +17,7 @@ from mistral_common.protocol.instruct.messages import (
 )
 from mistral_common.protocol.instruct.request import InstructRequest
 from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
+from mistral_common.protocol.instruct.validator import ValidationMode, get_validator
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy, TokenizerVersion
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
@@ -32,6 +34,7 @@ from finetune.data.tokenizer import load_tokenizer, tokenizer_file
 from finetune.data.validation import check_data
 from tests.data_helpers import (
     TOOLS,
+    call,
     chat,
     spm,
     tekken,
@@ -391,9 +394,9 @@ def _one_answer(content) -> dict:
         ("v13", {"messages": [{"role": "user", "content": "Q"},
                               {"role": "assistant", "content": "A", "reasoning_content": "because"}]},
          "bad_chunk", r"'reasoning_content', which training does not read; .*reformat_data"),
-        ("v13", {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": [_text("t")],
-                              "tool_calls": tool_conversation()["messages"][-1]["tool_calls"]}]},
-         "content_and_tool_calls", "split it into two"),
+        ("spm_v3", {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "t",
+                                 "tool_calls": tool_conversation()["messages"][-1]["tool_calls"]}]},
+         "content_and_tool_calls", r"message 1 \(assistant\) has both .* v3 tokenizer .* split it into two"),
     ],
 )
 def test_bad_chunks_are_clear_errors(name: str, sample: dict, kind: str, match: str) -> None:
@@ -410,7 +413,8 @@ def test_thinking_on_a_tokenizer_without_think_names_file_and_line(tmp_path) -> 
     report = check_data(DataArgs(instruct_data=str(path), cache_dir=str(tmp_path / "cache")), TOKENIZERS["tekken_v11"], 512)
     [error] = report.errors
     assert error.kind == "no_think_token"
-    assert str(error).startswith(f"{path}:2: assistant turn 0 has a 'thinking' chunk, but this model's "
+    # the index in the line's own message list, as every other error names it (message 0 is the system)
+    assert str(error).startswith(f"{path}:2: message 2 (assistant) has a 'thinking' chunk, but this model's "
                                  "tokenizer (v11) has no [THINK]/[/THINK] tokens")
 
 
@@ -420,3 +424,133 @@ def test_load_tokenizer_reads_the_version_from_the_model_file(tmp_path) -> None:
     assert type(it).__name__ == "InstructTokenizerV13" and it.tokenizer.version.value == "v13"
     assert [type(TOKENIZERS[f"tekken_{v}"]).__name__ for v in ("v7", "v11")] == [
         "InstructTokenizerV7", "InstructTokenizerV11"]
+
+
+# Text and tool calls in one assistant turn (v7+), and the tool-call rules of mistral-common's validator.
+
+
+def _with_text(sample: dict, **texts) -> dict:
+    """``sample`` with assistant text set beside the calls: ``_2="Let me check."`` sets messages[2]'s content."""
+    sample = copy.deepcopy(sample)
+    for i, text in texts.items():
+        sample["messages"][int(i.lstrip("_"))]["content"] = text
+    return sample
+
+
+def text_and_calls_samples() -> list[dict]:
+    calls = tool_conversation()["messages"][2]["tool_calls"]
+    return [
+        _with_text(tool_conversation(), _2="Let me check.", _6="And Rome:"),  # trains the final turn only
+        _with_text(tool_conversation(system=False), _5=[_text("Checking Rome.")]),  # a text chunk
+        {  # no tools key: every turn trained, the call's text and calls included
+            "messages": [
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "One moment.", "tool_calls": calls},
+                {"role": "tool", "tool_call_id": "aB3dE5gH7", "content": '{"temp": 20}'},
+                {"role": "assistant", "content": "It is 20C."},
+            ]
+        },
+    ]
+
+
+V7_PLUS = [n for n in TOKENIZERS if not n.endswith("v3")]
+
+
+@pytest.mark.parametrize("name", V7_PLUS)
+@pytest.mark.parametrize("index", range(len(text_and_calls_samples())))
+def test_text_and_calls_in_one_turn_encode_as_mistral_common(name: str, index: int) -> None:
+    it = TOKENIZERS[name]
+    sample = text_and_calls_samples()[index]
+    request = reference(it, sample)
+    [got] = encode_all(sample, it, SampleType.INSTRUCT, chunk=False)
+    assert got.tokens == it.encode_instruct(request).tokens
+    assert got.masks == expected_masks(it, request, trained_turns(sample, request))
+
+
+def test_text_and_calls_layout() -> None:
+    """The text, then the calls, then EOS, all trained (v7: v3's JSON list; v11: name[ARGS]; v13 after
+    reasoning too)."""
+    want = {
+        "tekken_v7": 'And Rome:[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Rome"}}]</s>',
+        "tekken_v11": 'And Rome:[TOOL_CALLS]get_weather[ARGS]{"city": "Rome"}</s>',
+    }
+    for name, text in want.items():
+        it = TOKENIZERS[name]
+        [ts] = encode_all(text_and_calls_samples()[0], it, SampleType.INSTRUCT, chunk=False)
+        trained = [t for t, m in zip(ts.tokens, ts.masks, strict=True) if m]
+        assert it.decode(trained, special_token_policy=SpecialTokenPolicy.KEEP) == text
+    it = TOKENIZERS["tekken_v13"]
+    sample = _with_text(tool_conversation(), _6=[_think("Rome next."), _text("And Rome:")])
+    [ts] = encode_all(sample, it, SampleType.INSTRUCT, chunk=False)
+    assert ts.tokens == it.encode_instruct(reference(it, sample)).tokens
+    trained = [t for t, m in zip(ts.tokens, ts.masks, strict=True) if m]
+    assert it.decode(trained, special_token_policy=SpecialTokenPolicy.KEEP) == (
+        '[THINK]Rome next.[/THINK]And Rome:[TOOL_CALLS]get_weather[ARGS]{"city": "Rome"}</s>'
+    )
+
+
+def _two_calls(second_id: str, results: list[str]) -> dict:
+    """tool_conversation() whose first turn calls Paris and Rome (the second with ``second_id``), answered
+    by one tool message per id in ``results``."""
+    s = tool_conversation()
+    s["messages"][2]["tool_calls"].append(call(second_id, "Rome"))
+    answers = [{"role": "tool", "tool_call_id": r, "content": '{"temp": 20}'} for r in results]
+    s["messages"][3:4] = answers
+    return s
+
+
+# case: (sample, kind and message when refused). Each is refused exactly where mistral-common's finetuning
+# validator refuses it, except where STRICTER says otherwise.
+TOOL_RULES = {
+    "text_and_calls": (_with_text(tool_conversation(), _2="Let me check."), "content_and_tool_calls",
+                       r"message 2 \(assistant\) has both content and tool_calls, which this model's v3 tokenizer"),
+    "duplicate_ids": (_two_calls("aB3dE5gH7", ["aB3dE5gH7", "aB3dE5gH7"]), "bad_tool_call_id",
+                      r"message 2 \(assistant\) has 2 tool calls with id 'aB3dE5gH7'.*give each call of a turn its own id"),
+    "two_calls": (_two_calls("kL4mN5pQ6", ["kL4mN5pQ6", "aB3dE5gH7"]), "", ""),  # answered in any order
+    "unmatched_result": (_two_calls("kL4mN5pQ6", ["aB3dE5gH7", "QQQQQQQQQ"]), "bad_tool_call_id",
+                         r"message 4 \(tool\) answers tool_call_id 'QQQQQQQQQ'"),
+    "missing_result": (_two_calls("kL4mN5pQ6", ["aB3dE5gH7"]), "missing_tool_result",
+                       r"message 2 \(assistant\) makes tool call\(s\) 'kL4mN5pQ6' that get no tool message "
+                       r"before message 4 \(assistant\)"),
+    "missing_result_before_user": (
+        {"messages": tool_conversation()["messages"][:3] + tool_conversation()["messages"][5:], "tools": TOOLS},
+        "missing_tool_result", r"message 2 \(assistant\) makes tool call\(s\) 'aB3dE5gH7'.*before message 3 \(user\)"),
+}
+# v3/v7 only count tool results, but encode the id: a result linked to no call is refused there too.
+STRICTER = {("unmatched_result", "v3"), ("unmatched_result", "v7")}
+
+
+@pytest.mark.parametrize("name", list(TOKENIZERS))
+@pytest.mark.parametrize("case", list(TOOL_RULES))
+def test_tool_turn_rules_follow_mistral_common(name: str, case: str) -> None:
+    it = TOKENIZERS[name]
+    version = it.tokenizer.version
+    sample, kind, match = TOOL_RULES[case]
+    request = reference(it, sample)
+    try:
+        get_validator(version, ValidationMode.finetuning).validate_messages(request.messages)
+        refused = False
+    except MistralCommonException:
+        refused = True
+    if (case, version.value) in STRICTER:
+        assert not refused
+        refused = True
+    if not refused:
+        [got] = encode_all(sample, it, SampleType.INSTRUCT, chunk=False)
+        assert got.tokens == it.encode_instruct(request).tokens
+        assert got.masks == expected_masks(it, request, trained_turns(sample, request))
+        return
+    with pytest.raises(DataFormatError, match=match) as info:
+        encode_all(sample, it, SampleType.INSTRUCT, chunk=False)
+    assert info.value.kind == kind and info.value.__context__ is None
+
+
+def test_v15_instruct_data_is_refused_by_name(tmp_path) -> None:
+    """v15 prompts carry model settings ([MODEL_SETTINGS]) that samples cannot express: refused, not guessed."""
+    it = load_tokenizer(write_tekken(tmp_path, "v15").parent, 131072).instruct_tokenizer
+    assert it.tokenizer.version == TokenizerVersion.v15 and type(it).__name__ == "InstructTokenizerV15"
+    with pytest.raises(DataFormatError, match=r"instruct version v15, whose prompts carry model settings") as info:
+        encode_all(chat(random.Random(0), 1), it, SampleType.INSTRUCT, chunk=False)
+    assert info.value.kind == "unsupported_tokenizer"
+    # pretraining text has no instruct layout
+    assert encode_all({"text": "Hello world"}, it, SampleType.PRETRAIN, chunk=False)[0].tokens == [1, 22177, 4304, 2]

@@ -41,7 +41,7 @@ from finetune.data.tokenize import SampleType, _as_instruct_tokenizer, encode_al
 
 logger = logging.getLogger("finetune.data")
 
-CACHE_VERSION = 3  # 3: v7+ layouts (system messages in place, v11/v13 calls) and thinking chunks
+CACHE_VERSION = 4  # 4: v7+ text-and-calls turns accepted, tool-call rules and messages changed (cached verdicts)
 _BLOCK_BYTES = 1 << 20  # one pool task
 _IN_PROCESS_BYTES = 1 << 20  # smaller files are not worth starting a pool for
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -23,7 +23,12 @@ from mistral_common.protocol.instruct.messages import (
     UserMessage,
 )
 from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
-from mistral_common.tokens.tokenizers.instruct import InstructTokenizerV7, InstructTokenizerV13
+from mistral_common.tokens.tokenizers.base import TokenizerVersion
+from mistral_common.tokens.tokenizers.instruct import (
+    InstructTokenizerV7,
+    InstructTokenizerV11,
+    InstructTokenizerV13,
+)
 
 from finetune.data.errors import FOREIGN_ROLES, DataFormatError, reformat_hint
 
@@ -58,6 +63,7 @@ class Conversation:
 
     ``system_at`` is where the system prompt stood: before ``messages[system_at]``. v3 tokenizers fold
     the prompt into the last user turn and ignore it; v7+ encode it as a message at that place.
+    ``index[k]`` is ``messages[k]``'s index in the line's own list, which error messages name.
     """
 
     messages: list[UserMessage | FinetuningAssistantMessage | ToolMessage]
@@ -65,6 +71,7 @@ class Conversation:
     tools: list[Tool] | None
     only_last: bool
     system_at: int = 0
+    index: list[int] = field(default_factory=list)
 
 
 def _one_of(obj: dict, keys: tuple[str, str], where: str) -> tuple[str | None, Any]:
@@ -373,7 +380,7 @@ def _parse_chunks(content: list, i: int) -> list[ThinkChunk | TextChunk]:
 
 
 def _parse_assistant(msg: dict, content: Any, i: int, is_last: bool) -> FinetuningAssistantMessage:
-    """An answer: either text or tool calls, never both."""
+    """An answer: text (a string or chunks), tool calls, or from v7 on both (checked when encoding)."""
     weight = _assistant_weight(msg, i)
     if "function_call" in msg:  # never trained on: the call would be dropped silently
         raise DataFormatError(
@@ -390,25 +397,16 @@ def _parse_assistant(msg: dict, content: Any, i: int, is_last: bool) -> Finetuni
                 f"{reformat_hint('convert it')}, otherwise delete it.",
             )
     raw_calls = msg.get("tool_calls")
-    chunks = _parse_chunks(content, i) if isinstance(content, list) else None
-    # Reasoning before a call ([THINK]...[/THINK][TOOL_CALLS]...) is one turn; text and calls are two.
-    thinking_only = chunks is not None and all(isinstance(c, ThinkChunk) for c in chunks)
-    if content is not None and raw_calls and not thinking_only:
-        raise DataFormatError(
-            "content_and_tool_calls",
-            f"message {i} (assistant) has both content and tool_calls; split it into two assistant "
-            f"messages ({reformat_hint('does')}).",
-        )
-    if raw_calls:
-        calls = _parse_tool_calls(raw_calls, i, is_last)
-        return FinetuningAssistantMessage(content=chunks, tool_calls=calls, weight=weight)
-    if content is None:
-        raise DataFormatError(
-            "missing_key",
-            f"message {i} (assistant) has neither 'content' nor 'tool_calls'; add one.",
-        )
-    if chunks is not None:
-        return FinetuningAssistantMessage(content=chunks, weight=weight)
+    calls = _parse_tool_calls(raw_calls, i, is_last) if raw_calls else None
+    if content is None or (calls and content == ""):  # "" beside calls is no text, as mistral-common reads it
+        if not calls:
+            raise DataFormatError(
+                "missing_key",
+                f"message {i} (assistant) has neither 'content' nor 'tool_calls'; add one.",
+            )
+        return FinetuningAssistantMessage(tool_calls=calls, weight=weight)
+    if isinstance(content, list):
+        return FinetuningAssistantMessage(content=_parse_chunks(content, i), tool_calls=calls, weight=weight)
     content = _require_str(
         content, f"message {i} (assistant) 'content'", "write the answer as a string (or a list of chunks)."
     )
@@ -417,7 +415,7 @@ def _parse_assistant(msg: dict, content: Any, i: int, is_last: bool) -> Finetuni
             "empty_content",
             f"message {i} (assistant) has empty content; write the answer or delete the turn.",
         )
-    return FinetuningAssistantMessage(content=content, weight=weight)
+    return FinetuningAssistantMessage(content=content, tool_calls=calls, weight=weight)
 
 
 # The order rules: which role may follow which, how the conversation starts and ends, and which
@@ -449,22 +447,33 @@ def _check_start_and_end(roles: list[str]) -> None:
         )
 
 
-def _check_tool_results(messages: list) -> None:
-    """A tool message must answer a call of the assistant turn just before it, once."""
-    pending: set[str] = set()
-    for m in messages:
-        if isinstance(m, FinetuningAssistantMessage):
-            pending = {c.id for c in m.tool_calls} if m.tool_calls else set()
-        elif isinstance(m, ToolMessage):
+def _check_tool_results(messages: list, index: list[int]) -> None:
+    """Each call of an assistant turn gets exactly one tool message, right after the turn (the final turn's
+    calls excepted), as mistral-common's validator requires on every version. It links results to calls
+    by id from v11 on and only counts them before; v3/v7 still encode the id, so a result linked to no
+    call is refused on every version."""
+    pending: list[str] = []  # unanswered call ids (v3/v7 allow one id twice in a turn; v11+ refuse it later)
+    caller = -1  # index of the assistant message making them
+    for m, i in zip(messages, index, strict=True):
+        if isinstance(m, ToolMessage):
             if m.tool_call_id not in pending:
                 raise DataFormatError(
                     "bad_tool_call_id",
-                    f"a tool message answers tool_call_id {m.tool_call_id!r}, which is not an unanswered call of "
-                    f"the preceding assistant message; match it to the call's 'id', {_RELINK}.",
+                    f"message {i} (tool) answers tool_call_id {m.tool_call_id!r}, which is not an unanswered call "
+                    f"of the preceding assistant message; match it to the call's 'id', {_RELINK}.",
                 )
-            pending.discard(m.tool_call_id)
-        else:
-            pending = set()
+            pending.remove(m.tool_call_id)
+            continue
+        if pending:
+            role = "user" if isinstance(m, UserMessage) else "assistant"
+            raise DataFormatError(
+                "missing_tool_result",
+                f"message {caller} (assistant) makes tool call(s) "
+                f"{', '.join(map(repr, pending))} that get no tool message before message {i} ({role}); "
+                "add a tool message with each call's 'tool_call_id' right after the calls, or drop the calls.",
+            )
+        if isinstance(m, FinetuningAssistantMessage) and m.tool_calls:
+            pending, caller = [c.id for c in m.tool_calls], i
 
 
 def parse_instruct(sample: Any) -> Conversation:
@@ -480,6 +489,7 @@ def parse_instruct(sample: Any) -> Conversation:
     tools, only_last, system_prompt = _sample_settings(sample)
     messages: list[UserMessage | FinetuningAssistantMessage | ToolMessage] = []
     roles: list[str] = []
+    index: list[int] = []
     last = len(raw_messages) - 1
     system_at = 0
     for i, msg in enumerate(raw_messages):
@@ -491,15 +501,17 @@ def parse_instruct(sample: Any) -> Conversation:
         if role == "system":
             system_prompt = _parse_system(content, i, system_prompt)
             system_at = len(messages)
-        elif role == "user":
+            continue
+        index.append(i)
+        if role == "user":
             messages.append(_parse_user(content, i))
         elif role == "tool":
             messages.append(_parse_tool_result(msg, content, i))
         else:
             messages.append(_parse_assistant(msg, content, i, is_last=i == last))
     _check_start_and_end(roles)
-    _check_tool_results(messages)
-    return Conversation(messages, system_prompt, tools, only_last or tools is not None, system_at)
+    _check_tool_results(messages, index)
+    return Conversation(messages, system_prompt, tools, only_last or tools is not None, system_at, index)
 
 
 def chunk_conversation(conv: Conversation) -> list[Conversation]:
@@ -511,7 +523,14 @@ def chunk_conversation(conv: Conversation) -> list[Conversation]:
     ends = [i for i, m in enumerate(conv.messages) if isinstance(m, FinetuningAssistantMessage)]
     for end in reversed(ends[:-1]):
         out.append(
-            Conversation(conv.messages[: end + 1], conv.system_prompt, conv.tools, conv.only_last, conv.system_at)
+            Conversation(
+                conv.messages[: end + 1],
+                conv.system_prompt,
+                conv.tools,
+                conv.only_last,
+                conv.system_at,
+                conv.index[: end + 1],
+            )
         )
     return out
 
@@ -521,23 +540,56 @@ def _tokens(encoded: Any) -> list[int]:
     return list(encoded[0]) if isinstance(encoded, tuple) else list(encoded)
 
 
-def _check_chunks(m: FinetuningAssistantMessage, turn: int, it: Any) -> None:
-    """Chunk lists need a v7+ tokenizer, thinking chunks one with [THINK] (mistral-common would assert)."""
-    if not isinstance(m.content, list):
-        return
+def _check_assistant(m: FinetuningAssistantMessage, i: int, it: Any) -> None:
+    """The rules that depend on the tokenizer version, where mistral-common would assert or its validator
+    refuse: chunk lists need v7+, thinking needs [THINK], text beside calls needs v7+, and from v11 the
+    calls of one turn need distinct ids. ``i`` is the message's index in the line."""
     version = it.tokenizer.version.value
-    if not isinstance(it, InstructTokenizerV7):
+    if isinstance(m.content, list) and not isinstance(it, InstructTokenizerV7):
         raise DataFormatError(
             "bad_chunk",
-            f"assistant turn {turn}'s content is a list of chunks, which this model's {version} tokenizer cannot "
+            f"message {i} (assistant) content is a list of chunks, which this model's {version} tokenizer cannot "
             "encode (v7 or later can); write the answer as a string.",
         )
-    if any(isinstance(c, ThinkChunk) for c in m.content) and getattr(it, "BEGIN_THINK", None) is None:
+    if isinstance(m.content, list) and any(isinstance(c, ThinkChunk) for c in m.content):
+        if getattr(it, "BEGIN_THINK", None) is None:
+            raise DataFormatError(
+                "no_think_token",
+                f"message {i} (assistant) has a 'thinking' chunk, but this model's tokenizer ({version}) has no "
+                "[THINK]/[/THINK] tokens, so it cannot be trained on reasoning traces; drop the thinking chunks "
+                "(keep the text) or train a reasoning model (e.g. Magistral) with its own tokenizer file.",
+            )
+    if m.content and m.tool_calls and not isinstance(it, InstructTokenizerV7):
         raise DataFormatError(
-            "no_think_token",
-            f"assistant turn {turn} has a 'thinking' chunk, but this model's tokenizer ({version}) has no "
-            "[THINK]/[/THINK] tokens, so it cannot be trained on reasoning traces; drop the thinking chunks "
-            "(keep the text) or train a reasoning model (e.g. Magistral) with its own tokenizer file.",
+            "content_and_tool_calls",
+            f"message {i} (assistant) has both content and tool_calls, which this model's {version} tokenizer "
+            f"cannot encode in one turn (v7 or later can); split it into two assistant messages "
+            f"({reformat_hint('does')}).",
+        )
+    if m.tool_calls and isinstance(it, InstructTokenizerV11):
+        ids = [c.id for c in m.tool_calls if c.id != "null"]  # "null": the final turn's id left out
+        for call_id in ids:
+            if ids.count(call_id) > 1:
+                raise DataFormatError(
+                    "bad_tool_call_id",
+                    f"message {i} (assistant) has {ids.count(call_id)} tool calls with id {call_id!r}, which this "
+                    f"model's {version} tokenizer refuses; give each call of a turn its own id and link each tool "
+                    f"message to its call, {_RELINK}.",
+                )
+
+
+def check_instruct_version(instruct_tokenizer: Any) -> None:
+    """Refuse instruct versions whose layout this encoder does not reproduce. v15 adds model settings
+    ([MODEL_SETTINGS]{"reasoning_effort": ...}[/MODEL_SETTINGS] at the first user turn), which mistral-common
+    fills with the tokenizer's defaults when serving; samples carry no settings, so their prompts would
+    differ from the served ones."""
+    version = _as_instruct_tokenizer(instruct_tokenizer).tokenizer.version
+    if version > TokenizerVersion.v13:
+        raise DataFormatError(
+            "unsupported_tokenizer",
+            f"this model's tokenizer is instruct version {version.value}, whose prompts carry model settings "
+            "([MODEL_SETTINGS], e.g. reasoning_effort) that training samples cannot express yet; instruct data "
+            "can be trained with tokenizers v3, v7, v11 and v13 (pretraining data with any version).",
         )
 
 
@@ -557,8 +609,9 @@ def encode_conversation(conv: Conversation, instruct_tokenizer: Any) -> TokenSam
 
     Each message goes through the tokenizer's own per-message encoder, in encode_instruct's order, so
     the version-specific layouts (v3 system prompt in the last user turn, v7 [SYSTEM_PROMPT] messages,
-    v11 [CALL_ID]/[ARGS] calls, v13 tools at the first user turn and [THINK] chunks) come from
-    mistral-common; an assistant message's tokens (reasoning, text, calls and EOS) are all targets.
+    v11 [CALL_ID]/[ARGS] calls, v13 tools at the first user turn and [THINK] chunks, v7+ text then
+    calls in one turn) come from mistral-common; an assistant message's tokens (reasoning, text, calls
+    and EOS) are all targets.
     """
     it = instruct_tokenizer
     separate_system = isinstance(it, InstructTokenizerV7)  # v7+: system prompt is its own message
@@ -593,7 +646,7 @@ def encode_conversation(conv: Conversation, instruct_tokenizer: Any) -> TokenSam
             t = _tokens(it.encode_tool_message(m, i < last_user))
             train = False
         else:
-            _check_chunks(m, sum(isinstance(a, FinetuningAssistantMessage) for a in conv.messages[:i]), it)
+            _check_assistant(m, conv.index[i] if conv.index else i, it)
             if i == last and m.tool_calls:
                 m = _final_calls(m, it)
             t = _tokens(it.encode_assistant_message(m, i < last_user))
@@ -618,6 +671,7 @@ def encode_all(sample: Any, instruct_tokenizer: Any, as_type: SampleType, chunk:
     it = _as_instruct_tokenizer(instruct_tokenizer)
     if as_type is SampleType.PRETRAIN:
         return [encode_pretrain(parse_pretrain(sample), it)]
+    check_instruct_version(it)
     conv = parse_instruct(sample)
     convs = chunk_conversation(conv) if chunk else [conv]
     return [_guarded(encode_conversation, c, it) for c in convs]

@@ -554,3 +554,9 @@ def test_v15_instruct_data_is_refused_by_name(tmp_path) -> None:
     assert info.value.kind == "unsupported_tokenizer"
     # pretraining text has no instruct layout
     assert encode_all({"text": "Hello world"}, it, SampleType.PRETRAIN, chunk=False)[0].tokens == [1, 22177, 4304, 2]
+    # The data check says it once, before reading any line, and pretraining data passes.
+    lines = write_jsonl(tmp_path / "chat.jsonl", [chat(random.Random(i), 1) for i in range(3)])
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "Hello world"}])
+    with pytest.raises(DataFormatError, match="instruct version v15"):
+        check_data(DataArgs(instruct_data=str(lines), cache_dir=str(tmp_path / "c")), it, 64)
+    assert check_data(DataArgs(data=str(text), cache_dir=str(tmp_path / "c")), it, 64).ok

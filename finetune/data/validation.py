@@ -17,7 +17,7 @@ from finetune.data.args import DataArgs
 from finetune.data.cache import LineError, TokenizerPool, decode_line
 from finetune.data.dataset import SourceData, eval_sources, to_manifest, tokenize_sources, train_sources
 from finetune.data.errors import DataFormatError
-from finetune.data.tokenize import SampleType, encode_all
+from finetune.data.tokenize import SampleType, check_instruct_version, encode_all
 
 MAX_LISTED_ERRORS = 10
 
@@ -111,13 +111,16 @@ class DataReport:
 
 def check_data(args: DataArgs, instruct_tokenizer: Any, seq_len: int, *, include_eval: bool = True) -> DataReport:
     """Scan every training (and eval) file line by line into the cache (``args.cache_path``)."""
+    train, evals = train_sources(args), eval_sources(args) if include_eval else []
+    if any(s.sample_type is SampleType.INSTRUCT for s in train + evals):
+        check_instruct_version(instruct_tokenizer)  # once, not once per line
     pool = TokenizerPool(instruct_tokenizer)
     report = DataReport(seq_len)
     try:
-        report.train = tokenize_sources(train_sources(args), instruct_tokenizer,
+        report.train = tokenize_sources(train, instruct_tokenizer,
                                         chunk_instruct=args.instruct.dynamic_chunk_fn_call, args=args, pool=pool)
-        if include_eval and args.eval_instruct_data.strip():
-            report.eval = tokenize_sources(eval_sources(args), instruct_tokenizer, chunk_instruct=False,
+        if evals:
+            report.eval = tokenize_sources(evals, instruct_tokenizer, chunk_instruct=False,
                                            args=args, pool=pool)
     finally:
         pool.close()

@@ -1,21 +1,35 @@
 """The new families end to end, in real processes: one tiny native checkpoint with every new
 feature at once (Ministral 8B's interleaved windows, Ministral 3's YaRN, llama-4 query scaling and
-tied embeddings) trains on two torchrun ranks, resumes, merges and exports to transformers."""
+tied embeddings) trains on two torchrun ranks, resumes, merges and exports to transformers, and trains
+with an NF4 (QLoRA) base; a tiny native multimodal checkpoint (Mistral Small 3.x: params.json
+``vision_encoder`` and the Pixtral weights) trains on two ranks, resumes, saves merged weights with the
+vision side carried bit for bit, and exports to transformers' Mistral3ForConditionalGeneration."""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from finetune.args import TrainArgs
+from finetune.build import build_model, resolve_precision
+from finetune.config import load_config
 from model.args import Llama4Scaling, LoraArgs, YarnArgs
+from model.checkpoint import iter_checkpoint_tensors, load_adapters, save_model_folder
+from model.configs import load_model_args, params_from_args
+from model.lora import lora_state_dict
+from model.multimodal import is_hf_vision_key, is_vision_key
+from model.quant import NF4LoRALinear
 from model.transformer import Transformer
+from tests.model_helpers import bundled_tokenizer_file
 from tests.train_helpers import make_workspace, read_metrics, run_cli, run_config, torchrun
 from utils.export_hf import main as export_hf
 
@@ -26,6 +40,7 @@ pytestmark = pytest.mark.slow
 WINDOW = ORIGINAL = 8
 NEW_FEATURES = dict(
     n_layers=4,
+    dim=64, head_dim=16,  # NF4 quantizes rows in blocks of 64 (the QLoRA test below)
     sliding_window=(None, WINDOW),  # full, window, full, window (params.json's list form)
     yarn=YarnArgs(factor=4.0, original_max_position_embeddings=ORIGINAL, beta_fast=8.0, beta_slow=1.0),
     llama_4_scaling=Llama4Scaling(beta=0.3, original_max_position_embeddings=ORIGINAL),
@@ -121,3 +136,111 @@ def test_merge_and_export_load_in_transformers_with_our_logits(runs, workspace):
         for doc, logits in zip(tokens.split(seqlens), packed.split(seqlens), strict=True):
             ref = hf(input_ids=doc[None], use_cache=False).logits[0]
             torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_qlora_trains_on_the_new_families_and_keeps_the_tie(workspace):
+    """``quantization: nf4`` on the same checkpoint: the training model's output is still the (frozen,
+    unquantized) embedding, the loss is finite, and the adapters are the usual file, with no output."""
+    root, base = workspace
+    config = run_config(workspace, "nf4", max_steps=2, ckpt_freq=2, seq_len=64, quantization="nf4")
+    _ok(run_cli(["train.py", str(config)]))
+    assert [m["step"] for m in read_metrics(root / "nf4")] == [1, 2]
+    assert all(math.isfinite(m["loss"]) for m in read_metrics(root / "nf4"))
+    adapters = root / "nf4" / "checkpoints" / "checkpoint_000002" / "consolidated" / "lora.safetensors"
+    folder = base["model_id_or_path"]
+    plain = Transformer.from_folder(folder, dtype=torch.float32, lora=LoraArgs(rank=4))
+    assert sorted(load_file(str(adapters))) == sorted(lora_state_dict(plain))  # none for output
+    load_adapters(plain, adapters)  # strict keys and shapes
+
+    # The model that run trained, built the same way in a group of one.
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        args = load_config(TrainArgs, config)
+        cpu = torch.device("cpu")
+        model = build_model(args, load_model_args(folder), cpu, resolve_precision(args.precision, cpu)).transformer
+    finally:
+        dist.destroy_process_group()
+    assert isinstance(model.layers[0].attention.wq, NF4LoRALinear)
+    assert model.output.weight is model.tok_embeddings.weight
+    assert torch.equal(model.output.weight, plain.tok_embeddings.weight)
+
+
+# Multimodal: a tiny Mistral Small 3.x, built by transformers and converted to the native layout. Text
+# vocab 32768 for the bundled v3 tokenizer; the Pixtral side as small as transformers allows.
+def _mistral3():
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(0)
+    return Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=32768, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         rms_norm_eps=1e-5, sliding_window=None, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=56, patch_size=14, head_dim=16, hidden_act="silu"),
+        image_token_index=10, tie_word_embeddings=False,
+    )).eval()
+
+
+def _native_vision(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: t for k, t, _ in iter_checkpoint_tensors(folder) if is_vision_key(k)}
+
+
+@pytest.fixture(scope="module")
+def multimodal(workspace):
+    """Two steps on two ranks saving merged weights (save_adapters: false), then a third step resumed
+    from that checkpoint saving adapters. Returns (transformers model, native base folder, run dir, log)."""
+    root = workspace[0]
+    hf = _mistral3()
+    hf.save_pretrained(root / "mm_hf")
+    native = root / "mm_native"
+    state = {key: t for key, t, _ in iter_checkpoint_tensors(root / "mm_hf")}
+    save_model_folder(native, params_from_args(load_model_args(root / "mm_hf")), state)
+    shutil.copy(bundled_tokenizer_file(), native / "tokenizer.model.v3")
+    mm = (root, {**workspace[1], "model_id_or_path": str(native)})
+    _ok(torchrun(["train.py", str(run_config(mm, "mm", max_steps=2, ckpt_freq=2, seq_len=64, save_adapters=False))]))
+    resumed = torchrun(["train.py", str(run_config(mm, "mm", max_steps=3, ckpt_freq=3, seq_len=64))])
+    _ok(resumed)
+    return hf, native, root / "mm", resumed.stdout + resumed.stderr
+
+
+def test_multimodal_trains_on_two_ranks_resumes_and_merges_with_the_vision_side(multimodal):
+    _, native, run_dir, log = multimodal
+    assert "Resumed from" in log and "at step 2" in log
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3]
+    assert all(math.isfinite(m["loss"]) for m in read_metrics(run_dir))
+    adapters = load_file(str(run_dir / "checkpoints/checkpoint_000003/consolidated/lora.safetensors"))
+    text = Transformer.from_folder(native, dtype=torch.float32, lora=LoraArgs(rank=4))
+    assert sorted(adapters) == sorted(lora_state_dict(text))  # the language model's only
+
+    merged = run_dir / "checkpoints" / "checkpoint_000002" / "consolidated"
+    expected, got = _native_vision(native), _native_vision(merged)
+    assert expected and got.keys() == expected.keys()
+    for key, t in expected.items():
+        assert got[key].dtype == t.dtype and torch.equal(got[key], t), key
+    vision_block = json.loads((native / "params.json").read_text())["vision_encoder"]
+    assert json.loads((merged / "params.json").read_text())["vision_encoder"] == vision_block
+    with safe_open(str(merged / "consolidated.safetensors"), "pt") as f:  # the text side did train
+        wq = f.get_tensor("layers.0.attention.wq.weight")
+    assert not torch.equal(wq, text.layers[0].attention.wq.weight.to(wq.dtype))
+
+
+def test_multimodal_merged_export_loads_as_mistral3_with_identical_vision(multimodal, workspace):
+    from transformers import Mistral3ForConditionalGeneration
+
+    hf, _, run_dir, _ = multimodal
+    out = workspace[0] / "mm_export"
+    _ok(run_cli(["-m", "utils.export_hf", "--checkpoint", str(run_dir / "checkpoints" / "checkpoint_000002"),
+                 "--out", str(out), "--merged"]))
+    exported = Mistral3ForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    expected = {k: v for k, v in hf.state_dict().items() if is_hf_vision_key(k)}
+    got = {k: v for k, v in exported.state_dict().items() if is_hf_vision_key(k)}
+    assert expected and got.keys() == expected.keys()
+    for key, t in expected.items():
+        assert torch.equal(got[key], t), key
+    # Its text model is the merged one.
+    ours = Transformer.from_folder(run_dir / "checkpoints" / "checkpoint_000002" / "consolidated", dtype=torch.float32)
+    tokens = torch.randint(0, 32768, (23,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = exported(input_ids=tokens[None], use_cache=False).logits[0]
+        torch.testing.assert_close(ours.eval()(tokens, [23]), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())

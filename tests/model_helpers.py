@@ -37,3 +37,26 @@ def bundled_tokenizer_file(tekken: bool = False) -> Path:
 
 def read_params(folder: Path) -> dict:
     return json.loads((folder / "params.json").read_text())
+
+
+def save_random_hf(hf, folder: Path, **save_kwargs):
+    """Save a transformers model after giving every weight a visible size (transformers' own init is
+    small and leaves norms at 1, which would let a wrong norm or a missing weight pass)."""
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.05 if p.dim() > 1 else 1.0)
+    hf.save_pretrained(folder, **save_kwargs)
+    return hf.eval()
+
+
+def assert_packed_matches_hf(ours, hf, tokens: torch.Tensor, seqlens: list[int]) -> float:
+    """Our logits for the packed documents == transformers run alone on each one (relative error
+    < 1e-4); returns the worst relative error."""
+    worst = 0.0
+    with torch.no_grad():
+        packed = ours(tokens, seqlens)
+        for doc, logits in zip(tokens.split(seqlens), packed.split(seqlens), strict=True):
+            ref = hf(input_ids=doc[None], use_cache=False).logits[0]
+            torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+            worst = max(worst, ((logits - ref).abs().max() / ref.abs().max()).item())
+    return worst

@@ -13,6 +13,7 @@ from model.configs import hf_config_from_args, load_model_args
 from model.hf import key_from_hf, key_to_hf, to_hf_state_dict
 from model.tiny import random_base_model, tiny_args
 from model.transformer import Transformer
+from tests.model_helpers import assert_packed_matches_hf, save_random_hf
 
 SEQLENS = [9, 5]
 
@@ -29,11 +30,7 @@ def _save_hf(folder, overrides: dict, seed: int = 0, **save_kwargs):
     config = (MixtralConfig if moe else MistralConfig)(**common)
     torch.manual_seed(seed)
     hf = (MixtralForCausalLM if moe else MistralForCausalLM)(config)
-    with torch.no_grad():
-        for p in hf.parameters():  # HF's init leaves norms at 1 and is small; make every weight matter
-            p.normal_(0, 0.05 if p.dim() > 1 else 1.0)
-    hf.save_pretrained(folder, **save_kwargs)
-    return hf.eval()
+    return save_random_hf(hf, folder, **save_kwargs)
 
 
 @pytest.mark.parametrize(
@@ -47,11 +44,7 @@ def test_hf_folder_logits_match_transformers(tmp_path, overrides):
     assert ours.args.sliding_window == overrides.get("sliding_window")
     assert (ours.args.moe is not None) == ("num_local_experts" in overrides)
     tokens = torch.randint(0, 128, (sum(SEQLENS),), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        packed = ours(tokens, SEQLENS)
-        for doc, logits in zip(tokens.split(SEQLENS), packed.split(SEQLENS), strict=True):
-            ref = hf(input_ids=doc[None], use_cache=False).logits[0]
-            torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+    assert_packed_matches_hf(ours, hf, tokens, SEQLENS)
 
 
 def test_sharded_hf_folder_with_lora_and_bf16(tmp_path):

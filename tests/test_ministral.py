@@ -26,6 +26,7 @@ from model.generate import KVCache, forward_cached, generate
 from model.hf import to_hf_state_dict
 from model.tiny import tiny_args
 from model.transformer import Transformer
+from tests.model_helpers import assert_packed_matches_hf, save_random_hf
 
 WINDOW = 8
 LAYER_TYPES = ["full_attention", "sliding_attention"] * 2
@@ -42,11 +43,7 @@ def _save_hf(folder, seed: int = 0):
     )
     torch.manual_seed(seed)
     hf = MinistralForCausalLM(config)
-    with torch.no_grad():
-        for p in hf.parameters():  # HF's init is small and leaves norms at 1; make every weight matter
-            p.normal_(0, 0.05 if p.dim() > 1 else 1.0)
-    hf.save_pretrained(folder)
-    return hf.eval()
+    return save_random_hf(hf, folder)
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +62,7 @@ def _tokens(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def _assert_matches_transformers(model: Transformer, hf) -> None:
-    tokens = _tokens(sum(SEQLENS))
-    with torch.no_grad():
-        packed = model(tokens, SEQLENS)
-        for doc, logits in zip(tokens.split(SEQLENS), packed.split(SEQLENS), strict=True):
-            ref = hf(input_ids=doc[None], use_cache=False).logits[0]
-            torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+    assert_packed_matches_hf(model, hf, _tokens(sum(SEQLENS)), SEQLENS)
 
 
 def test_config_reads_the_interleaved_pattern(checkpoints):

@@ -14,6 +14,7 @@ from model.args import LoraArgs
 from model.checkpoint import iter_checkpoint_tensors, save_model_folder
 from model.configs import args_from_params, hf_config_from_args, load_model_args, params_from_args
 from model.transformer import Transformer
+from tests.model_helpers import assert_packed_matches_hf, save_random_hf
 
 # Documents packed in one row; positions run past the original context (16) up to 40, so YaRN's
 # blend and the llama-4 factors (1, 1 + beta ln 2, 1 + beta ln 3) all show.
@@ -37,11 +38,7 @@ def _hf_model(folder, *, tied: bool = False, mscale: tuple[float, float] = (1.0,
     )
     torch.manual_seed(seed)
     hf = Ministral3ForCausalLM(config)
-    with torch.no_grad():
-        for p in hf.parameters():  # HF's init is small and leaves norms at 1; make every weight matter
-            p.normal_(0, 0.05 if p.dim() > 1 else 1.0)
-    hf.save_pretrained(folder)
-    return hf.eval()
+    return save_random_hf(hf, folder)
 
 
 def _tokens() -> torch.Tensor:
@@ -50,12 +47,7 @@ def _tokens() -> torch.Tensor:
 
 def _assert_matches_transformers(ours: Transformer, hf) -> None:
     """Packed logits == transformers run alone on each document (relative error < 1e-4)."""
-    tokens = _tokens()
-    with torch.no_grad():
-        packed = ours(tokens, SEQLENS)
-        for doc, logits in zip(tokens.split(SEQLENS), packed.split(SEQLENS), strict=True):
-            ref = hf(input_ids=doc[None], use_cache=False).logits[0]
-            torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    assert_packed_matches_hf(ours, hf, _tokens(), SEQLENS)
 
 
 def _to_native(hf_folder, out) -> dict:

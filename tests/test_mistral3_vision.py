@@ -18,6 +18,7 @@ from model.configs import args_from_hf_config, args_from_params, load_model_args
 from model.lora import freeze_all_but_lora, lora_state_dict
 from model.multimodal import is_vision_key
 from model.transformer import Transformer
+from tests.model_helpers import assert_packed_matches_hf, save_random_hf
 
 SEQLENS = [19, 7, 12]
 VOCAB = 128
@@ -56,10 +57,7 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("mistral3")
     torch.manual_seed(0)
     hf = Mistral3ForConditionalGeneration(_config())
-    with torch.no_grad():
-        for p in hf.parameters():  # HF's init is small and leaves norms at 1; make every weight matter
-            p.normal_(0, 0.05 if p.dim() > 1 else 1.0)
-    hf.save_pretrained(root / "hf")
+    save_random_hf(hf, root / "hf")
     native = root / "native"
     state = {key: t for key, t, _ in iter_checkpoint_tensors(root / "hf")}
     save_model_folder(native, params_from_args(load_model_args(root / "hf")), state)
@@ -71,15 +69,8 @@ def _tokens() -> torch.Tensor:
 
 
 def _assert_matches(ours: Transformer, hf) -> float:
-    """Packed logits == transformers run alone on each document, text only (relative error < 1e-4)."""
-    tokens, worst = _tokens(), 0.0
-    with torch.no_grad():
-        packed = ours(tokens, SEQLENS)
-        for doc, logits in zip(tokens.split(SEQLENS), packed.split(SEQLENS), strict=True):
-            ref = hf(input_ids=doc[None], use_cache=False).logits[0]
-            torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
-            worst = max(worst, ((logits - ref).abs().max() / ref.abs().max()).item())
-    return worst
+    """Packed text logits == transformers run alone on each document; the worst relative error."""
+    return assert_packed_matches_hf(ours, hf, _tokens(), SEQLENS)
 
 
 def _hf_vision(hf) -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ from model.lora import lora_state_dict
 from model.multimodal import is_hf_vision_key, is_vision_key
 from model.quant import NF4LoRALinear
 from model.transformer import Transformer
-from tests.model_helpers import bundled_tokenizer_file
+from tests.model_helpers import assert_packed_matches_hf, bundled_tokenizer_file
 from tests.train_helpers import make_workspace, read_metrics, run_cli, run_config, torchrun
 from utils.export_hf import main as export_hf
 
@@ -131,11 +131,7 @@ def test_merge_and_export_load_in_transformers_with_our_logits(runs, workspace):
     assert json.loads((root / "hf" / "config.json").read_text())["tie_word_embeddings"] is True
     hf = AutoModelForCausalLM.from_pretrained(root / "hf", dtype=torch.float32).eval()
     ours = Transformer.from_folder(full, dtype=torch.float32).eval()
-    with torch.no_grad():
-        packed = ours(tokens, seqlens)
-        for doc, logits in zip(tokens.split(seqlens), packed.split(seqlens), strict=True):
-            ref = hf(input_ids=doc[None], use_cache=False).logits[0]
-            torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    assert_packed_matches_hf(ours, hf, tokens, seqlens)
 
 
 def test_qlora_trains_on_the_new_families_and_keeps_the_tie(workspace):

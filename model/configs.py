@@ -292,6 +292,12 @@ def args_from_hf_config(config: dict[str, Any], source: str = "config.json") -> 
             "read. Use the release's native folder (params.json + consolidated*.safetensors; FP8 loads there) "
             "or its unquantized weights."
         )
+    for key, default in _HF_DEFAULT_ONLY.items():
+        if config.get(key, default) not in (default, None):
+            raise ValueError(
+                f"{source}: '{key}' is {config[key]!r}; Mistral models have {default!r} and this library implements "
+                "only that, so the network would differ."
+            )
     required = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
                 "rms_norm_eps", "vocab_size")
     missing = [k for k in required if config.get(k) is None]
@@ -322,6 +328,8 @@ def args_from_hf_config(config: dict[str, Any], source: str = "config.json") -> 
     return args_from_params(params, source=source)
 
 
+# config.json keys that change the network or its training arithmetic when not at the Mistral value.
+_HF_DEFAULT_ONLY = {"attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "router_jitter_noise": 0.0}
 _HF_ROPE_KEYS = ("rope_type", "type", "rope_theta", "max_position_embeddings")
 _HF_YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
                  "mscale_all_dim", "attention_factor", "truncate", "partial_rotary_factor")

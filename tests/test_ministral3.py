@@ -142,6 +142,8 @@ def test_hf_refusals_name_the_key(tmp_path):
         ({"rope_parameters": {k: v for k, v in config["rope_parameters"].items() if k != "llama_4_scaling_beta"}},
          "needs rope_parameters 'llama_4_scaling_beta'"),
         ({"model_type": "mistral3"}, "model_type 'mistral3' needs a 'text_config' object"),
+        ({"attention_bias": True}, "'attention_bias' is True; Mistral models have False"),
+        ({"attention_dropout": 0.1}, "'attention_dropout' is 0.1; Mistral models have 0.0"),
     ]:
         (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(ValueError, match="config.json: .*" + match):

@@ -23,7 +23,7 @@ def _grads(model, tokens, seqlens):
     return out.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def check_attention_backends(dtype: torch.dtype, window: int | None, atol: float) -> None:
+def check_attention_backends(dtype: torch.dtype, window: int | tuple[int | None, ...] | None, atol: float) -> None:
     torch.manual_seed(0)
     args = tiny_args(dim=256, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=512, sliding_window=window)
     model = Transformer(args, lora=LoraArgs(rank=8))
@@ -119,7 +119,7 @@ if __name__ == "__main__":
     assert torch.cuda.is_available()
     print(torch.__version__, torch.cuda.get_device_name())
     check_fused_loss()
-    for window in (None, 128):
+    for window in (None, 128, (None, 128)):  # full, windowed, interleaved (Ministral 8B's kind)
         check_attention_backends(torch.float32, window, 1e-4)
         check_attention_backends(torch.bfloat16, window, 3e-2)
     for dtype in (torch.float32, torch.bfloat16):

@@ -33,7 +33,8 @@ class LoraArgs:
             raise ValueError(f"lora.scaling must be > 0, got {self.scaling!r}; the default is 2.0.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}.")
-        allowed = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"}
+        # wq_a, wq_b, wkv_a, wkv_b: latent attention's projections (model.mla).
+        allowed = {"wq", "wk", "wv", "wo", "w1", "w2", "w3", "wq_a", "wq_b", "wkv_a", "wkv_b"}
         bad = [t for t in self.target_modules if t not in allowed]
         if bad or not self.target_modules:
             raise ValueError(
@@ -64,6 +65,22 @@ class Llama4Scaling:
     original_max_position_embeddings: int
 
 
+@dataclass(frozen=True)
+class MlaArgs:
+    """Multi-head latent attention (Mistral Small 4, DeepSeek-V3 style; ``model.mla``): queries through
+    a rank-``q_lora_rank`` bottleneck (None: one projection), keys and values expanded per head from a
+    shared rank-``kv_lora_rank`` latent, plus one rotary key part shared by every head."""
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int  # per-head query/key dimensions without rotation
+    qk_rope_head_dim: int  # per-head query/key dimensions that rotate (the partial rotary part)
+    v_head_dim: int
+    # Multiplies the softmax scale 1/sqrt(qk head dim): YaRN's mscale(factor, mscale_all_dim) squared
+    # in transformers' Mistral4Attention; 1 without it.
+    softmax_scale_factor: float = 1.0
+
+
 @dataclass
 class ModelArgs:
     dim: int
@@ -85,6 +102,8 @@ class ModelArgs:
     llama_4_scaling: Llama4Scaling | None = None
     # The output layer is the token embedding (Ministral 3 3B): one weight, no ``output`` in the checkpoint.
     tied_embeddings: bool = False
+    # Multi-head latent attention in every layer instead of grouped-query attention (None).
+    mla: MlaArgs | None = None
     # Keys of params.json this code does not use, kept so a saved params.json round-trips.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -108,6 +127,11 @@ class ModelArgs:
                 f"sliding_window lists {len(pattern)} windows, which does not divide n_layers ({self.n_layers}); "
                 "the list is a pattern repeated over the layers."
             )
+
+    @property
+    def rope_dim(self) -> int:
+        """The rotated dimensions of a query or key head: all of ``head_dim``, or MLA's rope part."""
+        return self.mla.qk_rope_head_dim if self.mla is not None else self.head_dim
 
     @property
     def layer_windows(self) -> tuple[int | None, ...]:

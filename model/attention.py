@@ -99,15 +99,18 @@ class Attention(nn.Module):
         v = self.wv(x).view(tokens, self.n_kv_heads, self.head_dim)  # (tokens, kv_heads, head_dim)
         q_freqs, k_freqs = query_key_rotations(freqs)  # differ when queries are scaled by position
         q, k = apply_rope(q, q_freqs), apply_rope(k, k_freqs)
-        if cache is not None:
-            out = cache.attend(q, k, v)
-        elif mask.block_mask is not None:
-            out = _flex(q, k, v, mask.block_mask)
-        elif torch.compiler.is_compiling():
-            out = document_attention(q, k, v, mask.lengths, mask.sliding_window)
-        else:
-            out = _sdpa_per_document(q, k, v, mask.seqlens, mask.sliding_window, mask.band)
+        out = cache.attend(q, k, v) if cache is not None else attend(q, k, v, mask)
         return self.wo(out.reshape(tokens, self.n_heads * self.head_dim))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    """Per-document causal attention with the mask's kernel: q (tokens, heads, qk_dim), k (tokens,
+    kv_heads, qk_dim), v (tokens, kv_heads, v_dim) -> (tokens, heads, v_dim); softmax scale 1/sqrt(qk_dim)."""
+    if mask.block_mask is not None:
+        return _flex(q, k, v, mask.block_mask)
+    if torch.compiler.is_compiling():
+        return document_attention(q, k, v, mask.lengths, mask.sliding_window)
+    return _sdpa_per_document(q, k, v, mask.seqlens, mask.sliding_window, mask.band)
 
 
 def _sdpa_per_document(
@@ -143,7 +146,7 @@ def document_attention(
 
 @document_attention.register_fake
 def _(q, k, v, lengths, window):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+    return q.new_empty(*q.shape[:-1], v.shape[-1])  # (tokens, heads, v_dim): v_dim may differ (model.mla)
 
 
 @torch.library.custom_op("mistral_finetune::document_attention_backward", mutates_args=())

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from model.args import Llama4Scaling, ModelArgs, MoeArgs, YarnArgs
+from model.args import Llama4Scaling, MlaArgs, ModelArgs, MoeArgs, YarnArgs
 from model.fp8 import check_quantization
 
 _REQUIRED_INT = ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads", "vocab_size")
@@ -105,6 +106,7 @@ def args_from_params(params: dict[str, Any], source: str = "params.json") -> Mod
 
 def params_from_args(args: ModelArgs) -> dict[str, Any]:
     """params.json contents: the original unknown keys plus every field we use."""
+    _refuse_mla_export(args, "params.json")
     extra = dict(args.extra)
     out: dict[str, Any] = {
         "dim": args.dim,
@@ -278,7 +280,8 @@ def args_from_hf_config(config: dict[str, Any], source: str = "config.json") -> 
     model_type = config.get("model_type")
     if model_type == "mistral3":
         return _args_from_mistral3(config, source)
-    if model_type not in ("mistral", "mixtral", "ministral", "ministral3"):
+    mla = _mistral4_mla(config, source) if model_type == "mistral4" else None
+    if model_type not in ("mistral", "mixtral", "ministral", "ministral3", "mistral4"):
         raise ValueError(
             f"{source}: model_type is {model_type!r}; only 'mistral', 'mixtral', 'ministral' and 'ministral3' "
             "Hugging Face folders can be imported. Use a Mistral-format folder (params.json) for other models."
@@ -318,14 +321,58 @@ def args_from_hf_config(config: dict[str, Any], source: str = "config.json") -> 
         "rope_theta": rope.get("rope_theta", config.get("rope_theta")),
         "sliding_window": _hf_sliding_window(config, model_type, source),
         "tied_embeddings": bool(config.get("tie_word_embeddings", False)),
-        **_rope_from_hf(rope, model_type, source),
+        **_rope_from_hf({k: v for k, v in rope.items() if not (mla and k == "partial_rotary_factor")},
+                        model_type, source),
     }
     if model_type == "mixtral":
         params["moe"] = {
             "num_experts": config.get("num_local_experts"),
             "num_experts_per_tok": config.get("num_experts_per_tok"),
         }
-    return args_from_params(params, source=source)
+    args = args_from_params(params, source=source)
+    return replace(args, mla=mla) if mla is not None else args
+
+
+def _refuse_mla_export(args: ModelArgs, what: str) -> None:
+    if args.mla is not None:
+        raise ValueError(f"writing a {what} for a latent-attention (Mistral 4) model is not implemented yet.")
+
+
+def _mistral4_mla(config: dict[str, Any], source: str) -> MlaArgs:
+    """Latent attention of a ``Mistral4ForCausalLM`` config.json whose layers are all dense; what
+    transformers computes differently from ``model.mla`` is refused by name."""
+    n_layers, n_heads = config.get("num_hidden_layers"), config.get("num_attention_heads")
+    first_dense = config.get("first_k_dense_replace") or 0
+    if not isinstance(n_layers, int) or first_dense < n_layers:
+        raise ValueError(
+            f"{source}: model_type 'mistral4' with 'first_k_dense_replace' {first_dense} < 'num_hidden_layers' "
+            f"{n_layers} has MoE layers: fine-grained MoE is not implemented yet (only all-dense Mistral 4 configs)."
+        )
+    if config.get("rope_interleave", True) is not True:
+        raise ValueError(f"{source}: 'rope_interleave' false (rotating head halves) is not implemented for "
+                         "model_type 'mistral4'; Mistral Small 4 has true.")
+    if config.get("num_key_value_heads") not in (None, n_heads):
+        raise ValueError(f"{source}: 'num_key_value_heads' {config['num_key_value_heads']!r} differs from "
+                         f"'num_attention_heads' {n_heads!r}; latent attention expands keys to every head.")
+    values = {}
+    for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        values[key] = _positive_int(config.get(key), key, source)
+    q_lora_rank = config.get("q_lora_rank")
+    values["q_lora_rank"] = None if q_lora_rank is None else _positive_int(q_lora_rank, "q_lora_rank", source)
+    qk_dim = values["qk_nope_head_dim"] + values["qk_rope_head_dim"]
+    if config.get("head_dim") not in (None, qk_dim):
+        raise ValueError(f"{source}: 'head_dim' {config['head_dim']!r} is not qk_nope_head_dim + qk_rope_head_dim ({qk_dim}).")
+    rope = config.get("rope_parameters") or {}
+    if rope.get("rope_type", rope.get("type")) != "yarn":
+        # transformers' default rope for Mistral4 rotates head_dim dimensions, which does not fit its rope part.
+        raise ValueError(f"{source}: model_type 'mistral4' needs rope_parameters 'rope_type: yarn' (its release config).")
+    partial = rope.get("partial_rotary_factor", values["qk_rope_head_dim"] / qk_dim)
+    if int(qk_dim * partial) != values["qk_rope_head_dim"]:
+        raise ValueError(f"{source}: rope_parameters 'partial_rotary_factor' {partial!r} does not rotate exactly "
+                         f"qk_rope_head_dim ({values['qk_rope_head_dim']}) of {qk_dim} dimensions.")
+    factor, mscale_all_dim = rope.get("factor"), rope.get("mscale_all_dim")
+    scale = _mscale(float(factor), float(mscale_all_dim)) ** 2 if factor and mscale_all_dim else 1.0
+    return MlaArgs(**values, softmax_scale_factor=scale)
 
 
 # config.json keys that change the network or its training arithmetic when not at the Mistral value.
@@ -345,7 +392,8 @@ def _rope_from_hf(rope: dict[str, Any], model_type: str, source: str) -> dict[st
             "'yarn' are implemented."
         )
     allowed = _HF_ROPE_KEYS + (_HF_YARN_KEYS if rope_type == "yarn" else ())
-    allowed += ("llama_4_scaling_beta", "original_max_position_embeddings") if model_type == "ministral3" else ()
+    llama_4 = model_type in ("ministral3", "mistral4")  # both scale queries by position, always
+    allowed += ("llama_4_scaling_beta", "original_max_position_embeddings") if llama_4 else ()
     unknown = sorted(set(rope) - set(allowed))
     if unknown:
         raise ValueError(
@@ -373,12 +421,12 @@ def _rope_from_hf(rope: dict[str, Any], model_type: str, source: str) -> dict[st
             "alpha": rope.get("beta_slow") or 1.0,
             **_yarn_magnitude(factor, float(attention_factor)),
         }
-    if model_type == "ministral3":
-        # Ministral3Attention scales queries by position with the rope's original context.
+    if llama_4:
+        # Ministral3Attention (and Mistral4Attention) scales queries by position with the rope's original context.
         if rope.get("llama_4_scaling_beta") is None or rope.get("original_max_position_embeddings") is None:
             raise ValueError(
-                f"{source}: model_type 'ministral3' needs rope_parameters 'llama_4_scaling_beta' and "
-                "'original_max_position_embeddings' (transformers' Ministral3Attention reads both)."
+                f"{source}: model_type {model_type!r} needs rope_parameters 'llama_4_scaling_beta' and "
+                "'original_max_position_embeddings' (transformers' attention reads both)."
             )
         out["llama_4_scaling"] = {"beta": rope["llama_4_scaling_beta"],
                                   "original_max_position_embeddings": rope["original_max_position_embeddings"]}
@@ -424,6 +472,7 @@ def hf_config_from_args(args: ModelArgs, dtype: str = "bfloat16") -> dict[str, A
     """A ``config.json`` for transformers describing the same network: ``ministral`` (per-layer
     ``layer_types``) when layers attend differently, else ``mistral``/``mixtral``; wrapped in a
     ``mistral3`` config when the model carries a vision encoder."""
+    _refuse_mla_export(args, "config.json")
     text = _text_hf_config(args, dtype)
     vision = args.extra.get("vision_encoder")
     return _mistral3_config(text, vision, dtype) if vision else text

@@ -40,6 +40,13 @@ _LAYER = {
     "attention.wk": "self_attn.k_proj",
     "attention.wv": "self_attn.v_proj",
     "attention.wo": "self_attn.o_proj",
+    # Latent attention (model.mla) <-> transformers' Mistral4Attention.
+    "attention.wq_a": "self_attn.q_a_proj",
+    "attention.q_norm": "self_attn.q_a_layernorm",
+    "attention.wq_b": "self_attn.q_b_proj",
+    "attention.wkv_a": "self_attn.kv_a_proj_with_mqa",
+    "attention.kv_norm": "self_attn.kv_a_layernorm",
+    "attention.wkv_b": "self_attn.kv_b_proj",
     "attention_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
     "feed_forward.w1": "mlp.gate_proj",
@@ -77,7 +84,9 @@ def key_to_hf(key: str, moe: bool = False) -> str:
 def tensor_to_hf(key: str, w: torch.Tensor, args: ModelArgs) -> tuple[str, torch.Tensor]:
     """One Mistral tensor -> (HF key, HF tensor). A ``lora_B`` of wq/wk is permuted like the weight;
     ``lora_A`` acts on the input side and stays as it is."""
-    if key.endswith(("attention.wq.weight", "attention.wq.lora_B.weight")):
+    if args.mla is not None:
+        pass  # latent attention rotates adjacent pairs in transformers too (rope_interleave): no permutation
+    elif key.endswith(("attention.wq.weight", "attention.wq.lora_B.weight")):
         w = permute_to_hf(w, args.n_heads, args.head_dim)
     elif key.endswith(("attention.wk.weight", "attention.wk.lora_B.weight")):
         w = permute_to_hf(w, args.n_kv_heads, args.head_dim)
@@ -142,7 +151,9 @@ def tensors_from_hf(key: str, w: torch.Tensor, args: ModelArgs) -> Iterator[tupl
                 yield f"{prefix}.{j}.w3.weight", w3.clone()
         return
     ours = key_from_hf(key, args.moe is not None)
-    if ours.endswith("attention.wq.weight"):
+    if args.mla is not None:
+        pass  # rope_interleave: the rotary rows are already in adjacent pairs
+    elif ours.endswith("attention.wq.weight"):
         w = permute_from_hf(w, args.n_heads, args.head_dim)
     elif ours.endswith("attention.wk.weight"):
         w = permute_from_hf(w, args.n_kv_heads, args.head_dim)

@@ -57,14 +57,14 @@ def yarn_inv_freq(head_dim: int, theta: float, yarn: YarnArgs) -> torch.Tensor:
 
 
 def rotations(positions: torch.Tensor, args: ModelArgs) -> torch.Tensor:
-    """The model's rotary variant for ``positions`` (tokens,): complex64 (tokens, head_dim // 2) that
+    """The model's rotary variant for ``positions`` (tokens,): complex64 (tokens, rope_dim // 2) that
     rotates queries and keys alike, or (tokens, 2, head_dim // 2) [keys, queries] when the queries
     are also scaled by position (``llama_4_scaling``): a real factor on a query's rotation is that
     factor on the rotated query, as transformers applies it."""
     if args.yarn is None:
-        freqs = rope_frequencies(positions, args.head_dim, args.rope_theta)
+        freqs = rope_frequencies(positions, args.rope_dim, args.rope_theta)
     else:
-        inv_freq = yarn_inv_freq(args.head_dim, args.rope_theta, args.yarn).to(positions.device)
+        inv_freq = yarn_inv_freq(args.rope_dim, args.rope_theta, args.yarn).to(positions.device)
         angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # (tokens, head_dim // 2)
         # transformers multiplies cos and sin by the attention factor: the rotation's magnitude.
         scale = args.yarn.attention_factor

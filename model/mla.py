@@ -1,0 +1,83 @@
+"""Multi-head latent attention (Mistral Small 4, DeepSeek-V3 style) over a packed batch of documents.
+
+Queries come from ``wq`` or, with a ``q_lora_rank``, from ``wq_b(q_norm(wq_a(x)))``. Keys and values
+come from one latent per token: ``wkv_a`` gives the rank-``kv_lora_rank`` latent and a single rotary
+key part shared by every head; ``wkv_b(kv_norm(latent))`` expands the latent to each head's
+unrotated key part and its value. Only the last ``qk_rope_head_dim`` dimensions of a query or key
+head rotate (partial rotary embedding), in adjacent pairs as everywhere in this library: transformers'
+``rope_interleave: true`` layout, so the Hugging Face weights load without a permutation. The names
+are DeepSeek's native ones (``wq_a``, ``q_norm``, ``wkv_a``, ``kv_norm``, ``wkv_b``); ``model.hf``
+maps them to transformers' ``Mistral4Attention``.
+
+The attention itself is the shared per-document kernel (``model.attention.attend``); values may be
+narrower than queries and keys.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.args import ModelArgs
+from model.attention import AttentionMask, attend
+from model.kv_cache import CacheStep
+from model.lora import LinearFactory
+from model.norm import RMSNorm
+from model.rope import apply_rope, query_key_rotations
+
+# The latent norms' epsilon: transformers' Mistral4RMSNorm default, not the model's norm_eps.
+LATENT_NORM_EPS = 1e-6
+
+
+class LatentAttention(nn.Module):
+    def __init__(self, args: ModelArgs, make_linear: LinearFactory) -> None:
+        super().__init__()
+        mla = args.mla
+        assert mla is not None, "LatentAttention needs ModelArgs.mla"
+        self.n_heads = args.n_heads
+        self.nope_dim, self.rope_dim, self.v_dim = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim
+        self.kv_lora_rank = mla.kv_lora_rank
+        qk_dim = self.nope_dim + self.rope_dim
+        self.softmax_scale_factor = mla.softmax_scale_factor
+        if mla.q_lora_rank is None:
+            self.wq = make_linear("wq", args.dim, args.n_heads * qk_dim)
+        else:
+            self.wq_a = make_linear("wq_a", args.dim, mla.q_lora_rank)
+            self.q_norm = RMSNorm(mla.q_lora_rank, LATENT_NORM_EPS)
+            self.wq_b = make_linear("wq_b", mla.q_lora_rank, args.n_heads * qk_dim)
+        self.wkv_a = make_linear("wkv_a", args.dim, mla.kv_lora_rank + mla.qk_rope_head_dim)
+        self.kv_norm = RMSNorm(mla.kv_lora_rank, LATENT_NORM_EPS)
+        self.wkv_b = make_linear("wkv_b", mla.kv_lora_rank, args.n_heads * (mla.qk_nope_head_dim + mla.v_head_dim))
+        self.wo = make_linear("wo", args.n_heads * mla.v_head_dim, args.dim)
+
+    def forward(
+        self, x: torch.Tensor, freqs: torch.Tensor, mask: AttentionMask | None, cache: CacheStep | None = None
+    ) -> torch.Tensor:
+        """``x`` (tokens, dim) -> (tokens, dim)."""
+        if cache is not None:
+            raise NotImplementedError("decoding with latent attention (a cache of the latent) is not implemented yet.")
+        tokens = x.shape[0]
+        q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(tokens, self.n_heads, self.nope_dim + self.rope_dim)  # (tokens, heads, qk_dim)
+        q_nope, q_rot = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        latent, k_rot = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)  # (tokens, rank), (tokens, rope)
+        kv = self.wkv_b(self.kv_norm(latent)).view(tokens, self.n_heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)  # (tokens, heads, nope), (tokens, heads, v_dim)
+
+        q_freqs, k_freqs = query_key_rotations(freqs)  # (tokens, rope // 2) each
+        # transformers scales the whole query by llama-4's position factor, the unrotated part too:
+        # ``rotations`` carries that factor as the ratio of the query's to the key's rotation magnitude.
+        position_scale = (_magnitude(q_freqs) / _magnitude(k_freqs))[:, :, None]  # (tokens, 1, 1)
+        # The kernel divides by sqrt(qk_dim); transformers' softmax scale is that times the factor.
+        q_nope = q_nope * (position_scale * self.softmax_scale_factor).to(q.dtype)
+        q_rot = apply_rope(q_rot, q_freqs) * self.softmax_scale_factor  # (tokens, heads, rope)
+        k_rot = apply_rope(k_rot[:, None], k_freqs)  # (tokens, 1, rope): one rotary key for all heads
+        q = torch.cat((q_nope, q_rot), dim=-1)  # (tokens, heads, qk_dim)
+        k = torch.cat((k_nope, k_rot.expand(tokens, self.n_heads, self.rope_dim)), dim=-1)  # (tokens, heads, qk_dim)
+        out = attend(q, k, v, mask)  # (tokens, heads, v_dim)
+        return self.wo(out.reshape(tokens, self.n_heads * self.v_dim))
+
+
+def _magnitude(freqs: torch.Tensor) -> torch.Tensor:
+    """|first rotation| (tokens, 1), on real views: inductor generates no code for complex arithmetic."""
+    return torch.view_as_real(freqs[:, :1]).square().sum(-1).sqrt()

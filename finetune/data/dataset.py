@@ -81,10 +81,9 @@ def tokenize_sources(
     sources: list[DataSource], instruct_tokenizer: Any, *, chunk_instruct: bool, args: DataArgs, pool: TokenizerPool
 ) -> list[SourceData]:
     """Read every file of every source, tokenizing into the cache what is not there yet."""
-    out = []
-    for s in sources:
-        chunk = chunk_instruct and s.sample_type is SampleType.INSTRUCT
-        files = [load_tokenized(f, s.sample_type, instruct_tokenizer, chunk=chunk, cache_dir=args.cache_path, pool=pool)
+    out, cache = [], args.cache_path
+    for s in sources:  # load_tokenized applies chunking to instruct sources only
+        files = [load_tokenized(f, s.sample_type, instruct_tokenizer, chunk=chunk_instruct, cache_dir=cache, pool=pool)
                  for f in s.files]
         out.append(SourceData(s, files, _shuffled(s, args)))
     return out

@@ -155,6 +155,13 @@ def trained_turns(sample: dict, request: InstructRequest) -> list[int]:
     return [k for k in turns if request.messages[k].weight != 0]
 
 
+def assert_encodes_as_mistral_common(it, sample: dict, request: InstructRequest) -> None:
+    """Our tokens equal encode_instruct's, and our masks cover exactly the trained assistant turns."""
+    [got] = encode_all(sample, it, SampleType.INSTRUCT, chunk=False)
+    assert got.tokens == it.encode_instruct(request).tokens
+    assert got.masks == expected_masks(it, request, trained_turns(sample, request))
+
+
 @pytest.mark.parametrize("name", list(TOKENIZERS))
 @pytest.mark.parametrize("index", range(len(samples())))
 def test_masks_equal_the_trained_assistant_spans(name: str, index: int) -> None:
@@ -331,10 +338,7 @@ def thinking_samples() -> list[dict]:
 def test_thinking_chunks_encode_as_mistral_common_and_are_trained(index: int) -> None:
     it = TOKENIZERS["tekken_v13"]
     sample = thinking_samples()[index]
-    request = reference(it, sample)
-    [got] = encode_all(sample, it, SampleType.INSTRUCT, chunk=False)
-    assert got.tokens == it.encode_instruct(request).tokens
-    assert got.masks == expected_masks(it, request, trained_turns(sample, request))
+    assert_encodes_as_mistral_common(it, sample, reference(it, sample))
 
 
 def test_thinking_layout_v13() -> None:
@@ -461,10 +465,7 @@ V7_PLUS = [n for n in TOKENIZERS if not n.endswith("v3")]
 def test_text_and_calls_in_one_turn_encode_as_mistral_common(name: str, index: int) -> None:
     it = TOKENIZERS[name]
     sample = text_and_calls_samples()[index]
-    request = reference(it, sample)
-    [got] = encode_all(sample, it, SampleType.INSTRUCT, chunk=False)
-    assert got.tokens == it.encode_instruct(request).tokens
-    assert got.masks == expected_masks(it, request, trained_turns(sample, request))
+    assert_encodes_as_mistral_common(it, sample, reference(it, sample))
 
 
 def test_text_and_calls_layout() -> None:
@@ -536,9 +537,7 @@ def test_tool_turn_rules_follow_mistral_common(name: str, case: str) -> None:
         assert not refused
         refused = True
     if not refused:
-        [got] = encode_all(sample, it, SampleType.INSTRUCT, chunk=False)
-        assert got.tokens == it.encode_instruct(request).tokens
-        assert got.masks == expected_masks(it, request, trained_turns(sample, request))
+        assert_encodes_as_mistral_common(it, sample, request)
         return
     with pytest.raises(DataFormatError, match=match) as info:
         encode_all(sample, it, SampleType.INSTRUCT, chunk=False)

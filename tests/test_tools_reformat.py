@@ -27,8 +27,10 @@ WEATHER = {"name": "get_weather", "description": "Current weather",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
 
 
-def _check(path, tmp_path):
-    return check_data(DataArgs(instruct_data=str(path), cache_dir=str(tmp_path / "cache")), spm(), 512)
+def _check(path, tmp_path, tokenizer=None, cache: str = "cache"):
+    """check_data on one instruct file, with the SentencePiece tokenizer unless another is given."""
+    args = DataArgs(instruct_data=str(path), cache_dir=str(tmp_path / cache))
+    return check_data(args, tokenizer or spm(), 512)
 
 
 def _user(text: str) -> dict:
@@ -301,7 +303,7 @@ REASONING_EXPORTS = [
 def test_reformat_turns_reasoning_exports_into_thinking_chunks(tmp_path, capsys) -> None:
     v13 = tekken_v("v13")
     src = write_jsonl(tmp_path / "reasoning.jsonl", REASONING_EXPORTS)
-    before = check_data(DataArgs(instruct_data=str(src), cache_dir=str(tmp_path / "c1")), v13, 512)
+    before = _check(src, tmp_path, v13, "c1")
     assert [(e.line, e.kind) for e in before.errors] == [(1, "bad_chunk"), (3, "missing_key"), (4, "bad_chunk"),
                                                          (5, "bad_chunk")]
     assert "reformat_data" in before.errors[0].message
@@ -313,7 +315,7 @@ def test_reformat_turns_reasoning_exports_into_thinking_chunks(tmp_path, capsys)
     assert f"{src}:7: skipped: message 1: <think> without a closing </think>" in text
     assert "7 line(s), 6 changed, 1 skipped" in text
     out = tmp_path / "reasoning.reformatted.jsonl"
-    report = check_data(DataArgs(instruct_data=str(out), cache_dir=str(tmp_path / "c2")), v13, 512)
+    report = _check(out, tmp_path, v13, "c2")
     assert report.ok, [str(e) for e in report.errors]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     answer = {"role": "assistant", "content": [THINK, {"type": "text", "text": "4"}]}

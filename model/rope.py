@@ -8,6 +8,7 @@ math runs in float32 and is cast back to the input dtype.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 
@@ -35,11 +36,14 @@ def rope_frequencies(positions: torch.Tensor, head_dim: int, theta: float) -> to
     return torch.complex(angles.cos().float(), angles.sin().float())
 
 
+@lru_cache(maxsize=8)
 def yarn_inv_freq(head_dim: int, theta: float, yarn: YarnArgs) -> torch.Tensor:
     """YaRN's inverse frequencies (head_dim // 2,) in float64, as transformers'
     ``_compute_yarn_parameters`` (and vLLM) compute them: dimensions that rotate more than
     ``beta_fast`` times over the original context keep their frequency, those rotating fewer than
-    ``beta_slow`` times are interpolated (divided by ``factor``), and a linear ramp blends between."""
+    ``beta_slow`` times are interpolated (divided by ``factor``), and a linear ramp blends between.
+    Cached: a model's arguments never change, and every forward (every decoded token) asks again;
+    callers must not modify the returned tensor."""
     plain = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
 
     def dimension(rotations: float) -> float:  # the dimension that turns ``rotations`` times

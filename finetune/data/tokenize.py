@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -522,16 +522,7 @@ def chunk_conversation(conv: Conversation) -> list[Conversation]:
         return out
     ends = [i for i, m in enumerate(conv.messages) if isinstance(m, FinetuningAssistantMessage)]
     for end in reversed(ends[:-1]):
-        out.append(
-            Conversation(
-                conv.messages[: end + 1],
-                conv.system_prompt,
-                conv.tools,
-                conv.only_last,
-                conv.system_at,
-                conv.index[: end + 1],
-            )
-        )
+        out.append(replace(conv, messages=conv.messages[: end + 1], index=conv.index[: end + 1]))
     return out
 
 

@@ -53,10 +53,7 @@ def args_from_params(params: dict[str, Any], source: str = "params.json") -> Mod
     for key in _REQUIRED_INT:
         if key not in params:
             raise ValueError(f"{source}: missing required key '{key}' (an integer).")
-        value = params.pop(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{source}: '{key}' must be a positive integer, got {value!r}.")
-        values[key] = value
+        values[key] = _positive_int(params.pop(key), key, source)
     if "norm_eps" not in params:
         raise ValueError(f"{source}: missing required key 'norm_eps' (a float such as 1e-5).")
     values["norm_eps"] = _positive_float(params.pop("norm_eps"), "norm_eps", source)

@@ -500,12 +500,11 @@ def _text_hf_config(args: ModelArgs, dtype: str) -> dict[str, Any]:
         "sliding_window": window,
         "max_position_embeddings": max(32768, window or 0),
         "hidden_act": "silu",
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": args.tied_embeddings,
         "bos_token_id": 1,
         "eos_token_id": 2,
         "torch_dtype": dtype,
     }
-    common["tie_word_embeddings"] = args.tied_embeddings
     if args.yarn is not None or args.llama_4_scaling is not None:
         return _ministral3_config(args, common, interleaved)
     if interleaved:

@@ -162,6 +162,11 @@ def assert_encodes_as_mistral_common(it, sample: dict, request: InstructRequest)
     assert got.masks == expected_masks(it, request, trained_turns(sample, request))
 
 
+def trained_text(it, ts) -> str:
+    """The loss targets of an encoded sample, decoded with the special tokens shown."""
+    return it.decode([t for t, m in zip(ts.tokens, ts.masks, strict=True) if m], special_token_policy=SpecialTokenPolicy.KEEP)
+
+
 @pytest.mark.parametrize("name", list(TOKENIZERS))
 @pytest.mark.parametrize("index", range(len(samples())))
 def test_masks_equal_the_trained_assistant_spans(name: str, index: int) -> None:
@@ -344,15 +349,13 @@ def test_thinking_chunks_encode_as_mistral_common_and_are_trained(index: int) ->
 def test_thinking_layout_v13() -> None:
     it = TOKENIZERS["tekken_v13"]
     [ts] = encode_all(thinking_samples()[0], it, SampleType.INSTRUCT, chunk=False)
-    targets = [t for t, m in zip(ts.tokens, ts.masks, strict=True) if m]
-    assert it.decode(targets, special_token_policy=SpecialTokenPolicy.KEEP) == (
+    assert trained_text(it, ts) == (
         "[THINK]Four and four.\nThat is 8.[/THINK]It is 8.</s>"
     )
     assert ts.tokens.count(it.BEGIN_THINK) == 2  # the weight-0 turn's reasoning stays as context
     # a call after reasoning: [THINK]...[/THINK][TOOL_CALLS]name[ARGS]{...}</s>, all of it trained
     [ts] = encode_all(thinking_samples()[-1], it, SampleType.INSTRUCT, chunk=False)
-    targets = [t for t, m in zip(ts.tokens, ts.masks, strict=True) if m]
-    assert it.decode(targets, special_token_policy=SpecialTokenPolicy.KEEP) == (
+    assert trained_text(it, ts) == (
         '[THINK]Same tool, for Rome.[/THINK][TOOL_CALLS]get_weather[ARGS]{"city": "Rome"}</s>'
     )
 
@@ -366,9 +369,7 @@ def test_tool_call_layouts_v11_v13() -> None:
         it = TOKENIZERS[f"tekken_{v}"]
         [ts] = encode_all(sample, it, SampleType.INSTRUCT, chunk=False)
         text[v] = it.decode(ts.tokens, special_token_policy=SpecialTokenPolicy.KEEP)
-        trained = it.decode([t for t, m in zip(ts.tokens, ts.masks, strict=True) if m],
-                            special_token_policy=SpecialTokenPolicy.KEEP)
-        assert trained == '[TOOL_CALLS]get_weather[ARGS]{"city": "Rome"}</s>'
+        assert trained_text(it, ts) == '[TOOL_CALLS]get_weather[ARGS]{"city": "Rome"}</s>'
     assert '[TOOL_CALLS]get_weather[CALL_ID]aB3dE5gH7[ARGS]{"city": "Paris"}</s>' in text["v11"]
     assert text["v11"].index("[AVAILABLE_TOOLS]") > text["v11"].index("Weather in Paris?")  # last user turn
     assert "[CALL_ID]" not in text["v13"] and "aB3dE5gH7" not in text["v13"]
@@ -478,14 +479,12 @@ def test_text_and_calls_layout() -> None:
     for name, text in want.items():
         it = TOKENIZERS[name]
         [ts] = encode_all(text_and_calls_samples()[0], it, SampleType.INSTRUCT, chunk=False)
-        trained = [t for t, m in zip(ts.tokens, ts.masks, strict=True) if m]
-        assert it.decode(trained, special_token_policy=SpecialTokenPolicy.KEEP) == text
+        assert trained_text(it, ts) == text
     it = TOKENIZERS["tekken_v13"]
     sample = _with_text(tool_conversation(), _6=[_think("Rome next."), _text("And Rome:")])
     [ts] = encode_all(sample, it, SampleType.INSTRUCT, chunk=False)
     assert ts.tokens == it.encode_instruct(reference(it, sample)).tokens
-    trained = [t for t, m in zip(ts.tokens, ts.masks, strict=True) if m]
-    assert it.decode(trained, special_token_policy=SpecialTokenPolicy.KEEP) == (
+    assert trained_text(it, ts) == (
         '[THINK]Rome next.[/THINK]And Rome:[TOOL_CALLS]get_weather[ARGS]{"city": "Rome"}</s>'
     )
 

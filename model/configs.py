@@ -271,6 +271,9 @@ def _positive_float(value: Any, key: str, source: str) -> float:
 # --- Hugging Face config.json ---
 
 
+_HF_TEXT_MODEL_TYPES = ("mistral", "mixtral", "ministral", "ministral3", "mistral4")
+
+
 def args_from_hf_config(config: dict[str, Any], source: str = "config.json") -> ModelArgs:
     """ModelArgs for a transformers ``MistralForCausalLM``/``MixtralForCausalLM``/``MinistralForCausalLM``
     config.json."""
@@ -278,10 +281,10 @@ def args_from_hf_config(config: dict[str, Any], source: str = "config.json") -> 
     if model_type == "mistral3":
         return _args_from_mistral3(config, source)
     mla = _mistral4_mla(config, source) if model_type == "mistral4" else None
-    if model_type not in ("mistral", "mixtral", "ministral", "ministral3", "mistral4"):
+    if model_type not in _HF_TEXT_MODEL_TYPES:
         raise ValueError(
-            f"{source}: model_type is {model_type!r}; only 'mistral', 'mixtral', 'ministral' and 'ministral3' "
-            "Hugging Face folders can be imported. Use a Mistral-format folder (params.json) for other models."
+            f"{source}: model_type is {model_type!r}; only {[*_HF_TEXT_MODEL_TYPES, 'mistral3']} Hugging Face "
+            "folders can be imported. Use a Mistral-format folder (params.json) for other models."
         )
     if config.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{source}: hidden_act is {config['hidden_act']!r}; Mistral models use 'silu'.")

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from model.args import LoraArgs, ModelArgs
 from model.checkpoint import checkpoint_files, is_hf_folder, iter_checkpoint_tensors
-from model.configs import args_from_params, hf_config_from_args, load_model_args
+from model.configs import args_from_params, hf_config_from_args, load_model_args, read_json_object
 from model.hf import peft_adapter_config, tensor_to_hf_model, to_peft_state_dict
 from model.merge import merge_weights
 
@@ -90,7 +90,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             f"{params_path} not found: --checkpoint must be RUN_DIR, RUN_DIR/checkpoints/checkpoint_N "
             f"(or its consolidated/ folder) as written by training, or a Mistral model folder.{hf}"
         )
-    params = json.loads(params_path.read_text())
+    params = read_json_object(params_path)  # bad JSON: an error naming the file and line
     lora_params = params.get("lora") or {}
     unknown = sorted(set(lora_params) - set(LoraArgs.__dataclass_fields__))
     if unknown:

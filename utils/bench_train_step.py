@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="profile one more step after the timed ones; print its top ROWS ops by self time "
                              "(GPU time on CUDA) to stderr")
     opts = parser.parse_args(argv)
+    if opts.steps < 1:  # the step time is the median of the timed steps
+        parser.error(f"--steps must be at least 1, got {opts.steps}")
     if opts.threads:
         torch.set_num_threads(opts.threads)
 

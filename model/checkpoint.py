@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from model.configs import args_from_hf_config, load_model_args
+from model.configs import args_from_hf_config, load_model_args, read_json_object
 from model.fp8 import dequantized, weight_scales
 from model.hf import tensors_from_hf
 from model.lora import is_lora_key, lora_modules, lora_state_dict
@@ -256,7 +256,7 @@ def find_adapter(path: str | Path) -> tuple[Path, dict | None]:
     for candidate in (path, path / "lora.safetensors", path / "consolidated" / "lora.safetensors"):
         if candidate.is_file() and candidate.name.endswith(".safetensors"):
             params_path = candidate.parent / "params.json"
-            params = json.loads(params_path.read_text()) if params_path.is_file() else None
+            params = read_json_object(params_path) if params_path.is_file() else None
             return candidate, params
     raise FileNotFoundError(
         f"no adapter at {path}: give RUN_DIR/checkpoints/checkpoint_N, its consolidated/ folder or the "

@@ -665,12 +665,12 @@ def encode_all(sample: Any, instruct_tokenizer: Any, as_type: SampleType, chunk:
     check_instruct_version(it)
     conv = parse_instruct(sample)
     convs = chunk_conversation(conv) if chunk else [conv]
-    return [_guarded(encode_conversation, c, it) for c in convs]
+    return [_encode_or_explain(c, it) for c in convs]
 
 
-def _guarded(fn: Any, conv: Conversation, it: Any) -> TokenSample:
+def _encode_or_explain(conv: Conversation, it: Any) -> TokenSample:
     try:
-        return fn(conv, it)
+        return encode_conversation(conv, it)
     except DataFormatError:
         raise
     except Exception as e:  # a rule mistral-common enforces that parse_instruct does not know about

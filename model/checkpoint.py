@@ -139,7 +139,7 @@ def _readable(path: Path) -> Iterator[None]:
 
 def _iter_hf_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
     """HF tensors under Mistral names; unknown keys pass through unchanged so loading reports them."""
-    config = json.loads((folder / "config.json").read_text())
+    config = read_json_object(folder / "config.json")
     args = args_from_hf_config(config, source=str(folder / "config.json"))
     vision = vision_block(args.extra)
     for path in hf_checkpoint_files(folder):

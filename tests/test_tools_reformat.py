@@ -4,7 +4,9 @@ And inspect_data on reasoning traces."""
 from __future__ import annotations
 
 import json
+import random
 
+import pytest
 import yaml
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 
@@ -329,6 +331,18 @@ def test_reformat_turns_reasoning_exports_into_thinking_chunks(tmp_path, capsys)
     trained = v13.decode([t for t, m in zip(ts.tokens, ts.masks, strict=True) if m],
                          special_token_policy=SpecialTokenPolicy.KEEP)
     assert trained == "[THINK]2 and 2 make 4.[/THINK]4</s>"
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"reasoning_content": ["a list"]}, "message 1: 'reasoning_content' must be a string, got list"),
+    ({"reasoning_content": "a", "reasoning": "b"}, "'reasoning_content' and 'reasoning' differ"),
+    ({"reasoning": "a", "content": "<think>b</think>c"}, "has both a reasoning field and <think> tags"),
+    ({"reasoning": "a", "content": [THINK]}, "has a reasoning field and thinking chunks"),
+])
+def test_reformat_skips_reasoning_it_cannot_convert_by_name(extra: dict, match: str) -> None:
+    sample = {"messages": [_user("2+2?"), {"role": "assistant", "content": "4", **extra}]}
+    with pytest.raises(reformat_data.Skip, match=match):
+        reformat_data.reformat_sample(sample, random.Random(0))
 
 
 def test_inspect_shows_thinking_as_trained(tmp_path, capsys) -> None:

@@ -254,8 +254,9 @@ def _thinking(msg: dict, i: int, notes: list[str]) -> None:
     """An assistant message's reasoning, exported as a ``reasoning_content`` / ``reasoning`` field or as
     ``<think>...</think>`` at the start of its content, as a leading thinking chunk."""
     fields = {k: msg.pop(k) for k in ("reasoning_content", "reasoning") if k in msg}
-    if any(v and not isinstance(v, str) for v in fields.values()):  # before the set: a list is unhashable
-        raise Skip(f"message {i}: reasoning must be a string")
+    for k, v in fields.items():  # before the set below: a list is unhashable
+        if v and not isinstance(v, str):
+            raise Skip(f"message {i}: '{k}' must be a string, got {type(v).__name__}")
     values = {v for v in fields.values() if v}
     if len(values) > 1:
         raise Skip(f"message {i}: 'reasoning_content' and 'reasoning' differ")

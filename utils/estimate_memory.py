@@ -8,10 +8,9 @@
 
 The model shape comes from ``params.json`` (or a Hugging Face ``config.json``) in the config's
 ``model_id_or_path``, or from ``--model``: a folder holding only params.json is enough, or the name
-of a release this file knows (``KNOWN_MODELS``). The
-estimate is a sum of explicit terms, each printed; docs/memory.md derives them and gives the
-measured accuracy. In short, per device with N = world size (FSDP2 shards every block and the
-root over all N):
+of a release this file knows (``KNOWN_MODELS``). The estimate is a sum of explicit terms, each
+printed; docs/memory.md derives them and gives the measured accuracy. In short, per device with
+N = world size (FSDP2 shards every block and the root over all N):
 
 - frozen base weights in the compute dtype (NF4 linears at 4.13 bits with ``quantization: nf4``) / N;
   a multimodal release's vision encoder and adapter are counted (``vision_params``) and said, but are

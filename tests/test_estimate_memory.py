@@ -30,6 +30,7 @@ from utils.estimate_memory import (
     selective_saved_bytes_per_token,
     vision_params,
 )
+from utils.workload import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 ALL = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
@@ -152,6 +153,11 @@ def test_selective_formula_equals_what_the_policy_keeps(moe, targets, nf4):
     assert selective_saved_bytes_per_token(args, targets, 8, 2) == measured
 
 
+def _bench_small(n_layers: int) -> ModelArgs:
+    """The shape `bench_train_step --preset small --n_layers N` trains (its norm_eps; rope does not count)."""
+    return ModelArgs(**{**PRESETS["small"], "n_layers": n_layers}, norm_eps=1e-5)
+
+
 # A child that trains with `python -m utils.bench_train_step` and reports its own peak RSS. VmHWM,
 # not ru_maxrss: a child's ru_maxrss starts at its parent's (this pytest process's) peak.
 _CHILD = """
@@ -204,16 +210,7 @@ def test_cpu_estimate_within_15_percent_of_measured_peak(checkpoint):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     measured = json.loads(proc.stdout.strip().splitlines()[-1])["vmhwm_gb"]
-    m = ModelArgs(
-        dim=512,
-        n_layers=n_layers,
-        n_heads=8,
-        n_kv_heads=2,
-        head_dim=64,
-        hidden_dim=1536,
-        vocab_size=32768,
-        norm_eps=1e-5,
-    )
+    m = _bench_small(n_layers)
     plan = estimate(m, _train_args(seq_len=seq_len, checkpoint=checkpoint, precision="bf16"), device="cpu")
     assert plan.total / GB == pytest.approx(measured, rel=0.15), (plan.parts, measured)
 
@@ -243,8 +240,7 @@ def test_cpu_estimate_of_two_processes_within_12_percent_of_each_ranks_peak(tmp_
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     measured = max(float((tmp_path / f"rank_{r}").read_text()) for r in range(2))
-    m = ModelArgs(dim=512, n_layers=n_layers, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=1536,
-                  vocab_size=32768, norm_eps=1e-5)
+    m = _bench_small(n_layers)
     plan = estimate(m, _train_args(seq_len=seq_len, checkpoint="none", precision="fp32"), n_devices=2, device="cpu")
     assert plan.total / GB == pytest.approx(measured, rel=0.12), (plan.parts, measured)
 

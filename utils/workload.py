@@ -18,6 +18,8 @@ PRESETS = {
 def packed_rows(n: int, seq_len: int, batch_size: int, doc_min: int, doc_max: int, vocab: int, seed: int = 0):
     """``n`` batches of (x, y, y_mask, seqlens): rows of random documents with lengths in
     [doc_min, doc_max]; the tail of a row is filler (not a target)."""
+    if not 1 <= doc_min <= doc_max:  # a 0-token document would never fill the row
+        raise ValueError(f"--doc_min {doc_min} / --doc_max {doc_max}: need 1 <= doc_min <= doc_max.")
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):

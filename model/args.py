@@ -33,8 +33,8 @@ class LoraArgs:
             raise ValueError(f"lora.scaling must be > 0, got {self.scaling!r}; the default is 2.0.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}.")
-        # wq_a, wq_b, wkv_a, wkv_b: latent attention's projections (model.mla).
-        allowed = {"wq", "wk", "wv", "wo", "w1", "w2", "w3", "wq_a", "wq_b", "wkv_a", "wkv_b"}
+        # wq_a, wq_b, wkv_a_with_mqa, wkv_b: latent attention's projections (model.mla).
+        allowed = {"wq", "wk", "wv", "wo", "w1", "w2", "w3", "wq_a", "wq_b", "wkv_a_with_mqa", "wkv_b"}
         bad = [t for t in self.target_modules if t not in allowed]
         if bad or not self.target_modules:
             raise ValueError(

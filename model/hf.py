@@ -42,10 +42,10 @@ _LAYER = {
     "attention.wo": "self_attn.o_proj",
     # Latent attention (model.mla) <-> transformers' Mistral4Attention.
     "attention.wq_a": "self_attn.q_a_proj",
-    "attention.q_norm": "self_attn.q_a_layernorm",
+    "attention.q_a_norm": "self_attn.q_a_layernorm",
     "attention.wq_b": "self_attn.q_b_proj",
-    "attention.wkv_a": "self_attn.kv_a_proj_with_mqa",
-    "attention.kv_norm": "self_attn.kv_a_layernorm",
+    "attention.wkv_a_with_mqa": "self_attn.kv_a_proj_with_mqa",
+    "attention.kv_a_norm": "self_attn.kv_a_layernorm",
     "attention.wkv_b": "self_attn.kv_b_proj",
     "attention_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",

@@ -1,13 +1,14 @@
 """Multi-head latent attention (Mistral Small 4, DeepSeek-V3 style) over a packed batch of documents.
 
-Queries come from ``wq`` or, with a ``q_lora_rank``, from ``wq_b(q_norm(wq_a(x)))``. Keys and values
-come from one latent per token: ``wkv_a`` gives the rank-``kv_lora_rank`` latent and a single rotary
-key part shared by every head; ``wkv_b(kv_norm(latent))`` expands the latent to each head's
+Queries come from ``wq`` or, with a ``q_lora_rank``, from ``wq_b(q_a_norm(wq_a(x)))``. Keys and values
+come from one latent per token: ``wkv_a_with_mqa`` gives the rank-``kv_lora_rank`` latent and a single rotary
+key part shared by every head; ``wkv_b(kv_a_norm(latent))`` expands the latent to each head's
 unrotated key part and its value. Only the last ``qk_rope_head_dim`` dimensions of a query or key
 head rotate (partial rotary embedding), in adjacent pairs as everywhere in this library: transformers'
 ``rope_interleave: true`` layout, so the Hugging Face weights load without a permutation. The names
-are DeepSeek's native ones (``wq_a``, ``q_norm``, ``wkv_a``, ``kv_norm``, ``wkv_b``); ``model.hf``
-maps them to transformers' ``Mistral4Attention``.
+are Mistral's consolidated ones (``wq_a``, ``q_a_norm``, ``wq_b``, ``wkv_a_with_mqa``, ``kv_a_norm``,
+``wkv_b``, ``wo``; vLLM's Mistral Large 3 loader reads the same), so a native checkpoint loads as it
+is; ``model.hf`` maps them to transformers' ``Mistral4Attention``.
 
 The attention itself is the shared per-document kernel (``model.attention.attend``); values may be
 narrower than queries and keys.
@@ -43,10 +44,10 @@ class LatentAttention(nn.Module):
             self.wq = make_linear("wq", args.dim, args.n_heads * qk_dim)
         else:
             self.wq_a = make_linear("wq_a", args.dim, mla.q_lora_rank)
-            self.q_norm = RMSNorm(mla.q_lora_rank, LATENT_NORM_EPS)
+            self.q_a_norm = RMSNorm(mla.q_lora_rank, LATENT_NORM_EPS)
             self.wq_b = make_linear("wq_b", mla.q_lora_rank, args.n_heads * qk_dim)
-        self.wkv_a = make_linear("wkv_a", args.dim, mla.kv_lora_rank + mla.qk_rope_head_dim)
-        self.kv_norm = RMSNorm(mla.kv_lora_rank, LATENT_NORM_EPS)
+        self.wkv_a_with_mqa = make_linear("wkv_a_with_mqa", args.dim, mla.kv_lora_rank + mla.qk_rope_head_dim)
+        self.kv_a_norm = RMSNorm(mla.kv_lora_rank, LATENT_NORM_EPS)
         self.wkv_b = make_linear("wkv_b", mla.kv_lora_rank, args.n_heads * (mla.qk_nope_head_dim + mla.v_head_dim))
         self.wo = make_linear("wo", args.n_heads * mla.v_head_dim, args.dim)
 
@@ -57,11 +58,11 @@ class LatentAttention(nn.Module):
         if cache is not None:
             raise NotImplementedError("decoding with latent attention (a cache of the latent) is not implemented yet.")
         tokens = x.shape[0]
-        q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_a_norm(self.wq_a(x)))
         q = q.view(tokens, self.n_heads, self.nope_dim + self.rope_dim)  # (tokens, heads, qk_dim)
         q_nope, q_rot = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        latent, k_rot = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)  # (tokens, rank), (tokens, rope)
-        kv = self.wkv_b(self.kv_norm(latent)).view(tokens, self.n_heads, self.nope_dim + self.v_dim)
+        latent, k_rot = self.wkv_a_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)  # (tokens, rank), (tokens, rope)
+        kv = self.wkv_b(self.kv_a_norm(latent)).view(tokens, self.n_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)  # (tokens, heads, nope), (tokens, heads, v_dim)
 
         q_freqs, k_freqs = query_key_rotations(freqs)  # (tokens, rope // 2) each

@@ -67,10 +67,10 @@ def test_moe_layers_are_refused_by_name(tmp_path):
 def test_lora_on_latent_attention_starts_at_the_base_model(tmp_path):
     _hf_model(tmp_path, q_lora_rank=32)
     base = Transformer.from_folder(tmp_path, device="cpu", dtype=torch.float32).eval()
-    lora = LoraArgs(rank=4, target_modules=["wq_a", "wq_b", "wkv_a", "wkv_b", "wo", "w1"])
+    lora = LoraArgs(rank=4, target_modules=["wq_a", "wq_b", "wkv_a_with_mqa", "wkv_b", "wo", "w1"])
     ours = Transformer.from_folder(tmp_path, device="cpu", dtype=torch.float32, lora=lora).eval()
     adapted = {name.split(".", 2)[-1] for name, m in ours.named_modules() if isinstance(m, LoRALinear)}
-    assert adapted == {"attention.wq_a", "attention.wq_b", "attention.wkv_a", "attention.wkv_b", "attention.wo",
+    assert adapted == {"attention.wq_a", "attention.wq_b", "attention.wkv_a_with_mqa", "attention.wkv_b", "attention.wo",
                        "feed_forward.w1"}
     with torch.no_grad():
         torch.testing.assert_close(ours(_tokens(), SEQLENS), base(_tokens(), SEQLENS), rtol=0, atol=0)

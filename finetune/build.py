@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from finetune.args import TrainArgs
 from finetune.config import ConfigError
@@ -19,6 +20,7 @@ from finetune.loss import TransformerWithLoss
 from finetune.parallel import freeze, parallelize
 from model.args import LoraArgs, ModelArgs
 from model.checkpoint import iter_base_weights, load_adapters_state, retie, tied_aliases
+from model.keys import checkpoint_layout
 from model.lora import init_lora_A_, is_lora_key, lora_modules
 from model.quant import NF4LoRALinear, import_bitsandbytes, quantize_lora_layers, quantize_nf4
 from model.transformer import Transformer
@@ -144,10 +146,19 @@ def build_sharded(
     return model
 
 
-def _copy_into(param: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy a full tensor into a parameter, keeping only this rank's shard when it is sharded."""
+def _copy_into(param: torch.Tensor, full: torch.Tensor, row: int | None = None) -> None:
+    """Copy a full tensor into a parameter, keeping only this rank's shard when it is sharded; with
+    ``row``, ``full`` is that row (one expert) of a stacked parameter, which FSDP shards by rows."""
     with torch.no_grad():
-        if isinstance(param, DTensor):
+        if row is not None:
+            if isinstance(param, DTensor):
+                local = param.to_local()  # this rank's rows [start, start + len)
+                _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+                if offset[0] <= row < offset[0] + local.shape[0]:
+                    local[row - offset[0]].copy_(full)
+            else:
+                param[row].copy_(full)
+        elif isinstance(param, DTensor):
             # src_data_rank=None: every rank has the full tensor and slices its own shard; no traffic.
             shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
             param.to_local().copy_(shard.to_local())
@@ -175,7 +186,9 @@ def _load_base(model: TransformerWithLoss, folder: str, device: torch.device) ->
     nf4 = {f"{n}.weight": m for n, m in lora_modules(model.transformer).items() if isinstance(m, NF4LoRALinear)}
     # Checkpoint shapes: NF4 layers hold packed codes, but the file holds the (out, in) weight.
     shapes = {k: (nf4[k].out_features, nf4[k].in_features) if k in nf4 else tuple(p.shape) for k, p in params.items()}
-    for key, tensor in iter_base_weights(folder, shapes):
+    layout = checkpoint_layout(shapes, model.transformer.args)  # experts are stored one by one
+    for file_key, tensor in iter_base_weights(folder, {k: shape for k, (_, _, shape) in layout.items()}):
+        key, row, _ = layout[file_key]
         if key in nf4:
             # Quantized from the checkpoint's own dtype, one tensor at a time: the full-precision
             # model never exists; every rank quantizes the same tensor and keeps its shard.
@@ -183,7 +196,7 @@ def _load_base(model: TransformerWithLoss, folder: str, device: torch.device) ->
             nf4[key].set_quant_stats(stats)
             _copy_into(params[key], packed)
         else:
-            _copy_into(params[key], tensor.to(device=device, dtype=params[key].dtype))
+            _copy_into(params[key], tensor.to(device=device, dtype=params[key].dtype), row)
 
 
 def _init_adapters(model: TransformerWithLoss, seed: int, device: torch.device) -> None:

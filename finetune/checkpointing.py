@@ -44,6 +44,7 @@ from finetune.loss import TransformerWithLoss
 from finetune.safe_dcp import SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpointError, read_metadata_file
 from model.args import LoraArgs, ModelArgs
 from model.configs import params_from_args
+from model.keys import to_checkpoint_names
 from model.lora import lora_modules, lora_state_dict
 from model.merge import merged_weights
 from model.multimodal import vision_block, vision_tensors
@@ -57,8 +58,9 @@ _STATE_OPTIONS = StateDictOptions(ignore_frozen_params=True)
 # trainable key the checkpoint lacks.
 _LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 # The resume state's layout: its keys are the training module's parameter names. 2: the transformer
-# is the ``transformer`` of TransformerWithLoss (it was ``model``).
-STATE_FORMAT = 2
+# is the ``transformer`` of TransformerWithLoss (it was ``model``); 3: MoE experts are stacked tensors
+# (``model.experts``; they were one module per expert).
+STATE_FORMAT = 3
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -160,13 +162,14 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 def gather_adapters(model: TransformerWithLoss, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The adapter file's tensors, gathered one at a time onto rank 0's CPU."""
+    """The adapter file's tensors, gathered one at a time onto rank 0's CPU, under checkpoint names
+    (one adapter per expert: ``model.checkpoint.file_keys``)."""
     out = {}
     for key, t in lora_state_dict(model.transformer).items():
         full = _full(t)
         if D.is_main():
-            out[key] = full.to("cpu", dtype).contiguous()
-    return out
+            out[key] = full.to("cpu", dtype)
+    return {k: t.contiguous() for k, t in to_checkpoint_names(out, model.transformer.args).items()}
 
 
 def gather_merged(model: TransformerWithLoss, dtype: torch.dtype,

@@ -8,8 +8,52 @@ from typing import Any
 
 @dataclass
 class MoeArgs:
+    """Mixture-of-experts feed-forward (``model.moe``). Mixtral: 8 experts, top-2, every layer.
+    Fine-grained (Mistral Small 4, params.json's ``moe`` block as vLLM reads it): many narrow routed
+    experts (``expert_hidden_dim`` wide) chosen within the best ``num_expert_groups_per_tok`` of
+    ``num_expert_groups`` groups, their normalised weights scaled by ``routed_scale``, plus
+    ``num_shared_experts`` always-on experts; the first ``first_k_dense_replace`` layers stay dense."""
+
     num_experts: int = 8
     num_experts_per_tok: int = 2
+    # None: experts are ``ModelArgs.hidden_dim`` wide (Mixtral) and named under ``feed_forward``.
+    expert_hidden_dim: int | None = None
+    num_shared_experts: int = 0
+    first_k_dense_replace: int = 0
+    num_expert_groups: int = 1
+    num_expert_groups_per_tok: int = 1
+    routed_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"moe.num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 and "
+                f"moe.num_experts ({self.num_experts})."
+            )
+        groups, chosen = self.num_expert_groups, self.num_expert_groups_per_tok
+        if groups < 1 or self.num_experts % groups or not 0 < chosen <= groups:
+            raise ValueError(
+                f"moe.num_expert_groups ({groups}) must divide num_experts ({self.num_experts}) and "
+                f"num_expert_groups_per_tok ({chosen}) must be between 1 and it."
+            )
+        if chosen * (self.num_experts // groups) < self.num_experts_per_tok:
+            raise ValueError(
+                f"moe: {chosen} group(s) of {self.num_experts // groups} experts cannot hold "
+                f"num_experts_per_tok={self.num_experts_per_tok} experts."
+            )
+
+    @property
+    def fine_grained(self) -> bool:
+        """Mistral Small 4's layout: checkpoint keys ``layers.N.gate``/``experts.E``/``shared_experts``
+        sit at the layer level (Mixtral's under ``feed_forward``)."""
+        return self.expert_hidden_dim is not None
+
+
+# wq_a, wq_b, wkv_a_with_mqa, wkv_b: latent attention's projections (model.mla).
+DEFAULT_TARGETS = ("wq", "wk", "wv", "wo", "wq_a", "wq_b", "wkv_a_with_mqa", "wkv_b", "w1", "w2", "w3")
+LORA_TARGETS = frozenset(
+    DEFAULT_TARGETS + tuple(f"{scope}.{w}" for scope in ("experts", "shared_experts") for w in ("w1", "w2", "w3"))
+)
 
 
 @dataclass
@@ -21,8 +65,11 @@ class LoraArgs:
     rank: int = 16
     scaling: float = 2.0
     dropout: float = 0.0
-    # Names of the linear layers that get adapters (attention and feed-forward, MoE experts included).
-    target_modules: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+    # Names of the linear layers that get adapters: a leaf name (``w1``: every w1, dense, routed expert
+    # and shared expert alike) or a scoped one (``experts.w1``: routed experts only, ``shared_experts.w1``).
+    # Names a model does not have match nothing, so the default covers grouped-query and latent
+    # attention (model.mla) alike. The MoE router never gets an adapter.
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
 
     def __post_init__(self) -> None:
         if not self.enable:
@@ -33,12 +80,10 @@ class LoraArgs:
             raise ValueError(f"lora.scaling must be > 0, got {self.scaling!r}; the default is 2.0.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}.")
-        # wq_a, wq_b, wkv_a_with_mqa, wkv_b: latent attention's projections (model.mla).
-        allowed = {"wq", "wk", "wv", "wo", "w1", "w2", "w3", "wq_a", "wq_b", "wkv_a_with_mqa", "wkv_b"}
-        bad = [t for t in self.target_modules if t not in allowed]
+        bad = [t for t in self.target_modules if t not in LORA_TARGETS]
         if bad or not self.target_modules:
             raise ValueError(
-                f"lora.target_modules has {bad or 'no entries'}; choose from {sorted(allowed)}."
+                f"lora.target_modules has {bad or 'no entries'}; choose from {sorted(LORA_TARGETS)}."
             )
 
 
@@ -127,6 +172,16 @@ class ModelArgs:
                 f"sliding_window lists {len(pattern)} windows, which does not divide n_layers ({self.n_layers}); "
                 "the list is a pattern repeated over the layers."
             )
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer ``layer``'s feed-forward is a mixture of experts (the rest are dense)."""
+        return self.moe is not None and layer >= self.moe.first_k_dense_replace
+
+    @property
+    def expert_hidden_dim(self) -> int:
+        """A routed (and each shared) expert's hidden width."""
+        assert self.moe is not None
+        return self.moe.expert_hidden_dim or self.hidden_dim
 
     @property
     def rope_dim(self) -> int:

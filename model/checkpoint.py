@@ -11,6 +11,8 @@ A Hugging Face ``MistralForCausalLM``/``MixtralForCausalLM`` folder (``config.js
 its tensors are renamed and un-permuted one at a time as they stream (see ``model.hf``). A multimodal
 checkpoint (native ``vision_encoder`` block, HF ``mistral3``) streams its vision weights under native
 names too; they are not part of the trained model (``model.multimodal``).
+
+Checkpoint key names are the model's parameter names except in MoE layers (``model.keys``).
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from model.configs import args_from_hf_config, load_model_args, read_json_object
+from model.configs import args_from_hf_config, args_from_params, load_model_args, read_json_object
 from model.fp8 import dequantized, weight_scales
 from model.hf import tensors_from_hf
+from model.keys import checkpoint_layout, file_keys, from_checkpoint_names, to_checkpoint_names  # noqa: F401
 from model.lora import is_lora_key, lora_modules, lora_state_dict
 from model.multimodal import (
     is_hf_vision_key,
@@ -43,7 +46,6 @@ from model.multimodal import (
 logger = logging.getLogger("model")
 
 _SHARD = re.compile(r"consolidated-(\d+)-of-(\d+)\.safetensors$")
-
 
 def is_hf_folder(folder: str | Path) -> bool:
     folder = Path(folder)
@@ -194,14 +196,19 @@ def iter_base_weights(
 
 
 def base_weight_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Checkpoint key -> shape; a tied weight (``output`` = ``tok_embeddings``) is stored once, under its
-    first name."""
+    """Model key -> shape of the base weights; a tied weight (``output`` = ``tok_embeddings``) is stored
+    once, under its first name."""
     aliases = tied_aliases(model)
     return {
         k: tuple(v.shape)
         for k, v in model.state_dict(keep_vars=True).items()
         if not is_lora_key(k) and k not in aliases
     }
+
+
+def base_weight_layout(model: nn.Module) -> dict[str, tuple[str, int | None, tuple[int, ...]]]:
+    """``checkpoint_layout`` of ``model``'s base weights (``model.args`` says how MoE layers are named)."""
+    return checkpoint_layout(base_weight_shapes(model), model.args)
 
 
 def tied_aliases(model: nn.Module) -> dict[str, str]:
@@ -228,10 +235,17 @@ def load_base_weights(
 ) -> None:
     """Assign checkpoint tensors into a (meta-device) model, strictly."""
     aliases = tied_aliases(model)
-    loaded = {
-        key: tensor.to(device=device, dtype=dtype)
-        for key, tensor in iter_base_weights(folder, base_weight_shapes(model))
-    }
+    layout = base_weight_layout(model)
+    shapes = base_weight_shapes(model)
+    loaded: dict[str, torch.Tensor] = {}
+    for file_key, tensor in iter_base_weights(folder, {k: shape for k, (_, _, shape) in layout.items()}):
+        key, row, _ = layout[file_key]
+        if row is None:
+            loaded[key] = tensor.to(device=device, dtype=dtype)
+        else:  # one expert of a stacked tensor
+            if key not in loaded:
+                loaded[key] = torch.empty(shapes[key], device=device, dtype=dtype)
+            loaded[key][row].copy_(tensor)
     model.load_state_dict(loaded, strict=False, assign=True)
     retie(model, aliases)  # assign replaced the first name's parameter only
 
@@ -265,12 +279,14 @@ def find_adapter(path: str | Path) -> tuple[Path, dict | None]:
 
 
 def load_adapters_state(model: nn.Module, path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a ``lora.safetensors`` and check it fits the model's adapters (keys and ranks)."""
+    """Read a ``lora.safetensors``, check it fits the model's adapters (keys and ranks) and return its
+    tensors under the model's names (experts' adapters stacked)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter file {path} not found (expected a lora.safetensors).")
     state = load_file(str(path))
-    shapes = {key: tuple(t.shape) for key, t in lora_state_dict(model).items()}
+    layout = checkpoint_layout({key: tuple(t.shape) for key, t in lora_state_dict(model).items()}, model.args)
+    shapes = {key: shape for key, (_, _, shape) in layout.items()}
     missing = sorted(set(shapes) - set(state))
     unexpected = sorted(set(state) - set(shapes))
     if missing or unexpected:
@@ -285,7 +301,7 @@ def load_adapters_state(model: nn.Module, path: str | Path) -> dict[str, torch.T
                 f"{path}: '{key}' has shape {tuple(state[key].shape)}, the model expects "
                 f"{shape}; set lora.rank to the rank the adapter was trained with."
             )
-    return state
+    return from_checkpoint_names(state, layout)
 
 
 def load_adapters(model: nn.Module, path: str | Path) -> None:
@@ -313,6 +329,8 @@ def save_model_folder(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+    # A model's own state dict is stored under checkpoint names (experts one by one).
+    state_dict = to_checkpoint_names(state_dict, args_from_params(params))
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     if params.get("tied_embeddings"):
         tensors.pop("output.weight", None)  # the embedding is the output layer; stored once

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from model.args import LoraArgs, ModelArgs
+from model.keys import to_checkpoint_names
 from model.multimodal import is_vision_key, text_key_to_mistral3, vision_block, vision_to_hf
 
 
@@ -106,8 +107,9 @@ def tensor_to_hf_model(key: str, w: torch.Tensor, args: ModelArgs) -> tuple[str,
 
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """Mistral consolidated tensors -> HF tensors (q/k rows permuted)."""
-    return dict(tensor_to_hf(key, w, args) for key, w in state.items())
+    """Mistral consolidated tensors (or a model's state dict: stacked experts are split) -> HF tensors
+    (q/k rows permuted)."""
+    return dict(tensor_to_hf(key, w, args) for key, w in to_checkpoint_names(state, args).items())
 
 
 # --- Hugging Face -> Mistral (importing an HF-format base model) ---
@@ -165,13 +167,22 @@ def tensors_from_hf(key: str, w: torch.Tensor, args: ModelArgs) -> Iterator[tupl
 _PEFT_PREFIX = "base_model.model."
 
 
-def peft_target_modules(lora: LoraArgs, moe: bool) -> list[str]:
-    """Our target names (wq, w1, ...) as the HF module leaf names PEFT matches on."""
-    names = {t: module_to_hf(f"attention.{t}", moe).rsplit(".", 1)[-1] for t in ("wq", "wk", "wv", "wo")}
+def attention_projections(args: ModelArgs) -> tuple[str, ...]:
+    """The attention's linear layers in this model: grouped-query or latent (model.mla)."""
+    if args.mla is None:
+        return ("wq", "wk", "wv", "wo")
+    query = ("wq",) if args.mla.q_lora_rank is None else ("wq_a", "wq_b")
+    return (*query, "wkv_a_with_mqa", "wkv_b", "wo")
+
+
+def peft_target_modules(lora: LoraArgs, args: ModelArgs) -> list[str]:
+    """Our target names (wq, w1, ...) present in this model, as the HF module leaf names PEFT matches on."""
+    moe = args.moe is not None
+    names = {t: module_to_hf(f"attention.{t}", moe).rsplit(".", 1)[-1] for t in attention_projections(args)}
     for t in ("w1", "w2", "w3"):
         # Mixtral's experts keep w1/w2/w3 in HF's layout (PEFT fuses them itself on load).
         names[t] = t if moe else module_to_hf(f"feed_forward.{t}", moe).rsplit(".", 1)[-1]
-    targets = set(lora.target_modules)
+    targets = set(lora.target_modules) & set(names)
     if moe and targets & {"w1", "w2", "w3"}:
         targets |= {"w1", "w2", "w3"}  # see to_peft_state_dict
     return sorted(names[t] for t in targets)
@@ -186,10 +197,10 @@ def to_peft_state_dict(lora_state: dict[str, torch.Tensor], args: ModelArgs) -> 
     targeted. So expert projections the run did not train are exported as exact zero adapters
     (A = 0 and B = 0: no change to the output, and no gradient if training continues).
     """
-    state = dict(lora_state)
+    state = to_checkpoint_names(lora_state, args)  # an adapter file's names, or a model's (stacked experts)
     if args.moe is not None:
         experts = {}
-        for key, w in lora_state.items():
+        for key, w in list(state.items()):
             m = re.fullmatch(r"(layers\.\d+\.feed_forward\.experts\.\d+)\.(w[123])\.lora_([AB])\.weight", key)
             if m:
                 experts.setdefault(m.group(1), {})[(m.group(2), m.group(3))] = w
@@ -210,7 +221,7 @@ def to_peft_state_dict(lora_state: dict[str, torch.Tensor], args: ModelArgs) -> 
 def _peft_targets(lora: LoraArgs, args: ModelArgs) -> list[str] | str:
     """Leaf names; for a multimodal model a regex (PEFT full-matches a string) on the language model's
     module paths, because the vision tower has q_proj ... gate_proj leaves of its own."""
-    names = peft_target_modules(lora, args.moe is not None)
+    names = peft_target_modules(lora, args)
     if vision_block(args.extra) is None:
         return names
     return rf"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(names)})"

@@ -78,8 +78,14 @@ class LoRALinear(nn.Module):
 
 def init_lora_A_(weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """lora_A's initialisation, in place: kaiming_uniform_(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)),
-    as nn.Linear and mistral-finetune do (lora_B starts at zero)."""
-    return nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+    as nn.Linear and mistral-finetune do (lora_B starts at zero). A stacked (experts, rank, in)
+    ``lora_A`` (``model.experts``) gets the same bound for every expert's matrix."""
+    if weight.dim() == 2:
+        return nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+    # kaiming_uniform_'s own arithmetic, with fan_in = in (it would count rank * in for a 3-D tensor).
+    bound = math.sqrt(3.0) * math.sqrt(2.0 / (1 + 5)) / math.sqrt(weight.shape[-1])
+    with torch.no_grad():
+        return weight.uniform_(-bound, bound, generator=generator)
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -108,16 +114,33 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def lora_file_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``lora_state_dict`` of a model on one device under the adapter file's names: one adapter per
+    expert (``model.keys``), as training writes ``lora.safetensors``."""
+    from model.keys import to_checkpoint_names
+
+    return to_checkpoint_names(lora_state_dict(model), model.args)
+
+
 def merge_delta(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
     """W + scaling * B A, computed in float32 and cast to W's dtype (every merge: ``model.merge``)."""
     return (weight.float() + scaling * (lora_b.float() @ lora_a.float())).to(weight.dtype)
 
 
-def linear_factory(lora: LoraArgs | None) -> LinearFactory:
-    """Builds LoRALinear for the targeted layer names, plain nn.Linear for the rest."""
+def is_target(lora: LoraArgs | None, name: str) -> bool:
+    """Whether ``lora.target_modules`` selects layer ``name``: a leaf name (``wq``, ``w1``) or a scoped
+    one (``experts.w1``, ``shared_experts.w1``), matched by itself or by its leaf."""
+    if lora is None or not lora.enable:
+        return False
+    return name in lora.target_modules or name.rpartition(".")[2] in lora.target_modules
+
+
+def linear_factory(lora: LoraArgs | None, scope: str = "") -> LinearFactory:
+    """Builds LoRALinear for the targeted layer names, plain nn.Linear for the rest; ``scope``
+    (``shared_experts.``) prefixes the names matched against ``lora.target_modules``."""
 
     def make(name: str, in_features: int, out_features: int) -> nn.Module:
-        if lora is not None and lora.enable and name in lora.target_modules:
+        if is_target(lora, scope + name):
             return LoRALinear(in_features, out_features, rank=lora.rank, scaling=lora.scaling, dropout=lora.dropout)
         return nn.Linear(in_features, out_features, bias=False)
 

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from model.checkpoint import iter_checkpoint_tensors
+from model.keys import file_keys
 from model.lora import is_lora_key, lora_modules, lora_state_dict, merge_delta
 from model.multimodal import is_vision_key
 from model.quant import NF4LoRALinear
@@ -51,8 +52,8 @@ def adapter_pairs(adapters: Mapping[str, torch.Tensor], source: str) -> dict[str
 
 
 def check_fits(module: str, a: torch.Tensor, b: torch.Tensor, shape: tuple[int, ...], source: str, base: str) -> None:
-    """B A must have the weight's (out, in) shape."""
-    if (b.shape[0], a.shape[1]) != tuple(shape) or a.shape[0] != b.shape[1]:
+    """B A must have the weight's (out, in) shape ((experts, out, in) for stacked experts)."""
+    if (*b.shape[:-1], a.shape[-1]) != tuple(shape) or a.shape[-2] != b.shape[-1] or a.shape[:-2] != b.shape[:-2]:
         raise MergeError(
             f"{source}: '{module}' adapter shapes {tuple(b.shape)} x {tuple(a.shape)} do not fit "
             f"{base}'s weight {tuple(shape)}; use the base model the adapter was trained on."
@@ -106,8 +107,11 @@ def merged_weights(
             weight = full(p.detach())
             yield key, nf4[key].dequantize(weight) if key in nf4 else weight  # packed codes -> (out, in)
 
-    yield from merge_weights(base(), adapters, scalings.pop() if scalings else 0.0,
-                             source="the model's adapters", base="the model")
+    merged = merge_weights(base(), adapters, scalings.pop() if scalings else 0.0,
+                           source="the model's adapters", base="the model")
+    for key, weight in merged:  # stacked experts are stored one by one
+        for file_key, row in file_keys(key, weight.shape[0], model.args):
+            yield file_key, weight if row is None else weight[row]
 
 
 def merge_checkpoint(base: Path, adapter: Path, scaling: float, out: Path, dtype: torch.dtype | None) -> int:

@@ -1,8 +1,16 @@
-"""Mixtral's sparse mixture-of-experts feed-forward layer.
+"""Mixture-of-experts feed-forward: Mixtral's and the fine-grained one of Mistral Small 4.
 
-The router ``gate`` scores every expert, the top-k *logits* are softmaxed (in float32) into
-mixing weights, and each token's output is the weighted sum of its k experts' SwiGLU outputs.
-No auxiliary load-balancing loss, matching mistral-inference and mistral-finetune.
+The router ``gate`` scores every expert; the scores are softmaxed over all experts (float32), the
+top-k experts are chosen (within the best ``num_expert_groups_per_tok`` groups when the experts are
+grouped), and their weights renormalised to sum to one and scaled by ``routed_scale``, as
+transformers' ``Mistral4TopkRouter`` (and vLLM) compute them. For Mixtral (one group, scale 1) this
+equals the softmax of the top-k logits that mistral-inference takes. Shared experts, if any, see
+every token and are added. No auxiliary load-balancing loss, matching mistral-inference and
+mistral-finetune.
+
+The routed experts run as grouped matrix products over the tokens sorted by expert
+(``model.experts``); every expert's weights take part in every forward, so all FSDP ranks and
+checkpointed recomputations follow the same path through the parameters.
 """
 
 from __future__ import annotations
@@ -10,8 +18,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.args import ModelArgs
-from model.lora import LinearFactory
+from model.args import LoraArgs, ModelArgs
+from model.experts import GroupedExperts
+from model.lora import LinearFactory, linear_factory
 
 
 class FeedForward(nn.Module):
@@ -28,25 +37,46 @@ class FeedForward(nn.Module):
 
 
 class MoeLayer(nn.Module):
-    def __init__(self, args: ModelArgs, make_linear: LinearFactory) -> None:
+    def __init__(self, args: ModelArgs, lora: LoraArgs | None) -> None:
         super().__init__()
-        assert args.moe is not None
-        self.num_experts_per_tok = args.moe.num_experts_per_tok
-        # The router is never a LoRA target (mistral-inference has no adapter for it).
-        self.gate = nn.Linear(args.dim, args.moe.num_experts, bias=False)
-        self.experts = nn.ModuleList(
-            FeedForward(args.dim, args.hidden_dim, make_linear) for _ in range(args.moe.num_experts)
+        moe = args.moe
+        assert moe is not None
+        self.num_experts, self.top_k = moe.num_experts, moe.num_experts_per_tok
+        self.groups, self.groups_per_tok, self.routed_scale = (
+            moe.num_expert_groups, moe.num_expert_groups_per_tok, moe.routed_scale
         )
+        # The router is never a LoRA target (mistral-inference has no adapter for it).
+        self.gate = nn.Linear(args.dim, moe.num_experts, bias=False)
+        self.experts = GroupedExperts(moe.num_experts, args.dim, args.expert_hidden_dim, lora)
+        if moe.num_shared_experts:
+            shared_dim = args.expert_hidden_dim * moe.num_shared_experts
+            self.shared_experts = FeedForward(args.dim, shared_dim, linear_factory(lora, scope="shared_experts."))
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights (tokens, k) float32, experts (tokens, k) int64) for x (tokens, dim)."""
+        scores = self.gate(x).float().softmax(dim=-1)  # (tokens, experts)
+        choosable = scores
+        if self.groups > 1:
+            grouped = scores.view(-1, self.groups, self.num_experts // self.groups)  # (tokens, groups, per group)
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (tokens, groups): best two per group
+            best = group_scores.topk(self.groups_per_tok, dim=-1).indices  # (tokens, groups_per_tok)
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)  # (tokens, groups)
+            choosable = (grouped * keep[..., None]).view_as(scores)  # other groups' experts scored 0
+        experts = choosable.topk(self.top_k, dim=-1).indices  # (tokens, k)
+        weights = scores.gather(1, experts)
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20) * self.routed_scale
+        return weights, experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.gate(x)  # (tokens, experts)
-        top_logits, top_experts = torch.topk(logits, self.num_experts_per_tok, dim=-1)  # (tokens, k)
-        weights = torch.softmax(top_logits.float(), dim=-1).type_as(x)  # (tokens, k)
-        out = torch.zeros_like(x)
-        for j, expert in enumerate(self.experts):
-            token_idx, slot = torch.where(top_experts == j)  # tokens routed to expert j
-            # Every expert runs even with no tokens, so all ranks and checkpointed recomputes take
-            # the same path through the parameters (FSDP needs every rank to use each expert).
-            y = expert(x[token_idx]) * weights[token_idx, slot, None]  # (routed, dim)
-            out.index_add_(0, token_idx, y)
+        """x (tokens, dim) -> (tokens, dim)."""
+        weights, experts = self.route(x)
+        flat = experts.flatten()  # (tokens * k,): token t's j-th choice at t * k + j
+        order = flat.argsort(stable=True)  # rows grouped by expert
+        ends = torch.bincount(flat, minlength=self.num_experts).cumsum(0).to(torch.int32)  # (experts,)
+        token = order // self.top_k  # (tokens * k,): the token each sorted row belongs to
+        y = self.experts(x[token], ends)  # (tokens * k, dim)
+        y = y * weights.flatten()[order, None].to(y.dtype)
+        out = torch.zeros_like(x).index_add_(0, token, y)  # (tokens, dim)
+        if hasattr(self, "shared_experts"):
+            out = out + self.shared_experts(x)
         return out

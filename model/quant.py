@@ -169,13 +169,14 @@ class NF4LoRALinear(LoRALinear):
 
 
 def quantize_lora_layers(model: nn.Module, storage_dtype: torch.dtype) -> None:
-    """Replace every LoRALinear of ``model`` by an NF4LoRALinear, in place.
+    """Replace every (2-D) LoRALinear of ``model`` by an NF4LoRALinear, in place.
 
     On the meta device (training builds) the new layers are empty, to be filled while the
     checkpoint streams in; otherwise each base weight is quantized and the adapters are copied.
     """
     for name, old in lora_modules(model).items():
-        if isinstance(old, NF4LoRALinear):
+        # Stacked experts (model.experts) keep their base weights unquantized.
+        if isinstance(old, NF4LoRALinear) or old.weight.dim() != 2:
             continue
         meta = old.weight.is_meta
         new = NF4LoRALinear(

@@ -24,7 +24,7 @@ from model.rope import positions_from_seqlens, rotations
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs, lora: LoraArgs | None) -> None:
+    def __init__(self, args: ModelArgs, lora: LoraArgs | None, layer: int = 0) -> None:
         super().__init__()
         make_linear = linear_factory(lora)
         self.attention: nn.Module = (
@@ -33,7 +33,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward: nn.Module = (
-            MoeLayer(args, make_linear) if args.moe is not None else FeedForward(args.dim, args.hidden_dim, make_linear)
+            MoeLayer(args, lora) if args.is_moe_layer(layer) else FeedForward(args.dim, args.hidden_dim, make_linear)
         )
 
     def forward(
@@ -50,7 +50,7 @@ class Transformer(nn.Module):
         # The kernel's name (model/attention.py BACKENDS); each block's ``attention`` is the module.
         self.args, self.lora, self.attention_backend = args, lora, attention_backend
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args, lora) for _ in range(args.n_layers))
+        self.layers = nn.ModuleList(TransformerBlock(args, lora, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tied_embeddings:

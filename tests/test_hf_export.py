@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from model.args import LoraArgs, ModelArgs
 from model.configs import hf_config_from_args
 from model.hf import to_hf_state_dict
-from model.lora import freeze_all_but_lora, lora_state_dict
+from model.keys import checkpoint_layout, from_checkpoint_names
+from model.lora import freeze_all_but_lora, lora_file_state
 from model.merge import merged_weights
 from model.tiny import tiny_args
 from model.transformer import Transformer
@@ -57,7 +58,7 @@ def _make_run(tmp_path: Path, args: ModelArgs, lora: LoraArgs, *, save_adapters:
     lora_params = {"enable": True, "rank": lora.rank, "scaling": lora.scaling, "dropout": lora.dropout,
                    "target_modules": lora.target_modules}
     (folder / "params.json").write_text(json.dumps({**read_params(base), "lora": lora_params}))
-    state = lora_state_dict(model) if save_adapters else dict(merged_weights(model))
+    state = lora_file_state(model) if save_adapters else dict(merged_weights(model))
     name = "lora.safetensors" if save_adapters else "consolidated.safetensors"
     save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(folder / name))
     shutil.copy(_tokenizer_file(), folder / "tokenizer.model.v3")
@@ -174,7 +175,9 @@ def test_merged_export_of_a_full_weights_checkpoint(tmp_path):
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     merged = Transformer(args).eval()
-    merged.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in dict(merged_weights(ours)).items()})
+    layout = checkpoint_layout({k: tuple(v.shape) for k, v in merged.state_dict().items()}, args)
+    state = {k: v.to(torch.bfloat16).float() for k, v in merged_weights(ours)}  # checkpoint names
+    merged.load_state_dict(from_checkpoint_names(state, layout))
     _assert_same_logits(merged, hf)
     with pytest.raises(ValueError, match="holds merged weights.*--merged"):
         export(["--checkpoint", str(ckpt), "--out", str(tmp_path / "adapter")])

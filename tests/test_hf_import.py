@@ -11,6 +11,7 @@ from model.args import LoraArgs
 from model.checkpoint import iter_checkpoint_tensors
 from model.configs import hf_config_from_args, load_model_args
 from model.hf import key_from_hf, key_to_hf, to_hf_state_dict
+from model.keys import to_checkpoint_names
 from model.tiny import random_base_model, tiny_args
 from model.transformer import Transformer
 from tests.model_helpers import assert_packed_matches_hf, save_random_hf
@@ -61,7 +62,7 @@ def test_import_is_exact_inverse_of_export(tmp_path):
 
 
     args = tiny_args(moe={"num_experts": 2, "num_experts_per_tok": 1}, sliding_window=8)
-    state = random_base_model(args, seed=3).state_dict()
+    state = to_checkpoint_names(random_base_model(args, seed=3).state_dict(), args)  # experts one by one
     (tmp_path / "config.json").write_text(json.dumps(hf_config_from_args(args, dtype="float32")))
     save_file({k: v.contiguous() for k, v in to_hf_state_dict(state, args).items()}, str(tmp_path / "model.safetensors"))
     assert load_model_args(tmp_path) == args

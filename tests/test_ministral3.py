@@ -194,7 +194,7 @@ def test_merge_and_export_keep_the_tie(tmp_path):
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from model.lora import freeze_all_but_lora, lora_state_dict
+    from model.lora import freeze_all_but_lora, lora_file_state
     from utils.export_hf import main as export
     from utils.merge_lora import main as merge
 
@@ -208,7 +208,7 @@ def test_merge_and_export_keep_the_tie(tmp_path):
             torch.nn.init.normal_(p, std=0.1)
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    save_file({k: v.contiguous() for k, v in lora_state_dict(model).items()}, str(ckpt / "lora.safetensors"))
+    save_file({k: v.contiguous() for k, v in lora_file_state(model).items()}, str(ckpt / "lora.safetensors"))
     lora_params = {"enable": True, "rank": 2, "scaling": lora.scaling, "target_modules": lora.target_modules}
     (ckpt / "params.json").write_text(json.dumps({**params, "lora": lora_params}))
 

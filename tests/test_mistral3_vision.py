@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from model.args import LoraArgs
 from model.checkpoint import iter_checkpoint_tensors, save_model_folder
 from model.configs import args_from_hf_config, args_from_params, load_model_args, params_from_args
-from model.lora import freeze_all_but_lora, lora_state_dict
+from model.lora import freeze_all_but_lora, lora_file_state
 from model.multimodal import is_vision_key
 from model.transformer import Transformer
 from tests.model_helpers import assert_packed_matches_hf, save_random_hf
@@ -117,7 +117,7 @@ def _adapter_run(base, tmp_path):
             torch.nn.init.normal_(p, std=0.1)
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    save_file({k: v.contiguous() for k, v in lora_state_dict(model).items()}, str(ckpt / "lora.safetensors"))
+    save_file({k: v.contiguous() for k, v in lora_file_state(model).items()}, str(ckpt / "lora.safetensors"))
     lora_params = {"enable": True, "rank": 2, "scaling": 1.5, "target_modules": lora.target_modules}
     (ckpt / "params.json").write_text(json.dumps({**params_from_args(model.args), "lora": lora_params}))
     return model.eval(), ckpt

@@ -12,7 +12,8 @@ from model.args import LoraArgs, ModelArgs
 from model.checkpoint import load_adapters
 from model.configs import args_from_params, hf_config_from_args, load_model_args, params_from_args
 from model.hf import to_hf_state_dict
-from model.lora import LoRALinear, freeze_all_but_lora, lora_state_dict
+from model.keys import to_checkpoint_names
+from model.lora import LoRALinear, freeze_all_but_lora, lora_file_state, lora_state_dict
 from model.merge import merged_weights
 from model.tiny import random_base_model, tiny_args
 from model.transformer import RMSNorm, Transformer, _RMSNormFunction
@@ -148,8 +149,8 @@ def test_zero_initialised_lora_equals_base(moe):
     base = random_base_model(tiny_args(moe=moe), seed=5).eval()
     lora = _lora_copy(base, LoraArgs(rank=4))
     n_lora = sum(isinstance(m, LoRALinear) for m in lora.modules())
-    per_layer_ffn = 3 * (3 if moe else 1)
-    assert n_lora == base.args.n_layers * (4 + per_layer_ffn)  # every wq..wo and every expert w1..w3
+    # every wq..wo and w1..w3; an MoE layer's w1..w3 each hold all its experts' adapters (model.experts)
+    assert n_lora == base.args.n_layers * (4 + 3)
     tokens = _tokens(sum(SEQLENS), 128)
     with torch.no_grad():
         torch.testing.assert_close(lora(tokens, SEQLENS), base(tokens, SEQLENS))
@@ -286,7 +287,7 @@ def test_adapters_round_trip_through_safetensors(tmp_path):
         for m in a.modules():
             if isinstance(m, LoRALinear):
                 m.lora_B.weight.normal_()
-    save_file({k: v.contiguous() for k, v in lora_state_dict(a).items()}, str(tmp_path / "lora.safetensors"))
+    save_file({k: v.contiguous() for k, v in lora_file_state(a).items()}, str(tmp_path / "lora.safetensors"))
     b = _lora_copy(base, LoraArgs(rank=3))
     load_adapters(b, tmp_path / "lora.safetensors")
     for key, value in lora_state_dict(a).items():
@@ -299,11 +300,14 @@ def test_adapters_round_trip_through_safetensors(tmp_path):
 def test_adapter_key_contract():
     """The adapter file's key names are a public contract (mistral-inference loads them)."""
     model = Transformer(tiny_args(n_layers=1, moe={"num_experts": 2, "num_experts_per_tok": 1}), lora=LoraArgs(rank=2))
-    keys = sorted(lora_state_dict(model))
+    # The model stacks its experts' adapters; the file names each expert's (model.keys).
+    file_state = to_checkpoint_names(lora_state_dict(model), model.args)
+    keys = sorted(file_state)
     attn = [f"layers.0.attention.{w}.{ab}.weight" for w in ("wk", "wo", "wq", "wv") for ab in ("lora_A", "lora_B")]
     experts = [f"layers.0.feed_forward.experts.{j}.{w}.{ab}.weight"
                for j in (0, 1) for w in ("w1", "w2", "w3") for ab in ("lora_A", "lora_B")]
     assert keys == sorted(attn + experts)
+    assert file_state["layers.0.feed_forward.experts.1.w2.lora_B.weight"].shape == (64, 2)
     dense = Transformer(tiny_args(n_layers=1), lora=LoraArgs(rank=2, target_modules=["wq", "wv"]))
     assert sorted(lora_state_dict(dense)) == [
         "layers.0.attention.wq.lora_A.weight", "layers.0.attention.wq.lora_B.weight",

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from model.args import LoraArgs, ModelArgs
 from model.configs import params_from_args
-from model.lora import lora_state_dict
+from model.lora import lora_file_state
 from model.merge import MergeError, merge_weights, merged_weights
 from model.tiny import tiny_args
 from model.transformer import Transformer
@@ -29,7 +29,7 @@ def _adapter_folder(folder, args: ModelArgs, lora: LoraArgs, seed: int = 0) -> T
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in lora_state_dict(model).items()}, str(folder / "lora.safetensors"))
+    save_file({k: v.contiguous() for k, v in lora_file_state(model).items()}, str(folder / "lora.safetensors"))
     params = {**params_from_args(args), "lora": {"enable": True, "rank": lora.rank, "scaling": lora.scaling}}
     (folder / "params.json").write_text(json.dumps(params))
     return model

@@ -3,8 +3,10 @@
 Decoding runs the model's own blocks (``TransformerBlock``: norms, residuals, LoRA/plain linears,
 feed-forward, RoPE); only the attention *kernel* differs: given a ``CacheStep`` (``model/kv_cache.py``),
 a batch of sequences attends to a padded cache of past keys and values instead of to a packed row, so
-one token per sequence costs one small forward. ``tests/test_tools_generate.py`` checks that cached
-decoding equals a full forward pass, token for token and logit for logit.
+one token per sequence costs one small forward. Latent attention (``model.mla``) caches its latents,
+not per-head keys and values, and attends in latent space. ``tests/test_tools_generate.py`` and
+``tests/test_mla_decoding.py`` check that cached decoding equals a full forward pass, token for
+token and logit for logit.
 """
 
 from __future__ import annotations

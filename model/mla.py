@@ -11,7 +11,8 @@ are Mistral's consolidated ones (``wq_a``, ``q_a_norm``, ``wq_b``, ``wkv_a_with_
 is; ``model.hf`` maps them to transformers' ``Mistral4Attention``.
 
 The attention itself is the shared per-document kernel (``model.attention.attend``); values may be
-narrower than queries and keys.
+narrower than queries and keys. Decoding (``model.generate``) caches each token's latent and rotary
+key part only, and attends in latent space (``_attend_cached``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from torch import nn
 from model.args import ModelArgs
 from model.attention import AttentionMask, attend
 from model.kv_cache import CacheStep
-from model.lora import LinearFactory
+from model.lora import LinearFactory, LoRALinear, merge_delta
 from model.norm import RMSNorm
+from model.quant import NF4LoRALinear
 from model.rope import apply_rope, query_key_rotations
 
 # The latent norms' epsilon: transformers' Mistral4RMSNorm default, not the model's norm_eps.
@@ -54,16 +56,14 @@ class LatentAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, freqs: torch.Tensor, mask: AttentionMask | None, cache: CacheStep | None = None
     ) -> torch.Tensor:
-        """``x`` (tokens, dim) -> (tokens, dim)."""
-        if cache is not None:
-            raise NotImplementedError("decoding with latent attention (a cache of the latent) is not implemented yet.")
+        """``x`` (tokens, dim) -> (tokens, dim). With a ``cache`` (decoding, ``model.generate``) the
+        tokens attend to the cached latents instead (``_attend_cached``), and ``mask`` is not used."""
         tokens = x.shape[0]
         q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_a_norm(self.wq_a(x)))
         q = q.view(tokens, self.n_heads, self.nope_dim + self.rope_dim)  # (tokens, heads, qk_dim)
         q_nope, q_rot = q.split([self.nope_dim, self.rope_dim], dim=-1)
         latent, k_rot = self.wkv_a_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)  # (tokens, rank), (tokens, rope)
-        kv = self.wkv_b(self.kv_a_norm(latent)).view(tokens, self.n_heads, self.nope_dim + self.v_dim)
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)  # (tokens, heads, nope), (tokens, heads, v_dim)
+        latent = self.kv_a_norm(latent)  # (tokens, rank)
 
         q_freqs, k_freqs = query_key_rotations(freqs)  # (tokens, rope // 2) each
         # transformers scales the whole query by llama-4's position factor, the unrotated part too:
@@ -73,10 +73,45 @@ class LatentAttention(nn.Module):
         q_nope = q_nope * (position_scale * self.softmax_scale_factor).to(q.dtype)
         q_rot = apply_rope(q_rot, q_freqs) * self.softmax_scale_factor  # (tokens, heads, rope)
         k_rot = apply_rope(k_rot[:, None], k_freqs)  # (tokens, 1, rope): one rotary key for all heads
+        if cache is not None:
+            out = self._attend_cached(q_nope, q_rot, latent, k_rot, cache)  # (tokens, heads, v_dim)
+            return self.wo(out.reshape(tokens, self.n_heads * self.v_dim))
+
+        kv = self.wkv_b(latent).view(tokens, self.n_heads, self.nope_dim + self.v_dim)  # (tokens, heads, nope + v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)  # (tokens, heads, nope), (tokens, heads, v_dim)
         q = torch.cat((q_nope, q_rot), dim=-1)  # (tokens, heads, qk_dim)
         k = torch.cat((k_nope, k_rot.expand(tokens, self.n_heads, self.rope_dim)), dim=-1)  # (tokens, heads, qk_dim)
         out = attend(q, k, v, mask)  # (tokens, heads, v_dim)
         return self.wo(out.reshape(tokens, self.n_heads * self.v_dim))
+
+    def _attend_cached(
+        self, q_nope: torch.Tensor, q_rot: torch.Tensor, latent: torch.Tensor, k_rot: torch.Tensor, cache: CacheStep
+    ) -> torch.Tensor:
+        """Attention in latent space (DeepSeek-V2's weight absorption), so that the cache keeps one
+        latent per token and no per-head keys or values are ever built from it: with W_k and W_v the
+        key and value parts of ``wkv_b``, q_nope . (W_k c) = (W_k^T q_nope) . c puts the query in
+        latent space, and sum_j p_j W_v c_j = W_v sum_j p_j c_j applies W_v once, after attention.
+        Exact up to rounding. (tokens, heads, nope), (tokens, heads, rope), (tokens, rank),
+        (tokens, 1, rope) -> (tokens, heads, v_dim)."""
+        w = _dense_weight(self.wkv_b).to(q_nope.dtype)  # (heads * (nope + v_dim), rank)
+        w = w.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)  # (heads, nope + v_dim, rank)
+        w_k, w_v = w.split([self.nope_dim, self.v_dim], dim=1)  # (heads, nope, rank), (heads, v_dim, rank)
+        q = torch.cat((torch.einsum("thn,hnr->thr", q_nope, w_k), q_rot), dim=-1)  # (tokens, heads, rank + rope)
+        entry = torch.cat((latent, k_rot[:, 0]), dim=-1)  # (tokens, rank + rope): what the cache stores
+        # The softmax scale stays the model's 1/sqrt(qk_dim), not 1/sqrt(rank + rope) of the absorbed query.
+        scale = (self.nope_dim + self.rope_dim) ** -0.5
+        out = cache.attend_latent(q, entry, self.kv_lora_rank, scale)  # (tokens, heads, rank)
+        return torch.einsum("thr,hvr->thv", out, w_v)  # (tokens, heads, v_dim)
+
+
+def _dense_weight(linear: nn.Module) -> torch.Tensor:
+    """The (out, in) matrix ``linear`` applies, adapters folded in: absorption multiplies by it
+    directly, and by its transpose, which the module itself cannot apply."""
+    if isinstance(linear, NF4LoRALinear):
+        return merge_delta(linear.dequantize(), linear.lora_A.weight, linear.lora_B.weight, linear.scaling)
+    if isinstance(linear, LoRALinear):
+        return merge_delta(linear.weight, linear.lora_A.weight, linear.lora_B.weight, linear.scaling)
+    return linear.weight
 
 
 def _magnitude(freqs: torch.Tensor) -> torch.Tensor:

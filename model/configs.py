@@ -66,20 +66,7 @@ def args_from_params(params: dict[str, Any], source: str = "params.json") -> Mod
         values["sliding_window"] = _sliding_window(window, values["n_layers"], source)
     moe = params.pop("moe", None)
     if moe is not None:
-        if not isinstance(moe, dict):
-            raise ValueError(f"{source}: 'moe' must be an object, got {moe!r}.")
-        moe = dict(moe)
-        moe_values = {}
-        for key in ("num_experts", "num_experts_per_tok"):
-            if key not in moe:
-                raise ValueError(f"{source}: 'moe' is missing '{key}'.")
-            moe_values[key] = moe.pop(key)
-        values["moe"] = MoeArgs(**moe_values)
-        if moe:  # e.g. shared experts or grouped routing: a different feed-forward, not implemented
-            raise ValueError(
-                f"{source}: 'moe' has {sorted(moe)}, which this library does not implement (it implements "
-                "'num_experts' and 'num_experts_per_tok' only); this model cannot be trained here."
-            )
+        values["moe"] = _moe(moe, values["n_layers"], source)
     for key, read in (("yarn", _yarn), ("llama_4_scaling", _llama_4_scaling)):
         value = params.pop(key, None)
         if value is not None:
@@ -121,10 +108,15 @@ def params_from_args(args: ModelArgs) -> dict[str, Any]:
     elif args.sliding_window is not None:
         out["sliding_window"] = args.sliding_window
     if args.moe is not None:
-        out["moe"] = {
-            "num_experts": args.moe.num_experts,
-            "num_experts_per_tok": args.moe.num_experts_per_tok,
-        }
+        m = args.moe
+        out["moe"] = {"num_experts": m.num_experts, "num_experts_per_tok": m.num_experts_per_tok}
+        if m.fine_grained:  # Mistral Small 4's block, every key as Mistral writes it
+            out["moe"].update(
+                expert_hidden_dim=m.expert_hidden_dim, num_shared_experts=m.num_shared_experts,
+                first_k_dense_replace=m.first_k_dense_replace, num_expert_groups=m.num_expert_groups,
+                num_expert_groups_per_tok=m.num_expert_groups_per_tok, routed_scale=m.routed_scale,
+                route_every_n=1,
+            )
     if args.yarn is not None:
         y = args.yarn
         out["yarn"] = {
@@ -143,6 +135,53 @@ def params_from_args(args: ModelArgs) -> dict[str, Any]:
         out["tied_embeddings"] = True
     out.update(extra)
     return out
+
+
+# params.json ``moe`` keys beyond Mixtral's two: Mistral Small 4's fine-grained experts (vLLM's Mistral
+# config adapter maps them to DeepSeek-V3's n_shared_experts, moe_intermediate_size, ...).
+_FINE_GRAINED_MOE = ("expert_hidden_dim", "num_shared_experts", "first_k_dense_replace", "num_expert_groups",
+                     "num_expert_groups_per_tok", "routed_scale")
+
+
+def _moe(value: Any, n_layers: int, source: str) -> MoeArgs:
+    """params.json's ``moe`` block: Mixtral's (num_experts, num_experts_per_tok) or Mistral Small 4's."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{source}: 'moe' must be an object, got {value!r}.")
+    moe = dict(value)
+    unknown = sorted(set(moe) - {"num_experts", "num_experts_per_tok", "route_every_n", *_FINE_GRAINED_MOE})
+    if unknown:
+        raise ValueError(
+            f"{source}: 'moe' has {unknown}, which this library does not implement (it implements "
+            f"num_experts, num_experts_per_tok, {', '.join(_FINE_GRAINED_MOE)}); this model cannot be trained here."
+        )
+    if moe.pop("route_every_n", 1) != 1:
+        raise ValueError(f"{source}: 'moe.route_every_n' is {value['route_every_n']!r}; only 1 (every layer "
+                         "after first_k_dense_replace is MoE) is implemented.")
+    values: dict[str, Any] = {}
+    for key in ("num_experts", "num_experts_per_tok"):
+        if key not in moe:
+            raise ValueError(f"{source}: 'moe' is missing '{key}'.")
+        values[key] = _positive_int(moe.pop(key), f"moe.{key}", source)
+    if moe and "expert_hidden_dim" not in moe:
+        raise ValueError(f"{source}: 'moe' has {sorted(moe)} but no 'expert_hidden_dim' (the routed experts' width).")
+    for key in ("expert_hidden_dim", "num_expert_groups", "num_expert_groups_per_tok"):
+        if key in moe:
+            values[key] = _positive_int(moe.pop(key), f"moe.{key}", source)
+    for key in ("num_shared_experts", "first_k_dense_replace"):
+        if key in moe:
+            count = moe.pop(key)
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise ValueError(f"{source}: 'moe.{key}' must be an integer >= 0, got {count!r}.")
+            values[key] = count
+    if "routed_scale" in moe:
+        values["routed_scale"] = _positive_float(moe.pop("routed_scale"), "moe.routed_scale", source)
+    if values.get("first_k_dense_replace", 0) >= n_layers:
+        raise ValueError(f"{source}: 'moe.first_k_dense_replace' ({values['first_k_dense_replace']}) leaves no "
+                         f"MoE layer of {n_layers}; drop the 'moe' block for a dense model.")
+    try:
+        return MoeArgs(**values)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
 
 
 # params.json keys of architectures this code does not implement (a non-null value changes the network).
@@ -329,6 +368,8 @@ def args_from_hf_config(config: dict[str, Any], source: str = "config.json") -> 
             "num_experts": config.get("num_local_experts"),
             "num_experts_per_tok": config.get("num_experts_per_tok"),
         }
+    if mla is not None and (config.get("first_k_dense_replace") or 0) < config["num_hidden_layers"]:
+        params["moe"] = _mistral4_moe(config, source)
     args = args_from_params(params, source=source)
     return replace(args, mla=mla) if mla is not None else args
 
@@ -338,16 +379,27 @@ def _refuse_mla_export(args: ModelArgs, what: str) -> None:
         raise ValueError(f"writing a {what} for a latent-attention (Mistral 4) model is not implemented yet.")
 
 
+def _mistral4_moe(config: dict[str, Any], source: str) -> dict[str, Any]:
+    """params.json's ``moe`` block for a ``Mistral4ForCausalLM`` config.json (DeepSeek-V3's key names,
+    as vLLM's Mistral config adapter maps them)."""
+    if config.get("norm_topk_prob", True) is not True:
+        raise ValueError(f"{source}: 'norm_topk_prob' false is not implemented; Mistral Small 4 renormalises "
+                         "the chosen experts' weights (true).")
+    names = {"n_routed_experts": "num_experts", "num_experts_per_tok": "num_experts_per_tok",
+             "moe_intermediate_size": "expert_hidden_dim", "n_shared_experts": "num_shared_experts",
+             "first_k_dense_replace": "first_k_dense_replace", "n_group": "num_expert_groups",
+             "topk_group": "num_expert_groups_per_tok", "routed_scaling_factor": "routed_scale"}
+    # transformers' Mistral4Config defaults for keys a config.json may leave out.
+    defaults = {"n_routed_experts": 128, "num_experts_per_tok": 4, "moe_intermediate_size": 2048,
+                "n_shared_experts": 1, "first_k_dense_replace": 0, "n_group": 1, "topk_group": 1,
+                "routed_scaling_factor": 1.0}
+    return {ours: config[hf] if config.get(hf) is not None else defaults[hf] for hf, ours in names.items()}
+
+
 def _mistral4_mla(config: dict[str, Any], source: str) -> MlaArgs:
-    """Latent attention of a ``Mistral4ForCausalLM`` config.json whose layers are all dense; what
-    transformers computes differently from ``model.mla`` is refused by name."""
-    n_layers, n_heads = config.get("num_hidden_layers"), config.get("num_attention_heads")
-    first_dense = config.get("first_k_dense_replace") or 0
-    if not isinstance(n_layers, int) or first_dense < n_layers:
-        raise ValueError(
-            f"{source}: model_type 'mistral4' with 'first_k_dense_replace' {first_dense} < 'num_hidden_layers' "
-            f"{n_layers} has MoE layers: fine-grained MoE is not implemented yet (only all-dense Mistral 4 configs)."
-        )
+    """Latent attention of a ``Mistral4ForCausalLM`` config.json; what transformers computes
+    differently from ``model.mla`` is refused by name."""
+    n_heads = config.get("num_attention_heads")
     if config.get("rope_interleave", True) is not True:
         raise ValueError(f"{source}: 'rope_interleave' false (rotating head halves) is not implemented for "
                          "model_type 'mistral4'; Mistral Small 4 has true.")

@@ -57,6 +57,9 @@ _LAYER = {
 }
 _LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+?)\.(weight|lora_A\.weight|lora_B\.weight)$")
 _EXPERT = re.compile(r"feed_forward\.experts\.(\d+)\.(w[123])$")
+# Fine-grained MoE layers (Mistral Small 4, model.keys) <-> Mistral4MoE: router, shared and routed experts.
+_SWIGLU_HF = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+_FINE_EXPERT = re.compile(r"(shared_experts|experts\.\d+)\.(w[123])$")
 
 
 def module_to_hf(module: str, moe: bool) -> str:
@@ -65,6 +68,11 @@ def module_to_hf(module: str, moe: bool) -> str:
     if expert:
         # Mixtral's HF layout keeps w1/w2/w3 under block_sparse_moe.experts.{j}.
         return f"block_sparse_moe.experts.{expert.group(1)}.{expert.group(2)}"
+    fine = _FINE_EXPERT.fullmatch(module)
+    if fine:  # per expert: transformers' Mistral4 stacks them (gate_up_proj, down_proj) on top of this
+        return f"mlp.{fine.group(1)}.{_SWIGLU_HF[fine.group(2)]}"
+    if module == "gate":
+        return "mlp.gate"
     if moe and module == "feed_forward.gate":
         return "block_sparse_moe.gate"
     if module not in _LAYER:
@@ -118,10 +126,13 @@ _TOP_FROM_HF = {v: k for k, v in _TOP.items()}
 _LAYER_FROM_HF = {v: k for k, v in _LAYER.items() if k != "feed_forward.gate"}
 _HF_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)$")
 _HF_EXPERT = re.compile(r"block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
+_HF_FINE_EXPERT = re.compile(r"mlp\.(shared_experts|experts\.\d+)\.(gate_proj|down_proj|up_proj)")
+_SWIGLU_FROM_HF = {v: k for k, v in _SWIGLU_HF.items()}
 
 
-def key_from_hf(key: str, moe: bool) -> str:
-    """Inverse of ``key_to_hf`` for HF's on-disk (hub) layout."""
+def key_from_hf(key: str, moe: bool, fine_grained: bool = False) -> str:
+    """Inverse of ``key_to_hf`` for HF's on-disk (hub) layout; ``fine_grained``: a Mistral Small 4
+    MoE model, whose MoE layers are named at the layer level (``model.keys``)."""
     if key in _TOP_FROM_HF:
         return _TOP_FROM_HF[key]
     m = _HF_LAYER_KEY.match(key)
@@ -131,9 +142,15 @@ def key_from_hf(key: str, moe: bool) -> str:
         if expert:
             return f"layers.{layer}.feed_forward.experts.{expert.group(1)}.{expert.group(2)}.weight"
         module, _, leaf = rest.rpartition(".")
+        fine = _HF_FINE_EXPERT.fullmatch(module) if fine_grained else None
+        if fine:
+            return f"layers.{layer}.{fine.group(1)}.{_SWIGLU_FROM_HF[fine.group(2)]}.{leaf}"
+        if fine_grained and module == "mlp.gate":
+            return f"layers.{layer}.gate.{leaf}"
         if moe and module in ("block_sparse_moe.gate", "mlp.gate"):
             return f"layers.{layer}.feed_forward.gate.{leaf}"
-        if module in _LAYER_FROM_HF and not (moe and module.startswith("mlp.")):
+        # Mixtral has no dense mlp; Mistral Small 4's first_k_dense_replace layers do.
+        if module in _LAYER_FROM_HF and not (moe and not fine_grained and module.startswith("mlp.")):
             return f"layers.{layer}.{_LAYER_FROM_HF[module]}.{leaf}"
     raise KeyError(f"no Mistral name for Hugging Face weight '{key}'")
 
@@ -142,8 +159,9 @@ def tensors_from_hf(key: str, w: torch.Tensor, args: ModelArgs) -> Iterator[tupl
     """One HF tensor -> the Mistral tensor(s) it holds: q/k rows un-permuted; the fused expert
     tensors of transformers 5 (``mlp.experts.gate_up_proj``/``down_proj``) split per expert."""
     fused = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)", key)
+    fine_grained = args.moe is not None and args.moe.fine_grained
     if fused and args.moe is not None:
-        prefix = f"layers.{fused.group(1)}.feed_forward.experts"
+        prefix = f"layers.{fused.group(1)}.{'' if fine_grained else 'feed_forward.'}experts"
         for j in range(w.shape[0]):
             if fused.group(2) == "down_proj":  # (experts, dim, hidden)
                 yield f"{prefix}.{j}.w2.weight", w[j].clone()
@@ -152,7 +170,7 @@ def tensors_from_hf(key: str, w: torch.Tensor, args: ModelArgs) -> Iterator[tupl
                 yield f"{prefix}.{j}.w1.weight", w1.clone()
                 yield f"{prefix}.{j}.w3.weight", w3.clone()
         return
-    ours = key_from_hf(key, args.moe is not None)
+    ours = key_from_hf(key, args.moe is not None, fine_grained)
     if args.mla is not None:
         pass  # rope_interleave: the rotary rows are already in adjacent pairs
     elif ours.endswith("attention.wq.weight"):

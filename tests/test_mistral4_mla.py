@@ -3,13 +3,10 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from model.args import LoraArgs
-from model.configs import load_model_args
 from model.lora import LoRALinear
 from model.transformer import Transformer
 from tests.model_helpers import assert_packed_matches_hf, save_random_hf
@@ -19,14 +16,17 @@ SEQLENS = [41, 7, 23]
 ORIGINAL = 16
 
 
-def _hf_model(folder, *, q_lora_rank: int | None, n_layers: int = 2, first_dense: int | None = None):
+def _hf_model(folder, *, q_lora_rank: int | None, n_layers: int = 2, first_dense: int | None = None, **moe):
+    """A tiny random ``Mistral4ForCausalLM`` saved in ``folder``: all layers dense unless ``first_dense``
+    says otherwise; ``moe`` overrides the MoE keys (tests/test_mistral4_moe.py)."""
     from transformers import Mistral4Config, Mistral4ForCausalLM
 
+    moe = {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16, **moe}
     config = Mistral4Config(
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=n_layers, num_attention_heads=4,
         num_key_value_heads=4, q_lora_rank=q_lora_rank, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
         v_head_dim=12, first_k_dense_replace=n_layers if first_dense is None else first_dense,
-        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, rms_norm_eps=1e-5,
+        **moe, rms_norm_eps=1e-5,
         max_position_embeddings=4 * ORIGINAL,
         rope_parameters={
             "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": ORIGINAL,
@@ -51,17 +51,6 @@ def test_packed_logits_match_transformers(tmp_path, q_lora_rank):
     assert mla.softmax_scale_factor > 1.0  # mscale_all_dim: the softmax scaling is exercised
     assert ours.args.yarn is not None and ours.args.llama_4_scaling is not None
     assert_packed_matches_hf(ours, hf, _tokens(), SEQLENS)
-
-
-def test_moe_layers_are_refused_by_name(tmp_path):
-    from transformers import Mistral4Config
-
-    Mistral4Config(num_hidden_layers=2, first_k_dense_replace=1, hidden_size=64, num_attention_heads=4,
-                   q_lora_rank=None, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
-                   n_routed_experts=4, moe_intermediate_size=16).save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "mistral4"
-    with pytest.raises(ValueError, match="first_k_dense_replace.*fine-grained MoE is not implemented yet"):
-        load_model_args(tmp_path)
 
 
 def test_lora_on_latent_attention_starts_at_the_base_model(tmp_path):

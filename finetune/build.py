@@ -8,6 +8,7 @@ at a time (read from the memory-mapped file) besides the rank's own shard.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -107,7 +108,7 @@ def build_model(args: TrainArgs, model_args: ModelArgs, device: torch.device, pr
         logger.info("Adapters initialised from %s", args.init_lora_from)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)  # DTensors report global sizes
     n_total = sum(p.numel() for p in model.parameters())
-    n_total += sum(m.in_features * m.out_features - m.weight.numel()  # NF4 weights hold packed codes
+    n_total += sum(math.prod(m.full_shape) - m.weight.numel()  # NF4 weights hold packed codes
                    for m in lora_modules(model.transformer).values() if isinstance(m, NF4LoRALinear))
     logger.info(
         "%s out of %s parameters are fine-tuned (%.2f%%).", f"{n_train:,}", f"{n_total:,}", 100 * n_train / n_total
@@ -185,16 +186,24 @@ def _load_base(model: TransformerWithLoss, folder: str, device: torch.device) ->
     params = {k: v for k, v in model.transformer.named_parameters() if not is_lora_key(k)}
     nf4 = {f"{n}.weight": m for n, m in lora_modules(model.transformer).items() if isinstance(m, NF4LoRALinear)}
     # Checkpoint shapes: NF4 layers hold packed codes, but the file holds the (out, in) weight.
-    shapes = {k: (nf4[k].out_features, nf4[k].in_features) if k in nf4 else tuple(p.shape) for k, p in params.items()}
+    shapes = {k: nf4[k].full_shape if k in nf4 else tuple(p.shape) for k, p in params.items()}
     layout = checkpoint_layout(shapes, model.transformer.args)  # experts are stored one by one
+    stacks: dict[str, list] = {}  # NF4 expert stacks being assembled: [tensor, rows still missing]
     for file_key, tensor in iter_base_weights(folder, {k: shape for k, (_, _, shape) in layout.items()}):
         key, row, _ = layout[file_key]
         if key in nf4:
+            if row is not None:  # an NF4 expert stack is quantized whole, once all its experts have arrived
+                stack = stacks.setdefault(key, [torch.empty(shapes[key], dtype=tensor.dtype), shapes[key][0]])
+                stack[0][row].copy_(tensor)
+                stack[1] -= 1
+                if stack[1]:
+                    continue
+                tensor = stacks.pop(key)[0]
             # Quantized from the checkpoint's own dtype, one tensor at a time: the full-precision
             # model never exists; every rank quantizes the same tensor and keeps its shard.
-            packed, stats = quantize_nf4(tensor.to(device), storage_dtype=params[key].dtype)
+            packed, stats = quantize_nf4(tensor.to(device).reshape(-1, tensor.shape[-1]), storage_dtype=params[key].dtype)
             nf4[key].set_quant_stats(stats)
-            _copy_into(params[key], packed)
+            _copy_into(params[key], packed.view(params[key].shape))
         else:
             _copy_into(params[key], tensor.to(device=device, dtype=params[key].dtype), row)
 

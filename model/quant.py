@@ -24,6 +24,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from model.experts import GroupedLoRALinear, _Stacked, grouped_mm
 from model.lora import LoRALinear, lora_modules
 
 BLOCKSIZE = 64  # weights per absmax (the QLoRA paper's choice)
@@ -164,34 +165,109 @@ class NF4LoRALinear(LoRALinear):
         )
         return base + (update * self.scaling).to(base.dtype)
 
+    @property
+    def full_shape(self) -> tuple[int, ...]:
+        """The shape of the base weight the codes stand for (the checkpoint's)."""
+        return (self.out_features, self.in_features)
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", nf4 (storage {self.weight.dtype})"
 
 
+class NF4GroupedLoRALinear(NF4LoRALinear):
+    """``GroupedLoRALinear`` (stacked experts, ``model.experts``) over an NF4 base: the (experts, out, in)
+    stack is quantized as one (experts * out, in) weight, its codes stored as (experts, n) rows so
+    that FSDP shards them by expert like the unquantized stack. Each forward dequantizes the whole
+    stack once (every expert gets tokens in a training batch) for one grouped product; backward
+    dequantizes again instead of keeping the full-precision stack (``_NF4GroupedMM``)."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        in_features: int,
+        out_features: int,
+        *,
+        rank: int,
+        scaling: float,
+        dropout: float = 0.0,
+        storage_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        # The parent's layout for one (experts * out, in) weight; the adapters are then stacked.
+        super().__init__(in_features, num_experts * out_features, rank=rank, scaling=scaling, dropout=dropout,
+                         storage_dtype=storage_dtype, device=device)
+        device = self.weight.device
+        self.num_experts, self.out_features = num_experts, out_features
+        self.weight = nn.Parameter(self.weight.view(num_experts, -1), requires_grad=False)  # (experts, codes)
+        self.lora_A = _Stacked(num_experts, rank, in_features).to(device)
+        self.lora_B = _Stacked(num_experts, out_features, rank).to(device)
+        self.reset_lora_parameters()
+
+    @property
+    def full_shape(self) -> tuple[int, ...]:
+        return (self.num_experts, self.out_features, self.in_features)
+
+    def quant_state(self, dtype: torch.dtype):
+        state = super().quant_state(dtype)
+        state.shape = torch.Size((self.num_experts * self.out_features, self.in_features))
+        return state
+
+    def dequantize(self, packed: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The (experts, out, in) base stack; ``packed`` defaults to ``weight`` (pass the gathered codes
+        when ``weight`` is a shard)."""
+        packed = self.weight if packed is None else packed
+        flat = super().dequantize(packed.reshape(-1, 1), dtype)  # (experts * out, in)
+        return flat.view(self.full_shape)
+
+    def forward(self, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        base = _NF4GroupedMM.apply(x, self.weight, ends, self)  # (rows, out)
+        a, b = self.lora_A.weight, self.lora_B.weight
+        update = grouped_mm(grouped_mm(self.dropout(x).to(a.dtype), a, ends), b, ends)  # (rows, out)
+        return torch.add(base, update.to(base.dtype), alpha=self.scaling)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, " + super().extra_repr()
+
+
+class _NF4GroupedMM(torch.autograd.Function):
+    """``grouped_mm(x, dequant(codes), ends)`` whose backward dequantizes the frozen stack again rather
+    than autograd saving the (experts, out, in) full-precision copy for every layer."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, codes: torch.Tensor, ends: torch.Tensor, layer: NF4GroupedLoRALinear):
+        ctx.save_for_backward(codes, ends)
+        ctx.layer = layer
+        return grouped_mm(x, layer.dequantize(codes, x.dtype), ends)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        codes, ends = ctx.saved_tensors
+        weight = ctx.layer.dequantize(codes, grad.dtype)  # (experts, out, in)
+        # dx rows of expert e = grad rows @ W_e: the grouped product with each W_e^T's transpose.
+        return grouped_mm(grad.contiguous(), weight.transpose(-2, -1), ends), None, None, None
+
+
 def quantize_lora_layers(model: nn.Module, storage_dtype: torch.dtype) -> None:
-    """Replace every (2-D) LoRALinear of ``model`` by an NF4LoRALinear, in place.
+    """Replace every LoRALinear of ``model`` by an NF4LoRALinear (stacked experts: NF4GroupedLoRALinear),
+    in place.
 
     On the meta device (training builds) the new layers are empty, to be filled while the
     checkpoint streams in; otherwise each base weight is quantized and the adapters are copied.
     """
     for name, old in lora_modules(model).items():
-        # Stacked experts (model.experts) keep their base weights unquantized.
-        if isinstance(old, NF4LoRALinear) or old.weight.dim() != 2:
+        if isinstance(old, NF4LoRALinear):
             continue
         meta = old.weight.is_meta
-        new = NF4LoRALinear(
-            old.in_features,
-            old.out_features,
-            rank=old.rank,
-            scaling=old.scaling,
-            dropout=getattr(old.dropout, "p", 0.0),
-            storage_dtype=storage_dtype,
-            device="meta" if meta else old.weight.device,
-        )
+        common = dict(rank=old.rank, scaling=old.scaling, dropout=getattr(old.dropout, "p", 0.0),
+                      storage_dtype=storage_dtype, device="meta" if meta else old.weight.device)
+        if isinstance(old, GroupedLoRALinear):  # stacked experts
+            new = NF4GroupedLoRALinear(old.num_experts, old.in_features, old.out_features, **common)
+        else:
+            new = NF4LoRALinear(old.in_features, old.out_features, **common)
         if not meta:
-            packed, stats = quantize_nf4(old.weight.detach(), storage_dtype)
+            packed, stats = quantize_nf4(old.weight.detach().reshape(-1, old.in_features), storage_dtype)
             with torch.no_grad():
-                new.weight.copy_(packed)
+                new.weight.copy_(packed.view(new.weight.shape))
                 new.lora_A.weight.copy_(old.lora_A.weight)
                 new.lora_B.weight.copy_(old.lora_B.weight)
             new.set_quant_stats(stats)

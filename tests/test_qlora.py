@@ -189,3 +189,53 @@ def test_train_nf4_end_to_end(workspace):
                 layer.dequantize(), lora[f"{prefix}.lora_A.weight"], lora[f"{prefix}.lora_B.weight"], 2.0
             )
         torch.testing.assert_close(merged[key], w, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def _tiny_moe_lora_model(seed: int = 0) -> Transformer:
+    """Fine-grained MoE (Mistral Small 4's): a dense first layer, then 8 stacked experts and a shared one."""
+    moe = {"num_experts": 8, "num_experts_per_tok": 2, "expert_hidden_dim": 64, "num_shared_experts": 1,
+           "first_k_dense_replace": 1}
+    model = Transformer(tiny_vocab_args(**SHAPE, vocab_size=256, moe=moe), lora=LoraArgs(rank=4))
+    model.init_weights(seed)
+    return model
+
+
+def test_nf4_quantizes_stacked_experts_and_their_gradients_dequantize_again():
+    """Stacked experts are quantized as one NF4 stack (codes in rows per expert, so FSDP shards them by
+    expert); the model computes exactly what the de-quantized weights compute, forward and backward."""
+    from model.lora import freeze_all_but_lora
+    from model.quant import NF4GroupedLoRALinear
+
+    model = _tiny_moe_lora_model()
+    full = {k: v.clone() for k, v in model.state_dict().items()}
+    quantize_lora_layers(model, torch.float32)
+    experts = model.layers[1].feed_forward.experts.w2
+    assert isinstance(experts, NF4GroupedLoRALinear)
+    assert experts.weight.shape == (8, 64 * 64 // 8)  # (experts, codes): 8 NF4 codes per float32
+    stack = experts.dequantize()  # (experts, out, in)
+    assert stack.shape == (8, 64, 64)
+    assert _rel_rms(stack, full["layers.1.feed_forward.experts.w2.weight"]) < NF4_REL_RMS
+    freeze_all_but_lora(model)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    # The same LoRA model holding the de-quantized weights as plain tensors: same logits and gradients.
+    plain = Transformer(model.args, lora=model.lora)
+    plain.load_state_dict({**{k: v for k, v in model.state_dict().items() if ".lora_" in k},
+                           **{f"{n}.weight": m.dequantize() for n, m in lora_modules(model).items()},
+                           **{k: v for k, v in full.items() if ".lora_" not in k and k.rpartition(".")[0]
+                              not in lora_modules(model)}})
+    freeze_all_but_lora(plain)
+    ids = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(0))
+    out, ref = model(ids, [25, 15]), plain(ids, [25, 15])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    out.logsumexp(-1).sum().backward()
+    ref.logsumexp(-1).sum().backward()
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.grad is not None}
+    assert "layers.1.feed_forward.experts.w2.lora_A.weight" in grads
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6)
+    # Merging folds the adapters into the de-quantized stack, under the checkpoint's per-expert names.
+    merged = dict(merged_weights(model))
+    assert merged["layers.1.experts.3.w2.weight"].shape == (64, 64)

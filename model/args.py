@@ -1,4 +1,4 @@
-"""Model hyper-parameters. Reading and writing them (params.json, config.json) is ``model.configs``."""
+"""Model hyper-parameters. Reading and writing them: ``model.configs`` (params.json), ``model.hf_config`` (config.json)."""
 
 from __future__ import annotations
 

@@ -30,9 +30,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from model.configs import args_from_hf_config, args_from_params, load_model_args, read_json_object
+from model.configs import args_from_params, load_model_args, read_json_object
 from model.fp8 import dequantized, weight_scales
 from model.hf import tensors_from_hf
+from model.hf_config import args_from_hf_config
 from model.keys import checkpoint_layout, file_keys, from_checkpoint_names, to_checkpoint_names  # noqa: F401
 from model.lora import is_lora_key, lora_modules, lora_state_dict
 from model.multimodal import (

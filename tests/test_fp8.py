@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.checkpoint import iter_checkpoint_tensors, save_model_folder
-from model.configs import args_from_hf_config, args_from_params, load_model_args, params_from_args
+from model.configs import args_from_params, load_model_args, params_from_args
+from model.hf_config import args_from_hf_config
 from model.lora import LoraArgs
 from model.merge import merge_checkpoint
 from model.transformer import Transformer

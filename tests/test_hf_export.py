@@ -13,8 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from model.args import LoraArgs, ModelArgs
-from model.configs import hf_config_from_args
 from model.hf import to_hf_state_dict
+from model.hf_config import hf_config_from_args
 from model.keys import checkpoint_layout, from_checkpoint_names
 from model.lora import freeze_all_but_lora, lora_file_state
 from model.merge import merged_weights

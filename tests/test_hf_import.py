@@ -9,8 +9,9 @@ import torch
 
 from model.args import LoraArgs
 from model.checkpoint import iter_checkpoint_tensors
-from model.configs import hf_config_from_args, load_model_args
+from model.configs import load_model_args
 from model.hf import key_from_hf, key_to_hf, to_hf_state_dict
+from model.hf_config import hf_config_from_args
 from model.keys import to_checkpoint_names
 from model.tiny import random_base_model, tiny_args
 from model.transformer import Transformer

@@ -15,15 +15,10 @@ import torch
 
 from model.args import ModelArgs
 from model.checkpoint import iter_checkpoint_tensors, save_model_folder
-from model.configs import (
-    args_from_hf_config,
-    args_from_params,
-    hf_config_from_args,
-    load_model_args,
-    params_from_args,
-)
+from model.configs import args_from_params, load_model_args, params_from_args
 from model.generate import KVCache, forward_cached, generate
 from model.hf import to_hf_state_dict
+from model.hf_config import args_from_hf_config, hf_config_from_args
 from model.tiny import tiny_args
 from model.transformer import Transformer
 from tests.model_helpers import assert_packed_matches_hf, save_random_hf

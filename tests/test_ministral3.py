@@ -12,7 +12,8 @@ import torch
 
 from model.args import LoraArgs
 from model.checkpoint import iter_checkpoint_tensors, save_model_folder
-from model.configs import args_from_params, hf_config_from_args, load_model_args, params_from_args
+from model.configs import args_from_params, load_model_args, params_from_args
+from model.hf_config import hf_config_from_args
 from model.transformer import Transformer
 from tests.model_helpers import assert_packed_matches_hf, save_random_hf
 
@@ -85,7 +86,7 @@ def test_yarn_frequencies_equal_transformers_at_the_release_shape():
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     from transformers.models.ministral3.modeling_ministral3 import get_llama_4_attn_scale
 
-    from model.configs import args_from_hf_config
+    from model.hf_config import args_from_hf_config
     from model.rope import rotations, yarn_inv_freq
 
     config = Ministral3Config()

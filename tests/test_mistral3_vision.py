@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 from model.args import LoraArgs
 from model.checkpoint import iter_checkpoint_tensors, save_model_folder
-from model.configs import args_from_hf_config, args_from_params, load_model_args, params_from_args
+from model.configs import args_from_params, load_model_args, params_from_args
+from model.hf_config import args_from_hf_config
 from model.lora import freeze_all_but_lora, lora_file_state
 from model.multimodal import is_vision_key
 from model.transformer import Transformer

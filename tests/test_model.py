@@ -10,8 +10,9 @@ from safetensors.torch import save_file
 
 from model.args import LoraArgs, ModelArgs
 from model.checkpoint import load_adapters
-from model.configs import args_from_params, hf_config_from_args, load_model_args, params_from_args
+from model.configs import args_from_params, load_model_args, params_from_args
 from model.hf import to_hf_state_dict
+from model.hf_config import hf_config_from_args
 from model.keys import to_checkpoint_names
 from model.lora import LoRALinear, freeze_all_but_lora, lora_file_state, lora_state_dict
 from model.merge import merged_weights
@@ -261,7 +262,7 @@ def test_incomplete_shards_are_reported(tmp_path):
         (lambda p: p.pop("norm_eps"), "missing required key 'norm_eps'"),
         (lambda p: p.update(moe={"num_experts": 8}), "'moe' is missing 'num_experts_per_tok'"),
         (lambda p: p.update(moe={"num_experts": 8, "num_experts_per_tok": 2, "num_shared_experts": 1}),
-         r"'moe' has \['num_shared_experts'\], which this library does not implement"),
+         r"'moe' has \['num_shared_experts'\] but no 'expert_hidden_dim'"),
     ],
 )
 def test_params_json_errors_name_file_and_key(tmp_path, edit, message):

@@ -31,8 +31,9 @@ from safetensors.torch import load_file, save_file
 
 from model.args import LoraArgs, ModelArgs
 from model.checkpoint import checkpoint_files, is_hf_folder, iter_checkpoint_tensors
-from model.configs import args_from_params, hf_config_from_args, load_model_args, read_json_object
+from model.configs import args_from_params, load_model_args, read_json_object
 from model.hf import peft_adapter_config, tensor_to_hf_model, to_peft_state_dict
+from model.hf_config import hf_config_from_args
 from model.merge import merge_weights
 
 logger = logging.getLogger("export_hf")

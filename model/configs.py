@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from model.args import Llama4Scaling, ModelArgs, MoeArgs, YarnArgs
+from model.args import Llama4Scaling, MlaArgs, ModelArgs, MoeArgs, YarnArgs
 from model.fp8 import check_quantization
 
 _REQUIRED_INT = ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads", "vocab_size")
@@ -68,10 +69,19 @@ def args_from_params(params: dict[str, Any], source: str = "params.json") -> Mod
     moe = params.pop("moe", None)
     if moe is not None:
         values["moe"] = _moe(moe, values["n_layers"], source)
+    mla = _mla(params, values, source)
     for key, read in (("yarn", _yarn), ("llama_4_scaling", _llama_4_scaling)):
         value = params.pop(key, None)
         if value is not None:
             values[key] = read(value, source)
+    if mla is not None:
+        # Latent attention's YaRN is DeepSeek's (vLLM's Mistral Large 3 / Small 4): the rotations keep
+        # magnitude 1 and apply_scale's 0.1 ln(factor) + 1, squared, multiplies the whole softmax scale.
+        yarn = values.get("yarn")
+        if yarn is not None:
+            mla = replace(mla, softmax_scale_factor=yarn.attention_factor**2)
+            values["yarn"] = replace(yarn, attention_factor=1.0)
+        values["mla"] = mla
     tied = params.pop("tied_embeddings", False)
     if not isinstance(tied, bool):
         raise ValueError(f"{source}: 'tied_embeddings' must be true or false, got {tied!r}.")
@@ -91,7 +101,6 @@ def args_from_params(params: dict[str, Any], source: str = "params.json") -> Mod
 
 def params_from_args(args: ModelArgs) -> dict[str, Any]:
     """params.json contents: the original unknown keys plus every field we use."""
-    _refuse_mla_export(args, "params.json")
     extra = dict(args.extra)
     out: dict[str, Any] = {
         "dim": args.dim,
@@ -118,6 +127,8 @@ def params_from_args(args: ModelArgs) -> dict[str, Any]:
                 num_expert_groups_per_tok=m.num_expert_groups_per_tok, routed_scale=m.routed_scale,
                 route_every_n=1,
             )
+    if args.mla is not None:
+        out.update({key: getattr(args.mla, key) for key in _MLA_KEYS})
     if args.yarn is not None:
         y = args.yarn
         out["yarn"] = {
@@ -125,8 +136,11 @@ def params_from_args(args: ModelArgs) -> dict[str, Any]:
             "original_max_position_embeddings": y.original_max_position_embeddings,
             "beta": y.beta_fast,
             "alpha": y.beta_slow,
-            **_yarn_magnitude(y.factor, y.attention_factor),
+            **(_mla_yarn_magnitude(args) if args.mla is not None else _yarn_magnitude(y.factor, y.attention_factor)),
         }
+    elif args.mla is not None and args.mla.softmax_scale_factor != 1.0:
+        raise ValueError(f"latent attention's softmax_scale_factor {args.mla.softmax_scale_factor!r} without YaRN "
+                         "has no params.json spelling (it is YaRN's apply_scale).")
     if args.llama_4_scaling is not None:
         out["llama_4_scaling"] = {
             "original_max_position_embeddings": args.llama_4_scaling.original_max_position_embeddings,
@@ -185,14 +199,60 @@ def _moe(value: Any, n_layers: int, source: str) -> MoeArgs:
         raise ValueError(f"{source}: {e}") from None
 
 
+# Multi-head latent attention's top-level params.json keys (Mistral Small 4, Mistral Large 3), as
+# vLLM's Mistral config adapter passes them to DeepSeek-V3's config; q_lora_rank may be null.
+_MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+
+
+def _mla(params: dict[str, Any], values: dict[str, Any], source: str) -> MlaArgs | None:
+    """The latent attention the MLA keys describe (popped from ``params``), or None without them.
+    vLLM ignores n_kv_heads for such a model and transformers' Mistral4 requires it equal to n_heads;
+    head_dim is the query/key head (qk_nope_head_dim + qk_rope_head_dim)."""
+    if all(params.get(key) is None for key in _MLA_KEYS):
+        return None  # a dense model's null keys stay (round-trip) like other unused keys
+    raw = {key: params.pop(key, None) for key in _MLA_KEYS}
+    dims = {}
+    for key in _MLA_KEYS[1:]:
+        if raw[key] is None:
+            raise ValueError(f"{source}: '{key}' is missing; latent attention needs all of {list(_MLA_KEYS[1:])} "
+                             "(q_lora_rank may be null).")
+        dims[key] = _positive_int(raw[key], key, source)
+    q_lora_rank = None if raw["q_lora_rank"] is None else _positive_int(raw["q_lora_rank"], "q_lora_rank", source)
+    if dims["qk_rope_head_dim"] % 2:
+        raise ValueError(f"{source}: 'qk_rope_head_dim' must be even (rotations pair dimensions), "
+                         f"got {dims['qk_rope_head_dim']}.")
+    qk_dim = dims["qk_nope_head_dim"] + dims["qk_rope_head_dim"]
+    if values["head_dim"] != qk_dim:
+        raise ValueError(f"{source}: 'head_dim' {values['head_dim']} is not qk_nope_head_dim + qk_rope_head_dim "
+                         f"({qk_dim}), the latent-attention query/key head.")
+    if values["n_kv_heads"] != values["n_heads"]:
+        raise ValueError(f"{source}: 'n_kv_heads' {values['n_kv_heads']} differs from 'n_heads' {values['n_heads']}; "
+                         "latent attention expands keys and values to every head (set n_kv_heads to n_heads).")
+    if "sliding_window" in values:
+        raise ValueError(f"{source}: 'sliding_window' with latent attention is not implemented; "
+                         "Mistral's latent-attention models attend to the full context.")
+    if isinstance(params.get("yarn"), dict) and "attention_factor" in params["yarn"]:
+        raise ValueError(f"{source}: 'yarn.attention_factor' is not read for latent attention; its YaRN "
+                         "scale is 'apply_scale' (true: the softmax scale times (0.1 ln(factor) + 1)^2).")
+    return MlaArgs(q_lora_rank=q_lora_rank, **dims)
+
+
+def _mla_yarn_magnitude(args: ModelArgs) -> dict[str, Any]:
+    """The yarn block's ``apply_scale`` for latent attention (the inverse of ``args_from_params``)."""
+    assert args.mla is not None and args.yarn is not None
+    scale, factor = args.mla.softmax_scale_factor, args.yarn.factor
+    if args.yarn.attention_factor == 1.0 and scale in (1.0, _mscale(factor) ** 2):
+        return {"apply_scale": scale != 1.0}
+    raise ValueError(
+        f"latent attention with rotation magnitude {args.yarn.attention_factor!r} and softmax_scale_factor "
+        f"{scale!r} has no params.json spelling: apply_scale expresses magnitude 1 with a factor of 1 (false) "
+        f"or (0.1 ln(factor) + 1)^2 = {_mscale(factor) ** 2!r} (true)."
+    )
+
+
 # params.json keys of architectures this code does not implement (a non-null value changes the network).
 _UNIMPLEMENTED = {
     "multimodal": "a vision or audio encoder (only the Pixtral 'vision_encoder' block is supported)",
-    "q_lora_rank": "multi-head latent attention",
-    "kv_lora_rank": "multi-head latent attention",
-    "qk_nope_head_dim": "multi-head latent attention",
-    "qk_rope_head_dim": "multi-head latent attention",
-    "v_head_dim": "multi-head latent attention",
 }
 
 
@@ -306,11 +366,6 @@ def _positive_float(value: Any, key: str, source: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ValueError(f"{source}: '{key}' must be a positive number, got {value!r}.")
     return float(value)
-
-
-def _refuse_mla_export(args: ModelArgs, what: str) -> None:
-    if args.mla is not None:
-        raise ValueError(f"writing a {what} for a latent-attention (Mistral 4) model is not implemented yet.")
 
 
 def _check_vision_encoder(block: Any, source: str) -> None:

@@ -124,7 +124,7 @@ def test_native_apply_scale_is_yarn_magnitude():
         ({"llama_4_scaling": {"beta": 0.1}}, r"'llama_4_scaling' is missing \['original_max_position_embeddings'\]"),
         ({"tied_embeddings": "yes"}, "'tied_embeddings' must be true or false"),
         ({"vision_encoder": {"hidden_size": 8}}, "'vision_encoder.num_attention_heads' must be a positive integer"),
-        ({"q_lora_rank": 64}, "'q_lora_rank' describes multi-head latent attention"),
+        ({"q_lora_rank": 64}, "'kv_lora_rank' is missing; latent attention needs all of"),
     ],
 )
 def test_native_keys_that_change_the_arithmetic_are_named(change, match):

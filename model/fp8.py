@@ -18,6 +18,10 @@ This is how vLLM reads them (its Mistral config remapping turns the block into `
 with static or dynamic activations, and its loader maps ``qscale_weight``/``qscale_act`` to
 ``weight_scale``/``input_scale``, permuting a per-row ``wq``/``wk`` scale with the rows of its weight
 for its own layout). Tensors without a scale (embeddings, norms, usually ``output``) stream unchanged.
+Mistral Small 4 and Mistral Large 3 use the same names on every stored tensor, one expert at a time
+(``layers.N.experts.E.w1.weight`` with ``layers.N.experts.E.w1.qscale_weight``, vLLM's
+``MistralLarge3ForCausalLM`` mapping), so each expert is dequantized with its own scale before the
+loader stacks it; whatever is stored unquantized (the router ``gate``, latent norms, ...) streams as it is.
 
 Training computes in bf16/fp32 and LoRA needs the base weight in the compute dtype, so every FP8
 weight is dequantized in float32 as it streams and the caller casts it to the training dtype: the

@@ -189,3 +189,111 @@ def test_params_json_refuses_a_scale_it_cannot_write():
     args = args_from_params(native_params())
     with pytest.raises(ValueError, match="has no params.json spelling"):
         params_from_args(replace(args, mla=replace(args.mla, softmax_scale_factor=1.7)))
+
+
+# --- Native FP8 release (model.fp8) ---
+
+# Mistral Small 4's FP8 layout, as vLLM's MistralLarge3 loader reads it (``qscale_weight`` -> weight_scale,
+# ``qscale_act`` -> input_scale): every expert, shared-expert, dense feed-forward and latent-attention
+# projection is float8_e4m3fn with a per-tensor weight scale and a static activation scale; the router
+# ``gate``, ``wq_a`` and ``wkv_a_with_mqa`` (kept out here to show a mixed file loads), norms,
+# embeddings and ``output`` stay bf16.
+_FP8 = re.compile(r"layers\.\d+\.(experts\.\d+\.w[123]|shared_experts\.w[123]|feed_forward\.w[123]|"
+                  r"attention\.(wq_b|wkv_b|wo))\.weight")
+E4M3_MAX = 448.0
+
+
+def fp8_release(hf_state: dict[str, torch.Tensor], row_scaled: str) -> tuple[dict, dict]:
+    """(the FP8 file's tensors, the same weights dequantized in float32); ``row_scaled`` gets one scale
+    per output row, the others one per tensor (0-dim, as Mistral stores them)."""
+    fp8, dequantized = {}, {}
+    for key, w in native_state(hf_state).items():
+        w = w.to(torch.bfloat16)
+        if not _FP8.fullmatch(key):
+            fp8[key] = dequantized[key] = w
+            continue
+        per_row = key == row_scaled
+        amax = w.float().abs().amax(dim=1, keepdim=True) if per_row else w.float().abs().max()
+        scale = amax / E4M3_MAX  # (out, 1) or ()
+        q = (w.float() / scale).to(torch.float8_e4m3fn)
+        name = key.removesuffix(".weight")
+        fp8[key] = q
+        fp8[f"{name}.qscale_weight"] = scale.reshape(-1) if per_row else scale
+        fp8[f"{name}.qscale_act"] = torch.tensor(0.05)
+        dequantized[key] = q.float() * scale
+    return fp8, dequantized
+
+
+def test_fp8_release_loads_as_its_dequantized_weights(tmp_path):
+    hf_model(tmp_path / "hf")
+    hf_state = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    fp8, dequantized = fp8_release(hf_state, row_scaled="layers.1.experts.3.w2.weight")
+    assert fp8["layers.2.experts.7.w1.weight"].dtype == torch.float8_e4m3fn
+    assert fp8["layers.2.experts.7.w1.qscale_weight"].dim() == 0
+    assert fp8["layers.1.gate.weight"].dtype == fp8["layers.1.attention.wkv_a_with_mqa.weight"].dtype == torch.bfloat16
+    quantization = {"qformat_weight": "fp8_e4m3", "qscheme_act": "TENSOR"}
+    write_native(tmp_path / "fp8", fp8, {**native_params(), "quantization": quantization})
+    write_native(tmp_path / "direct", dequantized, native_params())
+
+    release = Transformer.from_folder(tmp_path / "fp8", device="cpu", dtype=torch.float32).eval()
+    direct = Transformer.from_folder(tmp_path / "direct", device="cpu", dtype=torch.float32).eval()
+    assert release.args == direct.args  # the quantization block describes the files, not the network
+    for (name, a), (_, b) in zip(release.state_dict().items(), direct.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    with torch.no_grad():
+        logits = release(tokens(), SEQLENS)
+        torch.testing.assert_close(logits, direct(tokens(), SEQLENS), rtol=0, atol=0)
+    # The quantization is real: FP8 rounding moves the logits away from the bf16 weights'.
+    bf16 = {k: v.to(torch.bfloat16) for k, v in native_state(hf_state).items()}
+    reference = Transformer.from_folder(write_native(tmp_path / "bf16", bf16, native_params()), device="cpu",
+                                        dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert not torch.allclose(logits, reference(tokens(), SEQLENS), rtol=0, atol=1e-4)
+
+
+# --- Merging adapters into a native folder (model.merge, utils.merge_lora) ---
+
+
+def test_merge_lora_into_native_folder_equals_the_lora_model(tmp_path):
+    from model.args import LoraArgs
+    from model.lora import lora_file_state
+    from model.merge import merged_weights
+    from utils import merge_lora
+
+    hf_model(tmp_path / "hf")
+    base = write_native(tmp_path / "base", native_state(load_file(str(tmp_path / "hf" / "model.safetensors"))),
+                        native_params())
+    # Adapters on latent attention, dense, routed-expert and shared-expert layers, as training saves them.
+    lora = LoraArgs(rank=4, scaling=1.5, target_modules=["wq_a", "wq_b", "wkv_a_with_mqa", "wkv_b", "wo", "w1", "w2", "w3"])
+    model = Transformer.from_folder(base, device="cpu", dtype=torch.float32, lora=lora).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    adapter_state = lora_file_state(model)
+    assert "layers.1.experts.15.w3.lora_B.weight" in adapter_state and "layers.2.shared_experts.w2.lora_A.weight" in adapter_state
+    save_file({k: v.contiguous() for k, v in adapter_state.items()}, str(adapter / "lora.safetensors"))
+    params = {**params_from_args(model.args), "lora": {"enable": True, "rank": lora.rank, "scaling": lora.scaling}}
+    (adapter / "params.json").write_text(json.dumps(params))
+
+    out = tmp_path / "merged"
+    assert merge_lora.main(["--base_model", str(base), "--lora", str(adapter), "--out", str(out)]) == 0
+    merged = load_file(str(out / "consolidated.safetensors"))
+    # save_adapters: false writes merged_weights(model): the same tensors under the same native names.
+    expected = dict(merged_weights(model))
+    assert sorted(merged) == sorted(expected) == sorted(load_file(str(base / "consolidated.safetensors")))
+    for key in expected:
+        torch.testing.assert_close(merged[key], expected[key], rtol=0, atol=0, msg=key)
+    written = json.loads((out / "params.json").read_text())
+    assert written == {k: v for k, v in native_params().items() if k != "tied_embeddings"}
+
+    plain = Transformer.from_folder(out, device="cpu", dtype=torch.float32).eval()
+    assert plain.args == model.args
+    with torch.no_grad():
+        torch.testing.assert_close(plain(tokens(), SEQLENS), model(tokens(), SEQLENS), rtol=1e-5, atol=1e-5)
+        # The adapters matter: the merged model is not the base.
+        base_model = Transformer.from_folder(base, device="cpu", dtype=torch.float32).eval()
+        assert not torch.allclose(plain(tokens(), SEQLENS), base_model(tokens(), SEQLENS), atol=1e-3)

@@ -9,13 +9,15 @@ rows feed q or k (the weight itself, or a LoRA ``B``) gets the same permutation.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 
 from model.args import LoraArgs, ModelArgs
+from model.hf_experts import EXPERT_KEY, fuse_expert_weights, fused_parameters, peft_expert_adapters
 from model.keys import to_checkpoint_names
+from model.lora import is_target
 from model.multimodal import is_vision_key, text_key_to_mistral3, vision_block, vision_to_hf
 
 
@@ -60,6 +62,7 @@ _EXPERT = re.compile(r"feed_forward\.experts\.(\d+)\.(w[123])$")
 # Fine-grained MoE layers (Mistral Small 4, model.keys) <-> Mistral4MoE: router, shared and routed experts.
 _SWIGLU_HF = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 _FINE_EXPERT = re.compile(r"(shared_experts|experts\.\d+)\.(w[123])$")
+_FUSED_EXPERTS = re.compile(r"layers\.(\d+)\.experts\.(gate_up_proj|down_proj)")  # model.hf_experts' output
 
 
 def module_to_hf(module: str, moe: bool) -> str:
@@ -114,10 +117,26 @@ def tensor_to_hf_model(key: str, w: torch.Tensor, args: ModelArgs) -> tuple[str,
     return text_key_to_mistral3(hf_key), w
 
 
+def hf_tensors(
+    weights: Iterable[tuple[str, torch.Tensor]], args: ModelArgs, convert: Callable = tensor_to_hf_model
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Mistral (key, tensor) pairs -> HF ones, each by ``convert`` (a whole model's layout by default); a
+    fine-grained MoE model's routed experts are fused per layer into ``mlp.experts.gate_up_proj``/``down_proj``
+    (``model.hf_experts``), the only form transformers loads for mistral4."""
+    if args.moe is not None and args.moe.fine_grained:
+        weights = fuse_expert_weights(weights, args.moe.num_experts)
+    for key, w in weights:
+        fused = _FUSED_EXPERTS.fullmatch(key)
+        if fused:
+            yield f"model.layers.{fused.group(1)}.mlp.experts.{fused.group(2)}", w
+        else:
+            yield convert(key, w, args)
+
+
 def to_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """Mistral consolidated tensors (or a model's state dict: stacked experts are split) -> HF tensors
-    (q/k rows permuted)."""
-    return dict(tensor_to_hf(key, w, args) for key, w in to_checkpoint_names(state, args).items())
+    """Mistral consolidated tensors of the text model (or a model's state dict: stacked experts are split)
+    -> HF tensors (q/k rows permuted, fine-grained experts fused)."""
+    return dict(hf_tensors(to_checkpoint_names(state, args).items(), args, tensor_to_hf))
 
 
 # --- Hugging Face -> Mistral (importing an HF-format base model) ---
@@ -193,30 +212,55 @@ def attention_projections(args: ModelArgs) -> tuple[str, ...]:
     return (*query, "wkv_a_with_mqa", "wkv_b", "wo")
 
 
-def peft_target_modules(lora: LoraArgs, args: ModelArgs) -> list[str]:
-    """Our target names (wq, w1, ...) present in this model, as the HF module leaf names PEFT matches on."""
+def _routed(lora: LoraArgs, args: ModelArgs) -> list[str]:
+    """Our routed-expert projections (w1, w2, w3) that carry adapters; none in a dense model."""
+    return [w for w in _SWIGLU_HF if is_target(lora, f"experts.{w}")] if args.moe is not None else []
+
+
+def peft_targets(lora: LoraArgs, args: ModelArgs) -> tuple[list[str], list[str]]:
+    """PEFT's (``target_modules``, ``target_parameters``): the HF names of the modules our targets adapt in
+    this model (leaf names PEFT matches as suffixes), and Mistral Small 4's fused expert parameters."""
     moe = args.moe is not None
-    names = {t: module_to_hf(f"attention.{t}", moe).rsplit(".", 1)[-1] for t in attention_projections(args)}
-    for t in ("w1", "w2", "w3"):
-        # Mixtral's experts keep w1/w2/w3 in HF's layout (PEFT fuses them itself on load).
-        names[t] = t if moe else module_to_hf(f"feed_forward.{t}", moe).rsplit(".", 1)[-1]
-    targets = set(lora.target_modules) & set(names)
-    if moe and targets & {"w1", "w2", "w3"}:
-        targets |= {"w1", "w2", "w3"}  # see to_peft_state_dict
-    return sorted(names[t] for t in targets)
+    modules = {module_to_hf(f"attention.{t}", moe).rsplit(".", 1)[-1]
+               for t in attention_projections(args) if is_target(lora, t)}
+    if args.moe is None:
+        return sorted(modules | {_SWIGLU_HF[w] for w in _SWIGLU_HF if is_target(lora, w)}), []
+    if not args.moe.fine_grained:
+        # Mixtral's experts keep w1/w2/w3 in HF's hub layout (PEFT fuses them itself on load); all three
+        # or none, see to_peft_state_dict.
+        return sorted(modules | (set(_SWIGLU_HF) if _routed(lora, args) else set())), []
+    dense = any(not args.is_moe_layer(i) for i in range(args.n_layers))
+    for w, hf in _SWIGLU_HF.items():
+        if dense and is_target(lora, w):  # only a leaf name (w1) selects the dense layers' projections
+            modules.add(f"mlp.{hf}")
+        if args.moe.num_shared_experts and is_target(lora, f"shared_experts.{w}"):
+            modules.add(f"shared_experts.{hf}")
+    return sorted(modules), [f"mlp.experts.{p}" for p in fused_parameters(_routed(lora, args))]
 
 
 def to_peft_state_dict(lora_state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """``lora.safetensors`` tensors -> PEFT's ``adapter_model.safetensors`` (HF names, wq/wk ``lora_B``
     rows permuted like the weights).
 
+    Mistral Small 4's routed experts become one adapter per fused parameter (``model.hf_experts``).
     transformers 5 fuses each Mixtral expert's w1 and w3 into one ``gate_up_proj``; PEFT 0.21 refuses
     an adapter on only one of them and loads expert adapters wrongly unless w1, w2 and w3 are all
-    targeted. So expert projections the run did not train are exported as exact zero adapters
+    targeted. So Mixtral expert projections the run did not train are exported as exact zero adapters
     (A = 0 and B = 0: no change to the output, and no gradient if training continues).
     """
     state = to_checkpoint_names(lora_state, args)  # an adapter file's names, or a model's (stacked experts)
-    if args.moe is not None:
+    fused = {}
+    if args.moe is not None and args.moe.fine_grained:
+        layers: dict[str, dict[tuple[str, int, str], torch.Tensor]] = {}
+        for key in list(state):
+            m = EXPERT_KEY.fullmatch(key)
+            if m and m.group(4) != "weight":
+                layer, expert, w, leaf = m.groups()
+                layers.setdefault(layer, {})[(w, int(expert), leaf[len("lora_")])] = state.pop(key)
+        for layer, adapters in layers.items():
+            for name, t in peft_expert_adapters(adapters, args.moe.num_experts).items():
+                fused[f"{_PEFT_PREFIX}model.layers.{layer}.mlp.experts.{name}"] = t.contiguous()
+    elif args.moe is not None:
         experts = {}
         for key, w in list(state.items()):
             m = re.fullmatch(r"(layers\.\d+\.feed_forward\.experts\.\d+)\.(w[123])\.lora_([AB])\.weight", key)
@@ -231,34 +275,37 @@ def to_peft_state_dict(lora_state: dict[str, torch.Tensor], args: ModelArgs) -> 
     # In Mistral3ForConditionalGeneration the text model's modules are model.language_model.layers.N...
     multimodal = vision_block(args.extra) is not None
     return {
-        _PEFT_PREFIX + (text_key_to_mistral3(key, "module") if multimodal else key): w.contiguous()
-        for key, w in to_hf_state_dict(state, args).items()
+        **{_PEFT_PREFIX + (text_key_to_mistral3(key, "module") if multimodal else key): w.contiguous()
+           for key, w in to_hf_state_dict(state, args).items()},
+        **fused,
     }
 
 
-def _peft_targets(lora: LoraArgs, args: ModelArgs) -> list[str] | str:
+def _peft_targets(modules: list[str], args: ModelArgs) -> list[str] | str:
     """Leaf names; for a multimodal model a regex (PEFT full-matches a string) on the language model's
     module paths, because the vision tower has q_proj ... gate_proj leaves of its own."""
-    names = peft_target_modules(lora, args)
     if vision_block(args.extra) is None:
-        return names
-    return rf"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(names)})"
+        return modules
+    return rf"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(modules)})"
 
 
 def peft_adapter_config(lora: LoraArgs, args: ModelArgs, base_model: str | None) -> dict[str, Any]:
     """PEFT ``adapter_config.json``. Our ``scaling`` multiplies B A directly; PEFT multiplies by
     ``lora_alpha / r``, so ``lora_alpha = scaling * rank``."""
+    if args.mla is not None and vision_block(args.extra) is not None:
+        raise ValueError("a PEFT adapter for a latent-attention (Mistral 4) model with a vision encoder "
+                         "(Mistral3ForConditionalGeneration) is not implemented; only Mistral4ForCausalLM's names are.")
     alpha = lora.scaling * lora.rank
-    moe_experts = args.moe is not None and bool({"w1", "w2", "w3"} & set(lora.target_modules))
-    return {
+    modules, parameters = peft_targets(lora, args)
+    config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
         "r": lora.rank,
         "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
         # PEFT cannot apply dropout to fused expert parameters; dropout only matters in training.
-        "lora_dropout": 0.0 if moe_experts else lora.dropout,
-        "target_modules": _peft_targets(lora, args),
+        "lora_dropout": 0.0 if _routed(lora, args) else lora.dropout,
+        "target_modules": _peft_targets(modules, args),
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,
@@ -267,3 +314,10 @@ def peft_adapter_config(lora: LoraArgs, args: ModelArgs, base_model: str | None)
         "init_lora_weights": True,
         "modules_to_save": None,
     }
+    if parameters:  # Mistral Small 4's fused experts (model.hf_experts)
+        config["target_parameters"] = parameters
+        if {"w1", "w3"} <= set(_routed(lora, args)):  # gate_up_proj's adapter is w1's and w3's side by side
+            pattern = r"mlp\.experts\.gate_up_proj"
+            config["rank_pattern"] = {pattern: 2 * lora.rank}
+            config["alpha_pattern"] = {pattern: 2 * config["lora_alpha"]}
+    return config

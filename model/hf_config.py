@@ -7,6 +7,7 @@ fine-grained MoE) and ``mistral3`` (a Pixtral vision encoder around one of them)
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -15,7 +16,6 @@ from model.configs import (
     _mscale,
     _positive_float,
     _positive_int,
-    _refuse_mla_export,
     _yarn_magnitude,
     args_from_params,
 )
@@ -229,7 +229,11 @@ def hf_config_from_args(args: ModelArgs, dtype: str = "bfloat16") -> dict[str, A
     """A ``config.json`` for transformers describing the same network: ``ministral`` (per-layer
     ``layer_types``) when layers attend differently, else ``mistral``/``mixtral``; wrapped in a
     ``mistral3`` config when the model carries a vision encoder."""
-    _refuse_mla_export(args, "config.json")
+    if args.mla is not None:
+        if args.extra.get("vision_encoder"):
+            raise ValueError("a latent-attention (Mistral 4) model with a vision encoder has no transformers "
+                             "config class here; export its text model only.")
+        return _mistral4_config(args, dtype)
     text = _text_hf_config(args, dtype)
     vision = args.extra.get("vision_encoder")
     return _mistral3_config(text, vision, dtype) if vision else text
@@ -315,6 +319,98 @@ def _ministral3_config(args: ModelArgs, common: dict[str, Any], interleaved: boo
     common["max_position_embeddings"] = int(y.factor * y.original_max_position_embeddings)
     return {"architectures": ["Ministral3ForCausalLM"], "model_type": "ministral3", **common,
             "rope_parameters": rope}
+
+
+def _mistral4_config(args: ModelArgs, dtype: str) -> dict[str, Any]:
+    """``Mistral4ForCausalLM``'s config.json (the inverse of ``_mistral4_mla``/``_mistral4_moe``): YaRN on
+    the rope part, its ``mscale``/``mscale_all_dim`` chosen so transformers derives both our rotation
+    magnitude (mscale / mscale_all_dim) and our softmax factor (mscale_all_dim's, squared), llama-4
+    query scaling (beta 0 when the model has none: Mistral4Attention always applies it)."""
+    mla, y, l4 = args.mla, args.yarn, args.llama_4_scaling
+    assert mla is not None
+    if y is None:
+        raise ValueError("a latent-attention (Mistral 4) model without YaRN has no transformers config: "
+                         "Mistral4ForCausalLM's default rope does not fit its rope part; add yarn to params.json.")
+    if args.sliding_window is not None:
+        raise ValueError(f"sliding_window {args.sliding_window!r}: Mistral4ForCausalLM attends to the full context.")
+    if l4 is not None and l4.original_max_position_embeddings != y.original_max_position_embeddings:
+        raise ValueError(
+            f"llama_4_scaling.original_max_position_embeddings ({l4.original_max_position_embeddings}) differs "
+            f"from yarn's ({y.original_max_position_embeddings}); transformers' Mistral4 uses one value for both."
+        )
+    qk_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim
+    rope: dict[str, Any] = {
+        "rope_type": "yarn",
+        "rope_theta": args.rope_theta,
+        "factor": y.factor,
+        "original_max_position_embeddings": y.original_max_position_embeddings,
+        "beta_fast": y.beta_fast,
+        "beta_slow": y.beta_slow,
+        "llama_4_scaling_beta": l4.beta if l4 is not None else 0.0,
+        "partial_rotary_factor": mla.qk_rope_head_dim / qk_dim,
+        **_mistral4_mscales(y.factor, y.attention_factor, mla.softmax_scale_factor),
+    }
+    moe = args.moe
+    experts: dict[str, Any] = {"first_k_dense_replace": args.n_layers}  # all dense
+    if moe is not None:
+        assert moe.fine_grained, "latent attention comes with Mistral Small 4's fine-grained MoE"
+        experts = {
+            "n_routed_experts": moe.num_experts, "num_experts_per_tok": moe.num_experts_per_tok,
+            "moe_intermediate_size": args.expert_hidden_dim, "n_shared_experts": moe.num_shared_experts,
+            "first_k_dense_replace": moe.first_k_dense_replace, "n_group": moe.num_expert_groups,
+            "topk_group": moe.num_expert_groups_per_tok, "routed_scaling_factor": moe.routed_scale,
+            "norm_topk_prob": True,
+        }
+    return {
+        "architectures": ["Mistral4ForCausalLM"],
+        "model_type": "mistral4",
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.dim,
+        "intermediate_size": args.hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_heads,  # latent attention expands keys and values to every head
+        "q_lora_rank": mla.q_lora_rank,
+        "kv_lora_rank": mla.kv_lora_rank,
+        "qk_nope_head_dim": mla.qk_nope_head_dim,
+        "qk_rope_head_dim": mla.qk_rope_head_dim,
+        "v_head_dim": mla.v_head_dim,
+        "head_dim": qk_dim,
+        "rope_interleave": True,  # adjacent pairs rotate, as in model.mla
+        **experts,
+        "rms_norm_eps": args.norm_eps,
+        "max_position_embeddings": int(y.factor * y.original_max_position_embeddings),
+        "rope_parameters": rope,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "tie_word_embeddings": args.tied_embeddings,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": dtype,
+    }
+
+
+def _mistral4_mscales(factor: float, attention_factor: float, softmax_scale_factor: float) -> dict[str, Any]:
+    """rope_parameters' ``mscale``/``mscale_all_dim`` (plus ``attention_factor`` where they cannot say it)
+    from which transformers derives ``attention_factor`` (the rotations' magnitude, mscale(m) / mscale(m_all))
+    and Mistral4Attention's softmax factor mscale(m_all)**2 (``_mistral4_mla`` reads them back)."""
+
+    def solve(target: float) -> float:  # m with _mscale(factor, m) == target; 1.0 (the release's) when it is
+        return 1.0 if _mscale(factor, 1.0) == target else (target - 1.0) / (0.1 * math.log(factor))
+
+    if factor <= 1:
+        if attention_factor != 1.0 or softmax_scale_factor != 1.0:
+            raise ValueError(f"yarn factor {factor} with attention_factor {attention_factor} or a softmax factor "
+                             f"{softmax_scale_factor} other than 1 has no Mistral4 config (YaRN's mscale is 1).")
+        return {"mscale": 1.0, "mscale_all_dim": 1.0}
+    if softmax_scale_factor == 1.0:  # no mscale_all_dim: transformers takes attention_factor as given
+        return {"attention_factor": attention_factor}
+    all_dim = solve(math.sqrt(softmax_scale_factor))
+    mscale = solve(attention_factor * _mscale(factor, all_dim))
+    out = {"mscale": mscale, "mscale_all_dim": all_dim}
+    if mscale == 0.0:  # transformers reads 0 as unset and would use _mscale(factor)
+        out["attention_factor"] = attention_factor
+    return out
 
 
 # --- Pixtral vision encoder (carried, not built: model.multimodal) ---

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from model.args import LoraArgs, ModelArgs
 from model.checkpoint import checkpoint_files, is_hf_folder, iter_checkpoint_tensors
 from model.configs import args_from_params, load_model_args, read_json_object
-from model.hf import peft_adapter_config, tensor_to_hf_model, to_peft_state_dict
+from model.hf import hf_tensors, peft_adapter_config, to_peft_state_dict
 from model.hf_config import hf_config_from_args
 from model.merge import merge_weights
 
@@ -171,9 +171,11 @@ def _merged_tensors(ckpt: Checkpoint, base_model: str | None) -> Iterator[tuple[
 
 
 def _shape(args: ModelArgs) -> tuple:
-    moe = (args.moe.num_experts, args.moe.num_experts_per_tok) if args.moe else None
+    moe = (args.moe.num_experts, args.moe.num_experts_per_tok, args.moe.expert_hidden_dim) if args.moe else None
+    m = args.mla
+    mla = (m.q_lora_rank, m.kv_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim) if m else None
     return (args.dim, args.n_layers, args.head_dim, args.hidden_dim, args.n_heads, args.n_kv_heads,
-            args.vocab_size, moe)
+            args.vocab_size, moe, mla)
 
 
 class ShardWriter:
@@ -229,9 +231,10 @@ def export_merged(ckpt: Checkpoint, out: Path, base_model: str | None, max_shard
         stale.unlink(missing_ok=True)  # a previous export with other sharding would confuse loaders
     writer = ShardWriter(out, max_shard_bytes)
     dtype = None
-    for key, tensor in _merged_tensors(ckpt, base_model):
+    # Renamed one by one; Mistral Small 4's routed experts fused per layer (model.hf_experts).
+    for key, tensor in hf_tensors(_merged_tensors(ckpt, base_model), ckpt.args):
         dtype = dtype or tensor.dtype
-        writer.add(*tensor_to_hf_model(key, tensor, ckpt.args))
+        writer.add(key, tensor)
     files = writer.close()
     config = hf_config_from_args(ckpt.args, dtype=_DTYPE_NAMES.get(dtype, "bfloat16"))
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

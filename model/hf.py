@@ -86,6 +86,9 @@ def module_to_hf(module: str, moe: bool) -> str:
 def key_to_hf(key: str, moe: bool = False) -> str:
     if key in _TOP:
         return _TOP[key]
+    fused = _FUSED_EXPERTS.fullmatch(key)
+    if fused:
+        return f"model.layers.{fused.group(1)}.mlp.experts.{fused.group(2)}"
     m = _LAYER_KEY.match(key)
     if not m:
         raise KeyError(f"no Hugging Face name for '{key}'")
@@ -126,11 +129,7 @@ def hf_tensors(
     if args.moe is not None and args.moe.fine_grained:
         weights = fuse_expert_weights(weights, args.moe.num_experts)
     for key, w in weights:
-        fused = _FUSED_EXPERTS.fullmatch(key)
-        if fused:
-            yield f"model.layers.{fused.group(1)}.mlp.experts.{fused.group(2)}", w
-        else:
-            yield convert(key, w, args)
+        yield convert(key, w, args)
 
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
@@ -249,7 +248,7 @@ def to_peft_state_dict(lora_state: dict[str, torch.Tensor], args: ModelArgs) -> 
     (A = 0 and B = 0: no change to the output, and no gradient if training continues).
     """
     state = to_checkpoint_names(lora_state, args)  # an adapter file's names, or a model's (stacked experts)
-    fused = {}
+    hf = {}
     if args.moe is not None and args.moe.fine_grained:
         layers: dict[str, dict[tuple[str, int, str], torch.Tensor]] = {}
         for key in list(state):
@@ -259,7 +258,7 @@ def to_peft_state_dict(lora_state: dict[str, torch.Tensor], args: ModelArgs) -> 
                 layers.setdefault(layer, {})[(w, int(expert), leaf[len("lora_")])] = state.pop(key)
         for layer, adapters in layers.items():
             for name, t in peft_expert_adapters(adapters, args.moe.num_experts).items():
-                fused[f"{_PEFT_PREFIX}model.layers.{layer}.mlp.experts.{name}"] = t.contiguous()
+                hf[f"model.layers.{layer}.mlp.experts.{name}"] = t
     elif args.moe is not None:
         experts = {}
         for key, w in list(state.items()):
@@ -272,29 +271,32 @@ def to_peft_state_dict(lora_state: dict[str, torch.Tensor], args: ModelArgs) -> 
             for w, (out_features, in_features) in dims.items():
                 state.setdefault(f"{expert}.{w}.lora_A.weight", a.new_zeros(a.shape[0], in_features))
                 state.setdefault(f"{expert}.{w}.lora_B.weight", a.new_zeros(out_features, a.shape[0]))
+    hf.update(to_hf_state_dict(state, args))
     # In Mistral3ForConditionalGeneration the text model's modules are model.language_model.layers.N...
     multimodal = vision_block(args.extra) is not None
-    return {
-        **{_PEFT_PREFIX + (text_key_to_mistral3(key, "module") if multimodal else key): w.contiguous()
-           for key, w in to_hf_state_dict(state, args).items()},
-        **fused,
-    }
+    return {_PEFT_PREFIX + (text_key_to_mistral3(key, "module") if multimodal else key): w.contiguous()
+            for key, w in hf.items()}
 
 
 def _peft_targets(modules: list[str], args: ModelArgs) -> list[str] | str:
     """Leaf names; for a multimodal model a regex (PEFT full-matches a string) on the language model's
-    module paths, because the vision tower has q_proj ... gate_proj leaves of its own."""
+    module paths, because the vision tower has q_proj ... gate_proj leaves of its own. Mistral Small 4's
+    scoped names (``mlp.gate_proj``, ``shared_experts.gate_proj``) are paths under the layer's ``mlp``."""
     if vision_block(args.extra) is None:
         return modules
-    return rf"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(modules)})"
+    leaves = [m for m in modules if "." not in m]
+    paths = [re.escape(m.removeprefix("mlp.")) for m in modules if "." in m]
+    layer = r"model\.language_model\.layers\.\d+\."
+    if not paths:
+        return rf"{layer}(self_attn|mlp)\.({'|'.join(leaves)})"
+    alternatives = [rf"(self_attn|mlp)\.({'|'.join(leaves)})"] if leaves else []
+    alternatives.append(rf"mlp\.({'|'.join(paths)})")
+    return rf"{layer}({'|'.join(alternatives)})"
 
 
 def peft_adapter_config(lora: LoraArgs, args: ModelArgs, base_model: str | None) -> dict[str, Any]:
     """PEFT ``adapter_config.json``. Our ``scaling`` multiplies B A directly; PEFT multiplies by
     ``lora_alpha / r``, so ``lora_alpha = scaling * rank``."""
-    if args.mla is not None and vision_block(args.extra) is not None:
-        raise ValueError("a PEFT adapter for a latent-attention (Mistral 4) model with a vision encoder "
-                         "(Mistral3ForConditionalGeneration) is not implemented; only Mistral4ForCausalLM's names are.")
     alpha = lora.scaling * lora.rank
     modules, parameters = peft_targets(lora, args)
     config = {

@@ -229,12 +229,7 @@ def hf_config_from_args(args: ModelArgs, dtype: str = "bfloat16") -> dict[str, A
     """A ``config.json`` for transformers describing the same network: ``ministral`` (per-layer
     ``layer_types``) when layers attend differently, else ``mistral``/``mixtral``; wrapped in a
     ``mistral3`` config when the model carries a vision encoder."""
-    if args.mla is not None:
-        if args.extra.get("vision_encoder"):
-            raise ValueError("a latent-attention (Mistral 4) model with a vision encoder has no transformers "
-                             "config class here; export its text model only.")
-        return _mistral4_config(args, dtype)
-    text = _text_hf_config(args, dtype)
+    text = _mistral4_config(args, dtype) if args.mla is not None else _text_hf_config(args, dtype)
     vision = args.extra.get("vision_encoder")
     return _mistral3_config(text, vision, dtype) if vision else text
 

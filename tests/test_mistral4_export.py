@@ -24,7 +24,7 @@ from model.lora import freeze_all_but_lora, lora_file_state
 from model.merge import merged_weights
 from model.tiny import tiny_args
 from model.transformer import Transformer
-from tests.model_helpers import assert_packed_matches_hf
+from tests.model_helpers import assert_packed_matches_hf, save_random_hf
 from tests.test_mistral4_mla import SEQLENS, _hf_model, _tokens
 from utils.export_hf import main as export
 
@@ -36,12 +36,18 @@ ALL = ["wq", "wq_a", "wq_b", "wkv_a_with_mqa", "wkv_b", "wo", "w1", "w2", "w3"]
 PATTERN_WARNING = "ignore:The following (rank|alpha)_pattern keys did not match:RuntimeWarning"
 
 
-def _trained(tmp_path: Path, targets: list[str], q_lora_rank: int | None = 32) -> tuple[Path, Transformer]:
-    """A random HF Mistral4 base in tmp_path/base and a RUN_DIR laid out as training writes it (params.json
-    with its lora section, lora.safetensors, args.yaml naming the base) after 3 AdamW steps; returns the
-    checkpoint folder and the trained model."""
+def _trained(
+    tmp_path: Path, targets: list[str], q_lora_rank: int | None = 32, vision: bool = False
+) -> tuple[Path, Transformer]:
+    """A random HF Mistral4 base in tmp_path/base (inside a Mistral3ForConditionalGeneration with
+    ``vision``) and a RUN_DIR laid out as training writes it (params.json with its lora section,
+    lora.safetensors, args.yaml naming the base) after 3 AdamW steps; returns the checkpoint folder and
+    the trained model."""
     base = tmp_path / "base"
-    _hf_model(base, q_lora_rank=q_lora_rank, n_layers=3, first_dense=1, **MOE)
+    if vision:
+        _hf_vision_model(base)
+    else:
+        _hf_model(base, q_lora_rank=q_lora_rank, n_layers=3, first_dense=1, **MOE)
     lora = LoraArgs(rank=4, scaling=1.5, dropout=0.1, target_modules=targets)
     model = Transformer.from_folder(base, device="cpu", dtype=torch.float32, lora=lora)
     freeze_all_but_lora(model)
@@ -61,6 +67,21 @@ def _trained(tmp_path: Path, targets: list[str], q_lora_rank: int | None = 32) -
     save_file({k: v.contiguous() for k, v in lora_file_state(model).items()}, str(folder / "lora.safetensors"))
     (run / "args.yaml").write_text(yaml.safe_dump({"model_id_or_path": str(base)}))
     return folder.parent, model.eval()
+
+
+def _hf_vision_model(folder: Path):
+    """The tiny Mistral 4 text model of ``_hf_model`` (q_lora_rank 32) inside a Mistral3ForConditionalGeneration
+    with a one-layer Pixtral encoder, as transformers saves it."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    text = {**_config(), "model_type": "mistral4"}
+    config = Mistral3Config(
+        text_config=text, image_token_index=10, tie_word_embeddings=False,
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=56, patch_size=14, head_dim=16, hidden_act="silu"),
+    )
+    torch.manual_seed(0)
+    return save_random_hf(Mistral3ForConditionalGeneration(config), folder)
 
 
 def _hf(folder: Path):
@@ -207,6 +228,38 @@ def test_merged_export_loads_in_transformers(tmp_path):
     assert exported.keys() == hf_base.keys()
     for key, value in hf_base.items():
         torch.testing.assert_close(exported[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings(PATTERN_WARNING)
+def test_inside_a_vision_model(tmp_path):
+    """A Mistral 4 text model inside Mistral3ForConditionalGeneration: the adapter names the language model's
+    modules (none of the vision tower's) and gives our logits; the merged export loads as that class with our
+    logits and the vision weights unchanged."""
+    from peft import PeftModel
+    from transformers import Mistral3ForConditionalGeneration
+
+    ckpt, ours = _trained(tmp_path, ALL, vision=True)
+    assert ours.args.mla is not None and ours.args.extra.get("vision_encoder")
+    export(["--checkpoint", str(ckpt), "--out", str(tmp_path / "peft")])
+    assert "base_model.model.model.language_model.layers.1.mlp.experts.base_layer.lora_A.weight" in load_file(
+        str(tmp_path / "peft" / "adapter_model.safetensors"))
+    base = Mistral3ForConditionalGeneration.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    adapted = {n for n, _ in peft.named_modules() if n.endswith("lora_A")}
+    assert {"base_model.model.model.language_model.layers.0.mlp.gate_proj.lora_A",
+            "base_model.model.model.language_model.layers.1.mlp.shared_experts.up_proj.lora_A",
+            "base_model.model.model.language_model.layers.2.mlp.experts.lora_A",
+            "base_model.model.model.language_model.layers.2.self_attn.q_b_proj.lora_A"} <= adapted
+    assert all(".language_model.layers." in n for n in adapted)  # none in the vision tower
+    assert assert_packed_matches_hf(ours, peft, _tokens(), SEQLENS) < 1e-4
+
+    export(["--checkpoint", str(ckpt), "--out", str(tmp_path / "merged"), "--merged"])
+    merged = Mistral3ForConditionalGeneration.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert assert_packed_matches_hf(ours, merged, _tokens(), SEQLENS) < 1e-4
+    exported, original = (load_file(str(f / "model.safetensors")) for f in (tmp_path / "merged", tmp_path / "base"))
+    assert exported.keys() == original.keys()
+    for key in [k for k in original if not k.startswith("language_model.")]:
+        assert torch.equal(exported[key], original[key]), key
 
 
 def test_config_json_round_trips_the_mscales():

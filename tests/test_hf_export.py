@@ -98,8 +98,9 @@ def _base_logits(model: Transformer) -> torch.Tensor:
         (None, ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]),
         (MOE, ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]),
         (MOE, ["wk", "w1"]),  # w2, w3 untrained: exported as exact-zero adapters (see to_peft_state_dict)
+        (MOE, ["wv", "experts.w2"]),  # a scoped name selects the routed experts
     ],
-    ids=["dense", "mixtral", "mixtral_w1_only"],
+    ids=["dense", "mixtral", "mixtral_w1_only", "mixtral_scoped_experts"],
 )
 # PEFT's own v4->v5 Mixtral conversion adds rank/alpha patterns for gate_up_proj and then warns that
 # they match no *module* (they target a parameter); the logits check below shows they are applied.

@@ -98,7 +98,7 @@ def check_checkpointing_and_compile_with_flex(dtype: torch.dtype) -> None:
         block = block.cuda().to(dtype)
         freeze_all_but_lora(block)
         if mode != "none":
-            checkpoint_block(block, mode, args.hidden_dim)
+            checkpoint_block(block, mode)
         if compiled:
             compile_block(block)
         x = x0.clone().requires_grad_(True)

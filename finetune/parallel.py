@@ -14,6 +14,9 @@ Activation checkpointing (``checkpoint`` in the config) has three modes:
   SwiGLU). It keeps about 4 dim + 2 kv_dim more values per token and layer than ``full`` (q, k,
   v, attention output, wo and w2 outputs: 37 kB in bf16 for 7B, against 8 kB for the block input;
   docs/memory.md) and skips half of the matmul FLOPs that ``full`` recomputes, and the attention.
+  Mixture-of-experts blocks follow the same rule: the routed experts' grouped products and the
+  shared experts' products are kept except their w1 and w3 (the router's logits are kept too), and
+  the experts' LoRA updates are recomputed (``selective_policy``).
 - ``none``: autograd keeps everything.
 
 Both checkpointing modes wrap the block's own forward in ``torch.utils.checkpoint`` (non-reentrant),
@@ -46,7 +49,9 @@ from finetune import distributed as D
 from finetune.args import CHECKPOINT_MODES
 from finetune.loss import TransformerWithLoss
 from model.attention import DOCUMENT_ATTENTION_OP
+from model.experts import GroupedExperts
 from model.lora import freeze_all_but_lora
+from model.moe import FeedForward
 
 _ATTENTION_OPS = {
     getattr(torch.ops.aten, name).default
@@ -64,7 +69,9 @@ _ATTENTION_OPS |= {
 }
 # Compiled blocks run per-document SDPA as one custom op (model/attention.py).
 _ATTENTION_OPS.add(DOCUMENT_ATTENTION_OP)
-_MATMUL_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default}
+# Matrix products: dense layers, and the routed experts' grouped GEMM (model/experts.py).
+_GROUPED_MM = torch.ops.aten._grouped_mm.default
+_MATMUL_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default, _GROUPED_MM}
 
 
 def freeze(model: TransformerWithLoss, lora_enabled: bool) -> None:
@@ -75,21 +82,31 @@ def freeze(model: TransformerWithLoss, lora_enabled: bool) -> None:
             p.requires_grad_(True)
 
 
-def selective_policy(recompute_width: int):
-    """Save matmul outputs (except those ``recompute_width`` wide) and attention outputs."""
+def selective_policy(block: nn.Module):
+    """The selective policy for ``block`` (or a whole model): save matmul outputs and attention outputs,
+    except the feed-forward up-projections (products as wide as a w1 or w3 of its dense feed-forward,
+    routed or shared experts) and the routed experts' LoRA updates ``B u``."""
+    widths = {m.w1.out_features for m in block.modules() if isinstance(m, (FeedForward, GroupedExperts))}
+    # Dense layers accumulate ``B u`` into their saved base product in place (model/lora.py); the
+    # experts add it out of place, so it would be kept beside the base product. Its reduction is only
+    # the rank long (narrower than any expert weight's input), so recomputing it is cheap.
+    narrowest = min((w.in_features for m in block.modules() if isinstance(m, GroupedExperts)
+                     for w in (m.w1, m.w2, m.w3)), default=0)
 
     def policy(ctx, func, *args, **kwargs) -> CheckpointPolicy:
         # Called in the forward pass, where ctx.op_output is the op's result.
         if func in _ATTENTION_OPS:
             return CheckpointPolicy.MUST_SAVE
-        if func in _MATMUL_OPS and ctx.op_output.shape[-1] != recompute_width:
+        if func is _GROUPED_MM and args[0].shape[-1] < narrowest:
+            return CheckpointPolicy.PREFER_RECOMPUTE
+        if func in _MATMUL_OPS and ctx.op_output.shape[-1] not in widths:
             return CheckpointPolicy.MUST_SAVE
         return CheckpointPolicy.PREFER_RECOMPUTE
 
     return policy
 
 
-def checkpoint_block(block: nn.Module, mode: str, hidden_dim: int) -> None:
+def checkpoint_block(block: nn.Module, mode: str) -> None:
     """Recompute ``block``'s forward in backward (``mode`` full or selective), in place."""
     options = {}
     if mode == "selective":
@@ -97,7 +114,7 @@ def checkpoint_block(block: nn.Module, mode: str, hidden_dim: int) -> None:
         # output may change version after it is saved; the recomputation then returns the final
         # value of both (model/lora.py), so the mutation is expected.
         options["context_fn"] = functools.partial(
-            create_selective_checkpoint_contexts, selective_policy(hidden_dim), allow_cache_entry_mutation=True
+            create_selective_checkpoint_contexts, selective_policy(block), allow_cache_entry_mutation=True
         )
     # (Full checkpointing passes no context_fn at all: torch.compile rejects an explicit no-op one.)
     block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False, **options)
@@ -133,7 +150,7 @@ def parallelize(
     ignored = {p for p in model.parameters() if not p.requires_grad and p.dtype == compute_dtype} if alone else None
     for block in model.transformer.layers:
         if checkpoint_mode != "none":
-            checkpoint_block(block, checkpoint_mode, model.transformer.args.hidden_dim)
+            checkpoint_block(block, checkpoint_mode)
         if compile:
             compile_block(block)
         fully_shard(block, mp_policy=mp, ignored_params=ignored)

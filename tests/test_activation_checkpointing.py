@@ -1,8 +1,9 @@
 """Activation checkpointing modes: same gradients as none, and selective recomputes only what it says.
 
 Selective checkpointing keeps the attention kernel's output and every matrix product except the
-feed-forward's two (tokens, hidden_dim) up-projections; the LoRA update is accumulated into the
-saved base product in place, so this also checks that a recomputed block does not add it twice.
+feed-forward's two up-projections (w1, w3: of the dense feed-forward, of the routed experts' grouped
+products, of the shared experts); the LoRA update is accumulated into the saved base product in
+place, so this also checks that a recomputed block does not add it twice.
 """
 
 from __future__ import annotations
@@ -35,9 +36,15 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _block(mode: str, moe: bool, dtype: torch.dtype, nf4: bool = False) -> tuple[TransformerBlock, object]:
+MIXTRAL = {"num_experts": 4, "num_experts_per_tok": 2}
+# Mistral Small 4's layout: narrow routed experts (48 wide: no other product of the block is) and a
+# shared expert.
+FINE_GRAINED = {"num_experts": 16, "num_experts_per_tok": 4, "expert_hidden_dim": 48, "num_shared_experts": 1}
+
+
+def _block(mode: str, moe: dict | None, dtype: torch.dtype, nf4: bool = False) -> tuple[TransformerBlock, object]:
     # hidden_dim 128: NF4 needs in_features in multiples of 64.
-    args = tiny_args(hidden_dim=128, moe={"num_experts": 4, "num_experts_per_tok": 2} if moe else None)
+    args = tiny_args(hidden_dim=128, moe=moe)
     torch.manual_seed(0)
     block = TransformerBlock(args, LoraArgs(rank=4))
     with torch.no_grad():
@@ -50,11 +57,11 @@ def _block(mode: str, moe: bool, dtype: torch.dtype, nf4: bool = False) -> tuple
         quantize_lora_layers(block, storage_dtype=dtype)
     freeze_all_but_lora(block)
     if mode != "none":
-        checkpoint_block(block, mode, args.hidden_dim)
+        checkpoint_block(block, mode)
     return block, args
 
 
-def _run(mode: str, moe: bool = False, dtype: torch.dtype = torch.float32, nf4: bool = False):
+def _run(mode: str, moe: dict | None = None, dtype: torch.dtype = torch.float32, nf4: bool = False):
     block, args = _block(mode, moe, dtype, nf4)
     freqs = rope_frequencies(positions_from_seqlens(SEQLENS, "cpu"), args.head_dim, args.rope_theta)
     mask = AttentionMask.build(SEQLENS, None, "sdpa", torch.device("cpu"))
@@ -67,7 +74,7 @@ def _run(mode: str, moe: bool = False, dtype: torch.dtype = torch.float32, nf4: 
     return out.detach(), x.grad, grads, backward_ops.counts
 
 
-@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+@pytest.mark.parametrize("moe", [None, MIXTRAL, FINE_GRAINED], ids=["dense", "moe", "fine_grained_moe"])
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_checkpointing_gives_the_same_output_and_gradients(mode, moe):
     ref_out, ref_dx, ref_grads, _ = _run("none", moe)
@@ -102,11 +109,27 @@ def test_selective_recomputes_only_the_up_projections():
     assert selective["addmm_"] == 2
 
 
-def test_selective_checkpointing_on_an_nf4_base():
-    # QLoRA's layer adds its update out of place (bitsandbytes computes the base product).
+def test_selective_recomputes_only_the_experts_up_projections():
+    """Routed experts (grouped products) and the shared expert follow the dense rule: backward re-runs
+    the w1 and w3 products and keeps w2's, the rank-wide A x and the router's logits. The experts' LoRA
+    updates B u, which they add out of place (dense layers accumulate them into the kept base product),
+    are recomputed too: w2's would otherwise be kept beside its base product."""
+    *_, none = _run("none", FINE_GRAINED)
+    *_, full = _run("full", FINE_GRAINED)
+    *_, selective = _run("selective", FINE_GRAINED)
+    assert full["_grouped_mm"] == none["_grouped_mm"] + 9  # w1, w2, w3: base, A x and B u each
+    assert selective["_grouped_mm"] == none["_grouped_mm"] + 5  # w1, w3 base; B u of all three
+    assert selective["mm"] == none["mm"] + 2 and selective["addmm_"] == 2  # the shared expert's w1, w3
+
+
+# NF4 quantizes rows in blocks of 64: the experts' inputs (dim, expert_hidden_dim) are multiples of it.
+@pytest.mark.parametrize("moe", [None, {**FINE_GRAINED, "expert_hidden_dim": 128}], ids=["dense", "fine_grained_moe"])
+def test_selective_checkpointing_on_an_nf4_base(moe):
+    # QLoRA's layer adds its update out of place (bitsandbytes computes the base product); its stacked
+    # experts dequantize inside their own autograd function (model/quant.py).
     pytest.importorskip("bitsandbytes")
-    ref_out, ref_dx, ref_grads, _ = _run("none", nf4=True)
-    out, dx, grads, _ = _run("selective", nf4=True)
+    ref_out, ref_dx, ref_grads, _ = _run("none", moe, nf4=True)
+    out, dx, grads, _ = _run("selective", moe, nf4=True)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
     torch.testing.assert_close(dx, ref_dx, rtol=1e-6, atol=1e-7)
     assert sorted(grads) == sorted(ref_grads) and len(grads) > 0

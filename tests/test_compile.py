@@ -41,7 +41,7 @@ def _block(mode: str, compiled: bool, window: int | None = None) -> tuple[Transf
             p.normal_(0, 0.2)  # non-zero lora_B: the update's gradient path is exercised
     freeze_all_but_lora(block)
     if mode != "none":
-        checkpoint_block(block, mode, args.hidden_dim)
+        checkpoint_block(block, mode)
     if compiled:
         compile_block(block)
     return block, args

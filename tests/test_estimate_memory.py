@@ -117,7 +117,7 @@ def _kept_by_selective_block(args: ModelArgs, lora: LoraArgs, dtype: torch.dtype
         quantize_lora_layers(model, storage_dtype=dtype)
         model.to(dtype)  # adapters in the compute dtype, as FSDP's mixed precision gives them
     freeze_all_but_lora(model)
-    policy = selective_policy(args.hidden_dim)
+    policy = selective_policy(model)
     kept: dict[int, int] = {}
 
     def recording_policy(ctx, func, *a, **kw):

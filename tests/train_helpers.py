@@ -107,9 +107,10 @@ def read_metrics(run_dir: Path, tag: str = "train") -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
-def microbatches(n: int, seq_len: int, base_density: float) -> list:
-    """Deterministic packed batches with different target counts (density grows with the index),
-    so token-weighted and batch-weighted averaging differ: for rank-equivalence tests."""
+def microbatches(n: int, seq_len: int, base_density: float, vocab: int = 32768) -> list:
+    """Deterministic packed batches of token ids below ``vocab`` with different target counts (density
+    grows with the index), so token-weighted and batch-weighted averaging differ: for rank-equivalence
+    tests."""
     import numpy as np
 
     from finetune.data.loader import Batch
@@ -117,8 +118,8 @@ def microbatches(n: int, seq_len: int, base_density: float) -> list:
     rng = np.random.default_rng(0)
     out = []
     for i in range(n):
-        x = rng.integers(0, 32768, seq_len).astype(np.int64)
-        y = rng.integers(0, 32768, seq_len).astype(np.int64)
+        x = rng.integers(0, vocab, seq_len).astype(np.int64)
+        y = rng.integers(0, vocab, seq_len).astype(np.int64)
         mask = rng.random(seq_len) < base_density + 0.2 * i
         out.append(Batch(x, y, mask, [20, seq_len - 20 - i, i] if i else [seq_len]))
     return out

@@ -35,44 +35,60 @@ def fused_parameters(ws: Iterable[str]) -> list[str]:
     return sorted({_FUSED[w] for w in ws}, reverse=True)  # gate_up_proj first: PEFT's wrapping order
 
 
+class _Fused:
+    """One layer's fused parameter being filled: every expert's tensor is copied into its slot on arrival
+    (and can be freed), so a layer costs the fused tensor, not a second copy of its pieces."""
+
+    def __init__(self, ws: tuple[str, ...], num_experts: int) -> None:
+        self.ws, self.num_experts = ws, num_experts
+        self.tensor: torch.Tensor | None = None
+        self.filled: set[tuple[str, int]] = set()
+
+    def add(self, w: str, expert: int, piece: torch.Tensor) -> bool:
+        """Copy ``piece`` (out, in) into its rows; True once every slot is filled."""
+        if self.tensor is None:  # (experts, len(ws) * out, in), shaped by the first piece
+            self.tensor = piece.new_empty(self.num_experts, len(self.ws) * piece.shape[0], piece.shape[1])
+        rows = self.tensor.shape[1] // len(self.ws)
+        at = self.ws.index(w) * rows
+        slot = self.tensor[expert, at:at + rows]
+        if slot.shape != piece.shape:
+            raise ValueError(f"routed expert {expert}'s {w} weight is {tuple(piece.shape)} but the layer's other "
+                             f"experts' are {tuple(slot.shape)}; the checkpoint or base folder is damaged.")
+        slot.copy_(piece)
+        self.filled.add((w, expert))
+        return len(self.filled) == len(self.ws) * self.num_experts
+
+
 def fuse_expert_weights(
     weights: Iterable[tuple[str, torch.Tensor]], num_experts: int
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Our (key, tensor) pairs with each layer's per-expert ``weight`` tensors replaced by transformers'
-    ``layers.N.experts.gate_up_proj`` / ``down_proj`` (our name stem, HF leaf), emitted as soon as a
-    layer's 3 x ``num_experts`` weights have all arrived; other tensors pass through. Peak extra memory
-    is the experts of the layers in flight (one layer when the input is grouped by layer)."""
-    pending: dict[str, dict[tuple[str, int], torch.Tensor]] = {}
+    ``layers.N.experts.gate_up_proj`` (experts, 2 * hidden, dim: gate (w1) rows, then up (w3) rows, as
+    Mistral4Experts chunks them) and ``down_proj`` (experts, dim, hidden), named with our stem and HF's
+    leaf; each is emitted as soon as its last expert has arrived, other tensors pass through. Extra memory:
+    the fused tensors being filled (one or two when the input is grouped by layer)."""
+    pending: dict[tuple[str, str], _Fused] = {}
     for key, tensor in weights:
         m = EXPERT_KEY.fullmatch(key)
         if m is None or m.group(4) != "weight":
             yield key, tensor
             continue
         layer, expert, w, _ = m.groups()
-        parts = pending.setdefault(layer, {})
-        parts[(w, int(expert))] = tensor
-        if len(parts) == 3 * num_experts:
-            del pending[layer]
-            yield from _fused(layer, parts, num_experts)
+        param = _FUSED[w]
+        if (layer, param) not in pending:
+            pending[(layer, param)] = _Fused(("w1", "w3") if param == "gate_up_proj" else ("w2",), num_experts)
+        fused = pending[(layer, param)]
+        if fused.add(w, int(expert), tensor):
+            del pending[(layer, param)]
+            yield f"layers.{layer}.experts.{param}", fused.tensor
     if pending:
-        layer, parts = next(iter(pending.items()))
-        missing = sorted(f"experts.{e}.{w}" for w in ("w1", "w2", "w3") for e in range(num_experts)
-                         if (w, e) not in parts)
+        (layer, param), fused = next(iter(pending.items()))
+        missing = sorted(f"experts.{e}.{w}" for w in fused.ws for e in range(num_experts)
+                         if (w, e) not in fused.filled)
         raise ValueError(
             f"layer {layer}'s routed experts are incomplete: no weight for {missing[:4]} ({len(missing)} missing) "
             f"of {num_experts} experts; the checkpoint or base folder is truncated."
         )
-
-
-def _fused(
-    layer: str, parts: dict[tuple[str, int], torch.Tensor], num_experts: int
-) -> Iterator[tuple[str, torch.Tensor]]:
-    experts = range(num_experts)
-    # (experts, 2 * hidden, dim): gate (w1) rows, then up (w3) rows, as Mistral4Experts chunks them.
-    gate_up = torch.stack([torch.cat([parts[("w1", e)], parts[("w3", e)]]) for e in experts])
-    yield f"layers.{layer}.experts.gate_up_proj", gate_up
-    down = torch.stack([parts[("w2", e)] for e in experts])  # (experts, dim, hidden)
-    yield f"layers.{layer}.experts.down_proj", down
 
 
 def peft_expert_adapters(
@@ -86,8 +102,8 @@ def peft_expert_adapters(
     for w in ws:
         absent = [e for e in range(num_experts) for ab in "AB" if (w, e, ab) not in adapters]
         if absent:
-            raise ValueError(f"the adapter of routed experts' {w} is missing for expert(s) {sorted(set(absent))[:4]}; "
-                             "the adapter file is incomplete.")
+            raise ValueError(f"the adapter of routed experts' {w} is missing for expert(s) "
+                             f"{sorted(set(absent))[:4]}; the adapter file is incomplete.")
     out = {}
     params = fused_parameters(ws)
     for param in params:

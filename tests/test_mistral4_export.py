@@ -19,6 +19,7 @@ from model.checkpoint import save_model_folder
 from model.configs import load_model_args, params_from_args
 from model.hf import peft_targets
 from model.hf_config import args_from_hf_config, hf_config_from_args
+from model.hf_experts import fuse_expert_weights
 from model.keys import to_checkpoint_names
 from model.lora import freeze_all_but_lora, lora_file_state
 from model.merge import merged_weights
@@ -260,6 +261,19 @@ def test_inside_a_vision_model(tmp_path):
     assert exported.keys() == original.keys()
     for key in [k for k in original if not k.startswith("language_model.")]:
         assert torch.equal(exported[key], original[key]), key
+
+
+def test_fusing_refuses_incomplete_or_mismatched_experts():
+    """The merged export fuses per-expert tensors; a truncated or damaged layer is named, not written."""
+    w = torch.zeros(16, 64)
+    experts = [(f"layers.1.experts.{e}.{p}.weight", w.T if p == "w2" else w)
+               for e in range(3) for p in ("w1", "w2", "w3")]
+    fused = dict(fuse_expert_weights([("norm.weight", w), *experts], num_experts=3))
+    assert fused["layers.1.experts.gate_up_proj"].shape == (3, 32, 64) and "norm.weight" in fused
+    with pytest.raises(ValueError, match=r"layer 1's routed experts are incomplete: no weight for \['experts.2.w3'\]"):
+        dict(fuse_expert_weights(experts[:-1], num_experts=3))
+    with pytest.raises(ValueError, match="routed expert 1's w3 weight is \\(8, 64\\)"):
+        dict(fuse_expert_weights([*experts[:5], (experts[5][0], torch.zeros(8, 64))], num_experts=3))
 
 
 def test_config_json_round_trips_the_mscales():

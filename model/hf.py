@@ -1,4 +1,6 @@
-"""Key names and layout of Hugging Face ``MistralForCausalLM`` / ``MixtralForCausalLM``.
+"""Key names and layout of Hugging Face ``MistralForCausalLM`` / ``MixtralForCausalLM`` /
+``Mistral4ForCausalLM`` (whose fused routed experts ``model.hf_experts`` converts), and the PEFT adapter
+written for them.
 
 Hugging Face applies rotary embeddings to the two *halves* of each head, Mistral to *adjacent*
 pairs, so HF checkpoints store the rows of ``q_proj``/``k_proj`` permuted: within every head,

@@ -5,10 +5,12 @@ the right way with every setting, and its command line says whether a plan fits 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,13 +18,14 @@ import torch
 import yaml
 
 from finetune.args import TrainArgs
-from model.args import LoraArgs, ModelArgs, MoeArgs
+from model.args import Llama4Scaling, LoraArgs, MlaArgs, ModelArgs, MoeArgs, YarnArgs
 from model.lora import freeze_all_but_lora
 from model.transformer import Transformer
 from utils.estimate_memory import (
     GB,
     KNOWN_MODELS,
     LINEARS,
+    NF4_BYTES,
     estimate,
     main,
     param_counts,
@@ -52,13 +55,13 @@ def _block_args(moe: MoeArgs | None, n_layers: int) -> ModelArgs:
                      norm_eps=1e-5, vocab_size=256, moe=moe)
 
 
-def _saved_by_block(args: ModelArgs, lora: LoraArgs, dtype: torch.dtype, seqlens: list[int]) -> float:
-    """Bytes per token of the distinct storages autograd saves inside the second block (whose
-    input requires grad, as in every block but the first), parameters and shared inputs excluded."""
+def _saved_by_block(args: ModelArgs, lora: LoraArgs, dtype: torch.dtype, seqlens: list[int], layer: int = 1) -> float:
+    """Bytes per token of the distinct storages autograd saves inside block ``layer`` (not the first,
+    whose input needs no grad), parameters and shared inputs excluded."""
     torch.manual_seed(0)
     model = Transformer(args, lora=lora).to(dtype)
     freeze_all_but_lora(model)
-    block = model.layers[1]
+    block = model.layers[layer]
     skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
     inside = [False]
@@ -93,21 +96,64 @@ def _saved_by_block(args: ModelArgs, lora: LoraArgs, dtype: torch.dtype, seqlens
 def test_activation_formula_equals_saved_tensors(moe, dtype, targets):
     args = _block_args(moe, n_layers=2)
     lora = LoraArgs(rank=8, target_modules=targets)
-    measured = _saved_by_block(args, lora, dtype, [100, 60, 96])
+    seqlens = [100, 60, 96]
+    measured = _saved_by_block(args, lora, dtype, seqlens)
     predicted = saved_bytes_per_token(args, targets, 8, 0.0, 2 if dtype == torch.bfloat16 else 4)
-    assert predicted == measured
+    assert predicted + _row_offsets(args, 1, seqlens) == measured
+
+
+def _row_offsets(args: ModelArgs, layer: int, seqlens: list[int]) -> float:
+    """Per token, the (experts,) int32 row offsets an MoE layer saves: bytes per layer, not per token,
+    so the formula leaves them out."""
+    return 4 * args.moe.num_experts / sum(seqlens) if args.is_moe_layer(layer) else 0.0
+
+
+def _latent_args(q_lora_rank: int | None, first_k_dense: int, n_layers: int = 3) -> ModelArgs:
+    """A tiny Mistral Small 4: latent attention (YaRN, llama-4 query scaling), 8 routed experts (top 2)
+    and a shared one, the first ``first_k_dense`` layers dense. Every width is a multiple of 64 (NF4's
+    block) and the query/key head as wide as the value head, as in the release: CPU SDPA's fused
+    kernel needs that, and falls back to one that saves the (len, len) scores otherwise."""
+    return ModelArgs(
+        dim=128, n_layers=n_layers, head_dim=48, hidden_dim=384, n_heads=4, n_kv_heads=4, norm_eps=1e-5,
+        vocab_size=256, mla=MlaArgs(q_lora_rank, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                                    v_head_dim=48),
+        moe=MoeArgs(8, 2, expert_hidden_dim=64, num_shared_experts=1, first_k_dense_replace=first_k_dense),
+        yarn=YarnArgs(factor=4.0, original_max_position_embeddings=32),
+        llama_4_scaling=Llama4Scaling(beta=0.1, original_max_position_embeddings=32),
+    )
+
+
+LATENT_TARGETS = {
+    "all": list(LINEARS),
+    "attention-b-experts-w2": ["wq_b", "wkv_b", "wq", "experts.w2"],
+    "wo-shared-w1-w3": ["wo", "shared_experts.w1", "w3"],
+}
+
+
+@pytest.mark.parametrize("q_lora_rank", [256, None], ids=["q-lora", "plain-q"])
+@pytest.mark.parametrize("first_k_dense", [1, 2], ids=["moe-layer", "dense-layer"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("targets", list(LATENT_TARGETS), ids=list(LATENT_TARGETS))
+def test_latent_moe_activation_formula_equals_saved_tensors(q_lora_rank, first_k_dense, dtype, targets):
+    # Block 1 is an MoE block with routed and shared experts, or (first_k_dense 2) a dense one.
+    args = _latent_args(q_lora_rank, first_k_dense)
+    lora = LoraArgs(rank=8, target_modules=LATENT_TARGETS[targets])
+    seqlens = [100, 60, 96]
+    measured = _saved_by_block(args, lora, dtype, seqlens, layer=1)
+    predicted = saved_bytes_per_token(args, lora.target_modules, 8, 0.0, 2 if dtype == torch.bfloat16 else 4, layer=1)
+    assert predicted + _row_offsets(args, 1, seqlens) == measured
 
 
 def _kept_by_selective_block(args: ModelArgs, lora: LoraArgs, dtype: torch.dtype, seqlens: list[int],
-                             nf4: bool = False) -> float:
-    """Bytes per token of the distinct storages that the real selective policy keeps in one block."""
+                             nf4: bool = False, layer: int = 0) -> float:
+    """Bytes per token of the distinct storages that the real selective policy keeps in block ``layer``."""
     import functools
 
     from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
     from finetune.parallel import selective_policy
     from model.attention import AttentionMask
-    from model.rope import positions_from_seqlens, rope_frequencies
+    from model.rope import positions_from_seqlens, rotations
 
     torch.manual_seed(0)
     model = Transformer(args, lora=lora).to(dtype)
@@ -132,10 +178,10 @@ def _kept_by_selective_block(args: ModelArgs, lora: LoraArgs, dtype: torch.dtype
     context_fn = functools.partial(create_selective_checkpoint_contexts, recording_policy,
                                    allow_cache_entry_mutation=True)
     n = sum(seqlens)
-    freqs = rope_frequencies(positions_from_seqlens(seqlens, "cpu"), args.head_dim, args.rope_theta)
+    freqs = rotations(positions_from_seqlens(seqlens, "cpu"), args)
     mask = AttentionMask.build(seqlens, None, "sdpa", torch.device("cpu"))
     x = torch.randn(n, args.dim, dtype=dtype, requires_grad=True)
-    checkpoint(model.layers[0].forward, x, freqs, mask, use_reentrant=False, context_fn=context_fn)
+    checkpoint(model.layers[layer].forward, x, freqs, mask, use_reentrant=False, context_fn=context_fn)
     return sum(kept.values()) / n
 
 
@@ -151,6 +197,20 @@ def test_selective_formula_equals_what_the_policy_keeps(moe, targets, nf4):
     # NF4 (QLoRA): bitsandbytes' base product is not a kept matmul, but its LoRA update, added out
     # of place, is as wide: the same bytes.
     assert selective_saved_bytes_per_token(args, targets, 8, 2) == measured
+
+
+@pytest.mark.parametrize("nf4", [False, True], ids=["bf16", "nf4"])
+@pytest.mark.parametrize("first_k_dense", [1, 2], ids=["moe-layer", "dense-layer"])
+@pytest.mark.parametrize("targets", list(LATENT_TARGETS), ids=list(LATENT_TARGETS))
+def test_latent_moe_selective_formula_equals_what_the_policy_keeps(first_k_dense, targets, nf4):
+    # Routed and shared experts: every product kept but the up-projections (their own widths) and the
+    # routed experts' LoRA updates; the router's logits too.
+    if nf4:
+        pytest.importorskip("bitsandbytes")
+    args = _latent_args(256, first_k_dense)
+    lora = LoraArgs(rank=8, target_modules=LATENT_TARGETS[targets])
+    measured = _kept_by_selective_block(args, lora, torch.bfloat16, [100, 60, 96], nf4, layer=1)
+    assert selective_saved_bytes_per_token(args, lora.target_modules, 8, 2, layer=1) == measured
 
 
 def _bench_small(n_layers: int) -> ModelArgs:
@@ -215,6 +275,57 @@ def test_cpu_estimate_within_15_percent_of_measured_peak(checkpoint):
     assert plan.total / GB == pytest.approx(measured, rel=0.15), (plan.parts, measured)
 
 
+def _small_mistral4_config(q_lora_rank: int | None, experts: int, top_k: int, width: int, shared: int,
+                           dense: int) -> dict:
+    """A Hugging Face config.json of a small Mistral Small 4 (2 layers, dim 512, vocab 32768 as the
+    'small' preset): latent attention with YaRN and llama-4 scaling, fine-grained experts."""
+    return {
+        "model_type": "mistral4", "hidden_size": 512, "num_hidden_layers": 2, "intermediate_size": 1536,
+        "num_attention_heads": 8, "num_key_value_heads": 8, "rms_norm_eps": 1e-6, "vocab_size": 32768,
+        "q_lora_rank": q_lora_rank, "kv_lora_rank": 128, "qk_nope_head_dim": 32, "qk_rope_head_dim": 32,
+        "v_head_dim": 64, "n_routed_experts": experts, "num_experts_per_tok": top_k, "moe_intermediate_size": width,
+        "n_shared_experts": shared, "first_k_dense_replace": dense,
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                            "original_max_position_embeddings": 1024, "beta_fast": 32.0, "beta_slow": 1.0,
+                            "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1},
+    }
+
+
+LATENT_MOE_RUNS = {
+    # q_lora_rank 256, a dense first layer, 16 experts 256 wide (top 2) + 1 shared; no checkpointing.
+    "q-lora-dense-first-none-2048": (_small_mistral4_config(256, 16, 2, 256, 1, 1), "none", 2048),
+    # One query projection, 32 experts 128 wide (top 4) + 2 shared in both layers; selective.
+    "plain-q-top4-selective-1024": (_small_mistral4_config(None, 32, 4, 128, 2, 0), "selective", 1024),
+}
+
+
+@pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2"),
+    reason="bf16 on a CPU without AVX-512 runs through emulated kernels; the planner's CPU terms are fitted to "
+           "bf16 on AVX-512/AMX CPUs",
+)
+@pytest.mark.parametrize("run", list(LATENT_MOE_RUNS))
+def test_cpu_estimate_of_latent_moe_within_15_percent_of_measured_peak(run, tmp_path):
+    # As the test above, on Mistral Small 4's layout: the bench trains the shape of a config.json
+    # (--model), and the planner plans the same file.
+    from model.configs import load_model_args
+
+    config, checkpoint, seq_len = LATENT_MOE_RUNS[run]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    argv = ["--model", str(tmp_path), "--seq_len", str(seq_len), "--precision", "bf16", "--threads", "2",
+            "--steps", "2", "--warmup", "1", "--peak_tflops", "1", "--checkpoint", checkpoint]
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD.format(argv=argv)], cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])["vmhwm_gb"]
+    m = load_model_args(tmp_path)
+    assert m.mla is not None and m.moe is not None and m.moe.fine_grained
+    plan = estimate(m, _train_args(seq_len=seq_len, checkpoint=checkpoint, precision="bf16"), device="cpu")
+    assert plan.total / GB == pytest.approx(measured, rel=0.15), (plan.parts, measured)
+
+
 _RANK_PEAK = """
 import os
 from utils.bench_train_step import main
@@ -255,6 +366,11 @@ def test_cpu_estimate_of_two_processes_within_12_percent_of_each_ranks_peak(tmp_
 # Nemo cost nothing), the activation terms against what autograd saves (the tests above), and the
 # direction in which every setting moves the GPU plan (below).
 SHAPE_MIXTRAL = dict(SHAPE_7B, moe=MoeArgs(8, 2))
+# The real Mistral Small 4: latent attention, 128 stacked experts (top 4) + a shared one (meta device: free).
+SHAPES = {"7b": ModelArgs(**SHAPE_7B, norm_eps=1e-5), "nemo": ModelArgs(**SHAPE_NEMO, norm_eps=1e-5),
+          "mixtral": ModelArgs(**SHAPE_MIXTRAL, norm_eps=1e-5), "mistral-small-4": KNOWN_MODELS["mistral-small-4"]}
+# Adapters on some attention projections, routed experts' w2 and shared experts' w1 only (scoped names).
+SCOPED = ["wq", "wv", "wq_b", "wkv_b", "experts.w2", "shared_experts.w1"]
 
 
 def _real_counts(m: ModelArgs, lora: LoraArgs | None) -> dict[str, int]:
@@ -274,10 +390,10 @@ def _real_counts(m: ModelArgs, lora: LoraArgs | None) -> dict[str, int]:
     }
 
 
-@pytest.mark.parametrize("shape", [SHAPE_7B, SHAPE_NEMO, SHAPE_MIXTRAL], ids=["7b", "nemo", "mixtral"])
-@pytest.mark.parametrize("targets", [ALL, ["wq", "wv"], None], ids=["lora-all", "lora-qv", "full"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("targets", [list(LINEARS), SCOPED, None], ids=["lora-all", "lora-scoped", "full"])
 def test_weight_terms_count_the_real_models_parameters(shape, targets):
-    m = ModelArgs(**shape, norm_eps=1e-5)
+    m = SHAPES[shape]
     args = _train_args(seq_len=4096, precision="bf16")
     lora = None
     if targets is None:
@@ -297,6 +413,27 @@ def test_weight_terms_count_the_real_models_parameters(shape, targets):
             assert real["frozen"] == 0 and weights + optimizer == real["all"] * 16
     # Two devices gather the whole root and two whole blocks (base and adapters) in bf16.
     assert estimate(m, args, n_devices=2).parts["unsharded root + 2 blocks"] == 2 * (real["root"] + 2 * real["block"])
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("targets", [list(LINEARS), SCOPED], ids=["lora-all", "lora-scoped"])
+def test_nf4_weight_term_counts_what_quantize_lora_layers_quantizes(shape, targets):
+    """The NF4 share of the weights is every adapted linear's, stacked experts included, as
+    model.quant quantizes them (meta device: no bitsandbytes needed); the rest stays in bf16."""
+    from model.quant import NF4LoRALinear, quantize_lora_layers
+
+    m = SHAPES[shape]
+    with torch.device("meta"):
+        model = Transformer(m, lora=LoraArgs(rank=16, target_modules=targets))
+    quantize_lora_layers(model, storage_dtype=torch.bfloat16)
+    quantized = sum(math.prod(q.full_shape) for q in model.modules() if isinstance(q, NF4LoRALinear))
+    counts = param_counts(m, targets, 16)
+    assert counts["layers_quantizable"] == quantized
+    args = _train_args(seq_len=4096, precision="bf16", quantization="nf4")
+    args.lora.target_modules = targets
+    weights = estimate(m, args, n_devices=8).parts["base weights (sharded)"] * 8
+    frozen = counts["layers"] + counts["root"]
+    assert weights == pytest.approx((frozen - quantized) * 2 + quantized * NF4_BYTES)
 
 
 @pytest.mark.parametrize("shape", [SHAPE_7B, SHAPE_NEMO, SHAPE_MIXTRAL], ids=["7b", "nemo", "mixtral"])
@@ -363,12 +500,27 @@ def test_checkpointing_saves_what_the_formula_says():
 
 @pytest.mark.parametrize("name", sorted(KNOWN_MODELS))
 def test_known_releases_count_the_real_models_parameters(name):
-    """The release shapes (tied 3B, interleaved 8B 2410, 24B) against the real model on the meta device."""
+    """The release shapes (tied 3B, interleaved 8B 2410, 24B, Small 4's latent attention and experts)
+    against the real model on the meta device."""
     m = KNOWN_MODELS[name]
     real = _real_counts(m, LoraArgs(rank=16))
-    counts = param_counts(m, ALL, 16)
-    assert m.n_layers * counts["block"] + counts["root"] == real["frozen"]  # a tied output counted once
-    assert m.n_layers * counts["block_lora"] == real["trainable"]
+    counts = param_counts(m, list(LINEARS), 16)
+    assert counts["layers"] + counts["root"] == real["frozen"]  # a tied output counted once
+    assert counts["layers_lora"] == real["trainable"]
+
+
+def test_mistral_small_4_preset_is_transformers_mistral4_config(tmp_path):
+    """The preset is Mistral4Config's defaults (its docstring documents them as Mistral-Small-4-119B-2603's),
+    read through this library's own config.json translation; its text model has 118.97B parameters."""
+    from transformers import Mistral4Config
+
+    from model.configs import load_model_args
+
+    (tmp_path / "config.json").write_text(Mistral4Config().to_json_string())
+    preset = KNOWN_MODELS["mistral-small-4"]
+    assert load_model_args(tmp_path) == replace(preset, extra={})
+    counts = param_counts(preset, list(LINEARS), 16)
+    assert round((counts["layers"] + counts["root"]) / 1e9, 2) == 118.97
 
 
 @pytest.mark.parametrize("name", [n for n in sorted(KNOWN_MODELS) if KNOWN_MODELS[n].extra.get("vision_encoder")])
@@ -399,7 +551,24 @@ def test_mistral_small_32_lora_r16_at_16384_fits_one_80gb_gpu(capsys):
     assert "does NOT fit: 81.7 GB" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", ["ministral3_8b", "mistral_small_3.2", "magistral_small"])
+def test_mistral_small_4_lora_r16_at_8192_gpu_count_with_and_without_nf4(capsys):
+    """The issue's question, answered with example/mistral-small-4.yaml (rank 16, seq_len 8192): how many
+    80 GB GPUs, with and without quantization: nf4 (which quantizes the stacked experts too)."""
+    argv = ["--train_yaml", "example/mistral-small-4.yaml", "--model", "mistral-small-4", "--gpus", "8",
+            "--gpu-memory", "80"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "fits: 54.2 GB of 80 GB (68%)" in out and "fewest 80 GB GPUs that fit this config: 5 (73.7 GB each)" in out
+    assert "LoRA rank 16" in out and "8192 x 1 tokens" in out and "36 latent (MLA" in out
+    assert main([*argv, "--quantization", "nf4"]) == 0
+    out = capsys.readouterr().out
+    assert "fits: 24.7 GB" in out and "fewest 80 GB GPUs that fit this config: 2 (56.7 GB each)" in out
+    assert "stacked experts included" in out
+    assert main([*argv[:-3], "4", "--gpu-memory", "80"]) == 1  # four GPUs without nf4: too few
+    assert "does NOT fit" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["ministral3_8b", "mistral_small_3.2", "magistral_small", "mistral-small-4"])
 def test_new_examples_load_and_plan_as_their_comment_says(name, capsys):
     """Each new example's header quotes the planner's command and total: running it gives that total."""
     text = (REPO / "example" / f"{name}.yaml").read_text()

@@ -7,6 +7,7 @@ as one process (a group of one) unless launched by torchrun.
 
     python -m utils.bench_train_step --preset small --seq_len 1024 --precision bf16 --no_checkpoint
     python -m utils.bench_train_step --preset 7b --seq_len 32768 --precision bf16   # on a GPU
+    python -m utils.bench_train_step --model FOLDER --seq_len 2048   # FOLDER/params.json or config.json's shape
 
 ``python benchmarks/bench_train_step.py`` is the same command (the benchmark scripts call this module).
 
@@ -21,6 +22,7 @@ import contextlib
 import json
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -32,6 +34,7 @@ from finetune.data.loader import Batch
 from finetune.monitoring import peak_memory_gb
 from finetune.trainer import TrainState, build_optimizer, train_step
 from model.args import LoraArgs, ModelArgs, MoeArgs
+from model.configs import load_model_args
 from model.lora import LoRALinear, lora_modules
 from utils.workload import PRESETS, packed_rows
 
@@ -58,7 +61,7 @@ def model_flops_per_token(args: ModelArgs, lora: LoraArgs, batches: list[Batch])
               "w2": (args.hidden_dim, args.dim), "w3": (args.dim, args.hidden_dim)}
     per_expert = args.moe.num_experts_per_tok if args.moe else 1
     lora_w = sum(lora.rank * sum(shapes[t]) * (per_expert if t.startswith("w") and t[1].isdigit() else 1)
-                 for t in lora.target_modules) * args.n_layers
+                 for t in lora.target_modules if t in shapes) * args.n_layers  # other names match nothing here
     pairs = tokens = 0
     for b in batches:
         real = [n for n, start in zip(b.seqlens, np.cumsum([0] + b.seqlens[:-1]), strict=True) if b.y_mask[start: start + n].any()]
@@ -103,6 +106,9 @@ def _random_init(model: torch.nn.Module) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--model", metavar="FOLDER",
+                        help="a folder with params.json or a Hugging Face config.json (no weights needed): its "
+                             "shape instead of --preset's (latent attention, fine-grained MoE)")
     parser.add_argument("--n_layers", type=int, help="override the preset's layer count")
     parser.add_argument("--moe", type=int, nargs=2, metavar=("EXPERTS", "PER_TOKEN"))
     parser.add_argument("--sliding_window", type=int)
@@ -134,11 +140,18 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(opts.threads)
 
     device = D.init_distributed()
-    shape = dict(PRESETS[opts.preset])
-    if opts.n_layers:
-        shape["n_layers"] = opts.n_layers
-    model_args = ModelArgs(**shape, norm_eps=1e-5, rope_theta=1e6, sliding_window=opts.sliding_window,
-                           moe=MoeArgs(*opts.moe) if opts.moe else None)
+    if opts.model:
+        if opts.moe or opts.sliding_window:
+            parser.error("--moe and --sliding_window change a preset's shape; --model's folder says its own")
+        model_args = load_model_args(opts.model)
+        if opts.n_layers:
+            model_args = replace(model_args, n_layers=opts.n_layers)
+    else:
+        shape = dict(PRESETS[opts.preset])
+        if opts.n_layers:
+            shape["n_layers"] = opts.n_layers
+        model_args = ModelArgs(**shape, norm_eps=1e-5, rope_theta=1e6, sliding_window=opts.sliding_window,
+                               moe=MoeArgs(*opts.moe) if opts.moe else None)
     lora = LoraArgs(rank=opts.rank)
     dtype = DTYPES[opts.precision]
     precision = resolve_precision(opts.precision, device)
@@ -172,17 +185,19 @@ def main(argv: list[str] | None = None) -> None:
             warmup_times.append(elapsed)
     step_time = float(np.median(times))
     tokens = opts.seq_len * opts.batch_size * D.world_size()
-    flops = model_flops_per_token(model_args, lora, batches)
+    # The FLOP count knows grouped-query attention and Mixtral's experts only: no MFU for the others.
+    known = model_args.mla is None and (model_args.moe is None or not model_args.moe.fine_grained)
+    flops = model_flops_per_token(model_args, lora, batches) if known else None
     peak = opts.peak_tflops * 1e12 if opts.peak_tflops else measure_matmul_peak(device, dtype, opts.matmul_n)
     tok_s = tokens / step_time
     result = {
-        "preset": opts.preset, "n_layers": model_args.n_layers, "seq_len": opts.seq_len,
+        "preset": opts.preset, "model": opts.model, "n_layers": model_args.n_layers, "seq_len": opts.seq_len,
         "batch_size": opts.batch_size, "precision": opts.precision, "attention": attention,
         "checkpoint": opts.checkpoint, "compile": opts.compile, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "world_size": D.world_size(), "step_s": step_time,
         "first_step_s": warmup_times[0] if warmup_times else None,
-        "tokens_per_s": tok_s, "peak_mem_gb": peak_memory_gb(device), "model_mflop_per_token": flops / 1e6,
-        "matmul_peak_tflops": peak / 1e12, "mfu": tok_s * flops / D.world_size() / peak,
+        "tokens_per_s": tok_s, "peak_mem_gb": peak_memory_gb(device), "model_mflop_per_token": flops / 1e6 if flops else None,
+        "matmul_peak_tflops": peak / 1e12, "mfu": tok_s * flops / D.world_size() / peak if flops else None,
     }
     if D.is_main():
         print(json.dumps(result))

@@ -5,14 +5,18 @@
         --seq_len 8192 --checkpoint false            # overrides as train.py takes them
     python -m utils.estimate_memory --train_yaml CONFIG.yaml --device cpu --precision bf16
     python -m utils.estimate_memory --train_yaml example/mistral_small_3.2.yaml --model mistral-small-3.2-24b
+    python -m utils.estimate_memory --train_yaml example/mistral-small-4.yaml --model mistral-small-4 --gpus 8
 
 The model shape comes from ``params.json`` (or a Hugging Face ``config.json``) in the config's
 ``model_id_or_path``, or from ``--model``: a folder holding only params.json is enough, or the name
 of a release this file knows (``KNOWN_MODELS``). The estimate is a sum of explicit terms, each
-printed; docs/memory.md derives them and gives the measured accuracy. In short, per device with
-N = world size (FSDP2 shards every block and the root over all N):
+printed, and a GPU plan also says the fewest GPUs that fit; docs/memory.md derives them and gives the
+measured accuracy. Blocks may differ (latent or grouped-query attention; dense, MoE, or MoE with
+shared experts): each term is summed over the blocks, the largest being the one gathered or
+recomputed. In short, per device with N = world size (FSDP2 shards every block and the root over all N):
 
-- frozen base weights in the compute dtype (NF4 linears at 4.13 bits with ``quantization: nf4``) / N;
+- frozen base weights in the compute dtype (adapted linears, stacked experts included, at 4.13 bits
+  with ``quantization: nf4``) / N;
   a multimodal release's vision encoder and adapter are counted (``vision_params``) and said, but are
   not in the peak: text training never loads them (``model.multimodal`` carries them from the base folder);
   plus the all-gathered *unsharded* root (embedding, final norm, output: alive through forward and
@@ -42,8 +46,9 @@ from pathlib import Path
 from finetune.args import TrainArgs, load_train_args
 from finetune.config import ConfigError
 from finetune.loss import block_rows
-from model.args import Llama4Scaling, ModelArgs, YarnArgs
+from model.args import DEFAULT_TARGETS, Llama4Scaling, LoraArgs, MlaArgs, ModelArgs, MoeArgs, YarnArgs
 from model.configs import load_model_args
+from model.lora import is_target
 from model.quant import quantized_weight_bytes
 
 GB = 1e9
@@ -59,10 +64,14 @@ CPU_BASELINE = 0.31 * GB  # RSS of python + torch + this project imported, gloo 
 CPU_RUNTIME = 0.007 * GB
 CPU_HEAP_PER_LOGIT = 3.48
 CPU_HEAP_BLOCKS = 1.33
+# Calibrated too (docs/memory.md): an MoE model's grouped products run on CPU as one matmul per expert,
+# whose row counts change with every batch, so oneDNN's kernel caches (finetune/distributed.py) fill to
+# their cap within a step or two, where a dense model's fill with document lengths only.
+CPU_MOE_KERNEL_CACHES = 0.2 * GB
 # Bytes per NF4 weight, statistics included, for a 7B-sized matrix (the share is the same for any large one).
 NF4_BYTES = quantized_weight_bytes(4096 * 14336) / (4096 * 14336)
 _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+LINEARS = DEFAULT_TARGETS  # every linear of any block: fully fine-tuned, all of them train
 
 
 @dataclass
@@ -87,34 +96,76 @@ class Plan:
         return self.capacity is None or self.total <= self.capacity
 
 
-def linear_shapes(m: ModelArgs) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of every linear layer of a block."""
-    q, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
+def linear_shapes(m: ModelArgs, layer: int | None = None) -> dict[str, tuple[int, int, int]]:
+    """(in_features, out_features, copies) of every linear layer of block ``layer`` (default: the
+    last, an MoE block when the model has any), under the names ``lora.target_modules`` matches.
+
+    Attention is grouped-query (wq wk wv wo) or latent (``model.mla``: wq or wq_a + wq_b,
+    wkv_a_with_mqa, wkv_b, wo). The feed-forward is dense (w1 w2 w3, ``hidden_dim`` wide) or, in an
+    MoE layer, the routed experts stacked (``experts.w1`` ...: one copy per expert,
+    ``expert_hidden_dim`` wide; Mixtral's too) and the shared experts as one wider dense
+    feed-forward (``shared_experts.w1`` ...). The MoE router is no LoRA target: see ``param_counts``.
+    """
+    layer = m.n_layers - 1 if layer is None else layer
+    d = m.dim
+    if m.mla is None:
+        q, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
+        shapes = {"wq": (d, q, 1), "wk": (d, kv, 1), "wv": (d, kv, 1), "wo": (q, d, 1)}
+    else:
+        a = m.mla
+        qk = m.n_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim)
+        if a.q_lora_rank is None:
+            shapes = {"wq": (d, qk, 1)}
+        else:
+            shapes = {"wq_a": (d, a.q_lora_rank, 1), "wq_b": (a.q_lora_rank, qk, 1)}
+        shapes |= {
+            "wkv_a_with_mqa": (d, a.kv_lora_rank + a.qk_rope_head_dim, 1),
+            "wkv_b": (a.kv_lora_rank, m.n_heads * (a.qk_nope_head_dim + a.v_head_dim), 1),
+            "wo": (m.n_heads * a.v_head_dim, d, 1),
+        }
+    if not m.is_moe_layer(layer):
+        return shapes | {"w1": (d, m.hidden_dim, 1), "w2": (m.hidden_dim, d, 1), "w3": (d, m.hidden_dim, 1)}
+    e, f = m.moe.num_experts, m.expert_hidden_dim
+    shapes |= {"experts.w1": (d, f, e), "experts.w2": (f, d, e), "experts.w3": (d, f, e)}
+    if m.moe.num_shared_experts:
+        fs = f * m.moe.num_shared_experts
+        shapes |= {"shared_experts.w1": (d, fs, 1), "shared_experts.w2": (fs, d, 1), "shared_experts.w3": (d, fs, 1)}
+    return shapes
+
+
+def _targeted(targets: list[str], name: str) -> bool:
+    """Whether ``lora.target_modules`` selects this layer: ``model.lora.is_target``'s rule."""
+    return is_target(LoraArgs(target_modules=list(targets)), name)
+
+
+def block_param_counts(m: ModelArgs, layer: int, targets: list[str], rank: int) -> dict[str, int]:
+    """Parameters of block ``layer``: all of its base weights (norms and router included), those of
+    its LoRA-targeted linears (what ``quantization: nf4`` stores in 4 bits, stacked experts included),
+    those of its stacked experts, and its adapters (stacked: experts x (r x in + out x r) per projection)."""
+    shapes = linear_shapes(m, layer)
+    norms = 2 * m.dim
+    if m.mla is not None:
+        norms += (m.mla.q_lora_rank or 0) + m.mla.kv_lora_rank  # q_a_norm, kv_a_norm
+    router = m.dim * m.moe.num_experts if m.is_moe_layer(layer) else 0
     return {
-        "wq": (m.dim, q),
-        "wk": (m.dim, kv),
-        "wv": (m.dim, kv),
-        "wo": (q, m.dim),
-        "w1": (m.dim, m.hidden_dim),
-        "w2": (m.hidden_dim, m.dim),
-        "w3": (m.dim, m.hidden_dim),
+        "params": sum(i * o * n for i, o, n in shapes.values()) + norms + router,
+        "quantizable": sum(i * o * n for name, (i, o, n) in shapes.items() if _targeted(targets, name)),
+        "stacked": sum(i * o * n for i, o, n in shapes.values() if n > 1),
+        "lora": sum(rank * (i + o) * n for name, (i, o, n) in shapes.items() if _targeted(targets, name)),
     }
 
 
-def _copies(m: ModelArgs, name: str) -> int:
-    """How many times a block holds this linear: once per expert for the feed-forward of MoE."""
-    return m.moe.num_experts if (m.moe and name in ("w1", "w2", "w3")) else 1
-
-
 def param_counts(m: ModelArgs, targets: list[str], rank: int) -> dict[str, int]:
-    """Parameters of one block (base, adapters, base weights of LoRA-targeted linears) and of the root."""
-    shapes = linear_shapes(m)
-    block = sum(i * o * _copies(m, n) for n, (i, o) in shapes.items()) + 2 * m.dim
-    block += m.dim * m.moe.num_experts if m.moe else 0  # router
-    targeted = sum(i * o * _copies(m, n) for n, (i, o) in shapes.items() if n in targets)
-    lora = sum(rank * (i + o) * _copies(m, n) for n, (i, o) in shapes.items() if n in targets)
-    root = (1 if m.tied_embeddings else 2) * m.vocab_size * m.dim + m.dim  # embedding, output (unless tied), norm
-    return {"block": block, "block_targeted": targeted, "block_lora": lora, "root": root}
+    """Parameters of the model's blocks, summed over layers (``layers``, ``layers_lora``,
+    ``layers_quantizable``, ``layers_stacked``), of its largest block (``block``, ``block_lora``:
+    what FSDP gathers whole) and of the root (embedding, final norm, output unless tied)."""
+    blocks = [block_param_counts(m, i, targets, rank) for i in range(m.n_layers)]
+    largest = max(blocks, key=lambda b: b["params"] + b["lora"])
+    out = {f"layers_{k}": sum(b[k] for b in blocks) for k in ("lora", "quantizable", "stacked")}
+    out["layers"] = sum(b["params"] for b in blocks)
+    out["block"], out["block_lora"], out["block_quantizable"] = largest["params"], largest["lora"], largest["quantizable"]
+    out["root"] = (1 if m.tied_embeddings else 2) * m.vocab_size * m.dim + m.dim
+    return out
 
 
 def vision_params(m: ModelArgs) -> int:
@@ -179,63 +230,130 @@ KNOWN_MODELS: dict[str, ModelArgs] = {
     # Devstral Small 1.0 / 1.1 (2505 / 2507): Mistral Small 3.1 fine-tunes whose releases drop the vision
     # encoder (model cards); their own params.json was not found, so the shape is Small 3.1's.
     "devstral-small-24b": ModelArgs(**_SMALL_24B),
+    # Mistral Small 4 (mistralai/Mistral-Small-4-119B-2603): transformers' Mistral4Config defaults, which
+    # its docstring documents as that release's (a test compares them). Latent attention in every layer,
+    # 128 routed experts 2048 wide (top 4) + 1 shared, no dense layer (first_k_dense_replace 0; the dense
+    # intermediate_size 12288 is then unused): 118.97B text parameters, which with a Pixtral encoder
+    # (assumed Small 3.1's, as for Ministral 3: the vLLM recipe gives a Pixtral-style 1540 px, patch 14
+    # encoder) make the 119.4B that third-party model listings give. YaRN x128 over 8192; the softmax
+    # scale factor is YaRN's mscale(128, mscale_all_dim 1) squared, as transformers computes it.
+    "mistral-small-4": ModelArgs(
+        dim=4096, n_layers=36, head_dim=128, hidden_dim=12288, n_heads=32, n_kv_heads=32, norm_eps=1e-6,
+        vocab_size=131072, rope_theta=10000.0,
+        moe=MoeArgs(num_experts=128, num_experts_per_tok=4, expert_hidden_dim=2048, num_shared_experts=1),
+        mla=MlaArgs(q_lora_rank=1024, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=128,
+                    softmax_scale_factor=(0.1 * math.log(128.0) + 1.0) ** 2),
+        yarn=YarnArgs(factor=128.0, original_max_position_embeddings=8192),
+        llama_4_scaling=Llama4Scaling(beta=0.1, original_max_position_embeddings=8192),
+        extra={"vision_encoder": PIXTRAL_SMALL_31},
+    ),
 }
 
 
-def saved_bytes_per_token(m: ModelArgs, targets: list[str], rank: int, dropout: float, c: int) -> float:
-    """Bytes autograd saves for backward, per token, in one transformer block (eager, frozen base).
+def saved_bytes_per_token(
+    m: ModelArgs, targets: list[str], rank: int, dropout: float, c: int, layer: int | None = None
+) -> float:
+    """Bytes autograd saves for backward, per token, in block ``layer`` (eager, frozen base; default
+    the last block).
 
     ``c`` is the compute dtype's size. A frozen linear saves nothing of its input; a LoRA linear saves
-    its input (for lora_A's gradient; one tensor shared by wq/wk/wv and by w1/w3) and the rank-sized
-    ``A x`` (for lora_B's). RMSNorm saves its input and the (tokens, 1) float32 rsqrt. Attention
-    (SDPA per document, or FlexAttention) saves q, k, v after rotary, its output and a float32
-    log-sum-exp per head; the output is copied once more into the (tokens, heads*head_dim) input
-    of wo. SwiGLU saves w1's and w3's outputs and silu(w1 x); the product is w2's input.
-    Dropout on the adapters adds, per LoRA linear, its dropped input and a one-byte mask.
+    its input (for lora_A's gradient; one tensor shared by the projections that read it) and the
+    rank-sized ``A x`` (for lora_B's). RMSNorm saves its input and the (tokens, 1) float32 rsqrt.
+    Attention (SDPA per document, or FlexAttention) saves q, k, v after rotary, its output and a
+    float32 log-sum-exp per head; the output is copied once more into the input of wo. SwiGLU saves
+    w1's and w3's outputs and silu(w1 x); the product is w2's input.
+
+    Latent attention (``model.mla``) also saves the inner norms' inputs (kv_a_norm's is a view of
+    wkv_a_with_mqa's whole output), the per-token scale of the unrotated query part, the
+    concatenated q and k, and wkv_b's output, of which v is a view. An MoE layer saves the router's
+    float32 softmax over all experts, the top-k indices, the renormalised weights and their sum; per
+    routed row (k per token) the expert's SwiGLU as above (its input is the gathered copy
+    ``x[token]``), the expert's output and its gathered weight (saved by the weighting product),
+    the weighted output (saved by index_add_) and two int64 indices (the gather's and the
+    weights'); the shared experts save a dense SwiGLU. (Each MoE layer also saves its (experts,)
+    int32 row offsets: bytes per layer, not per token, left out.) Dropout on the adapters adds, per
+    LoRA linear, its dropped input and a one-byte mask.
     """
-    shapes = linear_shapes(m)
-    qd = m.n_heads * m.head_dim
-    t = set(targets)
-    lora_u = c * rank  # A x of one LoRA linear
-    total = 2 * (c * m.dim + 4)  # two RMSNorms
-    total += (c * m.dim if t & {"wq", "wk", "wv"} else 0) + lora_u * len(t & {"wq", "wk", "wv"})
-    total += c * (m.n_heads + 2 * m.n_kv_heads) * m.head_dim + c * qd + 4 * m.n_heads  # q k v, out, lse
-    total += (c * qd + lora_u) if "wo" in t else 0
-    ffn = 3 * c * m.hidden_dim + (c * m.dim if t & {"w1", "w3"} else 0)
-    ffn += lora_u * len(t & {"w1", "w2", "w3"}) + (c * m.hidden_dim if "w2" in t else 0)
-    if m.moe is None:
-        total += ffn
+    layer = m.n_layers - 1 if layer is None else layer
+    shapes = linear_shapes(m, layer)
+    t = {name for name in shapes if _targeted(targets, name)}
+    d, h, u = m.dim, m.n_heads, c * rank  # u: A x of one LoRA linear
+
+    def inputs_and_updates(*names: str) -> int:
+        """One saved copy of the input the named linears share, if any is adapted, and their A x."""
+        return (c * shapes[names[0]][0] if t & set(names) else 0) + u * len(t & set(names))
+
+    def swiglu(prefix: str) -> int:
+        f = shapes[prefix + "w1"][1]
+        return 3 * c * f + inputs_and_updates(prefix + "w1", prefix + "w3") + inputs_and_updates(prefix + "w2")
+
+    total = 2 * (c * d + 4)  # two RMSNorms
+    if m.mla is None:
+        qd = h * m.head_dim
+        total += inputs_and_updates("wq", "wk", "wv")
+        total += c * (h + 2 * m.n_kv_heads) * m.head_dim + c * qd + 4 * h  # q k v, out, lse
     else:
-        k = m.moe.num_experts_per_tok
-        # Router: top-k indices (int64) and softmax weights (float32). Per routed token, the expert's
-        # feed-forward as above (its input is a gathered copy), its output and gathered mixing
-        # weight (saved by the weighting product), the weighted output (saved by index_add_) and
-        # two int64 indices.
-        total += 8 * k + 4 * k + k * (ffn + 2 * c * m.dim + c + 16)
+        a = m.mla
+        qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+        total += inputs_and_updates(*[n for n in ("wq", "wq_a", "wkv_a_with_mqa") if n in shapes])
+        if a.q_lora_rank is not None:
+            total += c * a.q_lora_rank + 4 + inputs_and_updates("wq_b")  # q_a_norm; its output is wq_b's input
+        total += c * (a.kv_lora_rank + a.qk_rope_head_dim) + 4 + inputs_and_updates("wkv_b")  # kv_a_norm
+        total += c  # (tokens, 1, 1) scale of the unrotated query part
+        total += 2 * c * h * qk + c * h * (a.qk_nope_head_dim + a.v_head_dim)  # q, k; wkv_b's output holds v
+        total += c * h * a.v_head_dim + 4 * h  # out, lse
+    total += inputs_and_updates("wo")
+    if not m.is_moe_layer(layer):
+        total += swiglu("")
+    else:
+        k, e = m.moe.num_experts_per_tok, m.moe.num_experts
+        total += 4 * e + 8 * k + 4 * k + 4  # softmax, top-k indices, renormalised weights, their sum
+        total += k * (swiglu("experts.") + 2 * c * d + c + 16)
+        total += swiglu("shared_experts.") if "shared_experts.w1" in shapes else 0
     if dropout > 0:
-        total += sum((c + 1) * shapes[n][0] for n in t) * (m.moe.num_experts_per_tok if m.moe else 1)
+        k = m.moe.num_experts_per_tok if m.moe else 1
+        total += sum((c + 1) * shapes[n][0] * (k if shapes[n][2] > 1 else 1) for n in t)
     return float(total)
 
 
-def selective_saved_bytes_per_token(m: ModelArgs, targets: list[str], rank: int, c: int) -> float:
-    """Bytes per token that ``checkpoint: selective`` keeps in one block besides its input.
+def selective_saved_bytes_per_token(
+    m: ModelArgs, targets: list[str], rank: int, c: int, layer: int | None = None
+) -> float:
+    """Bytes per token that ``checkpoint: selective`` keeps in block ``layer`` besides its input.
 
-    The policy (finetune/parallel.py) keeps every matrix product's output except the
-    (tokens, hidden_dim) ones, and the attention kernel's output and float32 log-sum-exp. So: the
-    outputs of wq, wk, wv, wo and w2 (a LoRA update is accumulated into the same tensor), each
-    LoRA linear's rank-sized ``A x`` (w1's and w3's too), and for MoE the router's logits and,
-    per routed token, the expert's w2 output and its ``A x``.
+    The policy (finetune/parallel.py) keeps every matrix product's output except those as wide as the
+    block's feed-forward up-projections (w1 and w3: ``hidden_dim``, or an MoE layer's routed and
+    shared experts' widths) and the routed experts' LoRA updates ``B u``, and the attention kernel's
+    output and float32 log-sum-exp. So: the outputs of the other linears (a 2-D LoRA update is
+    accumulated into the same tensor), each LoRA linear's rank-sized ``A x``, the router's logits,
+    and per routed row (k per token) the experts' w2 output and each adapted projection's ``A x``.
     """
-    qd, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
-    t = set(targets)
-    total = c * (qd + 2 * kv + m.dim) + c * rank * len(t & {"wq", "wk", "wv", "wo"})
-    total += c * qd + 4 * m.n_heads  # attention output, log-sum-exp
-    ffn = c * m.dim + c * rank * len(t & {"w1", "w2", "w3"})
-    if m.moe is None:
-        total += ffn
-    else:
-        total += c * m.moe.num_experts + m.moe.num_experts_per_tok * ffn
+    layer = m.n_layers - 1 if layer is None else layer
+    shapes = linear_shapes(m, layer)
+    up = {shapes[n][1] for n in ("w1", "experts.w1", "shared_experts.w1") if n in shapes}
+
+    def kept(width: int) -> int:
+        return c * width if width not in up else 0
+
+    k = m.moe.num_experts_per_tok if m.is_moe_layer(layer) else 1
+    total = 0
+    for name, (i, o, n) in shapes.items():
+        adapted, rows = _targeted(targets, name), (k if n > 1 else 1)
+        total += rows * (kept(o) + (c * rank if adapted else 0))
+    v_dim = m.mla.v_head_dim if m.mla else m.head_dim
+    total += c * m.n_heads * v_dim + 4 * m.n_heads  # attention output, log-sum-exp
+    if m.is_moe_layer(layer):
+        total += kept(m.moe.num_experts)  # router logits
     return float(total)
+
+
+def _widest_rows(m: ModelArgs, layer: int) -> int:
+    """Hidden values per token of block ``layer``'s widest feed-forward part: the dense one, the
+    routed experts' (k rows per token) or the shared experts'."""
+    if not m.is_moe_layer(layer):
+        return m.hidden_dim
+    f = m.expert_hidden_dim
+    return max(m.moe.num_experts_per_tok * f, m.moe.num_shared_experts * f)
 
 
 def estimate(
@@ -255,12 +373,19 @@ def estimate(
     notes: list[str] = []
 
     # Weights. Frozen base in the compute dtype (trainable ones in float32 when fine-tuning fully).
+    # NF4 stores the LoRA-targeted linears in 4 bits, stacked experts included (model/quant.py).
     base_b = 4 if not lora else c
-    block_base = counts["block"] * base_b
-    if nf4:
-        block_base -= counts["block_targeted"] * (c - NF4_BYTES)
-    base_total = L * block_base + counts["root"] * base_b
+    nf4_saving = (c - NF4_BYTES) if nf4 else 0.0
+    block_base = counts["block"] * base_b - nf4_saving * counts["block_quantizable"]
+    base_total = (counts["layers"] + counts["root"]) * base_b - nf4_saving * counts["layers_quantizable"]
     parts["base weights (sharded)"] = base_total / N
+    if nf4:
+        rest = counts["layers"] - counts["layers_quantizable"]
+        notes.append(
+            f"quantization: nf4 stores the LoRA-adapted linears' {counts['layers_quantizable'] / 1e9:.2f}B parameters "
+            f"in 4 bits (stacked experts included: model/quant.py); the other {rest / 1e9:.2f}B block parameters "
+            f"(norms, router, linears without an adapter) and the root stay in {precision}"
+        )
     vision = vision_params(m)
     if vision:  # model.multimodal: carried from the base folder into merged outputs, never built
         notes.append(f"the {vision / 1e9:.2f}B-parameter vision encoder and adapter ({vision * c / GB:.2f} GB in "
@@ -279,7 +404,7 @@ def estimate(
         # moment (forward's start) holds no activations; on CPU the heap still holds the previous
         # step's freed memory, so the second copy adds to the peak.
         parts["all-gather: second copy of the root"] = counts["root"] * c
-    trainable = L * counts["block_lora"] if lora else L * counts["block"] + counts["root"]
+    trainable = counts["layers_lora"] if lora else counts["layers"] + counts["root"]
     parts["trainable: fp32 + grads + AdamW"] = (trainable * 16 - (base_total if not lora else 0)) / N
     if not lora:
         notes.append("full fine-tuning: trainable weights are counted in fp32 once, with grads and AdamW")
@@ -288,17 +413,19 @@ def estimate(
                      "or less); compiled kernels' workspaces are not counted")
 
     # Activations. Saved tensors of every block, or only block inputs + one recomputed block.
-    per_layer = saved_bytes_per_token(m, targets, rank if lora else 0, args.lora.dropout if lora else 0.0, c)
+    r, dropout = (rank, args.lora.dropout) if lora else (0, 0.0)
+    saved = [saved_bytes_per_token(m, targets, r, dropout, c, i) for i in range(L)]  # per token, per layer
+    per_layer = max(saved)  # the block recomputed at the peak: the largest
     mode = args.checkpoint_mode
     if mode == "full":
         parts["activations: block inputs"] = L * T * m.dim * c
         recompute = T * per_layer
     elif mode == "selective":
-        kept = selective_saved_bytes_per_token(m, targets, rank if lora else 0, c)
-        parts["activations: block inputs + kept products"] = L * T * (m.dim * c + kept)
+        kept = sum(selective_saved_bytes_per_token(m, targets, r, c, i) for i in range(L))
+        parts["activations: block inputs + kept products"] = T * (L * m.dim * c + kept)
         recompute = T * per_layer
     else:
-        parts["activations: saved tensors"] = L * T * per_layer
+        parts["activations: saved tensors"] = T * sum(saved)
         recompute = 0.0
     # Eager SDPA saves, for backward, the additive (len, len) mask of every document longer than a
     # layer's window; the layers of one window share it (model/attention.py). Bound: every row one
@@ -307,12 +434,13 @@ def estimate(
     short = {w for w in m.layer_windows if w is not None and w < args.seq_len}
     if short and not flex and not args.compile:
         parts["activations: sliding-window masks"] = len(short) * args.batch_size * args.seq_len**2 * c
-    # Backward of one block: gradients of its largest intermediates (three (tokens, hidden) at once).
-    k = m.moe.num_experts_per_tok if m.moe else 1
-    backward = recompute + 3 * T * k * m.hidden_dim * c
+    # Backward of one block: gradients of its largest intermediates (three (tokens, hidden) at once:
+    # the dense feed-forward's, the routed rows' (k per token) or the shared experts').
+    backward = recompute + 3 * T * c * max(_widest_rows(m, i) for i in range(L))
     if nf4:
-        i, o = max(linear_shapes(m).values(), key=lambda s: s[0] * s[1])
-        backward += i * o * c  # one dequantized weight at a time
+        quantized = [i * o * e for layer in range(L) for n, (i, o, e) in linear_shapes(m, layer).items()
+                     if _targeted(targets, n)]
+        backward += max(quantized, default=0) * c  # one dequantized weight (or expert stack) at a time
 
     # Loss: final norm's input, hidden states, target rows and their gradient, logits chunk.
     n_targets = T  # upper bound: every token a target
@@ -332,6 +460,8 @@ def estimate(
         parts["CPU allocator slack (calibrated)"] = (
             CPU_RUNTIME + CPU_HEAP_PER_LOGIT * T * m.vocab_size + CPU_HEAP_BLOCKS * T * per_layer
         )
+        if m.moe is not None:
+            parts["CPU kernel caches: per-expert products (calibrated)"] = CPU_MOE_KERNEL_CACHES
     parts["fixed overhead"] = CUDA_CONTEXT if device == "cuda" else CPU_BASELINE
     return Plan(device, n_devices, parts, capacity, notes)
 
@@ -388,12 +518,12 @@ def advise(m: ModelArgs, args: TrainArgs, plan: Plan) -> list[str]:
 
 def describe(m: ModelArgs, args: TrainArgs, plan: Plan) -> str:
     counts = param_counts(m, list(args.lora.target_modules), args.lora.rank)
-    n_params = m.n_layers * counts["block"] + counts["root"]
+    n_params = counts["layers"] + counts["root"]
     vision = vision_params(m)
     what = "GPU" if plan.device == "cuda" else "CPU process"
     lines = [
         f"model: {n_params / 1e9:.2f}B parameters (dim {m.dim}, {m.n_layers} layers, vocab {m.vocab_size}"
-        + (f", {m.moe.num_experts} experts" if m.moe else "")
+        + (f"; {_moe_kind(m)}" if m.moe else "")
         + (", tied embeddings" if m.tied_embeddings else "")
         + f"; attention: {_attention_kinds(m)}"
         + (f"; rotary: YaRN x{m.yarn.factor:g} over {m.yarn.original_max_position_embeddings}" if m.yarn else "")
@@ -402,7 +532,7 @@ def describe(m: ModelArgs, args: TrainArgs, plan: Plan) -> str:
         "training: "
         + (
             f"LoRA rank {args.lora.rank} on {', '.join(args.lora.target_modules)} "
-            f"({m.n_layers * counts['block_lora'] / 1e6:.1f}M trainable)"
+            f"({counts['layers_lora'] / 1e6:.1f}M trainable)"
             if args.lora.enable
             else "full fine-tuning"
         )
@@ -424,6 +554,13 @@ def describe(m: ModelArgs, args: TrainArgs, plan: Plan) -> str:
         )
         if plan.fits and plan.total > 0.9 * plan.capacity:
             lines.append("tight: allocator fragmentation can add 5-10% on top of this estimate")
+        if plan.device == "cuda":
+            n = fewest_devices(m, args, plan.capacity)
+            lines.append(
+                f"fewest {plan.capacity / GB:.0f} GB GPUs that fit this config: "
+                + (f"{n} ({estimate(m, args, n_devices=n, capacity=plan.capacity).total / GB:.1f} GB each)"
+                   if n else f"none up to {MAX_DEVICES}")
+            )
         knobs = advise(m, args, plan)
         if knobs:
             lines.append("to make it fit, change one of:")
@@ -431,8 +568,38 @@ def describe(m: ModelArgs, args: TrainArgs, plan: Plan) -> str:
     return "\n".join(lines)
 
 
+MAX_DEVICES = 4096
+
+
+def fewest_devices(m: ModelArgs, args: TrainArgs, capacity: float) -> int | None:
+    """The smallest GPU count whose plan fits ``capacity`` bytes per GPU (None: none up to
+    MAX_DEVICES): more GPUs shard weights and optimizer state; activations and the gathered root
+    and blocks stay, so past some count nothing helps."""
+    n = 1
+    while estimate(m, args, n_devices=n, capacity=capacity).total > capacity:
+        if n == MAX_DEVICES:
+            return None
+        n = min(n + max(1, n // 8), MAX_DEVICES)  # every count up to 8, then steps of 1/8
+    return n
+
+
+def _moe_kind(m: ModelArgs) -> str:
+    """ "128 experts (top 4, 1 shared, 2048 wide) in 36 of 36 layers" or "8 experts (top 2)"."""
+    moe = m.moe
+    shared = f", {moe.num_shared_experts} shared" if moe.num_shared_experts else ""
+    wide = f", {moe.expert_hidden_dim} wide" if moe.expert_hidden_dim else ""
+    n_moe = sum(m.is_moe_layer(i) for i in range(m.n_layers))
+    layers = f" in {n_moe} of {m.n_layers} layers" if n_moe < m.n_layers else ""
+    return f"{moe.num_experts} experts (top {moe.num_experts_per_tok}{shared}{wide}){layers}"
+
+
 def _attention_kinds(m: ModelArgs) -> str:
-    """Layers per window, in order of first use: "9 full + 27 window 4096 layers"."""
+    """Layers per window, in order of first use: "9 full + 27 window 4096 layers"; latent attention
+    (``model.mla``) is said with its ranks."""
+    if m.mla is not None:
+        a = m.mla
+        return (f"{m.n_layers} latent (MLA: q rank {a.q_lora_rank}, kv rank {a.kv_lora_rank}, "
+                f"qk {a.qk_nope_head_dim}+{a.qk_rope_head_dim}, v {a.v_head_dim}) layers")
     windows = m.layer_windows
     kinds = [("full" if w is None else f"window {w}", windows.count(w)) for w in dict.fromkeys(windows)]
     return " + ".join(f"{n} {kind}" for kind, n in kinds) + " layers"

@@ -295,16 +295,7 @@ def _ministral3_config(args: ModelArgs, common: dict[str, Any], interleaved: boo
             f"llama_4_scaling.original_max_position_embeddings ({l4.original_max_position_embeddings}) differs "
             f"from yarn's ({y.original_max_position_embeddings}); transformers' Ministral3 uses one value for both."
         )
-    rope: dict[str, Any] = {
-        "rope_type": "yarn",
-        "rope_theta": args.rope_theta,
-        "factor": y.factor,
-        "original_max_position_embeddings": y.original_max_position_embeddings,
-        "beta_fast": y.beta_fast,
-        "beta_slow": y.beta_slow,
-        # No llama-4 scaling is beta 0: every factor 1 + 0 * log(...) is exactly 1.
-        "llama_4_scaling_beta": l4.beta if l4 is not None else 0.0,
-    }
+    rope = _yarn_rope_parameters(args)
     if y.attention_factor == 1.0:
         rope.update(mscale=1.0, mscale_all_dim=1.0)  # the releases' spelling (ratio 1)
     elif y.attention_factor != _mscale(y.factor):
@@ -314,6 +305,22 @@ def _ministral3_config(args: ModelArgs, common: dict[str, Any], interleaved: boo
     common["max_position_embeddings"] = int(y.factor * y.original_max_position_embeddings)
     return {"architectures": ["Ministral3ForCausalLM"], "model_type": "ministral3", **common,
             "rope_parameters": rope}
+
+
+def _yarn_rope_parameters(args: ModelArgs) -> dict[str, Any]:
+    """transformers' YaRN ``rope_parameters`` with llama-4 query scaling (Ministral 3, Mistral 4)."""
+    y, l4 = args.yarn, args.llama_4_scaling
+    assert y is not None
+    return {
+        "rope_type": "yarn",
+        "rope_theta": args.rope_theta,
+        "factor": y.factor,
+        "original_max_position_embeddings": y.original_max_position_embeddings,
+        "beta_fast": y.beta_fast,
+        "beta_slow": y.beta_slow,
+        # No llama-4 scaling is beta 0: every factor 1 + 0 * log(...) is exactly 1.
+        "llama_4_scaling_beta": l4.beta if l4 is not None else 0.0,
+    }
 
 
 def _mistral4_config(args: ModelArgs, dtype: str) -> dict[str, Any]:
@@ -334,14 +341,8 @@ def _mistral4_config(args: ModelArgs, dtype: str) -> dict[str, Any]:
             f"from yarn's ({y.original_max_position_embeddings}); transformers' Mistral4 uses one value for both."
         )
     qk_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim
-    rope: dict[str, Any] = {
-        "rope_type": "yarn",
-        "rope_theta": args.rope_theta,
-        "factor": y.factor,
-        "original_max_position_embeddings": y.original_max_position_embeddings,
-        "beta_fast": y.beta_fast,
-        "beta_slow": y.beta_slow,
-        "llama_4_scaling_beta": l4.beta if l4 is not None else 0.0,
+    rope = {
+        **_yarn_rope_parameters(args),
         "partial_rotary_factor": mla.qk_rope_head_dim / qk_dim,
         **_mistral4_mscales(y.factor, y.attention_factor, mla.softmax_scale_factor),
     }

@@ -22,6 +22,9 @@ from model.args import LoraArgs, ModelArgs
 from model.experts import GroupedExperts
 from model.lora import LinearFactory, linear_factory
 
+# Rows per expert are rounded up to a multiple of this for bf16/fp16 on CPU (``MoeLayer.forward``).
+CPU_ROW_MULTIPLE = 16
+
 
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
@@ -67,16 +70,42 @@ class MoeLayer(nn.Module):
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20) * self.routed_scale
         return weights, experts
 
+    def rows_by_expert(self, experts: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Where each (token, choice) goes in the expert-sorted rows: order (tokens * k,), the flat
+        choices in expert order; slot (tokens * k,), their rows; ends (experts,) int32, cumulative
+        rows per expert, each expert's rounded up to a multiple of ``multiple`` (the rows in between
+        are padding); and the number of rows. With ``multiple`` 1 the rows are the choices, in order,
+        and nothing is read back to the host."""
+        flat = experts.flatten()  # (tokens * k,): token t's j-th choice at t * k + j
+        order = flat.argsort(stable=True)  # choices grouped by expert
+        counts = torch.bincount(flat, minlength=self.num_experts)  # (experts,)
+        if multiple == 1:
+            slot = torch.arange(flat.numel(), device=flat.device)
+            return order, slot, counts.cumsum(0).to(torch.int32), flat.numel()  # no host synchronisation
+        padded = (counts + multiple - 1) // multiple * multiple  # (experts,)
+        first, first_padded = counts.cumsum(0) - counts, padded.cumsum(0) - padded  # (experts,) each
+        by_expert = flat[order]  # (tokens * k,)
+        slot = torch.arange(flat.numel(), device=flat.device) - first[by_expert] + first_padded[by_expert]
+        ends = padded.cumsum(0)
+        return order, slot, ends.to(torch.int32), int(ends[-1])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (tokens, dim) -> (tokens, dim)."""
         weights, experts = self.route(x)
-        flat = experts.flatten()  # (tokens * k,): token t's j-th choice at t * k + j
-        order = flat.argsort(stable=True)  # rows grouped by expert
-        ends = torch.bincount(flat, minlength=self.num_experts).cumsum(0).to(torch.int32)  # (experts,)
-        token = order // self.top_k  # (tokens * k,): the token each sorted row belongs to
-        y = self.experts(x[token], ends)  # (tokens * k, dim)
-        y = y * weights.flatten()[order, None].to(y.dtype)
-        out = torch.zeros_like(x).index_add_(0, token, y)  # (tokens, dim)
+        # bf16/fp16 products on CPU are oneDNN's, which builds a kernel per matrix shape: per-expert
+        # row counts that change every step would make it build hundreds per step (its kernel cache
+        # is bounded, finetune/distributed.py). Rounded up, few shapes recur. (float32 runs on BLAS.)
+        low_precision_cpu = x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+        order, slot, ends, rows = self.rows_by_expert(experts, CPU_ROW_MULTIPLE if low_precision_cpu else 1)
+        tokens = x.shape[0]
+        # Row r holds token[r]; padding rows read the zero row appended at index ``tokens`` (so every
+        # product of theirs is exactly zero) and are added to it, which is dropped.
+        token = torch.full((rows,), tokens, device=x.device).index_copy(0, slot, order // self.top_k)  # (rows,)
+        weight = weights.new_zeros(rows).index_copy(0, slot, weights.flatten()[order])  # (rows,)
+        padded_x = torch.cat([x, x.new_zeros(1, x.shape[1])]) if rows > slot.numel() else x  # (tokens [+ 1], dim)
+        y = self.experts(padded_x[token], ends)  # (rows, dim)
+        y = y * weight[:, None].to(y.dtype)
+        out = torch.zeros_like(padded_x).index_add_(0, token, y)[:tokens]  # (tokens, dim)
         if hasattr(self, "shared_experts"):
             out = out + self.shared_experts(x)
         return out

@@ -85,11 +85,16 @@ class GroupedLoRALinear(LoRALinear):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_lora_parameters()
 
-    def forward(self, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, ends: torch.Tensor, u: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``u``: ``A dropout(x)`` (rows, rank) if the caller computed it already (``GroupedExperts``)."""
         base = grouped_mm(x, self.weight, ends)  # (rows, out)
         a, b = self.lora_A.weight, self.lora_B.weight
         # Adapters in another dtype than the base (outside FSDP's mixed precision) compute in theirs.
-        update = grouped_mm(grouped_mm(self.dropout(x).to(a.dtype), a, ends), b, ends)  # (rows, out)
+        if u is None:
+            u = grouped_mm(self.dropout(x).to(a.dtype), a, ends)  # (rows, rank)
+        update = grouped_mm(u, b, ends)  # (rows, out)
         return torch.add(base, update.to(base.dtype), alpha=self.scaling)
 
     def extra_repr(self) -> str:
@@ -118,5 +123,16 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         """x (rows, dim) sorted by expert, ``ends`` (experts,) int32 -> (rows, dim)."""
-        return self.w2(F.silu(self.w1(x, ends)) * self.w3(x, ends), ends)
+        w1, w3 = self.w1, self.w3
+        if (isinstance(w1, GroupedLoRALinear) and isinstance(w3, GroupedLoRALinear) and w1.rank == w3.rank
+                and isinstance(w1.dropout, nn.Identity) and isinstance(w3.dropout, nn.Identity)
+                and w1.lora_A.weight.dtype == w3.lora_A.weight.dtype):
+            # Both adapters read the same rows: one grouped product for both A's (each grouped call
+            # costs a kernel call per expert, which dominates at a small rank on CPU).
+            a = torch.cat([w1.lora_A.weight, w3.lora_A.weight], dim=1)  # (experts, 2 rank, dim)
+            u1, u3 = grouped_mm(x.to(a.dtype), a, ends).split(w1.rank, dim=-1)  # (rows, rank) each
+            h1, h3 = w1(x, ends, u1), w3(x, ends, u3)
+        else:
+            h1, h3 = w1(x, ends), w3(x, ends)
+        return self.w2(F.silu(h1) * h3, ends)
 

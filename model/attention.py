@@ -108,9 +108,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     kv_heads, qk_dim), v (tokens, kv_heads, v_dim) -> (tokens, heads, v_dim); softmax scale 1/sqrt(qk_dim)."""
     if mask.block_mask is not None:
         return _flex(q, k, v, mask.block_mask)
+    v_dim = v.shape[-1]
+    if v_dim < q.shape[-1]:
+        # Values narrower than queries and keys (latent attention): SDPA's fused kernels need one head
+        # width, and would fall back to materialising the scores; zero value columns change nothing.
+        v = F.pad(v, (0, q.shape[-1] - v_dim))  # (tokens, kv_heads, qk_dim)
     if torch.compiler.is_compiling():
-        return document_attention(q, k, v, mask.lengths, mask.sliding_window)
-    return _sdpa_per_document(q, k, v, mask.seqlens, mask.sliding_window, mask.band)
+        out = document_attention(q, k, v, mask.lengths, mask.sliding_window)
+    else:
+        out = _sdpa_per_document(q, k, v, mask.seqlens, mask.sliding_window, mask.band)
+    return out[..., :v_dim]  # (tokens, heads, v_dim)
 
 
 def _sdpa_per_document(

@@ -194,7 +194,9 @@ def gather_merged(model: TransformerWithLoss, dtype: torch.dtype,
 def adapter_params(model_args: ModelArgs, lora: LoraArgs | None) -> dict[str, Any]:
     params = params_from_args(model_args)
     if lora is not None:
-        params["lora"] = asdict(lora)  # enable, rank, scaling, dropout, target_modules
+        # enable, rank, scaling, dropout, and the target_modules this model has (the default list also
+        # names the other attention kind's projections)
+        params["lora"] = {**asdict(lora), "target_modules": model_args.present_targets(lora.target_modules)}
     return params
 
 

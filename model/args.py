@@ -184,6 +184,28 @@ class ModelArgs:
         return self.moe.expert_hidden_dim or self.hidden_dim
 
     @property
+    def attention_linears(self) -> tuple[str, ...]:
+        """The attention's linear layers in this model: grouped-query or latent (model.mla)."""
+        if self.mla is None:
+            return ("wq", "wk", "wv", "wo")
+        query = ("wq",) if self.mla.q_lora_rank is None else ("wq_a", "wq_b")
+        return (*query, "wkv_a_with_mqa", "wkv_b", "wo")
+
+    def present_targets(self, targets: list[str]) -> list[str]:
+        """The entries of ``lora.target_modules`` that select some layer of this model: the default list
+        names grouped-query and latent attention's projections alike."""
+        names = set(self.attention_linears)
+        swiglu = ("w1", "w2", "w3")
+        if any(not self.is_moe_layer(i) for i in range(self.n_layers)):
+            names |= set(swiglu)
+        if self.moe is not None:
+            names |= {f"experts.{w}" for w in swiglu}
+            if self.moe.num_shared_experts:
+                names |= {f"shared_experts.{w}" for w in swiglu}
+        leaves = {n.rpartition(".")[2] for n in names}
+        return [t for t in targets if t in names or t in leaves]
+
+    @property
     def rope_dim(self) -> int:
         """The rotated dimensions of a query or key head: all of ``head_dim``, or MLA's rope part."""
         return self.mla.qk_rope_head_dim if self.mla is not None else self.head_dim

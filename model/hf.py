@@ -205,14 +205,6 @@ def tensors_from_hf(key: str, w: torch.Tensor, args: ModelArgs) -> Iterator[tupl
 _PEFT_PREFIX = "base_model.model."
 
 
-def attention_projections(args: ModelArgs) -> tuple[str, ...]:
-    """The attention's linear layers in this model: grouped-query or latent (model.mla)."""
-    if args.mla is None:
-        return ("wq", "wk", "wv", "wo")
-    query = ("wq",) if args.mla.q_lora_rank is None else ("wq_a", "wq_b")
-    return (*query, "wkv_a_with_mqa", "wkv_b", "wo")
-
-
 def _routed(lora: LoraArgs, args: ModelArgs) -> list[str]:
     """Our routed-expert projections (w1, w2, w3) that carry adapters; none in a dense model."""
     return [w for w in _SWIGLU_HF if is_target(lora, f"experts.{w}")] if args.moe is not None else []
@@ -223,7 +215,7 @@ def peft_targets(lora: LoraArgs, args: ModelArgs) -> tuple[list[str], list[str]]
     this model (leaf names PEFT matches as suffixes), and Mistral Small 4's fused expert parameters."""
     moe = args.moe is not None
     modules = {module_to_hf(f"attention.{t}", moe).rsplit(".", 1)[-1]
-               for t in attention_projections(args) if is_target(lora, t)}
+               for t in args.attention_linears if is_target(lora, t)}
     if args.moe is None:
         return sorted(modules | {_SWIGLU_HF[w] for w in _SWIGLU_HF if is_target(lora, w)}), []
     if not args.moe.fine_grained:

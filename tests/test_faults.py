@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.checkpointing import MANIFEST, _write_manifest, verify_checkpoint
+from finetune.checkpointing import MANIFEST, STATE_FORMAT, _write_manifest, verify_checkpoint
 from finetune.data.args import DataArgs
 from finetune.run_dir import RunDirBusy, RunDirLock, keep_metrics_up_to
 from finetune.safe_dcp import UnsafeCheckpointError, read_metadata_file
@@ -257,7 +257,7 @@ def test_checkpoint_of_an_earlier_state_format_is_refused_with_the_way_forward(t
     run_dir, cfg = _copy_run(two_checkpoints, workspace, "oldformat")
     ckpt = run_dir / "checkpoints" / "checkpoint_000004"
     train_state = json.loads((ckpt / "state" / "train_state.json").read_text())
-    assert train_state.pop("format") == 2
+    assert train_state.pop("format") == STATE_FORMAT
     (ckpt / "state" / "train_state.json").write_text(json.dumps(train_state))
     _write_manifest(ckpt)
     adapters = ckpt / "consolidated" / "lora.safetensors"

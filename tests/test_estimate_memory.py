@@ -20,6 +20,7 @@ import yaml
 from finetune.args import TrainArgs
 from model.args import Llama4Scaling, LoraArgs, MlaArgs, ModelArgs, MoeArgs, YarnArgs
 from model.lora import freeze_all_but_lora
+from model.moe import CPU_ROW_MULTIPLE, MoeLayer
 from model.transformer import Transformer
 from utils.estimate_memory import (
     GB,
@@ -29,7 +30,10 @@ from utils.estimate_memory import (
     estimate,
     main,
     param_counts,
+    expert_row_bytes,
+    saved_bytes_per_layer,
     saved_bytes_per_token,
+    selective_kept_bytes_per_expert_row,
     selective_saved_bytes_per_token,
     vision_params,
 )
@@ -55,13 +59,30 @@ def _block_args(moe: MoeArgs | None, n_layers: int) -> ModelArgs:
                      norm_eps=1e-5, vocab_size=256, moe=moe)
 
 
-def _saved_by_block(args: ModelArgs, lora: LoraArgs, dtype: torch.dtype, seqlens: list[int], layer: int = 1) -> float:
-    """Bytes per token of the distinct storages autograd saves inside block ``layer`` (not the first,
-    whose input needs no grad), parameters and shared inputs excluded."""
+def _routed_padding(model: Transformer, layer: int, seqlens: list[int]) -> list[int]:
+    """Records, per forward of block ``layer``'s routed experts, the zero rows that ``MoeLayer``
+    added (CPU bf16/fp16 only: each expert's rows rounded up to ``CPU_ROW_MULTIPLE``)."""
+    padding: list[int] = []
+    moe = getattr(model.layers[layer], "feed_forward", None)
+    if isinstance(moe, MoeLayer):
+        routed = sum(seqlens) * moe.top_k
+        moe.experts.register_forward_pre_hook(lambda module, inputs: padding.append(inputs[0].shape[0] - routed))
+    return padding
+
+
+def _saved_by_block(args: ModelArgs, lora: LoraArgs, dtype: torch.dtype, seqlens: list[int],
+                    layer: int = 1) -> tuple[int, int]:
+    """Bytes of the distinct storages autograd saves inside block ``layer`` (not the first, whose
+    input needs no grad), parameters and shared inputs excluded; and the routed experts' padding
+    rows. Seeded random weights: the routing is a real one (uninitialised weights route every token
+    to the same experts)."""
     torch.manual_seed(0)
-    model = Transformer(args, lora=lora).to(dtype)
+    model = Transformer(args, lora=lora)
+    model.init_weights(0)
+    model.to(dtype)
     freeze_all_but_lora(model)
     block = model.layers[layer]
+    padding = _routed_padding(model, layer, seqlens)
     skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
     inside = [False]
@@ -87,7 +108,24 @@ def _saved_by_block(args: ModelArgs, lora: LoraArgs, dtype: torch.dtype, seqlens
     ids = torch.randint(0, args.vocab_size, (sum(seqlens),))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model.hidden_states(ids, seqlens)
-    return sum(seen.values()) / sum(seqlens)
+    return sum(seen.values()), sum(padding)
+
+
+def _predicted_saved(args: ModelArgs, targets: list[str], dtype: torch.dtype, seqlens: list[int], layer: int,
+                     padding: int) -> float:
+    """The planner's bytes for block ``layer``: per token, per layer, and the CPU-only padding rows
+    this routing made (the CPU plan takes their expectation instead: ``expected_padding_rows``)."""
+    c = 2 if dtype == torch.bfloat16 else 4
+    return (sum(seqlens) * saved_bytes_per_token(args, targets, 8, 0.0, c, layer)
+            + saved_bytes_per_layer(args, targets, 8, 0.0, c, layer, padding_rows=padding))
+
+
+def _check_padding(args: ModelArgs, dtype: torch.dtype, layer: int, padding: int) -> None:
+    """The padding term is exercised: bf16 on CPU pads an MoE layer's rows, float32 does not."""
+    if args.is_moe_layer(layer) and dtype == torch.bfloat16:
+        assert 0 < padding < args.moe.num_experts * CPU_ROW_MULTIPLE
+    else:
+        assert padding == 0
 
 
 @pytest.mark.parametrize("moe", [None, MoeArgs(4, 2)], ids=["dense", "moe"])
@@ -97,26 +135,20 @@ def test_activation_formula_equals_saved_tensors(moe, dtype, targets):
     args = _block_args(moe, n_layers=2)
     lora = LoraArgs(rank=8, target_modules=targets)
     seqlens = [100, 60, 96]
-    measured = _saved_by_block(args, lora, dtype, seqlens)
-    predicted = saved_bytes_per_token(args, targets, 8, 0.0, 2 if dtype == torch.bfloat16 else 4)
-    assert predicted + _row_offsets(args, 1, seqlens) == measured
+    measured, padding = _saved_by_block(args, lora, dtype, seqlens)
+    _check_padding(args, dtype, 1, padding)
+    assert _predicted_saved(args, targets, dtype, seqlens, 1, padding) == measured
 
 
-def _row_offsets(args: ModelArgs, layer: int, seqlens: list[int]) -> float:
-    """Per token, the (experts,) int32 row offsets an MoE layer saves: bytes per layer, not per token,
-    so the formula leaves them out."""
-    return 4 * args.moe.num_experts / sum(seqlens) if args.is_moe_layer(layer) else 0.0
-
-
-def _latent_args(q_lora_rank: int | None, first_k_dense: int, n_layers: int = 3) -> ModelArgs:
+def _latent_args(q_lora_rank: int | None, first_k_dense: int, n_layers: int = 3, v_head_dim: int = 48) -> ModelArgs:
     """A tiny Mistral Small 4: latent attention (YaRN, llama-4 query scaling), 8 routed experts (top 2)
     and a shared one, the first ``first_k_dense`` layers dense. Every width is a multiple of 64 (NF4's
-    block) and the query/key head as wide as the value head, as in the release: CPU SDPA's fused
-    kernel needs that, and falls back to one that saves the (len, len) scores otherwise."""
+    block); by default the query/key head (32 + 16) is as wide as the value head, as in the release
+    (64 + 64 = 128); a narrower ``v_head_dim`` is zero-padded for SDPA (``model.attention.attend``)."""
     return ModelArgs(
         dim=128, n_layers=n_layers, head_dim=48, hidden_dim=384, n_heads=4, n_kv_heads=4, norm_eps=1e-5,
         vocab_size=256, mla=MlaArgs(q_lora_rank, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
-                                    v_head_dim=48),
+                                    v_head_dim=v_head_dim),
         moe=MoeArgs(8, 2, expert_hidden_dim=64, num_shared_experts=1, first_k_dense_replace=first_k_dense),
         yarn=YarnArgs(factor=4.0, original_max_position_embeddings=32),
         llama_4_scaling=Llama4Scaling(beta=0.1, original_max_position_embeddings=32),
@@ -139,14 +171,30 @@ def test_latent_moe_activation_formula_equals_saved_tensors(q_lora_rank, first_k
     args = _latent_args(q_lora_rank, first_k_dense)
     lora = LoraArgs(rank=8, target_modules=LATENT_TARGETS[targets])
     seqlens = [100, 60, 96]
-    measured = _saved_by_block(args, lora, dtype, seqlens, layer=1)
-    predicted = saved_bytes_per_token(args, lora.target_modules, 8, 0.0, 2 if dtype == torch.bfloat16 else 4, layer=1)
-    assert predicted + _row_offsets(args, 1, seqlens) == measured
+    measured, padding = _saved_by_block(args, lora, dtype, seqlens, layer=1)
+    _check_padding(args, dtype, 1, padding)
+    assert _predicted_saved(args, lora.target_modules, dtype, seqlens, 1, padding) == measured
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("targets", ["all", "wo-shared-w1-w3"])
+def test_narrower_values_padded_for_sdpa_formula_equals_saved_tensors(dtype, targets):
+    # v 16 < q/k 48: SDPA saves the zero-padded v (not wkv_b's output) and a padded output.
+    args = _latent_args(256, 1, v_head_dim=16)
+    lora = LoraArgs(rank=8, target_modules=LATENT_TARGETS[targets])
+    seqlens = [100, 60, 96]
+    measured, padding = _saved_by_block(args, lora, dtype, seqlens, layer=1)
+    _check_padding(args, dtype, 1, padding)
+    assert _predicted_saved(args, lora.target_modules, dtype, seqlens, 1, padding) == measured
+    c = 2 if dtype == torch.bfloat16 else 4
+    unpadded = saved_bytes_per_token(args, lora.target_modules, 8, 0.0, c, 1, sdpa=False)  # FlexAttention's
+    assert unpadded < saved_bytes_per_token(args, lora.target_modules, 8, 0.0, c, 1)  # the shape tells them apart
 
 
 def _kept_by_selective_block(args: ModelArgs, lora: LoraArgs, dtype: torch.dtype, seqlens: list[int],
-                             nf4: bool = False, layer: int = 0) -> float:
-    """Bytes per token of the distinct storages that the real selective policy keeps in block ``layer``."""
+                             nf4: bool = False, layer: int = 0) -> tuple[int, int]:
+    """Bytes of the distinct storages that the real selective policy keeps in block ``layer``, and
+    the routed experts' padding rows (seeded weights: a real routing, as ``_saved_by_block``)."""
     import functools
 
     from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
@@ -156,13 +204,19 @@ def _kept_by_selective_block(args: ModelArgs, lora: LoraArgs, dtype: torch.dtype
     from model.rope import positions_from_seqlens, rotations
 
     torch.manual_seed(0)
-    model = Transformer(args, lora=lora).to(dtype)
+    model = Transformer(args, lora=lora)
+    model.init_weights(0)
+    model.to(dtype)
     if nf4:
         from model.quant import quantize_lora_layers
 
         quantize_lora_layers(model, storage_dtype=dtype)
-        model.to(dtype)  # adapters in the compute dtype, as FSDP's mixed precision gives them
+        # Adapters in the compute dtype, as FSDP's mixed precision gives them; parameters only:
+        # module.to would also cast the float32 NF4 statistics (buffers), and dequantize to NaN.
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
     freeze_all_but_lora(model)
+    padding = _routed_padding(model, layer, seqlens)
     policy = selective_policy(model)
     kept: dict[int, int] = {}
 
@@ -182,7 +236,13 @@ def _kept_by_selective_block(args: ModelArgs, lora: LoraArgs, dtype: torch.dtype
     mask = AttentionMask.build(seqlens, None, "sdpa", torch.device("cpu"))
     x = torch.randn(n, args.dim, dtype=dtype, requires_grad=True)
     checkpoint(model.layers[layer].forward, x, freqs, mask, use_reentrant=False, context_fn=context_fn)
-    return sum(kept.values()) / n
+    return sum(kept.values()), sum(padding)
+
+
+def _predicted_kept(args: ModelArgs, targets: list[str], seqlens: list[int], layer: int, padding: int) -> float:
+    """The planner's kept bytes (bf16) for block ``layer``, with the padding rows this routing made."""
+    return (sum(seqlens) * selective_saved_bytes_per_token(args, targets, 8, 2, layer)
+            + padding * (selective_kept_bytes_per_expert_row(args, targets, 8, 2, layer) if args.is_moe_layer(layer) else 0))
 
 
 @pytest.mark.parametrize("nf4", [False, True], ids=["bf16", "nf4"])
@@ -193,10 +253,12 @@ def test_selective_formula_equals_what_the_policy_keeps(moe, targets, nf4):
         pytest.importorskip("bitsandbytes")
     args = _block_args(moe, n_layers=1)
     lora = LoraArgs(rank=8, target_modules=targets)
-    measured = _kept_by_selective_block(args, lora, torch.bfloat16, [100, 60, 96], nf4)
+    seqlens = [100, 60, 96]
+    measured, padding = _kept_by_selective_block(args, lora, torch.bfloat16, seqlens, nf4)
+    _check_padding(args, torch.bfloat16, 0, padding)
     # NF4 (QLoRA): bitsandbytes' base product is not a kept matmul, but its LoRA update, added out
     # of place, is as wide: the same bytes.
-    assert selective_saved_bytes_per_token(args, targets, 8, 2) == measured
+    assert _predicted_kept(args, targets, seqlens, 0, padding) == measured
 
 
 @pytest.mark.parametrize("nf4", [False, True], ids=["bf16", "nf4"])
@@ -209,8 +271,19 @@ def test_latent_moe_selective_formula_equals_what_the_policy_keeps(first_k_dense
         pytest.importorskip("bitsandbytes")
     args = _latent_args(256, first_k_dense)
     lora = LoraArgs(rank=8, target_modules=LATENT_TARGETS[targets])
-    measured = _kept_by_selective_block(args, lora, torch.bfloat16, [100, 60, 96], nf4, layer=1)
-    assert selective_saved_bytes_per_token(args, lora.target_modules, 8, 2, layer=1) == measured
+    seqlens = [100, 60, 96]
+    measured, padding = _kept_by_selective_block(args, lora, torch.bfloat16, seqlens, nf4, layer=1)
+    _check_padding(args, torch.bfloat16, 1, padding)
+    assert _predicted_kept(args, lora.target_modules, seqlens, 1, padding) == measured
+
+
+@pytest.mark.parametrize("targets", ["all", "wo-shared-w1-w3"])
+def test_narrower_values_padded_for_sdpa_selective_formula_equals_what_the_policy_keeps(targets):
+    args = _latent_args(256, 1, v_head_dim=16)
+    lora = LoraArgs(rank=8, target_modules=LATENT_TARGETS[targets])
+    seqlens = [100, 60, 96]
+    measured, padding = _kept_by_selective_block(args, lora, torch.bfloat16, seqlens, layer=1)
+    assert _predicted_kept(args, lora.target_modules, seqlens, 1, padding) == measured
 
 
 def _bench_small(n_layers: int) -> ModelArgs:

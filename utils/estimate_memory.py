@@ -24,8 +24,9 @@ recomputed. In short, per device with N = world size (FSDP2 shards every block a
   one device, frozen weights are not FSDP's, so only the adapters are gathered; on CPU with
   N > 1, a second copy of the root (the all-gather's buffers over gloo);
 - adapters in float32 + their gradients + AdamW's two moments (16 bytes per trainable parameter) / N;
-- activations: the tensors autograd saves per layer and token (``saved_bytes_per_token``, which
-  equals what a real block saves; a test checks it), for every layer without activation
+- activations: the tensors autograd saves per layer and token (``saved_bytes_per_token``) and per
+  MoE layer (``saved_bytes_per_layer``: row offsets, the fused experts' lora_A, CPU half-precision
+  padding rows), which equal what a real block saves (tests check it), for every layer without activation
   checkpointing; with it, only each block's input plus one recomputed block; with selective
   checkpointing, also the matmul and attention outputs it keeps (``selective_saved_bytes_per_token``);
 - the fused loss: the final norm's saved input, the target rows' hidden states and their
@@ -49,6 +50,7 @@ from finetune.loss import block_rows
 from model.args import DEFAULT_TARGETS, Llama4Scaling, LoraArgs, MlaArgs, ModelArgs, MoeArgs, YarnArgs
 from model.configs import load_model_args
 from model.lora import is_target
+from model.moe import CPU_ROW_MULTIPLE
 from model.quant import quantized_weight_bytes
 
 GB = 1e9
@@ -251,10 +253,12 @@ KNOWN_MODELS: dict[str, ModelArgs] = {
 
 
 def saved_bytes_per_token(
-    m: ModelArgs, targets: list[str], rank: int, dropout: float, c: int, layer: int | None = None
+    m: ModelArgs, targets: list[str], rank: int, dropout: float, c: int, layer: int | None = None,
+    *, sdpa: bool = True,
 ) -> float:
     """Bytes autograd saves for backward, per token, in block ``layer`` (eager, frozen base; default
-    the last block).
+    the last block), with k routed rows per token (``expert_row_bytes`` each; on CPU in bf16/fp16
+    the padding rows come on top, see ``saved_bytes_per_layer``).
 
     ``c`` is the compute dtype's size. A frozen linear saves nothing of its input; a LoRA linear saves
     its input (for lora_A's gradient; one tensor shared by the projections that read it) and the
@@ -265,14 +269,16 @@ def saved_bytes_per_token(
 
     Latent attention (``model.mla``) also saves the inner norms' inputs (kv_a_norm's is a view of
     wkv_a_with_mqa's whole output), the per-token scale of the unrotated query part, the
-    concatenated q and k, and wkv_b's output, of which v is a view. An MoE layer saves the router's
-    float32 softmax over all experts, the top-k indices, the renormalised weights and their sum; per
-    routed row (k per token) the expert's SwiGLU as above (its input is the gathered copy
-    ``x[token]``), the expert's output and its gathered weight (saved by the weighting product),
-    the weighted output (saved by index_add_) and two int64 indices (the gather's and the
-    weights'); the shared experts save a dense SwiGLU. (Each MoE layer also saves its (experts,)
-    int32 row offsets: bytes per layer, not per token, left out.) Dropout on the adapters adds, per
-    LoRA linear, its dropped input and a one-byte mask.
+    concatenated q and k, and wkv_b's output, of which v is a view. With ``sdpa`` (the per-document
+    SDPA path: CPU, ``attention: sdpa``; not FlexAttention) values narrower than the query/key head
+    are zero-padded to its width (``model.attention.attend``): SDPA then saves the padded v instead
+    of wkv_b's output, and an output as wide as the query head, sliced back for wo.
+
+    An MoE layer saves the router's float32 softmax over all experts, the top-k indices, the
+    renormalised weights and their sum; per (token, choice) the two int64 indices that place it
+    (``order``, ``slot``: ``MoeLayer.rows_by_expert``) and its float32 weight in expert order (saved
+    by ``index_copy``); per routed row ``expert_row_bytes``; the shared experts save a dense SwiGLU.
+    Dropout on the adapters adds, per LoRA linear, its dropped input and a one-byte mask.
     """
     layer = m.n_layers - 1 if layer is None else layer
     shapes = linear_shapes(m, layer)
@@ -280,12 +286,7 @@ def saved_bytes_per_token(
     d, h, u = m.dim, m.n_heads, c * rank  # u: A x of one LoRA linear
 
     def inputs_and_updates(*names: str) -> int:
-        """One saved copy of the input the named linears share, if any is adapted, and their A x."""
-        return (c * shapes[names[0]][0] if t & set(names) else 0) + u * len(t & set(names))
-
-    def swiglu(prefix: str) -> int:
-        f = shapes[prefix + "w1"][1]
-        return 3 * c * f + inputs_and_updates(prefix + "w1", prefix + "w3") + inputs_and_updates(prefix + "w2")
+        return _inputs_and_updates(shapes, t, u, c, *names)
 
     total = 2 * (c * d + 4)  # two RMSNorms
     if m.mla is None:
@@ -300,51 +301,141 @@ def saved_bytes_per_token(
             total += c * a.q_lora_rank + 4 + inputs_and_updates("wq_b")  # q_a_norm; its output is wq_b's input
         total += c * (a.kv_lora_rank + a.qk_rope_head_dim) + 4 + inputs_and_updates("wkv_b")  # kv_a_norm
         total += c  # (tokens, 1, 1) scale of the unrotated query part
-        total += 2 * c * h * qk + c * h * (a.qk_nope_head_dim + a.v_head_dim)  # q, k; wkv_b's output holds v
-        total += c * h * a.v_head_dim + 4 * h  # out, lse
+        total += 2 * c * h * qk  # q, k
+        if sdpa and a.v_head_dim < qk:
+            total += 2 * c * h * qk  # v and the output, zero-padded to the query width
+        else:
+            total += c * h * (a.qk_nope_head_dim + a.v_head_dim) + c * h * a.v_head_dim  # wkv_b's output (holds v), out
+        total += 4 * h  # lse
     total += inputs_and_updates("wo")
     if not m.is_moe_layer(layer):
-        total += swiglu("")
+        total += _swiglu_bytes(shapes, t, "", u, c)
     else:
         k, e = m.moe.num_experts_per_tok, m.moe.num_experts
         total += 4 * e + 8 * k + 4 * k + 4  # softmax, top-k indices, renormalised weights, their sum
-        total += k * (swiglu("experts.") + 2 * c * d + c + 16)
-        total += swiglu("shared_experts.") if "shared_experts.w1" in shapes else 0
+        total += k * (16 + 4)  # per choice: order and slot (int64), its weight in expert order (float32)
+        total += k * expert_row_bytes(m, targets, rank, dropout, c, layer)
+        total += _swiglu_bytes(shapes, t, "shared_experts.", u, c) if "shared_experts.w1" in shapes else 0
     if dropout > 0:
-        k = m.moe.num_experts_per_tok if m.moe else 1
-        total += sum((c + 1) * shapes[n][0] * (k if shapes[n][2] > 1 else 1) for n in t)
+        total += sum((c + 1) * shapes[n][0] for n in t if shapes[n][2] == 1)  # the stacked experts: per row, above
     return float(total)
 
 
-def selective_saved_bytes_per_token(
-    m: ModelArgs, targets: list[str], rank: int, c: int, layer: int | None = None
+def _inputs_and_updates(shapes: dict[str, tuple[int, int, int]], t: set[str], u: int, c: int, *names: str) -> int:
+    """One saved copy of the input the named linears share, if any is adapted (``t``), and their A x
+    (``u`` bytes each)."""
+    return (c * shapes[names[0]][0] if t & set(names) else 0) + u * len(t & set(names))
+
+
+def _swiglu_bytes(shapes: dict[str, tuple[int, int, int]], t: set[str], prefix: str, u: int, c: int) -> int:
+    """Saved per row by a SwiGLU (``prefix`` "", "experts.", "shared_experts."): w1 x, w3 x and
+    silu(w1 x) (the product is w2's input), and its adapted linears' inputs and A x."""
+    f = shapes[prefix + "w1"][1]
+    return (3 * c * f + _inputs_and_updates(shapes, t, u, c, prefix + "w1", prefix + "w3")
+            + _inputs_and_updates(shapes, t, u, c, prefix + "w2"))
+
+
+def expert_row_bytes(m: ModelArgs, targets: list[str], rank: int, dropout: float, c: int, layer: int) -> int:
+    """Bytes saved per row of block ``layer``'s routed experts (a (token, choice), or a padding row):
+    the expert's SwiGLU (its input is the gathered copy ``x[token]``), the expert's output and the
+    row's weight (saved by the weighting product, in the compute dtype), the weighted output (saved
+    by ``index_add_``), the row's int64 token index (the gather's and ``index_add_``'s), and with
+    LoRA dropout each adapted projection's dropped input and mask."""
+    shapes = linear_shapes(m, layer)
+    t = {name for name in shapes if _targeted(targets, name)}
+    row = _swiglu_bytes(shapes, t, "experts.", c * rank, c) + 2 * c * m.dim + c + 8
+    if dropout > 0:
+        row += sum((c + 1) * shapes[n][0] for n in t if shapes[n][2] > 1)
+    return row
+
+
+def _fused_lora_a(m: ModelArgs, targets: list[str], dropout: float, nf4: bool, layer: int) -> bool:
+    """Whether block ``layer``'s routed experts compute w1's and w3's ``A x`` as one grouped product
+    (``GroupedExperts.forward``: both adapted, no dropout; NF4's experts do not)."""
+    return (m.is_moe_layer(layer) and not nf4 and dropout == 0
+            and _targeted(targets, "experts.w1") and _targeted(targets, "experts.w3"))
+
+
+def saved_bytes_per_layer(
+    m: ModelArgs, targets: list[str], rank: int, dropout: float, c: int, layer: int | None = None,
+    *, nf4: bool = False, padding_rows: float = 0.0,
 ) -> float:
-    """Bytes per token that ``checkpoint: selective`` keeps in block ``layer`` besides its input.
+    """Bytes block ``layer`` saves that do not scale with tokens: an MoE layer's (experts,) int32 row
+    offsets and, when w1's and w3's ``lora_A`` run as one grouped product, their concatenation
+    (experts, 2 rank, dim) in the compute dtype, which that product saves for its input gradient;
+    plus ``padding_rows`` routed rows (``expert_row_bytes`` each). Padding rows exist on CPU in
+    bf16/fp16 only (``MoeLayer.forward`` rounds each expert's rows up to ``CPU_ROW_MULTIPLE``):
+    their number depends on the routing, so the CPU plan takes its expectation
+    (``expected_padding_rows``), and the byte-exact test counts the rows of its own routing."""
+    layer = m.n_layers - 1 if layer is None else layer
+    if not m.is_moe_layer(layer):
+        return 0.0
+    e = m.moe.num_experts
+    total = 4 * e + padding_rows * expert_row_bytes(m, targets, rank, dropout, c, layer)
+    if _fused_lora_a(m, targets, dropout, nf4, layer):
+        total += e * 2 * rank * m.dim * c
+    return float(total)
+
+
+def expected_padding_rows(m: ModelArgs, layer: int, device: str, c: int) -> float:
+    """Zero rows block ``layer`` adds to its routed experts: on CPU in bf16/fp16 each expert's rows
+    are rounded up to a multiple of M = ``CPU_ROW_MULTIPLE``, (M - 1) / 2 rows per expert on average
+    when the row counts' remainders are spread evenly; none on GPU or in float32."""
+    if device != "cpu" or c == 4 or not m.is_moe_layer(layer):
+        return 0.0
+    return m.moe.num_experts * (CPU_ROW_MULTIPLE - 1) / 2
+
+
+def selective_saved_bytes_per_token(
+    m: ModelArgs, targets: list[str], rank: int, c: int, layer: int | None = None, *, sdpa: bool = True
+) -> float:
+    """Bytes per token that ``checkpoint: selective`` keeps in block ``layer`` besides its input,
+    with k routed rows per token (``selective_kept_bytes_per_expert_row`` each; CPU padding rows
+    come on top).
 
     The policy (finetune/parallel.py) keeps every matrix product's output except those as wide as the
     block's feed-forward up-projections (w1 and w3: ``hidden_dim``, or an MoE layer's routed and
     shared experts' widths) and the routed experts' LoRA updates ``B u``, and the attention kernel's
     output and float32 log-sum-exp. So: the outputs of the other linears (a 2-D LoRA update is
     accumulated into the same tensor), each LoRA linear's rank-sized ``A x``, the router's logits,
-    and per routed row (k per token) the experts' w2 output and each adapted projection's ``A x``.
+    and per routed row the experts' w2 output and each adapted projection's ``A x`` (w1's and w3's
+    as one (rows, 2 rank) product when fused: the same bytes). The attention output is as wide as
+    the query head when ``sdpa`` pads narrower values (``saved_bytes_per_token``).
     """
     layer = m.n_layers - 1 if layer is None else layer
     shapes = linear_shapes(m, layer)
-    up = {shapes[n][1] for n in ("w1", "experts.w1", "shared_experts.w1") if n in shapes}
+    up = _up_widths(shapes)
 
     def kept(width: int) -> int:
         return c * width if width not in up else 0
 
-    k = m.moe.num_experts_per_tok if m.is_moe_layer(layer) else 1
     total = 0
     for name, (i, o, n) in shapes.items():
-        adapted, rows = _targeted(targets, name), (k if n > 1 else 1)
-        total += rows * (kept(o) + (c * rank if adapted else 0))
-    v_dim = m.mla.v_head_dim if m.mla else m.head_dim
-    total += c * m.n_heads * v_dim + 4 * m.n_heads  # attention output, log-sum-exp
+        if n == 1:
+            total += kept(o) + (c * rank if _targeted(targets, name) else 0)
+    if m.mla is None:
+        out_dim = m.head_dim
+    else:
+        qk = m.mla.qk_nope_head_dim + m.mla.qk_rope_head_dim
+        out_dim = max(qk, m.mla.v_head_dim) if sdpa else m.mla.v_head_dim
+    total += c * m.n_heads * out_dim + 4 * m.n_heads  # attention output, log-sum-exp
     if m.is_moe_layer(layer):
         total += kept(m.moe.num_experts)  # router logits
+        total += m.moe.num_experts_per_tok * selective_kept_bytes_per_expert_row(m, targets, rank, c, layer)
     return float(total)
+
+
+def _up_widths(shapes: dict[str, tuple[int, int, int]]) -> set[int]:
+    return {shapes[n][1] for n in ("w1", "experts.w1", "shared_experts.w1") if n in shapes}
+
+
+def selective_kept_bytes_per_expert_row(m: ModelArgs, targets: list[str], rank: int, c: int, layer: int) -> int:
+    """Bytes the selective policy keeps per routed row (padding rows too): the outputs of the routed
+    experts' products not as wide as an up-projection (w2's) and each adapted projection's ``A x``."""
+    shapes = linear_shapes(m, layer)
+    up = _up_widths(shapes)
+    return sum((c * o if o not in up else 0) + (c * rank if _targeted(targets, name) else 0)
+               for name, (i, o, n) in shapes.items() if n > 1)
 
 
 def _widest_rows(m: ModelArgs, layer: int) -> int:
@@ -413,24 +504,32 @@ def estimate(
                      "or less); compiled kernels' workspaces are not counted")
 
     # Activations. Saved tensors of every block, or only block inputs + one recomputed block.
+    # FlexAttention (GPU default) takes narrower values as they are; per-document SDPA pads them.
+    flex = device == "cuda" and args.attention != "sdpa" and m.head_dim >= 16
     r, dropout = (rank, args.lora.dropout) if lora else (0, 0.0)
-    saved = [saved_bytes_per_token(m, targets, r, dropout, c, i) for i in range(L)]  # per token, per layer
-    per_layer = max(saved)  # the block recomputed at the peak: the largest
+    pad = [expected_padding_rows(m, i, device, c) for i in range(L)]  # CPU bf16/fp16 MoE only
+    saved = [  # bytes per layer
+        T * saved_bytes_per_token(m, targets, r, dropout, c, i, sdpa=not flex)
+        + saved_bytes_per_layer(m, targets, r, dropout, c, i, nf4=nf4, padding_rows=pad[i])
+        for i in range(L)
+    ]
+    largest = max(saved)  # the block recomputed at the peak
     mode = args.checkpoint_mode
     if mode == "full":
         parts["activations: block inputs"] = L * T * m.dim * c
-        recompute = T * per_layer
     elif mode == "selective":
-        kept = sum(selective_saved_bytes_per_token(m, targets, r, c, i) for i in range(L))
-        parts["activations: block inputs + kept products"] = T * (L * m.dim * c + kept)
-        recompute = T * per_layer
+        kept = sum(
+            T * selective_saved_bytes_per_token(m, targets, r, c, i, sdpa=not flex)
+            + (pad[i] * selective_kept_bytes_per_expert_row(m, targets, r, c, i) if pad[i] else 0.0)
+            for i in range(L)
+        )
+        parts["activations: block inputs + kept products"] = L * T * m.dim * c + kept
     else:
-        parts["activations: saved tensors"] = T * sum(saved)
-        recompute = 0.0
+        parts["activations: saved tensors"] = sum(saved)
+    recompute = largest if mode != "none" else 0.0
     # Eager SDPA saves, for backward, the additive (len, len) mask of every document longer than a
     # layer's window; the layers of one window share it (model/attention.py). Bound: every row one
     # document of seq_len tokens. FlexAttention's block mask is small; the compiled op recomputes its masks.
-    flex = device == "cuda" and args.attention != "sdpa" and m.head_dim >= 16
     short = {w for w in m.layer_windows if w is not None and w < args.seq_len}
     if short and not flex and not args.compile:
         parts["activations: sliding-window masks"] = len(short) * args.batch_size * args.seq_len**2 * c
@@ -458,7 +557,7 @@ def estimate(
     parts[f"transient: {which}"] = max(logits, backward)
     if device == "cpu":
         parts["CPU allocator slack (calibrated)"] = (
-            CPU_RUNTIME + CPU_HEAP_PER_LOGIT * T * m.vocab_size + CPU_HEAP_BLOCKS * T * per_layer
+            CPU_RUNTIME + CPU_HEAP_PER_LOGIT * T * m.vocab_size + CPU_HEAP_BLOCKS * largest
         )
         if m.moe is not None:
             parts["CPU kernel caches: per-expert products (calibrated)"] = CPU_MOE_KERNEL_CACHES

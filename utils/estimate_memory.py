@@ -630,7 +630,7 @@ def describe(m: ModelArgs, args: TrainArgs, plan: Plan) -> str:
         + (f" + a {vision / 1e9:.2f}B vision encoder and adapter (not loaded)" if vision else ""),
         "training: "
         + (
-            f"LoRA rank {args.lora.rank} on {', '.join(args.lora.target_modules)} "
+            f"LoRA rank {args.lora.rank} on {', '.join(m.present_targets(args.lora.target_modules))} "
             f"({counts['layers_lora'] / 1e6:.1f}M trainable)"
             if args.lora.enable
             else "full fine-tuning"

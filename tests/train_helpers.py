@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
 from tests.model_helpers import tiny_args, write_checkpoint
@@ -135,3 +136,17 @@ def init_test_rank(rank: int, world: int, port: int):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     return D.init_distributed()
+
+
+def load_equal_runs(runs: Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The one- and two-rank results ``world1_<kind>.safetensors``/``world2_<kind>.safetensors`` in
+    ``runs``, asserted equal (losses, and every tensor saved) within fp32 reduction-order tolerance."""
+    from safetensors.torch import load_file
+
+    one = load_file(str(runs / f"world1_{kind}.safetensors"))
+    two = load_file(str(runs / f"world2_{kind}.safetensors"))
+    assert sorted(one) == sorted(two)
+    torch.testing.assert_close(two["losses"], one["losses"], rtol=1e-6, atol=1e-6)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
+    return one, two

@@ -410,7 +410,7 @@ def selective_saved_bytes_per_token(
         return c * width if width not in up else 0
 
     total = 0
-    for name, (i, o, n) in shapes.items():
+    for name, (_, o, n) in shapes.items():
         if n == 1:
             total += kept(o) + (c * rank if _targeted(targets, name) else 0)
     if m.mla is None:

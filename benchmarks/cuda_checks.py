@@ -115,6 +115,42 @@ def check_checkpointing_and_compile_with_flex(dtype: torch.dtype) -> None:
               f"worst relative grad diff {worst:.2e}")
 
 
+def check_latent_moe(dtype: torch.dtype, tolerance: float) -> None:
+    """Mistral Small 4's layers on CUDA against the same model in float32 on the CPU: latent attention
+    (values narrower than keys) on SDPA and FlexAttention, fine-grained MoE through CUDA's grouped GEMM
+    (bf16; float32 takes the per-expert fallback), LoRA on every projection and expert; logits and
+    every adapter gradient."""
+    from model.args import MlaArgs
+
+    torch.manual_seed(0)
+    mla = MlaArgs(q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64)
+    moe = {"num_experts": 16, "num_experts_per_tok": 4, "expert_hidden_dim": 128, "num_shared_experts": 1,
+           "first_k_dense_replace": 1}
+    args = tiny_args(dim=256, n_heads=8, n_kv_heads=8, head_dim=96, hidden_dim=512, mla=mla, moe=moe)
+    model = Transformer(args, lora=LoraArgs(rank=16))
+    model.init_weights(0)
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            torch.nn.init.normal_(m.lora_B.weight, std=0.02)
+    for n, p in model.named_parameters():
+        p.requires_grad_(".lora_" in n)
+    seqlens = [300, 17, 700, 7]
+    tokens = torch.randint(0, args.vocab_size, (sum(seqlens),))
+    ref_out, ref_grads = _grads(model, tokens, seqlens)  # float32 on the CPU
+    model = model.cuda().to(dtype)
+    for backend in ("sdpa", "flex"):
+        model.attention_backend = backend
+        out, grads = _grads(model, tokens.cuda(), seqlens)
+        scale = ref_out.abs().max().item()
+        torch.testing.assert_close(out.float().cpu(), ref_out, atol=tolerance * scale, rtol=tolerance)
+        assert grads.keys() == ref_grads.keys()
+        worst = max(((grads[k].float().cpu() - ref_grads[k]).abs().max() / ref_grads[k].abs().max().clamp_min(1e-6))
+                    .item() for k in ref_grads)
+        assert worst < (0.1 if dtype == torch.bfloat16 else 1e-3), (backend, worst)
+        print(f"latent attention + fine-grained MoE on CUDA ({dtype}, {backend}) == float32 CPU: logits ok, "
+              f"worst relative grad diff {worst:.2e}")
+
+
 if __name__ == "__main__":
     assert torch.cuda.is_available()
     print(torch.__version__, torch.cuda.get_device_name())
@@ -124,3 +160,5 @@ if __name__ == "__main__":
         check_attention_backends(torch.bfloat16, window, 3e-2)
     for dtype in (torch.float32, torch.bfloat16):
         check_checkpointing_and_compile_with_flex(dtype)
+    check_latent_moe(torch.float32, 1e-4)
+    check_latent_moe(torch.bfloat16, 5e-2)

@@ -21,9 +21,10 @@ from torch import nn
 from model.args import LoraArgs
 from model.lora import LoRALinear, is_target
 
-# torch._grouped_mm needs every row stride to be a multiple of 16 bytes, and one of these dtypes.
+# torch._grouped_mm needs every row stride to be a multiple of 16 bytes, and one of these dtypes: its
+# CPU implementation takes the three, its CUDA kernels (and its shape checks) bfloat16 only.
 _ALIGN_BYTES = 16
-_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_GROUPED_MM_DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float16), "cuda": (torch.bfloat16,)}
 
 
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
@@ -32,8 +33,9 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> tor
     The counts stay on the device: no host synchronisation."""
     if weight.dtype != x.dtype:
         weight = weight.to(x.dtype)
-    if x.dtype not in _GROUPED_MM_DTYPES:
-        # float64 (reference checks): one product per expert, the row counts read on the host.
+    if x.dtype not in _GROUPED_MM_DTYPES.get(x.device.type, ()):
+        # float64 (reference checks), float32/float16 on a GPU: one product per expert, the row counts
+        # read on the host (a synchronisation, and a loop over experts: train in bf16 on GPUs).
         counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
         return torch.cat([rows @ w.T for rows, w in zip(x.split(counts), weight, strict=True)])
     out_features, in_features = weight.shape[-2:]

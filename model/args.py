@@ -52,7 +52,8 @@ class MoeArgs:
 # wq_a, wq_b, wkv_a_with_mqa, wkv_b: latent attention's projections (model.mla).
 DEFAULT_TARGETS = ("wq", "wk", "wv", "wo", "wq_a", "wq_b", "wkv_a_with_mqa", "wkv_b", "w1", "w2", "w3")
 LORA_TARGETS = frozenset(
-    DEFAULT_TARGETS + tuple(f"{scope}.{w}" for scope in ("experts", "shared_experts") for w in ("w1", "w2", "w3"))
+    DEFAULT_TARGETS
+    + tuple(f"{scope}.{w}" for scope in ("feed_forward", "experts", "shared_experts") for w in ("w1", "w2", "w3"))
 )
 
 
@@ -66,7 +67,8 @@ class LoraArgs:
     scaling: float = 2.0
     dropout: float = 0.0
     # Names of the linear layers that get adapters: a leaf name (``w1``: every w1, dense, routed expert
-    # and shared expert alike) or a scoped one (``experts.w1``: routed experts only, ``shared_experts.w1``).
+    # and shared expert alike) or a scoped one (``feed_forward.w1``: dense layers only, ``experts.w1``:
+    # routed experts only, ``shared_experts.w1``).
     # Names a model does not have match nothing, so the default covers grouped-query and latent
     # attention (model.mla) alike. The MoE router never gets an adapter.
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
@@ -197,7 +199,7 @@ class ModelArgs:
         names = set(self.attention_linears)
         swiglu = ("w1", "w2", "w3")
         if any(not self.is_moe_layer(i) for i in range(self.n_layers)):
-            names |= set(swiglu)
+            names |= {f"feed_forward.{w}" for w in swiglu}
         if self.moe is not None:
             names |= {f"experts.{w}" for w in swiglu}
             if self.moe.num_shared_experts:

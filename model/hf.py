@@ -217,14 +217,14 @@ def peft_targets(lora: LoraArgs, args: ModelArgs) -> tuple[list[str], list[str]]
     modules = {module_to_hf(f"attention.{t}", moe).rsplit(".", 1)[-1]
                for t in args.attention_linears if is_target(lora, t)}
     if args.moe is None:
-        return sorted(modules | {_SWIGLU_HF[w] for w in _SWIGLU_HF if is_target(lora, w)}), []
+        return sorted(modules | {_SWIGLU_HF[w] for w in _SWIGLU_HF if is_target(lora, f"feed_forward.{w}")}), []
     if not args.moe.fine_grained:
         # Mixtral's experts keep w1/w2/w3 in HF's hub layout (PEFT fuses them itself on load); all three
         # or none, see to_peft_state_dict.
         return sorted(modules | (set(_SWIGLU_HF) if _routed(lora, args) else set())), []
     dense = any(not args.is_moe_layer(i) for i in range(args.n_layers))
     for w, hf in _SWIGLU_HF.items():
-        if dense and is_target(lora, w):  # only a leaf name (w1) selects the dense layers' projections
+        if dense and is_target(lora, f"feed_forward.{w}"):  # the dense layers' projections
             modules.add(f"mlp.{hf}")
         if args.moe.num_shared_experts and is_target(lora, f"shared_experts.{w}"):
             modules.add(f"shared_experts.{hf}")

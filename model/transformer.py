@@ -33,7 +33,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward: nn.Module = (
-            MoeLayer(args, lora) if args.is_moe_layer(layer) else FeedForward(args.dim, args.hidden_dim, make_linear)
+            MoeLayer(args, lora) if args.is_moe_layer(layer)
+            else FeedForward(args.dim, args.hidden_dim, linear_factory(lora, scope="feed_forward."))
         )
 
     def forward(

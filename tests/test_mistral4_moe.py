@@ -74,9 +74,11 @@ def test_lora_targets_and_adapter_names(tmp_path):
     assert not any("feed_forward.experts" in k or "gate" in k for k in keys)
     assert lora_file_state(model)["layers.1.experts.3.w1.lora_A.weight"].shape == (4, 64)
 
-    scoped = _load(tmp_path, LoraArgs(rank=4, target_modules=["experts.w2", "shared_experts.w1"]))
-    assert sorted(lora_modules(scoped)) == ["layers.1.feed_forward.experts.w2",
+    scoped = _load(tmp_path, LoraArgs(rank=4, target_modules=["experts.w2", "shared_experts.w1", "feed_forward.w3"]))
+    assert sorted(lora_modules(scoped)) == ["layers.0.feed_forward.w3", "layers.1.feed_forward.experts.w2",
                                             "layers.1.feed_forward.shared_experts.w1"]
+    assert scoped.args.present_targets(["wq", "wq_a", "w1", "feed_forward.w2", "experts.w3"]) == [
+        "wq_a", "w1", "feed_forward.w2", "experts.w3"]
 
 
 def test_zero_lora_is_the_base_and_adapters_round_trip(tmp_path):

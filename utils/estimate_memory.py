@@ -135,9 +135,13 @@ def linear_shapes(m: ModelArgs, layer: int | None = None) -> dict[str, tuple[int
     return shapes
 
 
+_SWIGLU = ("w1", "w2", "w3")
+
+
 def _targeted(targets: list[str], name: str) -> bool:
-    """Whether ``lora.target_modules`` selects this layer: ``model.lora.is_target``'s rule."""
-    return is_target(LoraArgs(target_modules=list(targets)), name)
+    """Whether ``lora.target_modules`` selects this layer: ``model.lora.is_target``'s rule (the dense
+    feed-forward's w1/w2/w3 are ``feed_forward.w1`` ... in the model)."""
+    return is_target(LoraArgs(target_modules=list(targets)), f"feed_forward.{name}" if name in _SWIGLU else name)
 
 
 def block_param_counts(m: ModelArgs, layer: int, targets: list[str], rank: int) -> dict[str, int]:

@@ -10,7 +10,7 @@ A Hugging Face ``MistralForCausalLM``/``MixtralForCausalLM`` folder (``config.js
 ``model.safetensors`` or ``model-0000k-of-0000n.safetensors`` + index, no ``params.json``) loads too:
 its tensors are renamed and un-permuted one at a time as they stream (see ``model.hf``). A multimodal
 checkpoint (native ``vision_encoder`` block, HF ``mistral3``) streams its vision weights under native
-names too; they are not part of the trained model (``model.multimodal``).
+names too; they are carried, not loaded, unless the model was built with ``vision=True`` (``model.vision``).
 
 Checkpoint key names are the model's parameter names except in MoE layers (``model.keys``).
 """
@@ -171,8 +171,10 @@ def iter_base_weights(
     checkpoint lacks is a ValueError naming it. Adapter weights are never expected.
     """
     seen: set[str] = set()
-    # A multimodal checkpoint's vision weights are carried into merged outputs, not loaded (model.multimodal).
-    carried = is_vision_key if vision_block(load_model_args(folder).extra) else (lambda key: False)
+    # A multimodal checkpoint's vision weights are carried into merged outputs, not loaded (model.multimodal),
+    # unless the model was built with its vision side (``vision=True``): then they load strictly as the rest.
+    text_only = not any(is_vision_key(k) for k in shapes)
+    carried = is_vision_key if text_only and vision_block(load_model_args(folder).extra) else (lambda key: False)
     for key, tensor, path in iter_checkpoint_tensors(folder):
         if carried(key):
             continue

@@ -1,7 +1,8 @@
 """Multimodal checkpoints trained as text models (Mistral Small 3.x, Magistral, Devstral Small): the
-Pixtral vision encoder and its adapter are carried, never built.
+Pixtral vision encoder and its adapter are carried, not built, unless asked for.
 
-The language model loads and trains as any Mistral model. The vision weights stay out of the model:
+The language model loads and trains as any Mistral model. By default the vision weights stay out of
+the model (``Transformer.from_folder(..., vision=True)`` builds and loads them: ``model.vision``):
 they are streamed from the base folder into every merged checkpoint and export unchanged (a q/k row
 permutation between the native and Hugging Face layouts is exact), and the params.json
 ``vision_encoder`` block travels in ``ModelArgs.extra``.
@@ -49,7 +50,7 @@ _LAYER = re.compile(r"(transformer\.layers\.\d+\.)(.+)(\.weight)$")
 
 
 def is_vision_key(key: str) -> bool:
-    """A native checkpoint key of the vision encoder or its adapter (carried, not trained)."""
+    """A native checkpoint key of the vision encoder or its adapter (carried unless built, never trained)."""
     return key.startswith(VISION_PREFIXES)
 
 

@@ -39,17 +39,23 @@ def tekken() -> Any:
     return MistralTokenizer.v3(is_tekken=True).instruct_tokenizer
 
 
-def write_tekken(folder: Path, version: str, think: bool = True) -> Path:
+def bundled_tekken_with_images() -> Path:
+    """mistral-common's bundled Tekken file that carries an image config (patch 16, max size 1024)."""
+    return Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"
+
+
+def write_tekken(folder: Path, version: str, think: bool = True, image: bool = False) -> Path:
     """A Tekken file of instruct ``version`` (v7, v11, v13, v15) as newer checkpoints ship it.
 
     mistral-common bundles Tekken files of version v3 only. This one is ``tekken_240911.json`` with
     ``config.version`` set and the special tokens listed: the classic ranks 0-19, fillers, then [ARGS],
     [CALL_ID] and (with ``think``) [THINK], [/THINK] at ranks 32-35, where Magistral's file has them;
-    v15 also gets [MODEL_SETTINGS], [/MODEL_SETTINGS] after them.
+    v15 also gets [MODEL_SETTINGS], [/MODEL_SETTINGS] after them. ``image`` keeps the file's image config
+    ([IMG], [IMG_BREAK], [IMG_END] are ranks 10, 12, 13); otherwise the tokenizer is text only.
     """
-    src = Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"
-    model = json.loads(src.read_text(encoding="utf-8"))
-    model.pop("image")  # text only
+    model = json.loads(bundled_tekken_with_images().read_text(encoding="utf-8"))
+    if not image:
+        model.pop("image")
     model["config"]["version"] = version
     names = [str(t["token_str"]) for t in Tekkenizer.DEPRECATED_SPECIAL_TOKENS]
     names += [f"<SPECIAL_{i}>" for i in range(len(names), 32)]
@@ -66,10 +72,10 @@ _TEKKEN_DIR = tempfile.TemporaryDirectory(prefix="tekken-")  # removed when the 
 
 
 @functools.cache
-def tekken_v(version: str, think: bool = True) -> Any:
+def tekken_v(version: str, think: bool = True, image: bool = False) -> Any:
     """The instruct tokenizer of a written Tekken ``version`` file, loaded the way training loads it."""
-    folder = Path(_TEKKEN_DIR.name) / f"{version}-{'think' if think else 'plain'}"
-    return MistralTokenizer.from_file(str(write_tekken(folder, version, think))).instruct_tokenizer
+    folder = Path(_TEKKEN_DIR.name) / f"{version}-{'think' if think else 'plain'}{'-image' if image else ''}"
+    return MistralTokenizer.from_file(str(write_tekken(folder, version, think, image))).instruct_tokenizer
 
 
 def words(rng: random.Random, n: int) -> str:

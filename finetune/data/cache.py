@@ -41,7 +41,9 @@ from finetune.data.tokenize import SampleType, _as_instruct_tokenizer, encode_al
 
 logger = logging.getLogger("finetune.data")
 
-CACHE_VERSION = 4  # 4: v7+ text-and-calls turns accepted, tool-call rules and messages changed (cached verdicts)
+CACHE_VERSION = 5  # 5: user image chunks parsed (new verdicts for lines that have them); 4: v7+ text and calls
+# Verdicts that depend on image files, which the key (the JSONL file's hash) does not cover.
+_IMAGE_KINDS = frozenset({"bad_image", "no_image_encoder", "images_not_trained"})
 _BLOCK_BYTES = 1 << 20  # one pool task
 _IN_PROCESS_BYTES = 1 << 20  # smaller files are not worth starting a pool for
 
@@ -151,9 +153,15 @@ def decode_line(raw: bytes, line_no: int) -> Any:
 
 
 def tokenize_block(
-    raw: bytes, first_line: int, sample_type: SampleType, chunk: bool, instruct_tokenizer: Any
+    raw: bytes,
+    first_line: int,
+    sample_type: SampleType,
+    chunk: bool,
+    instruct_tokenizer: Any,
+    base_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Tokenize the lines in ``raw`` (which starts at line ``first_line``) into flat arrays."""
+    """Tokenize the lines in ``raw`` (which starts at line ``first_line``) into flat arrays. ``base_dir``
+    (the file's folder) is where relative image paths start."""
     lines = raw.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()  # the newline that ends the last line
@@ -167,7 +175,13 @@ def tokenize_block(
     for j, line in enumerate(lines):
         line_no = first_line + j
         try:
-            samples = encode_all(decode_line(line, line_no), instruct_tokenizer, sample_type, chunk)
+            samples = encode_all(decode_line(line, line_no), instruct_tokenizer, sample_type, chunk, base_dir)
+            if any(s.images for s in samples):
+                raise DataFormatError(
+                    "images_not_trained",
+                    "the line's images are valid, but image training is not implemented yet: the token cache and "
+                    "the loader do not carry pictures (issue 18); remove the image chunks to train on the text.",
+                )
         except DataFormatError as e:
             errors.append((line_no, e.kind, e.message))
             continue
@@ -195,7 +209,7 @@ def _worker_block(task: tuple[str, int, int, int, str, bool]) -> dict[str, Any]:
     with open(path, "rb") as f:
         f.seek(start)
         raw = f.read(end - start)
-    return tokenize_block(raw, first_line, SampleType(sample_type), chunk, _WORKER_TOKENIZER)
+    return tokenize_block(raw, first_line, SampleType(sample_type), chunk, _WORKER_TOKENIZER, Path(path).parent)
 
 
 def _blocks(path: Path, block_bytes: int = _BLOCK_BYTES) -> Iterator[tuple[int, int, int]]:
@@ -315,13 +329,20 @@ def open_entry(
     """Cache entry ``key`` (the tokens of ``path``), built first when this cache folder lacks it."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     entry = cache_dir / key
-    if not (entry / "meta.json").is_file():
+    if not _reusable(entry):
         with _lock(cache_dir / f"{key}.lock"):
-            if not (entry / "meta.json").is_file():
+            if not _reusable(entry):
                 _build(path, sample_type, instruct_tokenizer, chunk, entry, pool)
     else:
         logger.debug("Reusing cached tokens for %s from %s", path, entry)
     return _open(path, key, entry)
+
+
+def _reusable(entry: Path) -> bool:
+    """Built, and with no verdict about image files: those may have been added or fixed since, so such
+    a file is checked again on every scan (its image lines never reach training yet)."""
+    meta = entry / "meta.json"
+    return meta.is_file() and not json.loads(meta.read_text()).get("reads_images", False)
 
 
 def _build(
@@ -341,7 +362,7 @@ def _build(
         else:
             it = _as_instruct_tokenizer(instruct_tokenizer)
             results = (
-                tokenize_block(_read(path, a, b), line, sample_type, chunk, it)
+                tokenize_block(_read(path, a, b), line, sample_type, chunk, it, path.parent)
                 for a, b, line in _blocks(path)
             )
         lengths, lines, targets, errors = [], [], [], []
@@ -370,6 +391,7 @@ def _build(
             "n_lines": n_lines,
             "n_valid": n_valid,
             "errors": errors,
+            "reads_images": any(kind in _IMAGE_KINDS for _, kind, _ in errors),
         }
         (tmp / "meta.json").write_text(json.dumps(meta))
         if entry.exists():  # a half-written entry from a crashed run

@@ -9,13 +9,16 @@ predicts ``tokens[1:]`` where ``masks[1:]`` is True.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
-from mistral_common.protocol.instruct.chunk import TextChunk, ThinkChunk
+import numpy as np
+from mistral_common.protocol.instruct.chunk import ImageURLChunk, TextChunk, ThinkChunk
 from mistral_common.protocol.instruct.messages import (
     FinetuningAssistantMessage,
     SystemMessage,
@@ -31,6 +34,7 @@ from mistral_common.tokens.tokenizers.instruct import (
 )
 
 from finetune.data.errors import FOREIGN_ROLES, DataFormatError, reformat_hint
+from finetune.data.images import IMAGE_SHAPES, load_image, parse_image_chunk
 
 
 class SampleType(Enum):
@@ -42,6 +46,8 @@ class SampleType(Enum):
 class TokenSample:
     tokens: list[int]
     masks: list[bool]
+    # mistral-common's processed pictures, float32 (C, H, W), in the order of their [IMG] runs.
+    images: list[np.ndarray] = field(default_factory=list)
 
 
 _ROLES = ("system", "user", "assistant", "tool")
@@ -318,9 +324,43 @@ def _parse_system(content: Any, i: int, system_prompt: str | None) -> str:
     return _require_str(content, f"message {i} (system) 'content'", "write the system prompt as a string.")
 
 
-def _parse_user(content: Any, i: int) -> UserMessage:
-    content = _require_str(content, f"message {i} (user) 'content'", "write the user text as a string.")
+def _parse_user(content: Any, i: int, base_dir: Path | None) -> UserMessage:
+    if isinstance(content, list):
+        return UserMessage(content=_parse_user_chunks(content, i, base_dir))
+    content = _require_str(
+        content, f"message {i} (user) 'content'", "write the user text as a string (or a list of chunks)."
+    )
     return UserMessage(content=content)
+
+
+def _parse_user_chunks(content: list, i: int, base_dir: Path | None) -> str | list[TextChunk | ImageURLChunk]:
+    """Text and image chunks, coalesced as mistral-common's request normalizer does for v3-v13: adjacent
+    text chunks joined with a blank line, empty ones dropped, a list of text alone becomes a string."""
+    where = f"message {i} (user) content"
+    if not content:
+        raise DataFormatError("empty_content", f"{where} is an empty list; write the question or delete the turn.")
+    out: list[TextChunk | ImageURLChunk] = []
+    texts: list[str] = []
+    for j, chunk in enumerate(content):
+        kind = chunk.get("type") if isinstance(chunk, dict) else None
+        if kind == "text":
+            text = _require_str(chunk.get("text"), f"{where} chunk {j} 'text'", "write the text as a string.")
+            if text:
+                texts.append(text)
+        elif kind in ("image_url", "image"):
+            if texts:
+                out.append(TextChunk(text="\n\n".join(texts)))
+                texts = []
+            out.append(parse_image_chunk(chunk, f"{where} chunk {j}", base_dir))
+        else:
+            raise DataFormatError(
+                "bad_chunk", f"{where} chunk {j} is {_short(chunk)}; write {{\"type\": \"text\", \"text\": ...}} or {IMAGE_SHAPES}."
+            )
+    if not out:
+        return "\n\n".join(texts)
+    if texts:
+        out.append(TextChunk(text="\n\n".join(texts)))
+    return out
 
 
 def _parse_tool_result(msg: dict, content: Any, i: int) -> ToolMessage:
@@ -476,13 +516,14 @@ def _check_tool_results(messages: list, index: list[int]) -> None:
             pending, caller = [c.id for c in m.tool_calls], i
 
 
-def parse_instruct(sample: Any) -> Conversation:
+def parse_instruct(sample: Any, base_dir: Path | None = None) -> Conversation:
     """Check an instruct sample against the rules of mistral-common's finetuning validator.
 
     Every rule is checked here, in plain Python, so that a bad line gets a message that says how to fix it
     instead of a traceback from inside mistral-common. The first broken rule is reported, in reading
     order: the sample's keys, each message in turn (its role, whether that role may follow the previous
     one, its fields), then how the conversation starts and ends, then the tool results' links.
+    Image paths are resolved against ``base_dir`` (the JSONL file's folder) but not read here.
     """
     raw_messages = _raw_messages(sample)
     _refuse_unread_keys(sample)
@@ -504,7 +545,7 @@ def parse_instruct(sample: Any) -> Conversation:
             continue
         index.append(i)
         if role == "user":
-            messages.append(_parse_user(content, i))
+            messages.append(_parse_user(content, i, base_dir))
         elif role == "tool":
             messages.append(_parse_tool_result(msg, content, i))
         else:
@@ -529,6 +570,30 @@ def chunk_conversation(conv: Conversation) -> list[Conversation]:
 def _tokens(encoded: Any) -> list[int]:
     # mistral-common returns (tokens, images, audios) from some encoders and a bare list from others.
     return list(encoded[0]) if isinstance(encoded, tuple) else list(encoded)
+
+
+def _with_images(m: UserMessage, i: int, it: Any) -> UserMessage:
+    """The user message with its pictures loaded; ``i`` is its index in the line."""
+    if not isinstance(m.content, list):
+        return m
+    if it.image_encoder is None:
+        raise DataFormatError(
+            "no_image_encoder",
+            f"message {i} (user) has an image, but this model's tokenizer has no image encoder (its tokenizer "
+            "file has no image config), so the model cannot see pictures; train a vision model (e.g. Pixtral, "
+            "Mistral Small 3.1) with its own tokenizer file, or remove the image chunks.",
+        )
+    if importlib.util.find_spec("cv2") is None:  # the machine, not the line: stop the scan
+        raise ImportError(
+            "images in training data need OpenCV (mistral-common's image encoder resizes with it); "
+            "pip install 'mistral-lora-finetune[vision]' (opencv-python-headless)."
+        )
+    images = iter(range(len(m.content)))
+    content = [
+        load_image(c, f"message {i} (user) image {next(images)}") if isinstance(c, ImageURLChunk) else c
+        for c in m.content
+    ]
+    return UserMessage(content=content)
 
 
 def _check_assistant(m: FinetuningAssistantMessage, i: int, it: Any) -> None:
@@ -608,6 +673,7 @@ def encode_conversation(conv: Conversation, instruct_tokenizer: Any) -> TokenSam
     separate_system = isinstance(it, InstructTokenizerV7)  # v7+: system prompt is its own message
     tokens: list[int] = list(it.start())
     masks: list[bool] = [False] * len(tokens)
+    images: list[np.ndarray] = []
     system = None
     if separate_system and conv.system_prompt is not None:
         system, _ = it.encode_system_message(SystemMessage(content=conv.system_prompt))
@@ -623,15 +689,18 @@ def encode_conversation(conv: Conversation, instruct_tokenizer: Any) -> TokenSam
             tokens += system
             masks += [False] * len(system)
         if isinstance(m, UserMessage):
-            t = _tokens(
-                it.encode_user_message(
-                    m,
-                    conv.tools,
-                    i == last_user,
-                    i == first_user,
-                    system_prompt=None if separate_system else conv.system_prompt,
-                )
+            has_chunks = isinstance(m.content, list)
+            encoded = it.encode_user_message(
+                _with_images(m, conv.index[i] if conv.index else i, it),
+                conv.tools,
+                i == last_user,
+                i == first_user,
+                system_prompt=None if separate_system else conv.system_prompt,
+                # encode_instruct puts an image that follows text alone first; chunk lists only
+                **({"force_img_first": True} if has_chunks else {}),
             )
+            t = _tokens(encoded)
+            images += encoded[1] if has_chunks else []
             train = False
         elif isinstance(m, ToolMessage):
             t = _tokens(it.encode_tool_message(m, i < last_user))
@@ -644,7 +713,7 @@ def encode_conversation(conv: Conversation, instruct_tokenizer: Any) -> TokenSam
             train = m.weight != 0 and (not conv.only_last or i == last)
         tokens += t
         masks += [train] * len(t)
-    return TokenSample(tokens, masks)
+    return TokenSample(tokens, masks, images)
 
 
 def encode_pretrain(text: str, instruct_tokenizer: Any) -> TokenSample:
@@ -657,13 +726,16 @@ def _as_instruct_tokenizer(tokenizer: Any) -> Any:
     return getattr(tokenizer, "instruct_tokenizer", tokenizer)
 
 
-def encode_all(sample: Any, instruct_tokenizer: Any, as_type: SampleType, chunk: bool) -> list[TokenSample]:
-    """Encode one line into its training samples: one, or one per assistant turn when ``chunk`` applies."""
+def encode_all(
+    sample: Any, instruct_tokenizer: Any, as_type: SampleType, chunk: bool, base_dir: Path | None = None
+) -> list[TokenSample]:
+    """Encode one line into its training samples: one, or one per assistant turn when ``chunk`` applies.
+    ``base_dir`` is the JSONL file's folder, which relative image paths start from."""
     it = _as_instruct_tokenizer(instruct_tokenizer)
     if as_type is SampleType.PRETRAIN:
         return [encode_pretrain(parse_pretrain(sample), it)]
     check_instruct_version(it)
-    conv = parse_instruct(sample)
+    conv = parse_instruct(sample, base_dir)
     convs = chunk_conversation(conv) if chunk else [conv]
     return [_encode_or_explain(c, it) for c in convs]
 
@@ -671,7 +743,7 @@ def encode_all(sample: Any, instruct_tokenizer: Any, as_type: SampleType, chunk:
 def _encode_or_explain(conv: Conversation, it: Any) -> TokenSample:
     try:
         return encode_conversation(conv, it)
-    except DataFormatError:
+    except (DataFormatError, ImportError):  # ImportError: mistral-common's image encoder needs OpenCV
         raise
     except Exception as e:  # a rule mistral-common enforces that parse_instruct does not know about
         raise DataFormatError(

@@ -168,14 +168,14 @@ def write_corrected(
             try:
                 obj = decode_line(body, line_no)
                 try:
-                    encode_all(obj, instruct_tokenizer, sample_type, chunk)
+                    encode_all(obj, instruct_tokenizer, sample_type, chunk, Path(path).parent)
                     dst.write(body.rstrip(b"\r") + b"\n")
                     kept += 1
                     continue
                 except DataFormatError as first:
                     repaired = _autofix(obj)
                     try:
-                        encode_all(repaired, instruct_tokenizer, sample_type, chunk)
+                        encode_all(repaired, instruct_tokenizer, sample_type, chunk, Path(path).parent)
                     except DataFormatError:
                         raise first from None
                     dst.write(json.dumps(repaired, ensure_ascii=False).encode() + b"\n")

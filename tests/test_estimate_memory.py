@@ -30,7 +30,6 @@ from utils.estimate_memory import (
     estimate,
     main,
     param_counts,
-    expert_row_bytes,
     saved_bytes_per_layer,
     saved_bytes_per_token,
     selective_kept_bytes_per_expert_row,

@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from finetune.args import TrainArgs
@@ -80,8 +81,9 @@ def iter_samples(
             with open(path, "rb") as f:
                 for n, raw in enumerate(f, start=1):
                     try:
-                        samples = encode_all(
-                            decode_line(raw.rstrip(b"\n"), n), instruct_tokenizer, s.sample_type, chunk
+                        samples = encode_all(  # relative image paths start at the JSONL file's folder
+                            decode_line(raw.rstrip(b"\n"), n), instruct_tokenizer, s.sample_type, chunk,
+                            Path(path).parent,
                         )
                     except DataFormatError as e:
                         yield s, path, n, 0, e

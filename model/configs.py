@@ -369,7 +369,7 @@ def _positive_float(value: Any, key: str, source: str) -> float:
 
 
 def _check_vision_encoder(block: Any, source: str) -> None:
-    """The block is carried, not built; its heads and width are needed to convert the q/k rows."""
+    """Its heads and width convert the q/k rows, and build the encoder when asked for (``model.vision``)."""
     if not isinstance(block, dict):
         raise ValueError(f"{source}: 'vision_encoder' must be an object, got {block!r}.")
     for key in ("hidden_size", "num_attention_heads"):

@@ -409,7 +409,7 @@ def _mistral4_mscales(factor: float, attention_factor: float, softmax_scale_fact
     return out
 
 
-# --- Pixtral vision encoder (carried, not built: model.multimodal) ---
+# --- Pixtral vision encoder (carried, or built with vision=True: model.multimodal, model.vision) ---
 
 # params.json vision_encoder keys a Mistral3 config.json expresses; others are carried in params.json only.
 _VISION_INTS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",

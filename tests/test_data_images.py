@@ -260,3 +260,19 @@ def test_image_verdicts_are_not_reused_from_the_cache(tmp_path) -> None:
     assert [e.kind for e in check_data(args, V3, 512).errors] == ["bad_image"]
     picture(tmp_path / "later.png", (8, 8), 0)
     assert [e.kind for e in check_data(args, V3, 512).errors] == ["images_not_trained"]
+
+
+def test_inspect_data_reads_images_next_to_the_jsonl(tmp_path, monkeypatch) -> None:
+    """utils.inspect_data encodes a line as training does: relative image paths start at the JSONL
+    file's folder, whatever the working directory."""
+    from finetune.args import TrainArgs
+    from utils.inspect_data import iter_samples
+
+    sample, ref = image_sample(tmp_path / "data")
+    path = write_jsonl(tmp_path / "data" / "train.jsonl", [sample])
+    monkeypatch.chdir(tmp_path)  # not the JSONL's folder
+    args = TrainArgs(model_id_or_path=str(tmp_path / "model"), run_dir=str(tmp_path / "run"),
+                     data=DataArgs(instruct_data=str(path)))
+    [(_, _, line, _, ts)] = list(iter_samples(args, V3, use_eval=False, source_index=None))
+    assert line == 1 and not isinstance(ts, DataFormatError), ts
+    assert ts.tokens == reference(sample, ref, V3)[0] and len(ts.images) == 4

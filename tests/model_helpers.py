@@ -60,3 +60,32 @@ def assert_packed_matches_hf(ours, hf, tokens: torch.Tensor, seqlens: list[int])
             torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
             worst = max(worst, ((logits - ref).abs().max() / ref.abs().max()).item())
     return worst
+
+
+def train_adapters(model, tokens: torch.Tensor, steps: int = 3) -> None:
+    """A few AdamW steps of next-token loss on ``tokens`` (one document), adapters only: adapters no
+    longer zero, as training leaves them."""
+    from model.lora import freeze_all_but_lora
+
+    freeze_all_but_lora(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(tokens[:-1], [len(tokens) - 1]), tokens[1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def write_consolidated(run: Path, params: dict, lora, targets: list[str], name: str,
+                       state: dict[str, torch.Tensor]) -> Path:
+    """RUN_DIR/checkpoints/checkpoint_000003/consolidated as training writes it: params.json with its
+    lora section and ``state`` saved as ``name``; returns the folder."""
+    from safetensors.torch import save_file
+
+    folder = run / "checkpoints" / "checkpoint_000003" / "consolidated"
+    folder.mkdir(parents=True)
+    lora_params = {"enable": True, "rank": lora.rank, "scaling": lora.scaling, "dropout": lora.dropout,
+                   "target_modules": targets}
+    (folder / "params.json").write_text(json.dumps({**params, "lora": lora_params}))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / name))
+    return folder

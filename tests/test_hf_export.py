@@ -16,11 +16,11 @@ from model.args import LoraArgs, ModelArgs
 from model.hf import to_hf_state_dict
 from model.hf_config import hf_config_from_args
 from model.keys import checkpoint_layout, from_checkpoint_names
-from model.lora import freeze_all_but_lora, lora_file_state
+from model.lora import lora_file_state
 from model.merge import merged_weights
 from model.tiny import tiny_args
 from model.transformer import Transformer
-from tests.model_helpers import read_params, write_checkpoint
+from tests.model_helpers import read_params, train_adapters, write_checkpoint, write_consolidated
 from utils.export_hf import main as export
 
 SEQLENS = [9, 6]
@@ -44,23 +44,12 @@ def _make_run(tmp_path: Path, args: ModelArgs, lora: LoraArgs, *, save_adapters:
     write_checkpoint(base, args, seed=0)
     shutil.copy(_tokenizer_file(), base / "tokenizer.model.v3")
     model = Transformer.from_folder(base, dtype=torch.float32, lora=lora)
-    freeze_all_but_lora(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    tokens = _tokens(33, seed=1)
-    for _ in range(3):
-        loss = torch.nn.functional.cross_entropy(model(tokens[:-1], [32]), tokens[1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+    train_adapters(model, _tokens(33, seed=1))
     run = tmp_path / "run"
-    folder = run / "checkpoints" / "checkpoint_000003" / "consolidated"
-    folder.mkdir(parents=True)
-    lora_params = {"enable": True, "rank": lora.rank, "scaling": lora.scaling, "dropout": lora.dropout,
-                   "target_modules": lora.target_modules}
-    (folder / "params.json").write_text(json.dumps({**read_params(base), "lora": lora_params}))
     state = lora_file_state(model) if save_adapters else dict(merged_weights(model))
     name = "lora.safetensors" if save_adapters else "consolidated.safetensors"
-    save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(folder / name))
+    folder = write_consolidated(run, read_params(base), lora, lora.target_modules, name,
+                                {k: v.to(dtype) for k, v in state.items()})
     shutil.copy(_tokenizer_file(), folder / "tokenizer.model.v3")
     (run / "args.yaml").write_text(yaml.safe_dump({"model_id_or_path": str(base), "seq_len": 32}))
     return folder.parent, model.eval()

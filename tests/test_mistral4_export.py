@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from model.args import LoraArgs
 from model.checkpoint import save_model_folder
@@ -21,11 +21,11 @@ from model.hf import peft_targets
 from model.hf_config import args_from_hf_config, hf_config_from_args
 from model.hf_experts import fuse_expert_weights
 from model.keys import to_checkpoint_names
-from model.lora import freeze_all_but_lora, lora_file_state
+from model.lora import lora_file_state
 from model.merge import merged_weights
 from model.tiny import tiny_args
 from model.transformer import Transformer
-from tests.model_helpers import assert_packed_matches_hf, save_random_hf
+from tests.model_helpers import assert_packed_matches_hf, save_random_hf, train_adapters, write_consolidated
 from tests.test_mistral4_mla import SEQLENS, _hf_model, _tokens
 from utils.export_hf import main as export
 
@@ -51,21 +51,10 @@ def _trained(
         _hf_model(base, q_lora_rank=q_lora_rank, n_layers=3, first_dense=1, **MOE)
     lora = LoraArgs(rank=4, scaling=1.5, dropout=0.1, target_modules=targets)
     model = Transformer.from_folder(base, device="cpu", dtype=torch.float32, lora=lora)
-    freeze_all_but_lora(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    tokens = _tokens()
-    for _ in range(3):
-        loss = torch.nn.functional.cross_entropy(model(tokens[:-1], [len(tokens) - 1]), tokens[1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+    train_adapters(model, _tokens())
     run = tmp_path / "run"
-    folder = run / "checkpoints" / "checkpoint_000003" / "consolidated"
-    folder.mkdir(parents=True)
-    lora_params = {"enable": True, "rank": lora.rank, "scaling": lora.scaling, "dropout": lora.dropout,
-                   "target_modules": targets}
-    (folder / "params.json").write_text(json.dumps({**params_from_args(model.args), "lora": lora_params}))
-    save_file({k: v.contiguous() for k, v in lora_file_state(model).items()}, str(folder / "lora.safetensors"))
+    folder = write_consolidated(run, params_from_args(model.args), lora, targets, "lora.safetensors",
+                                lora_file_state(model))
     (run / "args.yaml").write_text(yaml.safe_dump({"model_id_or_path": str(base)}))
     return folder.parent, model.eval()
 

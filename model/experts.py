@@ -73,7 +73,7 @@ class GroupedLinear(nn.Module):
 class GroupedLoRALinear(LoRALinear):
     """``LoRALinear`` for stacked experts: y = W_e x + scaling * B_e A_e dropout(x) for the rows of
     expert e. A ``LoRALinear`` to everything that collects adapters (``lora_modules``), with 3-D
-    weights; not quantized by NF4 (``model.quant`` keeps it as it is)."""
+    weights; NF4 replaces it by ``model.quant.NF4GroupedLoRALinear``."""
 
     def __init__(
         self, num_experts: int, in_features: int, out_features: int, *, rank: int, scaling: float, dropout: float = 0.0

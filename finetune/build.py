@@ -91,15 +91,18 @@ def check_model_settings(args: TrainArgs, model_args: ModelArgs, device: torch.d
         raise ConfigError("'init_lora_from' needs lora.enable: true.")
 
 
-def build_model(args: TrainArgs, model_args: ModelArgs, device: torch.device, precision: Precision) -> TransformerWithLoss:
+def build_model(
+    args: TrainArgs, model_args: ModelArgs, device: torch.device, precision: Precision, *, vision: bool = False
+) -> TransformerWithLoss:
     """The sharded training model with the base weights of ``args.model_id_or_path`` and initial
-    adapters; ``check_model_settings`` has accepted the settings."""
+    adapters; ``check_model_settings`` has accepted the settings. ``vision=True`` (the data has images)
+    also builds and loads the checkpoint's vision encoder and adapter."""
     lora = args.lora if args.lora.enable else None
     model = build_sharded(
         model_args, lora, device, precision,
         attention_backend=resolve_attention(args.attention, device, model_args.head_dim),
         checkpoint_mode=args.checkpoint_mode, loss_chunk_size=args.loss_chunk_size,
-        quantization=args.quantization, compile=args.compile,
+        quantization=args.quantization, compile=args.compile, vision=vision,
     )
     _load_base(model, args.model_id_or_path, device)
     _init_adapters(model, seed=args.seed, device=device)
@@ -127,10 +130,12 @@ def build_sharded(
     loss_chunk_size: int,
     quantization: str = "none",
     compile: bool = False,
+    vision: bool = False,
 ) -> TransformerWithLoss:
     """The model built on the meta device, frozen, sharded, then given (uninitialised) storage."""
     with torch.device("meta"):
-        model = TransformerWithLoss(Transformer(model_args, lora=lora, attention_backend=attention_backend), chunk_size=loss_chunk_size)
+        transformer = Transformer(model_args, lora=lora, attention_backend=attention_backend, vision=vision)
+        model = TransformerWithLoss(transformer, chunk_size=loss_chunk_size)
     if quantization == "nf4":
         # Packed codes stored in the compute dtype: FSDP2 shards them and its cast is a no-op.
         quantize_lora_layers(model.transformer, storage_dtype=precision.dtype)

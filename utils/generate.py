@@ -3,6 +3,7 @@
     python -m utils.generate --model MODEL_DIR [--lora RUN_DIR/checkpoints/checkpoint_000300] \\
         --prompt "..." [--system "..."] [--max_new_tokens 256] [--temperature 0] [--top_p 1.0]
     python -m utils.generate --model MODEL_DIR [--lora ...]          # interactive chat
+    python -m utils.generate --model MODEL_DIR [--lora ...] --image a.png [--image b.jpg] --prompt "..."
 
 The tokenizer is the model folder's own file (``tekken.json``, ``tokenizer.model.v*``), or
 ``--tokenizer FILE`` for a folder without one (a Hugging Face folder); it is never guessed.
@@ -12,6 +13,12 @@ Greedy decoding at temperature 0 (the default), nucleus sampling otherwise, with
 same tokens and exists to check exactly that. The prompt is encoded by mistral-common from the
 model's own tokenizer, as training encodes user turns. In chat mode, ``/reset`` clears the history and
 ``/exit`` (or Ctrl-D) quits.
+
+``--image PATH`` (repeatable; local files only, nothing is downloaded) puts the pictures, in order,
+before the text of the (first) user message, as a chunk list that mistral-common encodes with the
+tokenizer's image config: its ``[IMG]`` runs and (C, H, W) arrays are what the model sees. The model
+is then built with its vision encoder (``Transformer.from_folder(..., vision=True)``) and the image
+features fill the KV cache at the prefill (``model.generate``).
 """
 
 from __future__ import annotations
@@ -30,10 +37,13 @@ from model.args import LoraArgs
 from model.checkpoint import find_adapter, load_adapters
 from model.configs import load_model_args
 from model.generate import generate
+from model.multimodal import vision_block
 from model.transformer import Transformer
 
 
-def load_model(model_dir: str, lora: str | None, device: torch.device, dtype: torch.dtype) -> Transformer:
+def load_model(
+    model_dir: str, lora: str | None, device: torch.device, dtype: torch.dtype, vision: bool = False
+) -> Transformer:
     lora_args = None
     adapter = None
     if lora is not None:
@@ -44,26 +54,82 @@ def load_model(model_dir: str, lora: str | None, device: torch.device, dtype: to
                 f"{adapter.parent}/params.json has no 'lora' section (rank, scaling); it is written by training."
             )
         lora_args = LoraArgs(**{k: v for k, v in settings.items() if k in LoraArgs.__dataclass_fields__})
-    model = Transformer.from_folder(model_dir, device=device, dtype=dtype, lora=lora_args, attention_backend="sdpa")
+    model = Transformer.from_folder(
+        model_dir, device=device, dtype=dtype, lora=lora_args, attention_backend="sdpa", vision=vision
+    )
     if adapter is not None:
         load_adapters(model, adapter)
     return model.eval()
 
 
-def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
+def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[torch.Tensor]]:
+    """mistral-common's instruct encoding: the tokens and the (C, H, W) arrays of the messages' images."""
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
-    return tokenizer.encode_chat_completion(ChatCompletionRequest(messages=messages)).tokens
+    encoded = tokenizer.encode_chat_completion(ChatCompletionRequest(messages=messages))
+    return encoded.tokens, [torch.from_numpy(img) for img in encoded.images]
+
+
+def read_images(paths: list[str]) -> list:
+    """``--image`` files as mistral-common ``ImageChunk``s, each read and decoded now (``load_image``, as
+    training does) so that an unreadable or undecodable one is named."""
+    from mistral_common.protocol.instruct.chunk import ImageURLChunk
+
+    from finetune.data.images import load_image
+
+    chunks = []
+    for ref in paths:
+        if ref[:8].lower().startswith(("http://", "https://")):
+            raise ValueError(f"--image {ref} is a URL; generate never downloads images: save the picture and pass its path.")
+        path = Path(ref.removeprefix("file://")).expanduser().resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"--image {ref}: no such image file ({path}).")
+        chunks.append(load_image(ImageURLChunk(image_url=f"file://{path}"), f"--image {ref}"))
+    return chunks
+
+
+def check_vision(model_dir: str, tokenizer) -> None:
+    """Images need a vision encoder in the model and an image config in its tokenizer, that agree: a
+    mismatch would otherwise surface as a count of [IMG] tokens deep inside the forward pass."""
+    vision = vision_block(load_model_args(model_dir).extra)
+    if vision is None:
+        raise ValueError(
+            f"--image needs a model with a vision encoder, but {model_dir} has none (no params.json "
+            "'vision_encoder' block, or a text-only config.json); use a multimodal checkpoint (Pixtral, "
+            "Mistral Small 3.1+, Ministral 3) or drop --image."
+        )
+    encoder = tokenizer.instruct_tokenizer.image_encoder
+    if encoder is None:
+        raise ValueError(
+            "--image needs a tokenizer with an image config, but this tokenizer file has none; use the "
+            "multimodal model's own tekken.json (or pass it with --tokenizer)."
+        )
+    merge = vision.get("spatial_merge_size", 1) if vision.get("mm_projector_id") else 1
+    ours = (vision["patch_size"], merge, vision.get("image_token_id", 10))
+    theirs = (encoder.image_config.image_patch_size, encoder.image_config.spatial_merge_size, encoder.special_ids.img)
+    if ours != theirs:
+        raise ValueError(
+            f"the tokenizer's image config (patch size, spatial merge, [IMG] id) {theirs} does not match the "
+            f"model's vision_encoder {ours}; the tokenizer file does not belong to this model."
+        )
+
+
+def user_message(text: str, images: list) -> dict:
+    """A user turn: the text alone, or the images then the text as one chunk list."""
+    from mistral_common.protocol.instruct.chunk import TextChunk
+
+    return {"role": "user", "content": [*images, TextChunk(text=text)] if images else text}
 
 
 def answer(
     model: Transformer, tokenizer, messages: list[dict], opts: argparse.Namespace
 ) -> tuple[str, int, float]:
-    tokens = encode_chat(tokenizer, messages)
+    tokens, images = encode_chat(tokenizer, messages)
     t0 = time.perf_counter()
     (out,) = generate(
         model,
         [tokens],
+        images=[images] if images else None,
         max_new_tokens=opts.max_new_tokens,
         eos_id=tokenizer.instruct_tokenizer.tokenizer.eos_id,
         temperature=opts.temperature,
@@ -74,7 +140,8 @@ def answer(
     return tokenizer.decode(out), len(out), time.perf_counter() - t0
 
 
-def chat(model: Transformer, tokenizer, opts: argparse.Namespace) -> None:
+def chat(model: Transformer, tokenizer, opts: argparse.Namespace, images: list) -> None:
+    """Interactive turns; the ``--image`` pictures belong to the first user turn (again after /reset)."""
     system = [{"role": "system", "content": opts.system}] if opts.system else []
     history: list[dict] = []
     print("Chat mode: /reset clears the history, /exit quits.")
@@ -91,7 +158,7 @@ def chat(model: Transformer, tokenizer, opts: argparse.Namespace) -> None:
             continue
         if not text:
             continue
-        history.append({"role": "user", "content": text})
+        history.append(user_message(text, [] if history else images))
         reply, n, seconds = answer(model, tokenizer, system + history, opts)
         history.append({"role": "assistant", "content": reply})
         print(reply)
@@ -137,6 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--system", default=None, help="system prompt")
     parser.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a picture (local file) before the prompt's text; repeat for several, in order",
+    )
+    parser.add_argument(
         "--tokenizer",
         default=None,
         help="the model's tekken.json or tokenizer.model.v* file, when MODEL_DIR has none (e.g. a Hugging Face folder)",
@@ -165,19 +239,23 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(opts.model).is_dir():
             raise FileNotFoundError(f"--model {opts.model} is not a model folder.")
         tokenizer = _tokenizer(opts)
-        model = load_model(opts.model, opts.lora, device, dtype)
+        images = read_images(opts.image)
+        if images:
+            check_vision(opts.model, tokenizer)
+        model = load_model(opts.model, opts.lora, device, dtype, vision=bool(images))
         if opts.prompt is None:
-            chat(model, tokenizer, opts)
+            chat(model, tokenizer, opts, images)
             return 0
         messages = ([{"role": "system", "content": opts.system}] if opts.system else []) + [
-            {"role": "user", "content": opts.prompt}
+            user_message(opts.prompt, images)
         ]
         reply, n, seconds = answer(model, tokenizer, messages, opts)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if opts.json:
-        print(json.dumps({"prompt": opts.prompt, "reply": reply, "new_tokens": n, "seconds": seconds}))
+        print(json.dumps({"prompt": opts.prompt, "images": opts.image, "reply": reply, "new_tokens": n,
+                          "seconds": seconds}))
     else:
         print(reply)
     return 0

@@ -51,9 +51,17 @@ class MoeArgs:
 
 # wq_a, wq_b, wkv_a_with_mqa, wkv_b: latent attention's projections (model.mla).
 DEFAULT_TARGETS = ("wq", "wk", "wv", "wo", "wq_a", "wq_b", "wkv_a_with_mqa", "wkv_b", "w1", "w2", "w3")
+# The vision side of a multimodal model built with vision=True (model.vision): the encoder's attention and
+# SwiGLU projections, the adapter MLP and the patch merger. Never default, and only selected by these full
+# names: ``wq`` or ``w1`` alone adapt the language model only (model.lora.is_target).
+VISION_TARGETS = (
+    *(f"vision_encoder.{w}" for w in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")),
+    "vision_language_adapter.w_in", "vision_language_adapter.w_out", "patch_merger.merging_layer",
+)
 LORA_TARGETS = frozenset(
     DEFAULT_TARGETS
     + tuple(f"{scope}.{w}" for scope in ("feed_forward", "experts", "shared_experts") for w in ("w1", "w2", "w3"))
+    + VISION_TARGETS
 )
 
 
@@ -70,7 +78,8 @@ class LoraArgs:
     # and shared expert alike) or a scoped one (``feed_forward.w1``: dense layers only, ``experts.w1``:
     # routed experts only, ``shared_experts.w1``).
     # Names a model does not have match nothing, so the default covers grouped-query and latent
-    # attention (model.mla) alike. The MoE router never gets an adapter.
+    # attention (model.mla) alike. The MoE router never gets an adapter. The vision side's layers
+    # (``VISION_TARGETS``: ``vision_encoder.wq``, ``patch_merger.merging_layer`` ...) are named in full.
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
 
     def __post_init__(self) -> None:
@@ -193,9 +202,13 @@ class ModelArgs:
         query = ("wq",) if self.mla.q_lora_rank is None else ("wq_a", "wq_b")
         return (*query, "wkv_a_with_mqa", "wkv_b", "wo")
 
-    def present_targets(self, targets: list[str]) -> list[str]:
+    def present_targets(self, targets: list[str], vision: bool | None = None) -> list[str]:
         """The entries of ``lora.target_modules`` that select some layer of this model: the default list
-        names grouped-query and latent attention's projections alike."""
+        names grouped-query and latent attention's projections alike. ``vision``: whether the model is
+        built with its vision side (default: whether the checkpoint has one, ``vision_encoder``)."""
+        block = self.extra.get("vision_encoder") or None
+        if vision is None:
+            vision = block is not None
         names = set(self.attention_linears)
         swiglu = ("w1", "w2", "w3")
         if any(not self.is_moe_layer(i) for i in range(self.n_layers)):
@@ -205,6 +218,9 @@ class ModelArgs:
             if self.moe.num_shared_experts:
                 names |= {f"shared_experts.{w}" for w in swiglu}
         leaves = {n.rpartition(".")[2] for n in names}
+        if vision and block is not None:
+            merger = block.get("mm_projector_id") == "patch_merge"
+            names |= {t for t in VISION_TARGETS if merger or not t.startswith("patch_merger.")}
         return [t for t in targets if t in names or t in leaves]
 
     @property

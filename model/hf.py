@@ -5,7 +5,9 @@ written for them.
 Hugging Face applies rotary embeddings to the two *halves* of each head, Mistral to *adjacent*
 pairs, so HF checkpoints store the rows of ``q_proj``/``k_proj`` permuted: within every head,
 row ``2i`` moves to ``i`` and row ``2i+1`` to ``head_dim/2 + i``. Any matrix whose *output*
-rows feed q or k (the weight itself, or a LoRA ``B``) gets the same permutation.
+rows feed q or k (the weight itself, or a LoRA ``B``) gets the same permutation; the vision encoder's
+q/k too (``model.multimodal``), whose adapters a PEFT export of a multimodal model carries under
+``Mistral3ForConditionalGeneration``'s module names.
 """
 
 from __future__ import annotations
@@ -16,11 +18,17 @@ from typing import Any
 
 import torch
 
-from model.args import LoraArgs, ModelArgs
+from model.args import VISION_TARGETS, LoraArgs, ModelArgs
 from model.hf_experts import EXPERT_KEY, fuse_expert_weights, fused_parameters, peft_expert_adapters
 from model.keys import to_checkpoint_names
 from model.lora import is_target
-from model.multimodal import is_vision_key, text_key_to_mistral3, vision_block, vision_to_hf
+from model.multimodal import (
+    is_vision_key,
+    text_key_to_mistral3,
+    vision_block,
+    vision_target_hf_modules,
+    vision_to_hf,
+)
 
 
 def permute_to_hf(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
@@ -242,6 +250,16 @@ def to_peft_state_dict(lora_state: dict[str, torch.Tensor], args: ModelArgs) -> 
     (A = 0 and B = 0: no change to the output, and no gradient if training continues).
     """
     state = to_checkpoint_names(lora_state, args)  # an adapter file's names, or a model's (stacked experts)
+    vision = vision_block(args.extra)
+    # Vision adapters (model.args.VISION_TARGETS) under transformers' module names: model.vision_tower...,
+    # model.multi_modal_projector...; q/k lora_B rows permuted like the weights (model.multimodal).
+    peft = {}
+    for key in [k for k in state if is_vision_key(k)]:
+        if vision is None:
+            raise ValueError(f"adapter '{key}' belongs to a vision layer but params.json has no 'vision_encoder' "
+                             "block; export with the params.json of the multimodal model the adapter was trained on.")
+        hf_key, w = vision_to_hf(key, state.pop(key), vision)
+        peft[f"{_PEFT_PREFIX}model.{hf_key}"] = w.contiguous()
     hf = {}
     if args.moe is not None and args.moe.fine_grained:
         layers: dict[str, dict[tuple[str, int, str], torch.Tensor]] = {}
@@ -267,25 +285,32 @@ def to_peft_state_dict(lora_state: dict[str, torch.Tensor], args: ModelArgs) -> 
                 state.setdefault(f"{expert}.{w}.lora_B.weight", a.new_zeros(out_features, a.shape[0]))
     hf.update(to_hf_state_dict(state, args))
     # In Mistral3ForConditionalGeneration the text model's modules are model.language_model.layers.N...
-    multimodal = vision_block(args.extra) is not None
-    return {_PEFT_PREFIX + (text_key_to_mistral3(key, "module") if multimodal else key): w.contiguous()
-            for key, w in hf.items()}
+    multimodal = vision is not None
+    peft.update({_PEFT_PREFIX + (text_key_to_mistral3(key, "module") if multimodal else key): w.contiguous()
+                 for key, w in hf.items()})
+    return peft
 
 
-def _peft_targets(modules: list[str], args: ModelArgs) -> list[str] | str:
+def _peft_targets(modules: list[str], args: ModelArgs, lora: LoraArgs) -> list[str] | str:
     """Leaf names; for a multimodal model a regex (PEFT full-matches a string) on the language model's
-    module paths, because the vision tower has q_proj ... gate_proj leaves of its own. Mistral Small 4's
-    scoped names (``mlp.gate_proj``, ``shared_experts.gate_proj``) are paths under the layer's ``mlp``."""
+    module paths, because the vision tower has q_proj ... gate_proj leaves of its own, and on the paths
+    of the vision layers ``lora.target_modules`` names (``model.multimodal.vision_target_hf_modules``).
+    Mistral Small 4's scoped names (``mlp.gate_proj``, ``shared_experts.gate_proj``) are paths under
+    the layer's ``mlp``."""
     if vision_block(args.extra) is None:
         return modules
     leaves = [m for m in modules if "." not in m]
     paths = [re.escape(m.removeprefix("mlp.")) for m in modules if "." in m]
     layer = r"model\.language_model\.layers\.\d+\."
-    if not paths:
-        return rf"{layer}(self_attn|mlp)\.({'|'.join(leaves)})"
     alternatives = [rf"(self_attn|mlp)\.({'|'.join(leaves)})"] if leaves else []
-    alternatives.append(rf"mlp\.({'|'.join(paths)})")
-    return rf"{layer}({'|'.join(alternatives)})"
+    if paths:
+        alternatives.append(rf"mlp\.({'|'.join(paths)})")
+    language = [rf"{layer}({'|'.join(alternatives)})"] if alternatives else []
+    vision = [vision_target_hf_modules(t) for t in args.present_targets(lora.target_modules, vision=True)
+              if t in VISION_TARGETS]
+    if not vision:
+        return language[0] if language else modules  # no module at all: PEFT's own error names it
+    return "|".join(language + [rf"model\.({'|'.join(vision)})"])
 
 
 def peft_adapter_config(lora: LoraArgs, args: ModelArgs, base_model: str | None) -> dict[str, Any]:
@@ -301,7 +326,7 @@ def peft_adapter_config(lora: LoraArgs, args: ModelArgs, base_model: str | None)
         "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
         # PEFT cannot apply dropout to fused expert parameters; dropout only matters in training.
         "lora_dropout": 0.0 if _routed(lora, args) else lora.dropout,
-        "target_modules": _peft_targets(modules, args),
+        "target_modules": _peft_targets(modules, args, lora),
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,

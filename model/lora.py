@@ -1,9 +1,10 @@
 """LoRA adapters on linear layers.
 
-``LoRALinear`` keeps the frozen base weight under the plain name ``weight`` so a base checkpoint
-loads without hooks, and adds ``lora_A`` (rank x in, Kaiming-uniform) and ``lora_B`` (out x rank,
-zeros): ``y = W x + scaling * B A dropout(x)``. The adapter key names
-(``layers.0.attention.wq.lora_A.weight``) are the ones mistral-inference loads.
+``LoRALinear`` keeps the frozen base weight (and bias, if the layer has one: the vision-language
+adapter's) under the plain names ``weight`` and ``bias`` so a base checkpoint loads without hooks, and
+adds ``lora_A`` (rank x in, Kaiming-uniform) and ``lora_B`` (out x rank, zeros):
+``y = W x + b + scaling * B A dropout(x)``. The adapter key names (``layers.0.attention.wq.lora_A.weight``)
+are the ones mistral-inference loads.
 """
 
 from __future__ import annotations
@@ -17,8 +18,12 @@ from torch import nn
 
 from model.args import LoraArgs
 
-# (layer name such as "wq", in_features, out_features) -> a bias-free linear layer
-LinearFactory = Callable[[str, int, int], nn.Module]
+# (layer name such as "wq", in_features, out_features, bias=False) -> a linear layer
+LinearFactory = Callable[..., nn.Module]
+
+# Scopes of the vision side's targets (``vision_encoder.wq``, ``patch_merger.merging_layer``): matched by
+# their full name only, so the plain names of the default list (``wq``, ``w1``) adapt the language model alone.
+VISION_SCOPES = ("vision_encoder", "vision_language_adapter", "patch_merger")
 
 
 class LoRALinear(nn.Module):
@@ -30,6 +35,7 @@ class LoRALinear(nn.Module):
         rank: int,
         scaling: float,
         dropout: float = 0.0,
+        bias: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -38,6 +44,10 @@ class LoRALinear(nn.Module):
         self.rank, self.scaling = rank, scaling
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features, device=device, dtype=dtype), requires_grad=False
+        )
+        # Frozen like the weight: only lora_A and lora_B train.
+        self.register_parameter(
+            "bias", nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
         )
         self.lora_A = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(rank, out_features, bias=False, device=device, dtype=dtype)
@@ -49,7 +59,7 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = F.linear(x, self.weight)
+        base = F.linear(x, self.weight, self.bias)
         a, b = self.lora_A.weight, self.lora_B.weight
         if a.dtype != base.dtype:
             # Adapters stored in another dtype than the base (fp32 adapters on a bf16 base outside
@@ -73,7 +83,8 @@ class LoRALinear(nn.Module):
         return flat.view(base.shape)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling}"
+        bias = ", bias" if self.bias is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling}{bias}"
 
 
 def init_lora_A_(weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -129,19 +140,22 @@ def merge_delta(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
 
 def is_target(lora: LoraArgs | None, name: str) -> bool:
     """Whether ``lora.target_modules`` selects layer ``name``: a leaf name (``wq``, ``w1``) or a scoped
-    one (``experts.w1``, ``shared_experts.w1``), matched by itself or by its leaf."""
+    one (``experts.w1``, ``shared_experts.w1``), matched by itself or by its leaf. A vision layer
+    (``vision_encoder.wq``, ``VISION_SCOPES``) is matched by its full name only."""
     if lora is None or not lora.enable:
         return False
-    return name in lora.target_modules or name.rpartition(".")[2] in lora.target_modules
+    scope, _, leaf = name.rpartition(".")
+    return name in lora.target_modules or (scope not in VISION_SCOPES and leaf in lora.target_modules)
 
 
 def linear_factory(lora: LoraArgs | None, scope: str = "") -> LinearFactory:
     """Builds LoRALinear for the targeted layer names, plain nn.Linear for the rest; ``scope``
     (``shared_experts.``) prefixes the names matched against ``lora.target_modules``."""
 
-    def make(name: str, in_features: int, out_features: int) -> nn.Module:
+    def make(name: str, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
         if is_target(lora, scope + name):
-            return LoRALinear(in_features, out_features, rank=lora.rank, scaling=lora.scaling, dropout=lora.dropout)
-        return nn.Linear(in_features, out_features, bias=False)
+            return LoRALinear(in_features, out_features, rank=lora.rank, scaling=lora.scaling, dropout=lora.dropout,
+                              bias=bias)
+        return nn.Linear(in_features, out_features, bias=bias)
 
     return make

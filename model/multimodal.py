@@ -46,7 +46,11 @@ _LAYER_TO_HF = {
     "feed_forward.w3": "feed_forward.up_proj",
 }
 _LAYER_FROM_HF = {v: k for k, v in _LAYER_TO_HF.items()}
-_LAYER = re.compile(r"(transformer\.layers\.\d+\.)(.+)(\.weight)$")
+# A vision layer's weight or adapter: (layer prefix, module, leaf).
+_LAYER = re.compile(r"(transformer\.layers\.\d+\.)(.+?)(\.weight|\.lora_A\.weight|\.lora_B\.weight)$")
+# What the q/k permutation applies to: the weight and the adapter's B, whose output rows feed q or k
+# (lora_A acts on the input side and is left as it is; model.hf).
+_PERMUTED_LEAVES = (".weight", ".lora_B.weight")
 
 
 def is_vision_key(key: str) -> bool:
@@ -90,7 +94,8 @@ def _qk_heads(vision: dict[str, Any]) -> tuple[int, int]:
 
 
 def vision_to_hf(key: str, w: torch.Tensor, vision: dict[str, Any]) -> tuple[str, torch.Tensor]:
-    """Native vision tensor -> (hub-layout HF key, tensor); q/k rows permuted for HF's rotate-half RoPE."""
+    """Native vision tensor -> (hub-layout HF key, tensor); q/k rows permuted for HF's rotate-half RoPE.
+    Adapter tensors (``...attention.wq.lora_B.weight``) convert too, q/k ``lora_B`` rows permuted alike."""
     from model.hf import permute_to_hf
 
     for native, hf in _PREFIX_TO_HF.items():
@@ -99,7 +104,7 @@ def vision_to_hf(key: str, w: torch.Tensor, vision: dict[str, Any]) -> tuple[str
             m = _LAYER.match(rest) if native == "vision_encoder." else None
             if m:
                 module = m.group(2)
-                if module in ("attention.wq", "attention.wk"):
+                if module in ("attention.wq", "attention.wk") and m.group(3) in _PERMUTED_LEAVES:
                     w = permute_to_hf(w, *_qk_heads(vision))
                 rest = m.group(1) + _LAYER_TO_HF.get(module, module) + m.group(3)
             return hf + rest, w
@@ -117,11 +122,22 @@ def vision_from_hf(key: str, w: torch.Tensor, vision: dict[str, Any]) -> tuple[s
             m = _LAYER.match(rest) if hf == "vision_tower." else None
             if m:
                 module = _LAYER_FROM_HF.get(m.group(2), m.group(2))
-                if module in ("attention.wq", "attention.wk"):
+                if module in ("attention.wq", "attention.wk") and m.group(3) in _PERMUTED_LEAVES:
                     w = permute_from_hf(w, *_qk_heads(vision))
                 rest = m.group(1) + module + m.group(3)
             return native + rest, w
     raise KeyError(f"no native name for Hugging Face weight '{key}'")
+
+
+def vision_target_hf_modules(target: str) -> str:
+    """A vision LoRA target (``model.args.VISION_TARGETS``: ``vision_encoder.wq``) -> a regex of the
+    ``Mistral3ForConditionalGeneration`` module paths it adapts, hub layout (``vision_tower.transformer.
+    layers.N.attention.q_proj``)."""
+    scope, _, leaf = target.partition(".")
+    if scope == "vision_encoder":
+        module = f"{'feed_forward' if leaf in ('w1', 'w2', 'w3') else 'attention'}.{leaf}"
+        return r"vision_tower\.transformer\.layers\.\d+\." + re.escape(_LAYER_TO_HF[module])
+    return re.escape(_PREFIX_TO_HF[f"{target}."].removesuffix("."))
 
 
 def vision_tensors(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -90,6 +90,7 @@ class NF4LoRALinear(LoRALinear):
         rank: int,
         scaling: float,
         dropout: float = 0.0,
+        bias: bool = False,
         storage_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
@@ -102,7 +103,9 @@ class NF4LoRALinear(LoRALinear):
             )
         device = torch.empty(0).device if device is None else device  # honours a `with torch.device(...)`
         with torch.device("meta"):  # no full-precision weight is ever allocated
-            super().__init__(in_features, out_features, rank=rank, scaling=scaling, dropout=dropout)
+            super().__init__(in_features, out_features, rank=rank, scaling=scaling, dropout=dropout, bias=bias)
+        if bias:  # the bias (vision-language adapter) stays full precision and frozen, as in LoRALinear
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=storage_dtype, device=device), requires_grad=False)
         self.lora_A.to_empty(device=device)
         self.lora_B.to_empty(device=device)
         self.reset_lora_parameters()
@@ -163,6 +166,8 @@ class NF4LoRALinear(LoRALinear):
         update = nn.functional.linear(
             nn.functional.linear(self.dropout(x).to(a.dtype), a), self.lora_B.weight
         )
+        if self.bias is not None:
+            base = base + self.bias.to(base.dtype)
         return base + (update * self.scaling).to(base.dtype)
 
     @property
@@ -263,13 +268,15 @@ def quantize_lora_layers(model: nn.Module, storage_dtype: torch.dtype) -> None:
         if isinstance(old, GroupedLoRALinear):  # stacked experts
             new = NF4GroupedLoRALinear(old.num_experts, old.in_features, old.out_features, **common)
         else:
-            new = NF4LoRALinear(old.in_features, old.out_features, **common)
+            new = NF4LoRALinear(old.in_features, old.out_features, bias=old.bias is not None, **common)
         if not meta:
             packed, stats = quantize_nf4(old.weight.detach().reshape(-1, old.in_features), storage_dtype)
             with torch.no_grad():
                 new.weight.copy_(packed.view(new.weight.shape))
                 new.lora_A.weight.copy_(old.lora_A.weight)
                 new.lora_B.weight.copy_(old.lora_B.weight)
+                if old.bias is not None:
+                    new.bias.copy_(old.bias)
             new.set_quant_stats(stats)
         new.train(old.training)
         parent_name, _, child = name.rpartition(".")

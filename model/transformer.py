@@ -75,13 +75,16 @@ class Transformer(nn.Module):
         v = self.vision
         if v is None:
             raise ValueError("vision=True needs a params.json 'vision_encoder' block (a multimodal checkpoint).")
-        self.vision_encoder = VisionEncoder(v)
+        # Adapters only on the vision layers lora.target_modules names in full (model.args.VISION_TARGETS).
+        self.vision_encoder = VisionEncoder(v, self.lora)
         if v.get("add_pre_mm_projector_layer_norm"):
             # transformers takes the text model's eps here; Mistral's releases use 1e-5 for both.
             self.pre_mm_projector_norm = RMSNorm(v["hidden_size"], self.args.norm_eps)
         if v.get("mm_projector_id") == "patch_merge":
-            self.patch_merger = PatchMerger(v["hidden_size"], v["spatial_merge_size"])
-        self.vision_language_adapter = VisionLanguageAdapter(v["hidden_size"], self.args.dim, bool(v.get("adapter_bias")))
+            self.patch_merger = PatchMerger(v["hidden_size"], v["spatial_merge_size"], self.lora)
+        self.vision_language_adapter = VisionLanguageAdapter(
+            v["hidden_size"], self.args.dim, bool(v.get("adapter_bias")), self.lora
+        )
 
     def image_features(self, images: list[torch.Tensor]) -> torch.Tensor:
         """(C, H, W) images -> (image tokens, dim): the embeddings of their ``[IMG]`` tokens, in order."""

@@ -1,6 +1,10 @@
 """The Pixtral vision encoder and the vision-language adapter of multimodal checkpoints (Mistral Small
 3.x, Ministral 3, Pixtral), built from the params.json ``vision_encoder`` block.
 
+LoRA adapters go where ``lora.target_modules`` names a vision layer in full (``vision_encoder.wq`` ...
+``vision_encoder.w3``, ``vision_language_adapter.w_in``/``w_out``, ``patch_merger.merging_layer``:
+``model.args.VISION_TARGETS``); everything else here stays a frozen ``nn.Linear``.
+
 Module names are the native checkpoint names (``vision_encoder.*``, ``vision_language_adapter.*``,
 ``patch_merger.*``, ``pre_mm_projector_norm.*``, see ``model.multimodal``), so a native or converted
 Hugging Face folder loads into them strictly. The q/k rows are in the native layout: the 2-D rotary
@@ -19,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.lora import linear_factory
+from model.args import LoraArgs
+from model.lora import LinearFactory, linear_factory
 from model.moe import FeedForward
 from model.norm import RMSNorm
 from model.rope import apply_rope
@@ -48,10 +53,10 @@ def rotations_2d(
 
 
 class VisionAttention(nn.Module):
-    def __init__(self, dim: int, n_heads: int) -> None:
+    def __init__(self, dim: int, n_heads: int, make_linear: LinearFactory) -> None:
         super().__init__()
         self.n_heads, self.head_dim = n_heads, dim // n_heads
-        self.wq, self.wk, self.wv, self.wo = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+        self.wq, self.wk, self.wv, self.wo = (make_linear(w, dim, dim) for w in ("wq", "wk", "wv", "wo"))
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """``x`` (patches, dim) -> (patches, dim); bidirectional within each image of ``lengths`` patches."""
@@ -70,14 +75,14 @@ class VisionAttention(nn.Module):
 
 
 class VisionBlock(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int, n_heads: int) -> None:
+    def __init__(self, dim: int, hidden_dim: int, n_heads: int, lora: LoraArgs | None = None) -> None:
         super().__init__()
-        self.attention = VisionAttention(dim, n_heads)
+        # Adapters only where lora.target_modules names them in full (vision_encoder.wq ...; model.lora.is_target).
+        make_linear = linear_factory(lora, scope="vision_encoder.")
+        self.attention = VisionAttention(dim, n_heads, make_linear)
         self.attention_norm = RMSNorm(dim, _VISION_NORM_EPS)
         self.ffn_norm = RMSNorm(dim, _VISION_NORM_EPS)
-        self.feed_forward = FeedForward(
-            dim, hidden_dim, linear_factory(None)
-        )  # SwiGLU: w2(silu(w1 x) * w3 x)
+        self.feed_forward = FeedForward(dim, hidden_dim, make_linear)  # SwiGLU: w2(silu(w1 x) * w3 x)
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), freqs, lengths)
@@ -85,15 +90,15 @@ class VisionBlock(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, n_layers: int, dim: int, hidden_dim: int, n_heads: int) -> None:
+    def __init__(self, n_layers: int, dim: int, hidden_dim: int, n_heads: int, lora: LoraArgs | None = None) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(VisionBlock(dim, hidden_dim, n_heads) for _ in range(n_layers))
+        self.layers = nn.ModuleList(VisionBlock(dim, hidden_dim, n_heads, lora) for _ in range(n_layers))
 
 
 class VisionEncoder(nn.Module):
     """Pixtral: patch convolution, ``ln_pre``, transformer blocks with 2-D rotary positions."""
 
-    def __init__(self, vision: dict[str, Any]) -> None:
+    def __init__(self, vision: dict[str, Any], lora: LoraArgs | None = None) -> None:
         super().__init__()
         self.patch_size = vision["patch_size"]
         self.n_heads = vision["num_attention_heads"]
@@ -105,7 +110,7 @@ class VisionEncoder(nn.Module):
         )
         self.ln_pre = RMSNorm(dim, _VISION_NORM_EPS)
         self.transformer = VisionTransformer(
-            vision["num_hidden_layers"], dim, vision["intermediate_size"], self.n_heads
+            vision["num_hidden_layers"], dim, vision["intermediate_size"], self.n_heads, lora
         )
 
     def forward(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
@@ -125,10 +130,10 @@ class VisionEncoder(nn.Module):
 class PatchMerger(nn.Module):
     """Each ``merge``×``merge`` block of patches -> one feature, by a linear map of the block's patches."""
 
-    def __init__(self, dim: int, merge: int) -> None:
+    def __init__(self, dim: int, merge: int, lora: LoraArgs | None = None) -> None:
         super().__init__()
         self.merge = merge
-        self.merging_layer = nn.Linear(dim * merge**2, dim, bias=False)
+        self.merging_layer = linear_factory(lora, scope="patch_merger.")("merging_layer", dim * merge**2, dim)
 
     def forward(self, x: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
         """``x`` (patches, dim) -> (merged tokens, dim), each image's tokens row-major."""
@@ -143,10 +148,11 @@ class PatchMerger(nn.Module):
 
 
 class VisionLanguageAdapter(nn.Module):
-    def __init__(self, vision_dim: int, dim: int, bias: bool) -> None:
+    def __init__(self, vision_dim: int, dim: int, bias: bool, lora: LoraArgs | None = None) -> None:
         super().__init__()
-        self.w_in = nn.Linear(vision_dim, dim, bias=bias)
-        self.w_out = nn.Linear(dim, dim, bias=bias)
+        make_linear = linear_factory(lora, scope="vision_language_adapter.")
+        self.w_in = make_linear("w_in", vision_dim, dim, bias=bias)
+        self.w_out = make_linear("w_out", dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w_out(F.gelu(self.w_in(x)))  # exact (erf) GELU, as native and transformers

@@ -26,6 +26,22 @@ Per line, and only where needed (an untouched line is copied byte for byte):
   - messages before the first user (or system) message and after the last assistant message are
     dropped (UltraChat ends many conversations on a user turn, ShareGPT dumps often start on a
     ``gpt`` turn): a training sample starts with the user and ends with the assistant.
+  - images (OpenAI chat-completions and Responses API exports): a user message's content parts
+    ``{"type": "image_url", "image_url": {"url": U, "detail": ...}}`` and ``{"type": "input_image",
+    "image_url": U, "detail": ...}`` become ``{"type": "image_url", "image_url": U}`` (``detail`` is
+    dropped: the tokenizer's image config sets the resolution), ``input_text`` parts become ``text``
+    parts; an Anthropic-style ``{"type": "image", "source": {"type": "base64", ...}}`` becomes a data:
+    URI. A ``developer`` message becomes ``system``, and a system message written as text parts one
+    string (joined with a blank line, as user text chunks are); an assistant's ``output_text`` /
+    ``refusal`` parts become text (one string when there is one part). The pictures themselves are
+    never read or re-encoded: a data: URI is copied as it is, and a path is kept, except that with
+    ``--output`` in another folder a relative path is rewritten relative to the output file's folder
+    (relative paths start at the JSONL file's folder), so it names the same file.
+    Not fixable here, so the line is skipped and named (``FILE:LINE: skipped: ...``): an http(s) image
+    (training never downloads: download it, write its path relative to the JSONL file, and run this
+    again; the closing summary counts these lines), an OpenAI ``file_id`` image, and an image in a
+    system, assistant or tool message (the model sees pictures only in user messages; moving one would
+    change what the conversation says, so the choice is left to you).
 Every line written is checked with the training rules (``finetune.data.tokenize.parse_instruct``).
 Every change is printed as ``FILE:LINE: what changed``, every line left out as
 ``FILE:LINE: skipped: why``; the counts close the output. Function-calling samples are kept (the
@@ -47,15 +63,21 @@ from pathlib import Path
 from typing import Any
 
 from finetune.data.errors import FOREIGN_ROLES, DataFormatError
+from finetune.data.images import parse_image_chunk
 from finetune.data.tokenize import parse_instruct
 
 _ID = re.compile(r"^[a-zA-Z0-9]{9}$")
 _ALPHABET = string.ascii_letters + string.digits
 _ROLES = ("system", "user", "assistant", "tool")
+_ROLE_NAMES = {**FOREIGN_ROLES, "developer": "system"}  # developer: OpenAI's newer name for system
 
 
 class Skip(ValueError):
     """The line cannot be made valid; the message says why."""
+
+
+class UrlImage(Skip):
+    """The line names an image by http(s) URL, which only downloading it can fix."""
 
 
 def new_id(rng: random.Random) -> str:
@@ -172,9 +194,9 @@ def _convert_turn(msg: dict, i: int, rng: random.Random, notes: list[str]) -> di
     who = msg.get("from") if sharegpt else msg.get("role")
     if not sharegpt and (who in _ROLES or who is None):
         return msg  # ours (or no role: the training check below reports it)
-    target = who if who in _ROLES else FOREIGN_ROLES.get(who) if isinstance(who, str) else None
+    target = who if who in _ROLES else _ROLE_NAMES.get(who) if isinstance(who, str) else None
     if target is None:
-        known = ", ".join(sorted({*_ROLES, *FOREIGN_ROLES}))
+        known = ", ".join(sorted({*_ROLES, *FOREIGN_ROLES}))  # the names validate_data suggests us for
         raise Skip(f"message {i} has {'from' if sharegpt else 'role'} {who!r}; known: {known}")
     if not sharegpt and target != "tool_call":  # keep the message's other keys (name, tool_call_id)
         notes.append(f"message {i}: role {who} -> {target}")
@@ -341,8 +363,123 @@ def _system(obj: dict, messages: list[dict], notes: list[str]) -> None:
         notes.append("'system' -> first message")
 
 
-def reformat_sample(obj: Any, rng: random.Random) -> tuple[Any, list[str]]:
-    """(fixed sample, notes); raises Skip when the line cannot be made valid."""
+_IMAGE_PARTS = ("image_url", "input_image", "image")
+_TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "text"}
+
+
+def _image_ref(part: dict, where: str, changes: list[str]) -> tuple[str, Any]:
+    """(our chunk type, the picture's reference) of an image part in any of the exported shapes."""
+    kind = part["type"]
+    if kind == "input_image":  # OpenAI Responses API: {"type": "input_image", "image_url": U, "detail": ...}
+        if part.get("file_id") and not part.get("image_url"):
+            raise Skip(
+                f"{where} is the OpenAI file {part['file_id']!r}, which cannot be read offline; download it, "
+                "write its path relative to the JSONL file (or a data: URI), and run reformat_data again"
+            )
+        changes.append("input_image -> image_url")
+        kind, ref = "image_url", part.get("image_url")
+    elif kind == "image" and "image" not in part and isinstance(part.get("source"), dict):
+        source = part["source"]  # Anthropic: {"type": "image", "source": {"type": "base64", ...}}
+        if source.get("type") == "base64" and isinstance(source.get("data"), str):
+            changes.append("base64 image source -> data: URI")
+            kind, ref = "image_url", f"data:{source.get('media_type', 'image/png')};base64,{source['data']}"
+        else:
+            changes.append("image source -> image_url")
+            kind, ref = "image_url", source.get("url")
+    else:
+        ref = part.get(kind)
+    if isinstance(ref, dict):
+        ref = ref.get("url", ref)  # still a dict without "url": the training check names it
+    dropped = sorted(set(part) - {"type", kind, "source"})
+    dropped += sorted(set(part.get(kind) or {}) - {"url"}) if isinstance(part.get(kind), dict) else []
+    if dropped:
+        changes.append(f"{', '.join(map(repr, dropped))} dropped")
+    return kind, ref
+
+
+def _image_part(part: dict, where: str, folders: tuple[Path, Path] | None, changes: list[str]) -> dict:
+    """An image part in our shape, naming the same picture from the output file's folder. The part is
+    returned as it is when nothing needs changing, so an untouched line stays byte for byte."""
+    before = len(changes)
+    kind, ref = _image_ref(part, where, changes)
+    if not isinstance(ref, str):
+        return part  # an empty or malformed reference: the training check reports it by chunk
+    source_dir = folders[0] if folders else None
+    try:
+        url = parse_image_chunk({"type": kind, kind: ref}, where, source_dir).get_url()
+    except DataFormatError as e:
+        if ref[:8].lower().startswith(("http://", "https://")):
+            raise UrlImage(e.message.rstrip(".") + ", then run reformat_data again") from None
+        raise Skip(e.message.rstrip(".")) from None
+    if url.startswith("file://") and folders is not None:
+        new = _rebase(ref, Path(url.removeprefix("file://")), *folders)
+        if new != ref:
+            changes.append("relative path rewritten for the output file's folder")
+            ref = new
+    return part if len(changes) == before else {"type": kind, kind: ref}
+
+
+def _rebase(ref: str, path: Path, source_dir: Path, target_dir: Path) -> str:
+    """``ref`` (a path relative to ``source_dir``, resolving to ``path``) relative to ``target_dir``;
+    absolute paths and files in the same folder are returned unchanged."""
+    if Path(ref.removeprefix("file://")).expanduser().is_absolute():
+        return ref
+    source, target = os.path.realpath(source_dir), os.path.realpath(target_dir)
+    if source == target:
+        return ref
+    # Resolve the folders (symlinks, "..") but keep the file's own name.
+    resolved = os.path.join(os.path.realpath(path.parent), path.name)
+    try:
+        return os.path.relpath(resolved, target)
+    except ValueError:  # another drive (Windows): no relative path exists
+        return resolved
+
+
+def _parts(msg: dict, i: int, folders: tuple[Path, Path] | None, notes: list[str]) -> None:
+    """A message's content parts in our chunk shapes (see the module docstring), in place."""
+    key = "content" if "content" in msg else "text"
+    content, role = msg.get(key), msg.get("role")
+    if not isinstance(content, list) or role not in _ROLES:
+        return  # a string, or a message the training check reports
+    changes: list[str] = []
+    out = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        where = f"message {i} ({role}) chunk {j}"
+        if kind in _IMAGE_PARTS and role != "user":
+            fix = {
+                "system": "move it into the first user message, or delete it",
+                "assistant": "a model is not trained to write pictures: delete it (or the turn)",
+                "tool": "pass it in the next user message, or delete it",
+            }[role]
+            raise Skip(f"{where} is an image, but the model sees pictures only in user messages; {fix}")
+        if kind in _IMAGE_PARTS:
+            out.append(_image_part(part, where, folders, changes))
+        elif kind in _TEXT_PARTS and kind != "text" and role in ("user", "system", "assistant"):
+            changes.append(f"{kind} -> text")
+            out.append({"type": "text", "text": part.get("text", part.get("refusal"))})
+        else:
+            out.append(part)
+    texts = [p.get("text") for p in out if isinstance(p, dict) and p.get("type") == "text"]
+    if role == "system" and out and len(texts) == len(out) and all(isinstance(t, str) for t in texts):
+        changes.append("text parts -> one string")  # a system prompt is one string
+        out = "\n\n".join(t for t in texts if t)
+    elif role == "assistant" and changes and len(out) == 1 and len(texts) == 1 and isinstance(texts[0], str):
+        out = texts[0]  # one part: a string, which every tokenizer version encodes
+    if changes:
+        counts: dict[str, int] = {}
+        for c in changes:
+            counts[c] = counts.get(c, 0) + 1
+        notes.append(f"message {i}: " + ", ".join(c + (f" ({n})" if n > 1 else "") for c, n in counts.items()))
+        msg[key] = out
+
+
+def reformat_sample(
+    obj: Any, rng: random.Random, folders: tuple[Path, Path] | None = None
+) -> tuple[Any, list[str]]:
+    """(fixed sample, notes); raises Skip when the line cannot be made valid. ``folders`` is (the input
+    file's folder, the output file's folder): relative image paths start at the first and are rewritten
+    to start at the second."""
     if not isinstance(obj, dict):
         raise Skip(f"expected a JSON object, got {type(obj).__name__}")
     notes: list[str] = []
@@ -368,6 +505,7 @@ def reformat_sample(obj: Any, rng: random.Random) -> tuple[Any, list[str]]:
         if not isinstance(raw, dict):
             raise Skip(f"message {i} is not an object")
         msg = _convert_turn(raw, i, rng, notes)
+        _parts(msg, i, folders, notes)
         role = msg.get("role")
         if role == "assistant":
             _thinking(msg, i, notes)
@@ -401,16 +539,18 @@ def reformat_sample(obj: Any, rng: random.Random) -> tuple[Any, list[str]]:
         )
     obj[key] = fixed
     try:
-        parse_instruct(obj)
+        parse_instruct(obj, folders[1] if folders else None)
     except DataFormatError as e:
         raise Skip(f"{'still ' if notes else ''}invalid: {e}") from None
     return obj, notes
 
 
 def reformat_file(path: Path, out: Path, seed: int) -> tuple[int, int, int]:
-    """Returns (lines written, lines changed, lines skipped); prints each change and skip."""
+    """Returns (lines written, lines changed, lines skipped); prints each change and skip, and how
+    many lines were skipped for http(s) images."""
     rng = random.Random(seed)
-    written = changed = skipped = 0
+    folders = (path.parent.resolve(), out.parent.resolve())
+    written = changed = skipped = urls = 0
     tmp = out.with_name(out.name + ".tmp")
     with open(path, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
         for n, line in enumerate(src, start=1):
@@ -420,7 +560,7 @@ def reformat_file(path: Path, out: Path, seed: int) -> tuple[int, int, int]:
                 skipped += 1
                 continue
             try:
-                obj, notes = reformat_sample(json.loads(text), rng)
+                obj, notes = reformat_sample(json.loads(text), rng, folders)
             except json.JSONDecodeError as e:
                 print(f"{path}:{n}: skipped: invalid JSON ({e.msg} at column {e.colno})")
                 skipped += 1
@@ -428,6 +568,7 @@ def reformat_file(path: Path, out: Path, seed: int) -> tuple[int, int, int]:
             except Skip as e:
                 print(f"{path}:{n}: skipped: {e}")
                 skipped += 1
+                urls += isinstance(e, UrlImage)
                 continue
             if notes:
                 print(f"{path}:{n}: " + "; ".join(notes))
@@ -437,6 +578,11 @@ def reformat_file(path: Path, out: Path, seed: int) -> tuple[int, int, int]:
                 dst.write(text + "\n")
             written += 1
     os.replace(tmp, out)
+    if urls:
+        print(
+            f"{urls} line(s) skipped for images named by http(s) URL: download each picture, write its path "
+            f"relative to {path.name} (or a data: URI) and run reformat_data again."
+        )
     return written, changed, skipped
 
 

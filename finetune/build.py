@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -22,6 +23,7 @@ from finetune.parallel import freeze, parallelize
 from model.args import LoraArgs, ModelArgs
 from model.checkpoint import iter_base_weights, load_adapters_state, retie, tied_aliases
 from model.keys import checkpoint_layout
+from model.multimodal import vision_block
 from model.lora import init_lora_A_, is_lora_key, lora_modules
 from model.quant import NF4LoRALinear, import_bitsandbytes, quantize_lora_layers, quantize_nf4
 from model.transformer import Transformer
@@ -79,6 +81,30 @@ def check_compile(compile: bool, model_args: ModelArgs, folder: str) -> None:
             f"'compile: true' does not support mixture-of-experts models ({folder} has "
             f"{model_args.moe.num_experts} experts, and routing tokens to them gives data-dependent "
             "shapes); set compile: false."
+        )
+
+
+def check_image_config(tokenizer: Any, model_args: ModelArgs, folder: str) -> None:
+    """Pictures in the data need a vision encoder that reads them as the tokenizer cut them: same patch
+    size, same merge of patches into one ``[IMG]`` token, same ``[IMG]`` id."""
+    vision = vision_block(model_args.extra)
+    if vision is None:
+        raise ConfigError(
+            f"the data has pictures, but {folder} has no vision encoder (its params.json has no 'vision_encoder' "
+            "block, or its config.json no vision_config), although its tokenizer encodes images; train a "
+            "multimodal checkpoint (Pixtral, Mistral Small 3.1+, Ministral 3) or remove the image chunks."
+        )
+    encoder = tokenizer.instruct_tokenizer.image_encoder
+    config, ids = encoder.image_config, encoder.special_ids
+    merge = vision.get("spatial_merge_size", 1) if vision.get("mm_projector_id") else 1
+    ours = (vision["patch_size"], merge, vision["image_token_id"])
+    theirs = (config.image_patch_size, config.spatial_merge_size, ids.img)
+    if ours != theirs:
+        raise ConfigError(
+            f"{folder}: the tokenizer cuts pictures into {theirs[0]}-pixel patches merged {theirs[1]}x{theirs[1]} "
+            f"per [IMG] token (id {theirs[2]}), but the vision encoder reads {ours[0]}-pixel patches merged "
+            f"{ours[1]}x{ours[1]} (id {ours[2]}); the tokenizer file belongs to another model: use the one "
+            "shipped with this checkpoint (tokenizer_path)."
         )
 
 

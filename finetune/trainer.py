@@ -24,6 +24,7 @@ from finetune.args import TrainArgs, load_train_args
 from finetune.build import (
     Precision,
     build_model,
+    check_image_config,
     check_model_settings,
     check_trainable_vocab,
     resolve_precision,
@@ -88,11 +89,14 @@ class StopRequest:
         self.requested = True
 
 
-def _to_device(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _to_device(
+    batch: Batch, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     return (
         torch.from_numpy(batch.x).to(device, non_blocking=True),
         torch.from_numpy(batch.y).to(device, non_blocking=True),
         torch.from_numpy(batch.y_mask).to(device, non_blocking=True),
+        [torch.from_numpy(image).to(device, non_blocking=True) for image in batch.images],
     )
 
 
@@ -117,8 +121,8 @@ def train_step(
     for i, batch in enumerate(batches):
         # Reduce-scatter gradients once per step, after the last micro-batch.
         model.set_requires_gradient_sync(i == len(batches) - 1)
-        x, y, mask = _to_device(batch, device)
-        mb_loss = model(x, batch.seqlens, y, mask)
+        x, y, mask, images = _to_device(batch, device)
+        mb_loss = model(x, batch.seqlens, y, mask, images)
         (mb_loss * scale).backward()
         loss_sum += mb_loss.detach()
     params = [p for p in model.parameters() if p.grad is not None]
@@ -155,8 +159,8 @@ def evaluate(model: TransformerWithLoss, batches: list[Batch], device: torch.dev
     model.eval()
     loss_sum, n = torch.zeros((), dtype=torch.float64, device=device), 0  # float64: many batches summed
     for batch in batches:
-        x, y, mask = _to_device(batch, device)
-        loss_sum += model(x, batch.seqlens, y, mask)  # stays on the device: one sync at the end
+        x, y, mask, images = _to_device(batch, device)
+        loss_sum += model(x, batch.seqlens, y, mask, images)  # stays on the device: one sync at the end
         n += batch.n_targets
     model.train()
     total, count = D.all_reduce_sum([loss_sum.item(), n], device)
@@ -203,6 +207,11 @@ class Inputs:
     train_data: list[SourceData]
     eval_data: list[SourceData]  # empty with no_eval or no eval source
 
+    @property
+    def has_images(self) -> bool:
+        """The data has pictures: the model is built with its vision encoder (``vision=True``)."""
+        return any(d.has_images for d in self.train_data + self.eval_data)
+
 
 def load_inputs(args: TrainArgs, config_path: str, device: torch.device) -> Inputs:
     """The model's params, its tokenizer and the data, checked before anything is written: a mistake
@@ -210,7 +219,10 @@ def load_inputs(args: TrainArgs, config_path: str, device: torch.device) -> Inpu
     model_args, tokenizer = read_model_folder(args)
     check_model_settings(args, model_args, device)
     train_data, eval_data = scan_data_on_rank0(args, tokenizer, config_path, device)
-    return Inputs(model_args, tokenizer, train_data, eval_data)
+    inputs = Inputs(model_args, tokenizer, train_data, eval_data)
+    if inputs.has_images:
+        check_image_config(tokenizer, model_args, args.model_id_or_path)
+    return inputs
 
 
 def read_model_folder(args: TrainArgs) -> tuple[ModelArgs, MistralTokenizer]:
@@ -397,7 +409,7 @@ def setup(args: TrainArgs, inputs: Inputs, device: torch.device, precision: Prec
               long_sample_policy=policy)
     loader = build_train_loader(inputs.train_data, seed=args.seed, **kw)
     eval_batches = [] if args.no_eval else build_eval_batches(inputs.eval_data, **kw)
-    model = build_model(args, inputs.model_args, device, precision)
+    model = build_model(args, inputs.model_args, device, precision, vision=inputs.has_images)
     optimizer = build_optimizer(model, args)
     state = TrainState() if resume_from is None else _resume(resume_from, model, optimizer, loader, args)
     return Training(args, device, precision, inputs, model, optimizer, loader, eval_batches, state)

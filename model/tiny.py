@@ -39,3 +39,31 @@ def write_random_model(folder: str | Path, args: ModelArgs, seed: int = 0, layou
     state = random_base_model(args, seed, dtype).state_dict()
     save_model_folder(folder, params_from_args(args), state, layout=layout)
     return state
+
+
+def tiny_vision_args(
+    merge: int = 2, image_token_ids: tuple[int, int, int] = (10, 12, 13), **overrides
+) -> ModelArgs:
+    """``tiny_args`` plus a 2-layer, 32-dim Pixtral encoder with patch 16: with ``merge`` 2, a 2x2 patch
+    merger and the pre-projector norm (Mistral Small 3.1's layout), with 1 neither (Pixtral 12B's).
+    ``image_token_ids`` are the tokenizer's ``[IMG]``, ``[IMG_BREAK]``, ``[IMG_END]`` (mistral-common's
+    bundled tekken files: 10, 12, 13); its image config must have the same patch size and merge."""
+    img, brk, end = image_token_ids
+    args = tiny_args(**overrides)
+    args.extra["vision_encoder"] = {
+        "hidden_size": 32, "num_channels": 3, "max_image_size": 1024, "patch_size": 16, "rope_theta": 10000.0,
+        "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2, "image_token_id": img,
+        "image_break_token_id": brk, "image_end_token_id": end, "adapter_bias": False,
+    }
+    if merge > 1:
+        args.extra["vision_encoder"].update(
+            spatial_merge_size=merge, mm_projector_id="patch_merge", add_pre_mm_projector_layer_norm=True
+        )
+    return args
+
+
+def write_random_vision_model(folder: str | Path, args: ModelArgs, seed: int = 0) -> None:
+    """A seeded random multimodal model (text model and vision side) saved as a native folder."""
+    model = Transformer(args, vision=True)
+    model.init_weights(seed)
+    save_model_folder(folder, params_from_args(args), model.state_dict())

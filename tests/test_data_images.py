@@ -206,7 +206,9 @@ def test_bad_images_reported_with_file_line_and_chunk(tmp_path) -> None:
     path = write_jsonl(tmp_path / "train.jsonl", lines)
     report = check_data(DataArgs(instruct_data=str(path), cache_dir=str(tmp_path / "cache")), V3, 512)
     got = {e.line: (e.kind, str(e)) for e in report.errors}
-    assert sorted(got) == list(range(1, 9))
+    assert sorted(got) == list(range(1, 8))  # line 8's picture is fine: it trains
+    [train] = report.train
+    assert len(train) == 1 and train.files[0].lines.tolist() == [8]
     expected = {
         1: ("bad_image", "message 0 (user) content chunk 1 is the URL 'https://example.com/cat.png'; training never downloads"),
         2: ("bad_image", f"message 0 (user) image 0 names the image file {tmp_path / 'missing.png'}, which does not exist"),
@@ -215,7 +217,6 @@ def test_bad_images_reported_with_file_line_and_chunk(tmp_path) -> None:
         5: ("bad_image", "payload is not valid base64"),
         6: ("bad_image", "message 0 (user) content chunk 1 'image_url' is 3; write a file path or a data: URI"),
         7: ("bad_chunk", "message 0 (user) content chunk 1 is"),
-        8: ("images_not_trained", "image training is not implemented yet"),
     }
     for line, (kind, text) in expected.items():
         assert got[line][0] == kind, (line, got[line])
@@ -259,7 +260,8 @@ def test_image_verdicts_are_not_reused_from_the_cache(tmp_path) -> None:
     args = DataArgs(instruct_data=str(path), cache_dir=str(tmp_path / "cache"))
     assert [e.kind for e in check_data(args, V3, 512).errors] == ["bad_image"]
     picture(tmp_path / "later.png", (8, 8), 0)
-    assert [e.kind for e in check_data(args, V3, 512).errors] == ["images_not_trained"]
+    report = check_data(args, V3, 512)
+    assert report.errors == [] and len(report.train[0]) == 1
 
 
 def test_inspect_data_reads_images_next_to_the_jsonl(tmp_path, monkeypatch) -> None:

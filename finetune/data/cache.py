@@ -10,6 +10,18 @@ of those four, holding flat arrays:
     targets.npy  int32  number of target positions of sample i (sum of masks[1:])
     meta.json           line counts and every invalid line's error
 
+and, for a file whose samples have pictures (docs/vision.md):
+
+    image_index.npy  int64  sample i's pictures are rows image_index[i]:image_index[i+1] below
+    image_spans.npy  int64  (pictures, 2): each picture's [start, end) token run within its sample
+    images.json             each picture's source: {"path", "size", "mtime_ns"} for a file, or
+                            {"blob": [offset, length]} for a data: URI, decoded into images.bin
+    images.bin              the encoded bytes (PNG, JPEG, ...) of data: URI pictures
+
+Pixels are not cached: a picture is decoded and resized again by mistral-common's image encoder when
+its sample is read (a float32 1024x1024 picture would take 12 MB; its PNG or JPEG a small fraction).
+A picture file whose size or modification time changed makes the entry tokenize again.
+
 Opening a cached file loads only ``offsets``/``lines``/``targets`` (a few bytes per sample); the token
 arrays are memory-mapped for inspection, and the loader reads each sample it needs with ``pread``, so a
 rank's memory does not grow with the data set or with the number of samples read.
@@ -19,6 +31,7 @@ serialise on a lock file and the later ones reuse the result.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import itertools
 import json
@@ -37,13 +50,14 @@ from typing import Any
 import numpy as np
 
 from finetune.data.errors import DataFormatError
+from finetune.data.images import decode_image, image_spans, read_image_bytes
 from finetune.data.tokenize import SampleType, _as_instruct_tokenizer, encode_all
 
 logger = logging.getLogger("finetune.data")
 
 CACHE_VERSION = 5  # 5: user image chunks parsed (new verdicts for lines that have them); 4: v7+ text and calls
 # Verdicts that depend on image files, which the key (the JSONL file's hash) does not cover.
-_IMAGE_KINDS = frozenset({"bad_image", "no_image_encoder", "images_not_trained"})
+_IMAGE_KINDS = frozenset({"bad_image", "no_image_encoder"})
 _BLOCK_BYTES = 1 << 20  # one pool task
 _IN_PROCESS_BYTES = 1 << 20  # smaller files are not worth starting a pool for
 
@@ -98,9 +112,48 @@ class TokenizedFile:
     errors: list[LineError] = field(default_factory=list)
 
     entry: Path | None = None
+    # Pictures (files with images only): sample i has image_sources[image_index[i]:image_index[i+1]],
+    # whose token runs are image_spans[...] (start, end) within the sample.
+    image_index: np.ndarray | None = None
+    image_spans: np.ndarray | None = None
+    image_sources: list[dict[str, Any]] = field(default_factory=list)
+    image_encoder: Any = None  # mistral-common's, which turns a decoded picture into the model's pixels
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
+
+    @property
+    def has_images(self) -> bool:
+        return self.image_index is not None and int(self.image_index[-1]) > 0
+
+    def spans(self, k: int) -> np.ndarray:
+        """(pictures, 2) token runs of sample k's pictures, (0, 2) for none."""
+        if self.image_index is None:
+            return np.zeros((0, 2), np.int64)
+        return self.image_spans[self.image_index[k] : self.image_index[k + 1]]
+
+    def read_images(self, k: int) -> list[np.ndarray]:
+        """Sample k's pictures as the model takes them, float32 (C, H, W): read, decoded and resized by
+        mistral-common's image encoder, as when the sample was tokenized."""
+        if self.image_index is None:
+            return []
+        out = []
+        for j in range(int(self.image_index[k]), int(self.image_index[k + 1])):
+            src, where = self.image_sources[j], f"{self.path}:{self.lines[k]}: picture {j - int(self.image_index[k])}"
+            if "blob" in src:
+                offset, length = src["blob"]
+                raw, name = _pread(self.entry / "images.bin", offset, length, np.uint8).tobytes(), "its data: URI"
+            else:
+                raw, name = read_image_bytes("file://" + src["path"], where)
+            encoded = self.image_encoder(decode_image(raw, where, name))
+            start, end = self.image_spans[j]
+            if len(encoded.tokens) != end - start:  # the file changed while training ran
+                raise ValueError(
+                    f"{where}: {name} now gives {len(encoded.tokens)} image tokens, not the {end - start} it was "
+                    "tokenized with; the picture changed during the run. Restore it, or restart to re-tokenize."
+                )
+            out.append(encoded.image)
+        return out
 
     def read(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Sample k's tokens and masks, read with ``pread``. Unlike touching the memory map, this leaves
@@ -170,18 +223,16 @@ def tokenize_block(
     lengths: list[int] = []
     line_of: list[int] = []
     targets: list[int] = []
+    n_images: list[int] = []  # per sample
+    spans: list[np.ndarray] = []
+    sources: list[str] = []
     errors: list[tuple[int, str, str]] = []
     n_valid = 0
+    special = getattr(_as_instruct_tokenizer(instruct_tokenizer).image_encoder, "special_ids", None)
     for j, line in enumerate(lines):
         line_no = first_line + j
         try:
             samples = encode_all(decode_line(line, line_no), instruct_tokenizer, sample_type, chunk, base_dir)
-            if any(s.images for s in samples):
-                raise DataFormatError(
-                    "images_not_trained",
-                    "the line's images are valid, but image training is not implemented yet: the token cache and "
-                    "the loader do not carry pictures (issue 18); remove the image chunks to train on the text.",
-                )
         except DataFormatError as e:
             errors.append((line_no, e.kind, e.message))
             continue
@@ -192,7 +243,15 @@ def tokenize_block(
             lengths.append(len(s.tokens))
             line_of.append(line_no)
             targets.append(sum(s.masks) - s.masks[0])
+            n_images.append(len(s.image_sources))
+            if s.image_sources:
+                spans.append(image_spans(s.tokens, special))
+                assert len(spans[-1]) == len(s.image_sources), "one [IMG] run per picture"
+                sources += s.image_sources
     return {
+        "n_images": np.asarray(n_images, dtype=np.int64),
+        "image_spans": np.concatenate(spans) if spans else np.zeros((0, 2), np.int64),
+        "image_sources": sources,
         "tokens": np.asarray(tokens, dtype=np.int32),
         "masks": np.asarray(masks, dtype=np.bool_),
         "lengths": np.asarray(lengths, dtype=np.int64),
@@ -335,14 +394,20 @@ def open_entry(
                 _build(path, sample_type, instruct_tokenizer, chunk, entry, pool)
     else:
         logger.debug("Reusing cached tokens for %s from %s", path, entry)
-    return _open(path, key, entry)
+    opened = _open(path, key, entry)
+    opened.image_encoder = _as_instruct_tokenizer(instruct_tokenizer).image_encoder
+    return opened
 
 
 def _reusable(entry: Path) -> bool:
-    """Built, and with no verdict about image files: those may have been added or fixed since, so such
-    a file is checked again on every scan (its image lines never reach training yet)."""
+    """Built, with no verdict about image files (those may have been added or fixed since, so such a
+    file is checked again on every scan), and with every picture file as it was when tokenized."""
     meta = entry / "meta.json"
-    return meta.is_file() and not json.loads(meta.read_text()).get("reads_images", False)
+    return (
+        meta.is_file()
+        and not json.loads(meta.read_text()).get("reads_images", False)
+        and _pictures_unchanged(entry)
+    )
 
 
 def _build(
@@ -366,11 +431,13 @@ def _build(
                 for a, b, line in _blocks(path)
             )
         lengths, lines, targets, errors = [], [], [], []
+        pictures = _PictureWriter(tmp)
         n_lines = n_valid = 0
         with open(tmp / "tokens.bin", "wb") as ft, open(tmp / "masks.bin", "wb") as fm:
             for r in results:
                 ft.write(r["tokens"].tobytes())
                 fm.write(r["masks"].tobytes())
+                pictures.add(r)
                 lengths.append(r["lengths"])
                 lines.append(r["lines"])
                 targets.append(r["targets"])
@@ -383,6 +450,7 @@ def _build(
         np.save(tmp / "offsets.npy", offsets)
         np.save(tmp / "lines.npy", np.concatenate(lines) if lines else np.zeros(0, np.int32))
         np.save(tmp / "targets.npy", np.concatenate(targets) if targets else np.zeros(0, np.int32))
+        pictures.finish()
         meta = {
             "version": CACHE_VERSION,
             "source_path": str(path),
@@ -408,6 +476,57 @@ def _build(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _PictureWriter:
+    """Writes the image files of a cache entry as results arrive (nothing when no sample has one)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.counts: list[np.ndarray] = []
+        self.spans: list[np.ndarray] = []
+        self.sources: list[dict[str, Any]] = []
+        self.blob_size = 0
+
+    def add(self, result: dict[str, Any]) -> None:
+        self.counts.append(result["n_images"])
+        self.spans.append(result["image_spans"])
+        for url in result["image_sources"]:
+            if url.startswith("data:"):  # already decoded once by the tokenizer: the payload is valid
+                raw = base64.b64decode(url.partition(",")[2])
+                with open(self.folder / "images.bin", "ab") as f:
+                    f.write(raw)
+                self.sources.append({"blob": [self.blob_size, len(raw)]})
+                self.blob_size += len(raw)
+            else:
+                path = url.removeprefix("file://")
+                st = os.stat(path)
+                self.sources.append({"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+
+    def finish(self) -> None:
+        if not self.sources:
+            return
+        index = np.zeros(1 + sum(len(c) for c in self.counts), dtype=np.int64)
+        np.cumsum(np.concatenate(self.counts), out=index[1:])
+        np.save(self.folder / "image_index.npy", index)
+        np.save(self.folder / "image_spans.npy", np.concatenate(self.spans))
+        (self.folder / "images.json").write_text(json.dumps(self.sources))
+
+
+def _pictures_unchanged(entry: Path) -> bool:
+    """Every picture file an entry refers to still has the size and modification time it had."""
+    table = entry / "images.json"
+    if not table.is_file():
+        return True
+    for src in json.loads(table.read_text()):
+        if "path" in src:
+            try:
+                st = os.stat(src["path"])
+            except OSError:
+                return False
+            if (st.st_size, st.st_mtime_ns) != (src["size"], src["mtime_ns"]):
+                return False
+    return True
 
 
 def _read(path: Path, start: int, end: int) -> bytes:
@@ -446,4 +565,15 @@ def _open(path: Path, key: str, entry: Path) -> TokenizedFile:
         chunk=meta["chunk"],
         errors=[LineError(str(path), line, kind, msg) for line, kind, msg in meta["errors"]],
         entry=entry,
+        **_open_pictures(entry),
     )
+
+
+def _open_pictures(entry: Path) -> dict[str, Any]:
+    if not (entry / "images.json").is_file():
+        return {}
+    return {
+        "image_index": np.load(entry / "image_index.npy"),
+        "image_spans": np.load(entry / "image_spans.npy"),
+        "image_sources": json.loads((entry / "images.json").read_text()),
+    }

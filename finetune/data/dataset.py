@@ -75,6 +75,31 @@ class SourceData:
         f, k = self.locate(i)
         return f.read(k)
 
+    @property
+    def has_images(self) -> bool:
+        return any(f.has_images for f in self.files)
+
+    def spans(self, i: int) -> np.ndarray:
+        """(pictures, 2) ``[start, end)`` token runs of sample i's pictures."""
+        f, k = self.locate(i)
+        return f.spans(k)
+
+    def images(self, i: int) -> list[np.ndarray]:
+        """Sample i's pictures, float32 (C, H, W), in the order of their runs."""
+        f, k = self.locate(i)
+        return f.read_images(k)
+
+    def image_runs_longer_than(self, n: int) -> list[str]:
+        """``file:line`` of each sample with a picture whose token run is longer than ``n`` positions."""
+        out = []
+        for f in self.files:
+            if f.has_images:
+                runs = f.image_spans[:, 1] - f.image_spans[:, 0]
+                for j in np.flatnonzero(runs > n):
+                    k = int(np.searchsorted(f.image_index, j, side="right")) - 1
+                    out.append(f"{f.path}:{f.lines[k]} ({int(runs[j])} image tokens)")
+        return out
+
 
 
 def tokenize_sources(

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mistral_common.protocol.instruct.chunk import ImageChunk, ImageURLChunk
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from finetune.data.errors import DataFormatError
@@ -63,7 +64,12 @@ def parse_image_chunk(chunk: dict, where: str, base_dir: Path | None) -> ImageUR
 
 def load_image(chunk: ImageURLChunk, where: str) -> ImageChunk:
     """Read and decode the picture, fully, so that every problem surfaces here with ``where`` named."""
-    url = chunk.get_url()
+    raw, name = read_image_bytes(chunk.get_url(), where)
+    return decode_image(raw, where, name)
+
+
+def read_image_bytes(url: str, where: str) -> tuple[bytes, str]:
+    """The encoded picture a ``file://`` or ``data:`` URI holds, and a name for messages."""
     if url.startswith("data:"):
         head, comma, payload = url.partition(",")
         if not comma or not head.endswith(";base64"):
@@ -71,27 +77,28 @@ def load_image(chunk: ImageURLChunk, where: str) -> ImageChunk:
                 "bad_image", f"{where} is a data: URI without base64 data; write data:image/png;base64,<data>."
             )
         try:
-            raw = base64.b64decode(payload, validate=True)
+            return base64.b64decode(payload, validate=True), "the data: URI"
         except (binascii.Error, ValueError):
             raise DataFormatError(
                 "bad_image", f"{where} is a data: URI whose payload is not valid base64; re-encode the picture."
             ) from None
-        name = "the data: URI"
-    else:
-        path = Path(url.removeprefix("file://"))
-        name = str(path)
-        if not path.is_file():
-            raise DataFormatError(
-                "bad_image",
-                f"{where} names the image file {path}, which does not exist; relative paths are taken from the "
-                "JSONL file's folder.",
-            )
-        try:
-            raw = path.read_bytes()
-        except OSError as e:
-            raise DataFormatError(
-                "bad_image", f"{where}: the image file {path} cannot be read ({e.strerror}); check its permissions."
-            ) from None
+    path = Path(url.removeprefix("file://"))
+    if not path.is_file():
+        raise DataFormatError(
+            "bad_image",
+            f"{where} names the image file {path}, which does not exist; relative paths are taken from the "
+            "JSONL file's folder.",
+        )
+    try:
+        return path.read_bytes(), str(path)
+    except OSError as e:
+        raise DataFormatError(
+            "bad_image", f"{where}: the image file {path} cannot be read ({e.strerror}); check its permissions."
+        ) from None
+
+
+def decode_image(raw: bytes, where: str, name: str) -> ImageChunk:
+    """Decode an encoded picture (PNG, JPEG, ...) completely, as mistral-common's encoder will read it."""
     try:
         image = Image.open(io.BytesIO(raw))
         image.load()  # decode now: a truncated file fails here, not inside the encoder
@@ -106,3 +113,15 @@ def load_image(chunk: ImageURLChunk, where: str) -> ImageChunk:
             "bad_image", f"{where}: {name} cannot be decoded ({e}); re-save it as PNG or JPEG."
         ) from None
     return ImageChunk(image=image)
+
+
+def image_spans(tokens: np.ndarray, special: Any) -> np.ndarray:
+    """(images, 2) int64 ``[start, end)`` of each picture's token run (``[IMG]``/``[IMG_BREAK]`` tokens up
+    to its ``[IMG_END]``), in order; ``special`` is mistral-common's ``SpecialImageIDs``."""
+    tokens = np.asarray(tokens)
+    ends = np.flatnonzero(tokens == special.img_end) + 1
+    inside = (tokens == special.img) | (tokens == special.img_break)
+    # A run starts where an image token follows a token that is not one (or starts the sample).
+    starts = np.flatnonzero(inside & ~np.concatenate(([False], inside[:-1])))
+    assert len(starts) == len(ends), "every [IMG] run ends with [IMG_END] (mistral-common's layout)"
+    return np.stack((starts, ends), axis=1) if len(ends) else np.zeros((0, 2), np.int64)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,8 @@ class Batch:
     y: np.ndarray  # int64 (batch_size * seq_len,)
     y_mask: np.ndarray  # bool (batch_size * seq_len,): y[i] is a training target
     seqlens: list[int]  # attention segments, sum == len(x); each row's filler is one extra segment
+    # float32 (C, H, W) pictures whose [IMG] runs are in x, in order of appearance (vision data only)
+    images: list[np.ndarray] = field(default_factory=list)
 
     @property
     def n_targets(self) -> int:
@@ -48,10 +50,18 @@ def _assemble(rows: list[list[Piece]], data: list[SourceData], seq_len: int) -> 
     y = np.full(n, PAD_ID, dtype=np.int64)
     mask = np.zeros(n, dtype=np.bool_)
     seqlens: list[int] = []
+    images: list[np.ndarray] = []
     for r, row in enumerate(rows):
         at = r * seq_len
         for p in row:
-            tokens, masks = data[p.source].arrays(p.index)
+            d = data[p.source]
+            tokens, masks = d.arrays(p.index)
+            spans = d.spans(p.index)
+            if len(spans):  # the pictures whose runs lie in this piece (cut_long never splits a run)
+                inside = (spans[:, 0] >= p.start) & (spans[:, 1] <= p.start + p.length)
+                if inside.any():
+                    pictures = d.images(p.index)
+                    images += [pictures[j] for j in np.flatnonzero(inside)]
             x[at : at + p.length] = tokens[p.start : p.start + p.length]
             y[at : at + p.length] = tokens[p.start + 1 : p.start + p.length + 1]
             mask[at : at + p.length] = masks[p.start + 1 : p.start + p.length + 1]
@@ -59,7 +69,7 @@ def _assemble(rows: list[list[Piece]], data: list[SourceData], seq_len: int) -> 
             at += p.length
         if at < (r + 1) * seq_len:
             seqlens.append((r + 1) * seq_len - at)
-    return Batch(x, y, mask, seqlens)
+    return Batch(x, y, mask, seqlens, images)
 
 
 class TrainLoader:
@@ -97,6 +107,7 @@ class TrainLoader:
                 )
         if not data:
             raise ValueError("No training data: set data.instruct_data or data.data.")
+        check_image_runs(data, seq_len)
         self.data = data
         self.seq_len, self.batch_size = seq_len, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -165,8 +176,9 @@ class TrainLoader:
             length = int(d.positions[index])
             if length > self.seq_len:
                 self.stats["long_samples"] += 1
-            _, masks = d.arrays(index) if length > self.seq_len else (None, None)
-            for start, n in cut_long(length, self.seq_len, self.policy):
+            long = length > self.seq_len
+            _, masks = d.arrays(index) if long else (None, None)
+            for start, n in cut_long(length, self.seq_len, self.policy, d.spans(index) if long else None):
                 if masks is not None and not masks[start + 1 : start + n + 1].any():
                     continue  # a piece of a long sample with nothing to learn
                 self.buffer.add(Piece(self.arrival, s, index, start, n))
@@ -249,6 +261,17 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def check_image_runs(data: list[SourceData], seq_len: int) -> None:
+    """A picture's tokens must fit one row: its run is never cut, and a row holds seq_len positions."""
+    too_long = [where for d in data for where in d.image_runs_longer_than(seq_len)]
+    if too_long:
+        raise ValueError(
+            f"{len(too_long)} sample(s) have a picture whose image tokens do not fit seq_len {seq_len}, e.g. "
+            f"{'; '.join(too_long[:3])}. A picture is never split across rows: raise seq_len, or shrink the "
+            "pictures (fewer pixels give fewer tokens)."
+        )
+
+
 def build_train_loader(
     data: list[SourceData],
     *,
@@ -282,13 +305,15 @@ def build_eval_batches(
     if not data:
         return []
     # Global order: sources in order, samples in file order; sample g belongs to rank g % world_size.
+    check_image_runs(data, seq_len)
     per_rank: list[list[Piece]] = [[] for _ in range(world_size)]
     g = n_long = 0
     for s, d in enumerate(data):
         for index in range(len(d)):
             length = int(d.positions[index])
             n_long += length > seq_len
-            for start, n in cut_long(length, seq_len, long_sample_policy):
+            spans = d.spans(index) if length > seq_len else None
+            for start, n in cut_long(length, seq_len, long_sample_policy, spans):
                 per_rank[g % world_size].append(Piece(0, s, index, start, n))
             g += 1
     if n_long:

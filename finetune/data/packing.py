@@ -21,16 +21,31 @@ class Piece(NamedTuple):
     length: int  # positions (inputs tokens[start:start+length], targets tokens[start+1:start+length+1])
 
 
-def cut_long(length: int, seq_len: int, policy: str) -> list[tuple[int, int]]:
-    """``(start, length)`` pieces of a sample with ``length`` positions under the long-sample policy."""
+def cut_long(
+    length: int, seq_len: int, policy: str, spans: np.ndarray | None = None
+) -> list[tuple[int, int]]:
+    """``(start, length)`` pieces of a sample with ``length`` positions under the long-sample policy.
+
+    A cut never falls inside a picture's token run (``spans``, ``[start, end)`` rows, none longer than
+    ``seq_len``): it moves back to the run's start, so each picture stays whole in one piece."""
     if length <= seq_len:
         return [(0, length)]
-    if policy == "split":
-        return [(a, min(seq_len, length - a)) for a in range(0, length, seq_len)]
-    if policy == "truncate":
-        return [(0, seq_len)]
-    assert policy == "drop", policy  # DataArgs.validate admits only the three policies
-    return []
+    if policy == "drop":
+        return []
+    assert policy in ("split", "truncate"), policy  # DataArgs.validate admits only the three policies
+    pieces, a = [], 0
+    while a < length:
+        b = min(a + seq_len, length)
+        for s, e in spans if spans is not None else ():
+            if s < b < e:
+                assert s > a, "an image run longer than seq_len is refused before packing"
+                b = int(s)
+                break
+        pieces.append((a, b - a))
+        if policy == "truncate":
+            break
+        a = b
+    return pieces
 
 
 class BestFitBuffer:

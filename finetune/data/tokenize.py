@@ -48,6 +48,8 @@ class TokenSample:
     masks: list[bool]
     # mistral-common's processed pictures, float32 (C, H, W), in the order of their [IMG] runs.
     images: list[np.ndarray] = field(default_factory=list)
+    # where each picture came from: a file:// (absolute path) or data: URI, as parse_image_chunk gives it
+    image_sources: list[str] = field(default_factory=list)
 
 
 _ROLES = ("system", "user", "assistant", "tool")
@@ -572,10 +574,10 @@ def _tokens(encoded: Any) -> list[int]:
     return list(encoded[0]) if isinstance(encoded, tuple) else list(encoded)
 
 
-def _with_images(m: UserMessage, i: int, it: Any) -> UserMessage:
-    """The user message with its pictures loaded; ``i`` is its index in the line."""
+def _with_images(m: UserMessage, i: int, it: Any) -> tuple[UserMessage, list[str]]:
+    """The user message with its pictures loaded, and their URIs; ``i`` is its index in the line."""
     if not isinstance(m.content, list):
-        return m
+        return m, []
     if it.image_encoder is None:
         raise DataFormatError(
             "no_image_encoder",
@@ -593,7 +595,7 @@ def _with_images(m: UserMessage, i: int, it: Any) -> UserMessage:
         load_image(c, f"message {i} (user) image {next(images)}") if isinstance(c, ImageURLChunk) else c
         for c in m.content
     ]
-    return UserMessage(content=content)
+    return UserMessage(content=content), [c.get_url() for c in m.content if isinstance(c, ImageURLChunk)]
 
 
 def _check_assistant(m: FinetuningAssistantMessage, i: int, it: Any) -> None:
@@ -674,6 +676,7 @@ def encode_conversation(conv: Conversation, instruct_tokenizer: Any) -> TokenSam
     tokens: list[int] = list(it.start())
     masks: list[bool] = [False] * len(tokens)
     images: list[np.ndarray] = []
+    sources: list[str] = []
     system = None
     if separate_system and conv.system_prompt is not None:
         system, _ = it.encode_system_message(SystemMessage(content=conv.system_prompt))
@@ -690,8 +693,10 @@ def encode_conversation(conv: Conversation, instruct_tokenizer: Any) -> TokenSam
             masks += [False] * len(system)
         if isinstance(m, UserMessage):
             has_chunks = isinstance(m.content, list)
+            loaded, urls = _with_images(m, conv.index[i] if conv.index else i, it)
+            sources += urls
             encoded = it.encode_user_message(
-                _with_images(m, conv.index[i] if conv.index else i, it),
+                loaded,
                 conv.tools,
                 i == last_user,
                 i == first_user,
@@ -713,7 +718,7 @@ def encode_conversation(conv: Conversation, instruct_tokenizer: Any) -> TokenSam
             train = m.weight != 0 and (not conv.only_last or i == last)
         tokens += t
         masks += [train] * len(t)
-    return TokenSample(tokens, masks, images)
+    return TokenSample(tokens, masks, images, sources)
 
 
 def encode_pretrain(text: str, instruct_tokenizer: Any) -> TokenSample:

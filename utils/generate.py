@@ -238,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not Path(opts.model).is_dir():
             raise FileNotFoundError(f"--model {opts.model} is not a model folder.")
+        images = read_images(opts.image)  # a bad path fails before anything is loaded
         tokenizer = _tokenizer(opts)
-        images = read_images(opts.image)
         if images:
             check_vision(opts.model, tokenizer)
         model = load_model(opts.model, opts.lora, device, dtype, vision=bool(images))

@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import mistral_common
+import numpy as np
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+from PIL import Image
 
 _WORDS = "alpha beta gamma delta model token data Paris Rome weather train answer question".split()
 
@@ -65,6 +67,26 @@ def write_tekken(folder: Path, version: str, think: bool = True, image: bool = F
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "tekken.json"
     path.write_text(json.dumps(model), encoding="utf-8")
+    return path
+
+
+def write_image_tekken(folder: Path, merge: int = 2) -> Path:
+    """A v13 file whose image config merges ``merge`` x ``merge`` patches into one token (Mistral Small
+    3.1's does 2x2), for ``model.tiny.tiny_vision_args(merge=...)`` models."""
+    path = write_tekken(folder, "v13", image=True)
+    model = json.loads(path.read_text(encoding="utf-8"))
+    model["image"]["spatial_merge_size"] = merge
+    path.write_text(json.dumps(model), encoding="utf-8")
+    return path
+
+
+def picture(path: Path, size: tuple[int, int], seed: int, fmt: str = "PNG") -> Path:
+    """A ``size`` (width, height) picture of noise (RGBA for PNG, so transparency handling is exercised)."""
+    rng = np.random.default_rng(seed)
+    mode, channels = ("RGBA", 4) if fmt == "PNG" else ("RGB", 3)
+    pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels, mode).save(path, format=fmt)
     return path
 
 

@@ -16,22 +16,24 @@ from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMe
 from mistral_common.protocol.instruct.normalize import get_normalizer
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-from PIL import Image
 
 from finetune.data.args import DataArgs
 from finetune.data.errors import DataFormatError
 from finetune.data.tokenize import SampleType, encode_all
 from finetune.data.validation import check_data
-from tests.data_helpers import bundled_tekken_with_images, tekken, tekken_v, write_jsonl, write_tekken
+from tests.data_helpers import (
+    bundled_tekken_with_images,
+    picture,
+    tekken,
+    tekken_v,
+    write_image_tekken,
+    write_jsonl,
+)
 
 
 def merged_patches_tokenizer(folder: Path) -> object:
     """A v13 file whose image config merges 2x2 patches into one token (as Mistral Small 3.1's does)."""
-    path = write_tekken(folder, "v13", image=True)
-    model = json.loads(path.read_text(encoding="utf-8"))
-    model["image"]["spatial_merge_size"] = 2
-    path.write_text(json.dumps(model), encoding="utf-8")
-    return MistralTokenizer.from_file(str(path)).instruct_tokenizer
+    return MistralTokenizer.from_file(str(write_image_tekken(folder, 2))).instruct_tokenizer
 
 
 _MERGE_DIR = tempfile.TemporaryDirectory(prefix="tekken-merge-")  # removed when the test process ends
@@ -41,16 +43,6 @@ IMAGE_TOKENIZERS = {
     "tekken_v13_merge2": merged_patches_tokenizer(Path(_MERGE_DIR.name)),
 }
 V3 = IMAGE_TOKENIZERS["tekken_v3"]
-
-
-def picture(path: Path, size: tuple[int, int], seed: int, fmt: str = "PNG") -> Path:
-    """A few pixels of noise (RGBA for PNG, so transparency handling is exercised too)."""
-    rng = np.random.default_rng(seed)
-    mode, channels = ("RGBA", 4) if fmt == "PNG" else ("RGB", 3)
-    pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels, mode).save(path, format=fmt)
-    return path
 
 
 def data_uri(path: Path) -> str:

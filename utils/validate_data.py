@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.args import TrainArgs, load_train_args
+from finetune.build import check_image_config
 from finetune.config import ConfigError
 from finetune.data.validation import DataReport, check_data, write_corrected
 from finetune.monitoring import format_duration
@@ -239,6 +240,14 @@ def _source_table(report: DataReport) -> str:
     w = max(len("source"), *(len(r[0]) for r in rows))
     lines = [f"{'source':<{w}} {'lines':>9} {'invalid':>7} {'samples':>9} {'tokens':>12} {'targets':>12} {'>seq_len':>8}"]
     lines += [f"{r[0]:<{w}} {r[1]:>9} {r[2]:>7} {r[3]:>9} {r[4]:>12} {r[5]:>12} {r[6]:>8}" for r in rows]
+    if any(s.images for s in report.sources):
+        lines.append("\nPictures (image tokens are part of tokens above, never targets):")
+        lines += [
+            f"  {s.key} {s.source}: {s.images:,} picture(s), {s.image_tokens:,} image tokens"
+            + (f" ({s.image_tokens / s.tokens:.1%} of tokens, {s.image_tokens / s.images:,.0f} per picture)"
+               if s.images else "")
+            for s in report.sources
+        ]
     return "\n".join(lines)
 
 
@@ -327,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         # Without a GPU, --num_gpus N plans for N H100s, unless --measure: then N CPU processes here.
         on_gpu = gpus > 0 or (opts.num_gpus is not None and not opts.measure)
         try:
+            if any(d.has_images for d in report.train + report.eval):
+                check_image_config(tokenizer, model_args, args.model_id_or_path)
             filler = filler_fraction(args, report, devices)
             measured = measure(opts.train_yaml, min(devices, gpus) if gpus else devices, opts.measure_steps) \
                 if opts.measure else None

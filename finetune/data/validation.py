@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from finetune.data.args import DataArgs
 from finetune.data.cache import LineError, TokenizerPool, decode_line
 from finetune.data.dataset import SourceData, eval_sources, to_manifest, tokenize_sources, train_sources
@@ -37,6 +39,8 @@ class SourceStats:
     target_tokens: int
     too_long: int  # samples with more than seq_len positions (len(tokens) - 1 > seq_len)
     no_targets: int  # samples with no trained token (e.g. every assistant turn has weight 0)
+    images: int = 0  # pictures in the samples (after chunking: a prefix repeats its pictures)
+    image_tokens: int = 0  # their [IMG], [IMG_BREAK] and [IMG_END] tokens, part of ``tokens``
 
     @classmethod
     def of(cls, data: SourceData, seq_len: int) -> SourceStats:
@@ -56,6 +60,8 @@ class SourceStats:
             target_tokens=int(data.targets.sum()),
             too_long=int((data.positions > seq_len).sum()),
             no_targets=int((data.targets == 0).sum()),
+            images=sum(len(f.image_spans) for f in data.files if f.has_images),
+            image_tokens=sum(int(np.diff(f.image_spans).sum()) for f in data.files if f.has_images),
         )
 
 

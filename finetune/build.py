@@ -23,8 +23,8 @@ from finetune.parallel import freeze, parallelize
 from model.args import LoraArgs, ModelArgs
 from model.checkpoint import iter_base_weights, load_adapters_state, retie, tied_aliases
 from model.keys import checkpoint_layout
-from model.multimodal import vision_block
 from model.lora import init_lora_A_, is_lora_key, lora_modules
+from model.multimodal import vision_block
 from model.quant import NF4LoRALinear, import_bitsandbytes, quantize_lora_layers, quantize_nf4
 from model.transformer import Transformer
 

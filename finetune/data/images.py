@@ -17,8 +17,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mistral_common.protocol.instruct.chunk import ImageChunk, ImageURLChunk
 import numpy as np
+from mistral_common.protocol.instruct.chunk import ImageChunk, ImageURLChunk
 from PIL import Image, UnidentifiedImageError
 
 from finetune.data.errors import DataFormatError

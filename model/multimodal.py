@@ -137,7 +137,9 @@ def vision_target_hf_modules(target: str) -> str:
     if scope == "vision_encoder":
         module = f"{'feed_forward' if leaf in ('w1', 'w2', 'w3') else 'attention'}.{leaf}"
         return r"vision_tower\.transformer\.layers\.\d+\." + re.escape(_LAYER_TO_HF[module])
-    return re.escape(_PREFIX_TO_HF[f"{target}."].removesuffix("."))
+    key = f"{target}."  # vision_language_adapter.w_in. or patch_merger.merging_layer.
+    native = next(p for p in _PREFIX_TO_HF if key.startswith(p))
+    return re.escape((_PREFIX_TO_HF[native] + key[len(native):]).removesuffix("."))
 
 
 def vision_tensors(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -71,14 +71,14 @@ def logits(model: Transformer) -> torch.Tensor:
         return model(tokens, seqlens, images=[i for doc in images for i in doc])
 
 
-def trained(model: Transformer, seed: int = 1) -> Transformer:
-    """Adapters as training leaves them (lora_B is zero at initialisation)."""
+def trained(model: Transformer, seed: int = 1, std: float = 0.1) -> Transformer:
+    """Adapters as training leaves them (lora_B is zero at initialisation), of size ``std``."""
     freeze_all_but_lora(model)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
     return model.eval()
 
 

@@ -8,6 +8,14 @@ model's own tokenizer, function-call chunking as configured). On a terminal the 
 so the output can be pasted or diffed. ``--json`` prints one object per sample with token ids,
 pieces and the target mask. Reasoning traces show as ``[THINK]...[/THINK]``; the header counts
 the trained tokens inside them (``n_thinking`` in JSON).
+
+Each picture's run of ``[IMG]``/``[IMG_BREAK]``/``[IMG_END]`` tokens is shown as one marker where it
+sits, with the counts read from the tokens themselves (``--json`` lists the runs under ``images``):
+
+    [image 1: 32x48 px -> 3 rows x 2 = 6 [IMG] + 2 [IMG_BREAK] + [IMG_END], 9 tokens]
+
+Image tokens are never trained, so a marker is never inside «...»; if one is, the marker says how many
+of its tokens are targets.
 """
 
 from __future__ import annotations
@@ -62,6 +70,80 @@ def thinking_tokens(tokens: list[int], masks: list[bool], instruct_tokenizer: An
         if t in (end, instruct_tokenizer.tokenizer.eos_id):
             inside = False
     return count
+
+
+def image_runs(tokens: list[int], instruct_tokenizer: Any) -> list[tuple[int, int]]:
+    """``[start, end)`` of each picture's tokens: [IMG] and [IMG_BREAK] up to and including [IMG_END]."""
+    encoder = getattr(instruct_tokenizer, "image_encoder", None)
+    if encoder is None:
+        return []
+    ids = encoder.special_ids
+    runs, start = [], None
+    for i, t in enumerate(tokens):
+        if t in (ids.img, ids.img_break, ids.img_end) and start is None:
+            start = i
+        if start is not None and t == ids.img_end:
+            runs.append((start, i + 1))
+            start = None
+        elif start is not None and t not in (ids.img, ids.img_break):  # a run cut short: shown as it is
+            runs.append((start, i))
+            start = None
+    if start is not None:
+        runs.append((start, len(tokens)))
+    return runs
+
+
+def describe_image(tokens: list[int], masks: list[bool], instruct_tokenizer: Any, image: Any) -> dict:
+    """What a picture's token run holds, counted from the tokens: the grid of [IMG] rows (each row but
+    the last closed by [IMG_BREAK], the last by [IMG_END]) and the picture's size as the encoder
+    resized it (``image``: (C, H, W), or None)."""
+    ids = instruct_tokenizer.image_encoder.special_ids
+    rows, row = [], 0
+    for t in tokens:
+        if t == ids.img:
+            row += 1
+        else:
+            rows.append(row)
+            row = 0
+    if row:
+        rows.append(row)  # no closing token
+    out = {
+        "n_tokens": len(tokens),
+        "n_img": tokens.count(ids.img),
+        "n_img_break": tokens.count(ids.img_break),
+        "n_img_end": tokens.count(ids.img_end),
+        "rows": len(rows),
+        "cols": rows[0] if rows and len(set(rows)) == 1 else None,  # None: not a rectangle
+        "n_trained": sum(masks),
+    }
+    if image is not None:
+        out["height"], out["width"] = int(image.shape[-2]), int(image.shape[-1])
+    return out
+
+
+def image_marker(k: int, d: dict) -> str:
+    """``[image 1: 32x48 px -> 3 rows x 2 = 6 [IMG] + 2 [IMG_BREAK] + [IMG_END], 9 tokens]``."""
+    size = f"{d['width']}x{d['height']} px -> " if "width" in d else ""
+    rows = f"{d['rows']} row{'s' if d['rows'] != 1 else ''}"
+    grid = f"{rows} x {d['cols']}" if d["cols"] is not None else f"{rows}, uneven"
+    end = "[IMG_END]" if d["n_img_end"] == 1 else f"{d['n_img_end']} [IMG_END]"
+    trained = f", {d['n_trained']} TRAINED" if d["n_trained"] else ""
+    return (
+        f"[image {k}: {size}{grid} = {d['n_img']} [IMG] + {d['n_img_break']} [IMG_BREAK] + {end}, "
+        f"{d['n_tokens']} tokens{trained}]"
+    )
+
+
+def collapse_images(
+    pieces: list[str], masks: list[bool], runs: list[tuple[int, int]], markers: list[str]
+) -> tuple[list[str], list[bool]]:
+    """The pieces with each image run replaced by its marker (trained if any of its tokens is)."""
+    out_pieces, out_masks, i = [], [], 0
+    for (start, end), marker in zip(runs, markers, strict=True):
+        out_pieces += pieces[i:start] + [marker]
+        out_masks += masks[i:start] + [any(masks[start:end])]
+        i = end
+    return out_pieces + pieces[i:], out_masks + masks[i:]
 
 
 def iter_samples(
@@ -125,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
             pieces = [piece(it.tokenizer, t) for t in sample.tokens]
             n_trained = sum(sample.masks)
             n_thinking = thinking_tokens(sample.tokens, sample.masks, it)
+            runs = image_runs(sample.tokens, it)
+            pictures = list(sample.images) if len(sample.images) == len(runs) else [None] * len(runs)
+            images = [
+                {"start": a, "end": b, **describe_image(sample.tokens[a:b], sample.masks[a:b], it, im)}
+                for (a, b), im in zip(runs, pictures, strict=True)
+            ]
             if opts.json:
                 print(
                     json.dumps(
@@ -136,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                             "n_tokens": len(sample.tokens),
                             "n_trained": n_trained,
                             "n_thinking": n_thinking,
+                            "images": images,
+                            "n_image_tokens": sum(d["n_tokens"] for d in images),
                         },
                         ensure_ascii=False,
                     )
@@ -143,8 +233,14 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             suffix = f" (chunk {k})" if k else ""
             thinking = f" ({n_thinking} in [THINK])" if n_thinking else ""
-            print(f"--- {s.key} {path}:{n}{suffix}: {len(sample.tokens)} tokens, {n_trained} trained{thinking}")
-            print(render(pieces, sample.masks, color))
+            pics = (
+                f", {len(images)} image(s) ({sum(d['n_tokens'] for d in images)} image tokens)" if images else ""
+            )
+            print(
+                f"--- {s.key} {path}:{n}{suffix}: {len(sample.tokens)} tokens, {n_trained} trained{thinking}{pics}"
+            )
+            markers = [image_marker(k, d) for k, d in enumerate(images, start=1)]
+            print(render(*collapse_images(pieces, sample.masks, runs, markers), color))
         if shown and not opts.json:
             legend = (
                 "green = trained (loss targets), dim = context" if color else "«...» = trained (loss targets)"

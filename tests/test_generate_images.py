@@ -67,13 +67,14 @@ def hf_pixels(images: list[torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def mistral3_config(text_config: dict):
-    """A tiny Mistral3 whose vision side fits ``merged_tokenizer_file`` (patch 16, merge 2, [IMG] 10)."""
+    """A tiny Mistral3 whose vision side fits ``merged_tokenizer_file`` (patch 16, merge 2, [IMG] 10);
+    ``text_config`` adds to (or overrides) the tiny text model's keys."""
     from transformers import Mistral3Config
 
     return Mistral3Config(
-        text_config=dict(vocab_size=131072, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
-                         sliding_window=None, tie_word_embeddings=False, **text_config),
+        text_config={"vocab_size": 131072, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-5,
+                     "sliding_window": None, "tie_word_embeddings": False, **text_config},
         vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
                            image_size=1024, patch_size=16, head_dim=16, hidden_act="silu"),
         image_token_index=10, spatial_merge_size=2, tie_word_embeddings=False,

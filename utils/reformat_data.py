@@ -59,6 +59,7 @@ import random
 import re
 import string
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -364,7 +365,7 @@ def _system(obj: dict, messages: list[dict], notes: list[str]) -> None:
 
 
 _IMAGE_PARTS = ("image_url", "input_image", "image")
-_TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "text"}
+_FOREIGN_TEXT_PARTS = ("input_text", "output_text", "refusal")  # Responses API, chat-completions refusal
 
 
 def _image_ref(part: dict, where: str, changes: list[str]) -> tuple[str, Any]:
@@ -455,7 +456,7 @@ def _parts(msg: dict, i: int, folders: tuple[Path, Path] | None, notes: list[str
             raise Skip(f"{where} is an image, but the model sees pictures only in user messages; {fix}")
         if kind in _IMAGE_PARTS:
             out.append(_image_part(part, where, folders, changes))
-        elif kind in _TEXT_PARTS and kind != "text" and role in ("user", "system", "assistant"):
+        elif kind in _FOREIGN_TEXT_PARTS and role != "tool":  # a tool result's list is encoded as JSON below
             changes.append(f"{kind} -> text")
             out.append({"type": "text", "text": part.get("text", part.get("refusal"))})
         else:
@@ -467,9 +468,7 @@ def _parts(msg: dict, i: int, folders: tuple[Path, Path] | None, notes: list[str
     elif role == "assistant" and changes and len(out) == 1 and len(texts) == 1 and isinstance(texts[0], str):
         out = texts[0]  # one part: a string, which every tokenizer version encodes
     if changes:
-        counts: dict[str, int] = {}
-        for c in changes:
-            counts[c] = counts.get(c, 0) + 1
+        counts = Counter(changes)
         notes.append(f"message {i}: " + ", ".join(c + (f" ({n})" if n > 1 else "") for c, n in counts.items()))
         msg[key] = out
 

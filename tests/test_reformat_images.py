@@ -20,6 +20,7 @@ from tests.data_helpers import bundled_tekken_with_images, write_jsonl
 from utils import reformat_data
 
 V3 = MistralTokenizer.from_file(str(bundled_tekken_with_images())).instruct_tokenizer  # has an image config
+URL = "https://example.com/cat.png"
 
 
 def noise_png(path: Path, size: tuple[int, int], seed: int) -> Path:
@@ -142,7 +143,59 @@ def test_image_lines_already_in_our_format_stay_byte_for_byte(tmp_path, capsys) 
     assert encode(first, sub.parent).tokens == encode(ours[1], tmp_path).tokens
 
 
-URL = "https://example.com/cat.png"
+def test_llava_and_llama_factory_rows_get_their_pictures_at_the_placeholders(tmp_path, capsys) -> None:
+    """Training does not read a top-level 'image'/'images': without the conversion the pictures would be lost."""
+    data = tmp_path / "data"
+    red, blue = noise_png(data / "coco" / "1.png", (20, 30), 0), noise_png(data / "2.png", (40, 17), 1)
+    llava = {"id": "x1", "image": "coco/1.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "Noise."},
+        {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes."}]}
+    factory = {"messages": [_user("Compare <image> with <image>"), _assistant("Both noise.")],
+               "images": ["coco/1.png", str(blue)]}
+    no_tag = {"messages": [_user("Describe."), _assistant("Noise.")], "images": ["2.png"]}
+    ours = [
+        {"id": "x1", "messages": [_user([{"type": "image_url", "image_url": "coco/1.png"},
+                                         {"type": "text", "text": "What is this?"}]),
+                                  _assistant("Noise."), _user("Sure?"), _assistant("Yes.")]},
+        {"messages": [_user([{"type": "text", "text": "Compare"}, {"type": "image_url", "image_url": "coco/1.png"},
+                             {"type": "text", "text": "with"}, {"type": "image_url", "image_url": str(blue)}]),
+                      _assistant("Both noise.")]},
+        {"messages": [_user([{"type": "image_url", "image_url": "2.png"}, {"type": "text", "text": "Describe."}]),
+                      _assistant("Noise.")]},
+    ]
+    src = write_jsonl(data / "llava.jsonl", [llava, factory, no_tag])
+    out = tmp_path / "out" / "train.jsonl"
+    out.parent.mkdir()
+    assert reformat_data.main([str(src), "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert (f"{src}:1: ShareGPT 'conversations' -> 'messages'; 4 ShareGPT turn(s) ('from'/'value') -> messages; "
+            "'image' (1) -> image chunks at the <image> placeholders; relative path rewritten") in text
+    assert f"{src}:3: 'images' (1) -> image chunks before the first user text (no <image> placeholder)" in text
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all("image" not in row and "images" not in row for row in written)
+    for got, want in zip(written, ours, strict=True):
+        a, b = encode(got, out.parent), encode(want, data)
+        assert a.tokens == b.tokens and len(a.images) == len(b.images) > 0
+        for x, y in zip(a.images, b.images, strict=True):
+            np.testing.assert_array_equal(x, y)
+    assert (out.parent / image_refs(written[0])[0]).read_bytes() == red.read_bytes()
+
+
+@pytest.mark.parametrize("row, match", [
+    ({"messages": [_user("<image> and <image>"), _assistant("a")], "images": ["a.png"]},
+     r"'images' lists 1 picture\(s\) but the user messages have 2 <image> placeholder\(s\); make them match"),
+    ({"messages": [_user("x"), _assistant("see <image>")], "image": "a.png"},
+     r"message 1 \(assistant\) has an <image> placeholder"),
+    ({"messages": [_user("<image>"), _assistant("a")], "images": [URL]},
+     r"'images' entry 0 is the URL"),
+    ({"messages": [_user("<image>"), _assistant("a")], "image": "a.png", "images": ["a.png"]},
+     r"has both 'image' and 'images'"),
+])
+def test_placeholder_rows_that_do_not_add_up_are_skipped(row: dict, match: str) -> None:
+    with pytest.raises(reformat_data.Skip, match=match):
+        reformat_data.reformat_sample(row, random.Random(0))
+
+
 UNFIXABLE = [
     (_user([{"type": "image_url", "image_url": {"url": URL, "detail": "high"}}]),
      r"message 0 \(user\) chunk 0 is the URL 'https://example\.com/cat\.png'; training never downloads images: "

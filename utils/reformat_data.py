@@ -37,6 +37,9 @@ Per line, and only where needed (an untouched line is copied byte for byte):
     never read or re-encoded: a data: URI is copied as it is, and a path is kept, except that with
     ``--output`` in another folder a relative path is rewritten relative to the output file's folder
     (relative paths start at the JSONL file's folder), so it names the same file.
+    LLaVA and LLaMA-Factory rows (a top-level ``image`` / ``images`` list, ``<image>`` placeholders in
+    the user text) get image chunks at the placeholders (before the first user text when there is
+    none); their paths, too, start at the JSONL file's folder.
     Not fixable here, so the line is skipped and named (``FILE:LINE: skipped: ...``): an http(s) image
     (training never downloads: download it, write its path relative to the JSONL file, and run this
     again; the closing summary counts these lines), an OpenAI ``file_id`` image, and an image in a
@@ -473,6 +476,58 @@ def _parts(msg: dict, i: int, folders: tuple[Path, Path] | None, notes: list[str
         msg[key] = out
 
 
+_TAG = "<image>"
+
+
+def _place_images(obj: dict, messages: list[dict], folders: tuple[Path, Path] | None, notes: list[str]) -> None:
+    """LLaVA / LLaMA-Factory rows: pictures listed in a top-level ``image`` or ``images`` and marked by
+    ``<image>`` in the user text become image chunks where the placeholders are (before the first
+    user text when there is none). Training does not read those keys: left alone, the pictures
+    would be dropped without a word."""
+    keys = [k for k in ("images", "image") if k in obj]
+    if not keys:
+        return
+    if len(keys) == 2:
+        raise Skip("has both 'image' and 'images'; keep one list of pictures")
+    key = keys[0]
+    refs = obj.pop(key)
+    refs = [refs] if isinstance(refs, str) else refs
+    if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+        raise Skip(f"'{key}' must be a path or a list of paths, got {json.dumps(refs)[:60]}")
+    if not refs:
+        notes.append(f"empty '{key}' removed")
+        return
+    users = [m for m in messages if m.get("role") == "user"]
+    for k, m in enumerate(messages):
+        content = m.get("content")
+        if m.get("role") != "user" and isinstance(content, str) and _TAG in content:
+            raise Skip(f"message {k} ({m.get('role')}) has an {_TAG} placeholder; pictures go in user messages")
+    n_tags = sum(m["content"].count(_TAG) for m in users if isinstance(m.get("content"), str))
+    if not users or (n_tags and n_tags != len(refs)):
+        raise Skip(f"'{key}' lists {len(refs)} picture(s) but the user messages have {n_tags} {_TAG} placeholder(s); "
+                   "make them match (one placeholder where each picture goes)")
+    changes: list[str] = []
+    chunks = iter(
+        _image_part({"type": "image_url", "image_url": r}, f"'{key}' entry {j}", folders, changes)
+        for j, r in enumerate(refs)
+    )
+    if not n_tags:
+        first = users[0]
+        content = first.get("content")
+        rest = content if isinstance(content, list) else [{"type": "text", "text": content}] if content else []
+        first["content"] = [*chunks, *rest]
+    for m in users if n_tags else []:
+        if not isinstance(m.get("content"), str) or _TAG not in m["content"]:
+            continue
+        pieces = m["content"].split(_TAG)
+        parts = [{"type": "text", "text": pieces[0].strip()}]
+        for text in pieces[1:]:
+            parts += [next(chunks), {"type": "text", "text": text.strip()}]
+        m["content"] = [c for c in parts if c.get("type") != "text" or c["text"]]
+    where = "at the <image> placeholders" if n_tags else "before the first user text (no <image> placeholder)"
+    notes.append(f"'{key}' ({len(refs)}) -> image chunks {where}" + "".join(f"; {c}" for c in sorted(set(changes))))
+
+
 def reformat_sample(
     obj: Any, rng: random.Random, folders: tuple[Path, Path] | None = None
 ) -> tuple[Any, list[str]]:
@@ -516,6 +571,7 @@ def reformat_sample(
         elif role in ("user", "system"):
             pending = []
         fixed.append(msg)
+    _place_images(obj, fixed, folders, notes)
 
     first = next((i for i, m in enumerate(fixed) if m.get("role") in ("user", "system")), None)
     if first is None:

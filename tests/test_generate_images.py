@@ -185,8 +185,6 @@ def test_cli_image_option(setup, tmp_path, capsys):
     eos = tok.instruct_tokenizer.tokenizer.eos_id
     (expected,) = generate(model, [tokens], images=[images], max_new_tokens=6, eos_id=eos)
     assert reply == tok.decode(expected)
-    assert main(base) == 0  # text only: a text model is built, and the pictures mattered
-    assert json.loads(capsys.readouterr().out)["reply"] != reply
 
     # With an adapter: the adapted model's reply, which differs from the base model's.
     adapted = _adapter(native, tmp_path / "ckpt")

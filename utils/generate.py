@@ -88,9 +88,9 @@ def read_images(paths: list[str]) -> list:
     return chunks
 
 
-def check_vision(model_dir: str, tokenizer) -> None:
-    """Images need a vision encoder in the model and an image config in its tokenizer, that agree: a
-    mismatch would otherwise surface as a count of [IMG] tokens deep inside the forward pass."""
+def vision_of(model_dir: str) -> dict:
+    """The model's params.json ``vision_encoder`` block; ``--image`` on a text-only model is refused here,
+    before anything is loaded."""
     vision = vision_block(load_model_args(model_dir).extra)
     if vision is None:
         raise ValueError(
@@ -98,6 +98,12 @@ def check_vision(model_dir: str, tokenizer) -> None:
             "'vision_encoder' block, or a text-only config.json); use a multimodal checkpoint (Pixtral, "
             "Mistral Small 3.1+, Ministral 3) or drop --image."
         )
+    return vision
+
+
+def check_image_tokenizer(vision: dict, tokenizer) -> None:
+    """The tokenizer must have an image config that agrees with the model's encoder: a mismatch would
+    otherwise surface as a count of [IMG] tokens deep inside the forward pass."""
     encoder = tokenizer.instruct_tokenizer.image_encoder
     if encoder is None:
         raise ValueError(
@@ -238,10 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not Path(opts.model).is_dir():
             raise FileNotFoundError(f"--model {opts.model} is not a model folder.")
-        images = read_images(opts.image)  # a bad path fails before anything is loaded
+        images = read_images(opts.image)  # a bad path or a text-only model fails before anything is loaded
+        vision = vision_of(opts.model) if images else None
         tokenizer = _tokenizer(opts)
-        if images:
-            check_vision(opts.model, tokenizer)
+        if vision is not None:
+            check_image_tokenizer(vision, tokenizer)
         model = load_model(opts.model, opts.lora, device, dtype, vision=bool(images))
         if opts.prompt is None:
             chat(model, tokenizer, opts, images)

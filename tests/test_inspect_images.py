@@ -13,7 +13,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from PIL import Image
 
 from finetune.data.tokenize import SampleType, encode_all
-from tests.data_helpers import bundled_tekken_with_images, write_jsonl
+from tests.data_helpers import bundled_tekken_with_images, write_jsonl, write_tekken
 from tests.model_helpers import write_checkpoint
 from tests.train_helpers import tiny_vocab_args
 from utils import inspect_data
@@ -100,3 +100,21 @@ def test_markers_count_the_tokens_they_replace() -> None:
     pieces = [it.tokenizer.id_to_piece(t) for t in tokens]
     shown = inspect_data.render(*inspect_data.collapse_images(pieces, masks, runs, ["<1>", "<2>"]), color=False)
     assert shown == "<s>[INST]<1>" + pieces[7] + "«<2>[/INST]»"
+
+
+def test_markers_of_a_tokenizer_that_merges_patches_count_merged_tokens(tmp_path) -> None:
+    """With spatial_merge_size 2 (Mistral Small 3.1) one [IMG] stands for 2x2 patches: the grid is the tokens'."""
+    path = write_tekken(tmp_path, "v13", image=True)
+    model = json.loads(path.read_text(encoding="utf-8"))
+    model["image"]["spatial_merge_size"] = 2
+    path.write_text(json.dumps(model), encoding="utf-8")
+    it = MistralTokenizer.from_file(str(path)).instruct_tokenizer
+    noise_png(tmp_path / "p.png", (4 * PATCH, 6 * PATCH), 0)  # 4x6 patches -> 2x3 tokens
+    row = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "p.png"}]},
+                        {"role": "assistant", "content": "ok"}]}
+    [ts] = encode_all(row, it, SampleType.INSTRUCT, chunk=False, base_dir=tmp_path)
+    [(a, b)] = inspect_data.image_runs(ts.tokens, it)
+    d = inspect_data.describe_image(ts.tokens[a:b], ts.masks[a:b], it, ts.images[0])
+    assert inspect_data.image_marker(1, d) == (
+        "[image 1: 64x96 px -> 3 rows x 2 = 6 [IMG] + 2 [IMG_BREAK] + [IMG_END], 9 tokens]"
+    )

@@ -14,6 +14,8 @@ sits, with the counts read from the tokens themselves (``--json`` lists the runs
 
     [image 1: 32x48 px -> 3 rows x 2 = 6 [IMG] + 2 [IMG_BREAK] + [IMG_END], 9 tokens]
 
+(the size is the picture's after the encoder resized it; the grid is of tokens, so with a spatial merge
+of 2 each [IMG] stands for 2x2 patches).
 Image tokens are never trained, so a marker is never inside «...»; if one is, the marker says how many
 of its tokens are targets.
 """

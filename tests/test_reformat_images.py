@@ -135,6 +135,8 @@ def test_image_lines_already_in_our_format_stay_byte_for_byte(tmp_path, capsys) 
     assert src.read_bytes() == before
     # Into a subfolder, only the relative paths change, and they still name the same files.
     sub = tmp_path / "sub" / "train.jsonl"
+    assert reformat_data.main([str(src), "--output", str(sub)]) == 1
+    assert f"the output folder {sub.parent} does not exist; create it first" in capsys.readouterr().err
     sub.parent.mkdir()
     assert reformat_data.main([str(src), "--output", str(sub)]) == 0
     assert "2 line(s), 2 changed" in capsys.readouterr().out

@@ -44,7 +44,8 @@ Per line, and only where needed (an untouched line is copied byte for byte):
     (training never downloads: download it, write its path relative to the JSONL file, and run this
     again; the closing summary counts these lines), an OpenAI ``file_id`` image, and an image in a
     system, assistant or tool message (the model sees pictures only in user messages; moving one would
-    change what the conversation says, so the choice is left to you).
+    change what the conversation says, so the choice is left to you). Pictures are not opened here:
+    ``utils.validate_data`` on the output checks that each exists and decodes.
 Every line written is checked with the training rules (``finetune.data.tokenize.parse_instruct``).
 Every change is printed as ``FILE:LINE: what changed``, every line left out as
 ``FILE:LINE: skipped: why``; the counts close the output. Function-calling samples are kept (the
@@ -659,6 +660,9 @@ def parse_reformat_args(prog: str, description: str, argv: list[str] | None) -> 
         print(f"error: {path} is not a file.", file=sys.stderr)
         return None
     out = path if opts.in_place else Path(opts.output) if opts.output else default_output(path, "reformatted")
+    if not out.parent.is_dir():
+        print(f"error: the output folder {out.parent} does not exist; create it first.", file=sys.stderr)
+        return None
     return path, out, opts.seed
 
 

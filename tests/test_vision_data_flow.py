@@ -205,3 +205,14 @@ def test_packed_batch_with_pictures_equals_its_samples_one_by_one(workspace, mod
     swapped = list(b.images)
     swapped[i], swapped[j] = swapped[j], swapped[i]
     assert not torch.isclose(loss(b, swapped), loss(b, b.images), rtol=1e-6)
+
+
+def test_split_data_warns_when_relative_pictures_would_not_follow(workspace, tmp_path, capsys) -> None:
+    from utils import split_data
+
+    assert split_data.main([str(workspace["path"]), "--output_dir", str(tmp_path / "elsewhere")]) == 0
+    assert "warning: 5 line(s) name pictures by paths relative to" in capsys.readouterr().err  # of 6 (one has no picture)
+    assert split_data.main([str(workspace["path"])]) == 0  # next to the file: the paths still resolve
+    assert "warning" not in capsys.readouterr().err
+    for name in ("train", "eval", "test"):
+        (workspace["path"].parent / f"train.{name}.jsonl").unlink()

@@ -11,6 +11,7 @@ depends only on the seed and the number of lines. The eval file plugs straight i
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 from pathlib import Path
@@ -26,6 +27,30 @@ def split_indices(n: int, eval_share: float, test_share: float, seed: int) -> di
         "train": order[n_eval + n_test :],
     }
     return {k: sorted(v) for k, v in parts.items()}
+
+
+def relative_pictures(lines: list[bytes]) -> int:
+    """Lines with a picture given by a relative path: it resolves from the JSONL file's folder, so a
+    copy of the line in another folder no longer finds it."""
+    count = 0
+    for raw in lines:
+        if b'"image' not in raw:
+            continue
+        try:
+            messages = json.loads(raw).get("messages") or []
+        except (ValueError, AttributeError):
+            continue  # validate_data reports it
+        refs = [
+            chunk.get(chunk.get("type")) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+            for chunk in m["content"] if isinstance(chunk, dict) and chunk.get("type") in ("image_url", "image")
+        ]
+        refs = [r.get("url") if isinstance(r, dict) else r for r in refs]
+        count += any(
+            isinstance(r, str) and not r.startswith(("data:", "http://", "https://"))
+            and not Path(r.removeprefix("file://")).expanduser().is_absolute() and len(r) < 4096
+            for r in refs
+        )
+    return count
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     parts = split_indices(len(lines), opts.eval, opts.test, opts.seed)
     folder = Path(opts.output_dir) if opts.output_dir else path.parent
     folder.mkdir(parents=True, exist_ok=True)
+    moved = folder.resolve() != path.parent.resolve()
+    n_relative = relative_pictures(lines) if moved else 0
+    if n_relative:
+        print(
+            f"warning: {n_relative} line(s) name pictures by paths relative to {path.parent}, which training "
+            f"resolves from the folder of the JSONL file that holds them: copy the pictures to {folder} too "
+            "(keeping their relative paths), or leave out --output_dir.",
+            file=sys.stderr,
+        )
     for name in ("train", "eval", "test"):
         if name == "test" and opts.test == 0:
             continue

@@ -28,6 +28,14 @@ block (FSDP's hooks stay outside it, as do parameter names): inductor fuses the 
 (norms, rotary, SwiGLU, the LoRA updates) and, under checkpointing, applies the same save/recompute
 policy at trace time instead of dispatching every op through Python. All blocks share one compiled
 graph (two: the first block's input needs no gradient); evaluation under ``no_grad`` adds its own.
+
+A multimodal model (built with ``vision=True``) gets the same treatment for the vision encoder's
+blocks: each is checkpointed with the configured mode (``selective_policy`` recomputes its w1 and
+w3, as in a text block, and its per-picture attention, which runs SDPA's math path on 3-D inputs:
+batched products, never kept) and is an FSDP unit of its own, with the text blocks' mixed precision. They
+are never compiled: every picture size is a new graph. The encoder's stem and the adapter stay in
+the root. All vision blocks are gathered when the root's forward starts and freed after the
+backward (``parallelize`` says why).
 """
 
 from __future__ import annotations
@@ -135,10 +143,17 @@ def compile_block(block: nn.Module) -> None:
     block.forward = torch.compile(block.forward, fullgraph=True, dynamic=False)
 
 
+def vision_blocks(model: TransformerWithLoss) -> list[nn.Module]:
+    """The vision encoder's blocks of a model built with ``vision=True``; none for a text model."""
+    encoder = getattr(model.transformer, "vision_encoder", None)
+    return list(encoder.transformer.layers) if encoder is not None else []
+
+
 def parallelize(
     model: TransformerWithLoss, *, compute_dtype: torch.dtype, checkpoint_mode: str, compile: bool = False
 ) -> TransformerWithLoss:
-    """Checkpoint, compile and shard every block, then shard the root (embedding, norm, output)."""
+    """Checkpoint, compile and shard every block (the vision encoder's, then the language model's),
+    then shard the root (embedding, norm, output, and the vision stem and adapter)."""
     if checkpoint_mode not in CHECKPOINT_MODES:
         raise ValueError(f"unknown activation checkpointing mode {checkpoint_mode!r}; use one of {CHECKPOINT_MODES}")
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
@@ -148,11 +163,35 @@ def parallelize(
     # (build_sharded), so no cast is lost.
     alone = D.world_size() == 1
     ignored = {p for p in model.parameters() if not p.requires_grad and p.dtype == compute_dtype} if alone else None
+    vision = vision_blocks(model)
+    for block in vision:
+        if checkpoint_mode != "none":
+            checkpoint_block(block, checkpoint_mode)
+        # Not compiled: each picture size gives new patch counts and a new ``lengths`` list (one
+        # attention call per picture), so a static graph recompiles for every size, and a dynamic
+        # one would still specialise on the number of pictures (that loop unrolls). Eager it is.
+        # Gathered until the backward ends (not freed after the forward): see the prefetch below.
+        fully_shard(block, mp_policy=mp, ignored_params=ignored, reshard_after_forward=False)
     for block in model.transformer.layers:
         if checkpoint_mode != "none":
             checkpoint_block(block, checkpoint_mode)
         if compile:
             compile_block(block)
         fully_shard(block, mp_policy=mp, ignored_params=ignored)
+    # The vision stem (patch_conv, ln_pre) and the adapter (pre-projector norm, patch merger, MLP) run
+    # on either side of the encoder's blocks. They are about a tenth of the encoder's weights and
+    # small beside the embedding and output, so they stay in the root: no collectives of their own.
     fully_shard(model, mp_policy=mp, ignored_params=ignored)
+    if vision:
+        # Every rank must issue the same all-gathers in the same order. The vision side runs at
+        # different points on different ranks: where the pictures are embedded, before the text
+        # blocks, on a rank whose batch has pictures; after them, where the loss runs its blank
+        # image, on a rank whose batch has none. So the root gathers all vision blocks when its
+        # forward starts, on every rank, before anything else runs. They stay gathered until the
+        # backward ends, so no rank gathers them again: FSDP's backward prefetch follows each
+        # rank's own forward order, which would differ. The cost is the unsharded encoder for the
+        # length of a step. Gradient reduce-scatters of a *trained* encoder (full fine-tuning,
+        # vision LoRA targets) follow autograd's order, which puts the encoder after the text blocks
+        # only if the blank image runs before them too.
+        model.set_modules_to_forward_prefetch(vision)
     return model

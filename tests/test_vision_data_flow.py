@@ -216,3 +216,27 @@ def test_split_data_warns_when_relative_pictures_would_not_follow(workspace, tmp
     assert "warning" not in capsys.readouterr().err
     for name in ("train", "eval", "test"):
         (workspace["path"].parent / f"train.{name}.jsonl").unlink()
+
+
+@pytest.mark.parametrize("case", ["text_only_model", "other_merge"])
+def test_validate_data_names_a_model_that_cannot_read_the_pictures(workspace, tmp_path, capsys, case) -> None:
+    from model.tiny import tiny_args, write_random_model
+    from utils import validate_data
+
+    folder = tmp_path / "model"
+    dims = dict(vocab_size=131072, dim=32, hidden_dim=64, n_heads=2, n_kv_heads=1)
+    if case == "text_only_model":
+        write_random_model(folder, tiny_args(**dims))
+        write_image_tekken(folder, merge=MERGE)
+        want = "has no vision encoder (its params.json has no 'vision_encoder' block"
+    else:
+        write_random_vision_model(folder, tiny_vision_args(merge=1, **dims))
+        write_image_tekken(folder, merge=MERGE)
+        want = "the tokenizer cuts pictures into 16-pixel patches merged 2x2 per [IMG] token (id 10), but the " \
+               "vision encoder reads 16-pixel patches merged 1x1"
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({"model_id_or_path": str(folder), "seq_len": 160, "run_dir": str(tmp_path / "r"),
+                                  "data": {"instruct_data": str(workspace["path"]),
+                                           "cache_dir": str(workspace["root"] / "cache")}}))
+    assert validate_data.main(["--train_yaml", str(config)]) == 1
+    assert want in capsys.readouterr().err

@@ -83,7 +83,7 @@ class LoRALinear(nn.Module):
         return flat.view(base.shape)
 
     def extra_repr(self) -> str:
-        bias = ", bias" if self.bias is not None else ""
+        bias = ", bias" if getattr(self, "bias", None) is not None else ""  # stacked experts (model.experts) have none
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling}{bias}"
 
 

@@ -80,7 +80,8 @@ def quantize_nf4(
 
 
 class NF4LoRALinear(LoRALinear):
-    """y = dequant(W_nf4) x + scaling * B A dropout(x), computed in the dtype of x."""
+    """y = dequant(W_nf4) x + b + scaling * B A dropout(x), computed in the dtype of x; the bias, if any
+    (the vision-language adapter's), stays unquantized and frozen."""
 
     def __init__(
         self,
@@ -275,7 +276,7 @@ def quantize_lora_layers(model: nn.Module, storage_dtype: torch.dtype) -> None:
                 new.weight.copy_(packed.view(new.weight.shape))
                 new.lora_A.weight.copy_(old.lora_A.weight)
                 new.lora_B.weight.copy_(old.lora_B.weight)
-                if old.bias is not None:
+                if getattr(old, "bias", None) is not None:  # stacked experts have none
                     new.bias.copy_(old.bias)
             new.set_quant_stats(stats)
         new.train(old.training)

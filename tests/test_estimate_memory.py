@@ -27,13 +27,18 @@ from utils.estimate_memory import (
     KNOWN_MODELS,
     LINEARS,
     NF4_BYTES,
+    VISION_ATTENTION_MATH,
+    Images,
     estimate,
+    image_shape,
     main,
     param_counts,
     saved_bytes_per_layer,
     saved_bytes_per_token,
     selective_kept_bytes_per_expert_row,
     selective_saved_bytes_per_token,
+    vision_block_saved_bytes,
+    vision_outside_blocks_saved_bytes,
     vision_params,
 )
 from utils.workload import PRESETS
@@ -602,7 +607,9 @@ def test_mistral_small_4_preset_is_transformers_mistral4_config(tmp_path):
 
 @pytest.mark.parametrize("name", [n for n in sorted(KNOWN_MODELS) if KNOWN_MODELS[n].extra.get("vision_encoder")])
 def test_vision_count_equals_transformers_pixtral_and_projector(name):
-    from transformers import Mistral3Config, PixtralVisionConfig, PixtralVisionModel
+    # Pixtral 12B has no patch merger: transformers builds it as Llava (its projector: two linears).
+    from transformers import LlavaConfig, Mistral3Config, PixtralVisionConfig, PixtralVisionModel
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
     from transformers.models.mistral3.modeling_mistral3 import Mistral3MultiModalProjector
 
     m = KNOWN_MODELS[name]
@@ -610,10 +617,16 @@ def test_vision_count_equals_transformers_pixtral_and_projector(name):
     keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
             "patch_size", "image_size")
     vision = PixtralVisionConfig(**{k: v[k] for k in keys}, head_dim=v["hidden_size"] // v["num_attention_heads"])
-    config = Mistral3Config(vision_config=vision, text_config={"model_type": "mistral", "hidden_size": m.dim},
-                            spatial_merge_size=v["spatial_merge_size"], multimodal_projector_bias=v["adapter_bias"])
+    text = {"model_type": "mistral", "hidden_size": m.dim}
+    if v.get("mm_projector_id") == "patch_merge":
+        config = Mistral3Config(vision_config=vision, text_config=text, spatial_merge_size=v["spatial_merge_size"],
+                                multimodal_projector_bias=v["adapter_bias"])
+        projector = Mistral3MultiModalProjector
+    else:
+        config = LlavaConfig(vision_config=vision, text_config=text, multimodal_projector_bias=v["adapter_bias"])
+        projector = LlavaMultiModalProjector
     with torch.device("meta"):
-        modules = [PixtralVisionModel(config.vision_config), Mistral3MultiModalProjector(config)]
+        modules = [PixtralVisionModel(config.vision_config), projector(config)]
     assert vision_params(m) == sum(p.numel() for mod in modules for p in mod.parameters())
 
 
@@ -740,3 +753,56 @@ def test_cpu_processes_hold_a_second_copy_of_the_root_while_gathering():
     assert estimate(m, args, n_devices=8, device="cpu").parts[part] == root  # gathered whole on every rank
     assert part not in estimate(m, args, n_devices=1, device="cpu").parts
     assert part not in estimate(m, args, n_devices=2, device="cuda").parts
+
+
+# Image data (issue 18): the vision encoder and adapter are built and counted.
+def _vision_args(merge: bool, size: int = 64, layers: int = 3, hidden: int = 96, ffn: int = 224,
+                 patch: int = 4) -> ModelArgs:
+    """A tiny multimodal model: a Pixtral encoder with (Mistral Small 3.x) or without (Pixtral 12B) the
+    pre-projector norm and 2x2 patch merger; every width distinct for byte-exact comparisons."""
+    vision = dict(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=4,
+                  num_channels=3, patch_size=patch, image_size=size, rope_theta=10000.0, image_token_id=5,
+                  spatial_merge_size=2 if merge else 1, add_pre_mm_projector_layer_norm=merge, adapter_bias=not merge)
+    if merge:
+        vision["mm_projector_id"] = "patch_merge"
+    return ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, norm_eps=1e-5,
+                     vocab_size=128, extra={"vision_encoder": vision})
+
+
+@pytest.mark.parametrize("merge", [True, False], ids=["merger", "no-merger"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_vision_formula_equals_saved_tensors(merge, dtype):
+    """Fully fine-tuned, the vision side saves for backward what the planner says, byte for byte: per
+    block the text formula per patch with math-path attention (float32 scaled q, k, v and each image's
+    softmax), plus the stem and adapter. Three images of different sizes; the pixels and the rotary
+    table (shared by the blocks, as the text model's) are not counted."""
+    m = _vision_args(merge)
+    torch.manual_seed(0)
+    model = Transformer(m, vision=True)
+    model.init_weights(0)
+    model.to(dtype)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    sizes = [64, 32, 16]  # square, as the plan's images; per-image terms differ by size
+    images = [torch.randn(3, s, s) for s in sizes]
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *images]}
+
+    def enter(module, inputs):
+        skip.update(t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor) and not t.requires_grad)
+
+    for block in model.vision_encoder.transformer.layers:
+        block.register_forward_pre_hook(enter)
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in skip:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.image_features(images)
+    c = 2 if dtype == torch.bfloat16 else 4
+    layers = m.extra["vision_encoder"]["num_hidden_layers"]
+    expected = sum(layers * vision_block_saved_bytes(m, 1, s, list(LINEARS), 0, 0.0, c)
+                   + vision_outside_blocks_saved_bytes(m, 1, s, c) for s in sizes)
+    assert sum(seen.values()) == expected

@@ -76,6 +76,23 @@ _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 LINEARS = DEFAULT_TARGETS  # every linear of any block: fully fine-tuned, all of them train
 
 
+# model/vision.py runs SDPA once per image on 3-D (heads, patches, head_dim) tensors. Every fused
+# kernel (CPU flash; CUDA flash, memory-efficient, cuDNN) takes 4-D inputs only, so these calls take
+# the math path, which materialises each image's (heads, patches, patches) scores, in float32 (it
+# upcasts bf16/fp16 inputs), and saves them when gradients flow through the encoder. A test checks
+# that the encoder still takes this path; batched 4-D inputs would drop every ``scores`` term below.
+VISION_ATTENTION_MATH = True
+
+
+@dataclass(frozen=True)
+class Images:
+    """The images one row of ``seq_len`` tokens holds at most, all planned at the largest size the
+    tokenizer keeps (``size`` px square; mistral-common shrinks larger pictures to fit)."""
+
+    per_row: int
+    size: int
+
+
 @dataclass
 class Plan:
     device: str  # "cuda" or "cpu"
@@ -83,6 +100,7 @@ class Plan:
     parts: dict[str, float]  # bytes per device, in print order; their sum is the peak
     capacity: float | None = None  # bytes per device (GPU memory, or RAM / processes on CPU)
     notes: list[str] = field(default_factory=list)
+    images: Images | None = None  # the image data planned for, if any
 
     @property
     def total(self) -> float:
@@ -196,6 +214,159 @@ def vision_params(m: ModelArgs) -> int:
     return encoder + adapter
 
 
+def vision_args(m: ModelArgs) -> ModelArgs | None:
+    """The vision encoder's blocks as a text-block shape, so the per-token formulas apply per patch: a
+    Pixtral block is a text block without the causal mask (two RMSNorms, rotary attention with as many
+    key/value heads as heads, SwiGLU). None for a text-only model."""
+    v = m.extra.get("vision_encoder")
+    if not v:
+        return None
+    h, heads = v["hidden_size"], v["num_attention_heads"]
+    return ModelArgs(dim=h, n_layers=v["num_hidden_layers"], head_dim=v.get("head_dim") or h // heads,
+                     hidden_dim=v["intermediate_size"], n_heads=heads, n_kv_heads=heads, norm_eps=1e-5, vocab_size=1)
+
+
+def max_image_size(m: ModelArgs) -> int:
+    """The largest side, in pixels, an image keeps (params.json ``max_image_size``, else ``image_size``:
+    the tokenizer's ``max_image_size`` in the releases)."""
+    v = m.extra["vision_encoder"]
+    return int(v.get("max_image_size") or v["image_size"])
+
+
+def image_shape(m: ModelArgs, size: int) -> tuple[int, int]:
+    """(patches, tokens) of one ``size`` x ``size`` image: (size / patch)² patches; each merge x merge
+    block of them is one ``[IMG]``, and each row of those ends with ``[IMG_BREAK]`` (``[IMG_END]`` last)."""
+    v = m.extra["vision_encoder"]
+    side = -(-size // v["patch_size"])
+    merge = v.get("spatial_merge_size", 1) if v.get("mm_projector_id") else 1
+    rows = -(-side // merge)
+    return side * side, rows * (rows + 1)
+
+
+def images_filling(m: ModelArgs, seq_len: int, size: int) -> int:
+    """How many ``size`` px images one row of ``seq_len`` tokens holds: the worst case of image data."""
+    return seq_len // image_shape(m, size)[1]
+
+
+def vision_block_saved_bytes(m: ModelArgs, n_images: int, size: int, targets: list[str], rank: int,
+                             dropout: float, c: int) -> float:
+    """Bytes one vision block saves for backward over ``n_images`` images of ``size`` px, when gradients
+    flow through the encoder (``targets``: its adapted, or in full fine-tuning all, linears).
+
+    Per patch what a text block saves per token (``saved_bytes_per_token``), except the attention on
+    the math path (``VISION_ATTENTION_MATH``): it saves float32 scaled q and k and a float32 v (instead
+    of q, k, v after rotary, the output and the log-sum-exp) and, per image, the float32 softmax
+    (heads x patches²)."""
+    va = vision_args(m)
+    patches = image_shape(m, size)[0]
+    per_patch = saved_bytes_per_token(va, targets, rank, dropout, c, 0)
+    scores = 0
+    if VISION_ATTENTION_MATH:
+        hv = va.n_heads * va.head_dim
+        per_patch += 3 * 4 * hv - (3 * c * hv + c * hv + 4 * va.n_heads)
+        scores = 4 * va.n_heads * patches**2
+    return n_images * (patches * per_patch + scores)
+
+
+def vision_outside_blocks_saved_bytes(m: ModelArgs, n_images: int, size: int, c: int) -> float:
+    """Bytes saved outside the vision blocks when the whole vision side trains (full fine-tuning):
+    the patch convolution's input in the compute dtype (the pixels themselves in float32), ``ln_pre``'s
+    and the pre-projector norm's inputs and float32 rsqrt, the patch merger's input, and the adapter's
+    three (its two linears' inputs and the GELU's)."""
+    v = m.extra["vision_encoder"]
+    patches, _ = image_shape(m, size)
+    hv = v["hidden_size"]
+    merged = patches // (v["spatial_merge_size"] ** 2 if v.get("mm_projector_id") == "patch_merge" else 1)
+    per_patch = (c * hv + 4) * (2 if v.get("add_pre_mm_projector_layer_norm") else 1)
+    per_patch += c * hv if v.get("mm_projector_id") == "patch_merge" else 0
+    conv = 0 if c == 4 else 3 * size * size * c
+    return n_images * (conv + patches * per_patch + merged * (c * hv + 2 * c * m.dim))
+
+
+def vision_transient_bytes(m: ModelArgs, n_images: int, size: int, c: int) -> float:
+    """What one vision block's forward holds at once beyond what it keeps: its input, the residual
+    stream and a normed copy (3 c hv per patch) and the larger of the feed-forward's three (patches,
+    F_v) products and the attention's q, k, v with, on the math path, one image's float32 q, k, v
+    copies, its scores and their softmax (float32) and a one-byte mask as large. Backward holds as much again for
+    the gradients of these, and no more."""
+    va = vision_args(m)
+    patches = n_images * image_shape(m, size)[0]
+    one = image_shape(m, size)[0]
+    hv = va.n_heads * va.head_dim
+    attention = 3 * c * hv * patches
+    if VISION_ATTENTION_MATH:  # scores, their softmax, and _safe_softmax's bool mask of fully masked rows
+        attention += 3 * 4 * hv * one + 9 * va.n_heads * one**2
+    return 3 * c * hv * patches + max(3 * c * va.hidden_dim * patches, attention)
+
+
+def vision_terms(
+    m: ModelArgs, args: TrainArgs, images: Images, *, n_devices: int, c: int, frozen_gathered: bool,
+    text_dynamic: float,
+) -> tuple[dict[str, float], list[str]]:
+    """The vision side of a run on image data, as two lines (its weights, its activations) and notes.
+
+    Weights: the encoder and adapter in the compute dtype, sharded like the blocks (fully fine-tuned:
+    float32 with gradients and AdamW, 16 bytes a parameter). Sharded, FSDP also holds the parts outside
+    the blocks (patch convolution, ``ln_pre``, merger, adapter) gathered with the root for the whole
+    step, and two vision blocks while the encoder runs. With LoRA the vision side is frozen (no vision
+    target exists yet), so nothing of it is quantized.
+
+    Activations: kept through the step, the pixels (float32, as mistral-common gives them) and, when
+    gradients flow through the encoder (full fine-tuning; LoRA leaves it frozen, and a frozen encoder
+    saves nothing), what it saves: every block's saved tensors, or under checkpointing each block's
+    input (and the selective policy's kept products) plus one block recomputed in backward, and
+    what the stem and adapter save. The encoder runs first in forward and last in backward, when the
+    text blocks hold no activations, so its working set counts only where it exceeds the text's
+    (``text_dynamic``): peak = kept + max(text's, encoder's)."""
+    va = vision_args(m)
+    n = images.per_row * args.batch_size
+    patches, tokens = image_shape(m, images.size)
+    trains = not args.lora.enable
+    hv, lv = va.n_heads * va.head_dim, va.n_layers
+    block_params = 4 * hv * hv + 3 * hv * va.hidden_dim + 2 * hv
+    params = vision_params(m)
+    parts: dict[str, float] = {}
+    gathered = (params - lv * block_params) * c if frozen_gathered else 0.0
+    name = "vision: weights" + (" (fp32 + grads + AdamW)" if trains else " (sharded)")
+    parts[name] = params * (16 if trains else c) / n_devices + gathered
+
+    kept = n * 3 * images.size**2 * 4.0  # pixels
+    recompute = 0.0
+    mode = args.checkpoint_mode
+    if trains:
+        targets = list(LINEARS)
+        block = vision_block_saved_bytes(m, n, images.size, targets, 0, 0.0, c)
+        kept += vision_outside_blocks_saved_bytes(m, n, images.size, c)
+        if mode == "none":
+            kept += lv * block
+        else:
+            recompute = block
+            kept += lv * n * patches * hv * c
+            if mode == "selective":
+                # The math path's products (bmm) are not kept: no attention output or log-sum-exp.
+                per_patch = selective_saved_bytes_per_token(va, targets, 0, c, 0) - (c * hv + 4 * va.n_heads)
+                kept += lv * n * patches * per_patch
+    transient = vision_transient_bytes(m, n, images.size, c)
+    working = max(transient, recompute + transient) + (2 * block_params * c if frozen_gathered else 0.0)
+    parts[f"vision: activations ({n} x {images.size} px images)"] = kept + max(0.0, working - text_dynamic)
+
+    scores = 9 * va.n_heads * patches**2 if VISION_ATTENTION_MATH else 0
+    notes = [
+        f"vision: {images.per_row} image(s) of {images.size} x {images.size} px per row x batch {args.batch_size}: "
+        f"{n * patches} patches through {lv} encoder blocks, {n * tokens} image tokens of the {args.seq_len * args.batch_size}; "
+        + ("encoder and adapter train (full fine-tuning)" if trains else "encoder and adapter frozen: they save nothing for backward"),
+        f"vision: the encoder's working set, {working / GB:.2f} GB, "
+        + (f"exceeds the text model's activations and transients ({text_dynamic / GB:.2f} GB), which it never meets: "
+           f"the excess is in the peak" if working > text_dynamic else
+           f"stays under the text model's activations and transients ({text_dynamic / GB:.2f} GB), which it never meets"),
+    ]
+    if scores:
+        notes.append(f"vision: attention runs on SDPA's math path (3-D inputs, model/vision.py): one {images.size} px image's "
+                     f"float32 scores, softmax and mask take {scores / GB:.2f} GB at once"
+                     + (", and every block saves its softmax" if trains and mode == "none" else ""))
+    return parts, notes
+
+
 # Release shapes, for planning without a model folder (``--model NAME``). Where each value was read is
 # said per entry; rotary settings do not change the plan but make ``describe`` name the variant. The
 # Pixtral encoder below is Mistral Small 3.1's (the official HF config.json's vision_config:
@@ -205,6 +376,10 @@ PIXTRAL_SMALL_31 = {
     "num_channels": 3, "patch_size": 14, "image_size": 1540, "max_image_size": 1540, "rope_theta": 10000.0,
     "spatial_merge_size": 2, "mm_projector_id": "patch_merge", "add_pre_mm_projector_layer_norm": True,
     "adapter_bias": False,
+}
+PIXTRAL_12B = {
+    "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+    "num_channels": 3, "patch_size": 16, "image_size": 1024, "rope_theta": 10000.0, "adapter_bias": True,
 }
 _MINISTRAL3_ROPE = dict(
     rope_theta=1e6,
@@ -233,6 +408,11 @@ KNOWN_MODELS: dict[str, ModelArgs] = {
     "mistral-small-3.2-24b": ModelArgs(**_SMALL_24B, extra={"vision_encoder": PIXTRAL_SMALL_31}),
     # Magistral Small 1.2 (2509) builds on Mistral Small 3.2 and adds its vision encoder back (model card).
     "magistral-small-24b": ModelArgs(**_SMALL_24B, extra={"vision_encoder": PIXTRAL_SMALL_31}),
+    # Pixtral 12B (2409): Mistral Nemo's decoder (the release's params.json as transformers' Llava conversion
+    # and mistral-community/pixtral-12b's config.json give it: rope 1e9) and its own encoder: patch 16, images
+    # up to 1024 px (mistral-common's tekken_240911 image config), no spatial merge, an adapter with biases.
+    "pixtral-12b": ModelArgs(**_COMMON, dim=5120, n_layers=40, hidden_dim=14336, rope_theta=1e9,
+                             extra={"vision_encoder": PIXTRAL_12B}),
     # Devstral Small 1.0 / 1.1 (2505 / 2507): Mistral Small 3.1 fine-tunes whose releases drop the vision
     # encoder (model cards); their own params.json was not found, so the shape is Small 3.1's.
     "devstral-small-24b": ModelArgs(**_SMALL_24B),
@@ -452,9 +632,11 @@ def _widest_rows(m: ModelArgs, layer: int) -> int:
 
 
 def estimate(
-    m: ModelArgs, args: TrainArgs, *, n_devices: int = 1, device: str = "cuda", capacity: float | None = None
+    m: ModelArgs, args: TrainArgs, *, n_devices: int = 1, device: str = "cuda", capacity: float | None = None,
+    images: Images | None = None,
 ) -> Plan:
-    """Peak memory per device of ``train.py`` with this model and config on ``n_devices``."""
+    """Peak memory per device of ``train.py`` with this model and config on ``n_devices``; ``images``
+    (a multimodal model's image data) builds the vision side and counts it (``vision_terms``)."""
     precision = args.precision if args.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
     c = _DTYPE_BYTES[precision]
     lora = args.lora.enable
@@ -482,10 +664,14 @@ def estimate(
             f"(norms, router, linears without an adapter) and the root stay in {precision}"
         )
     vision = vision_params(m)
-    if vision:  # model.multimodal: carried from the base folder into merged outputs, never built
+    if images is not None and images.per_row > 0 and not vision:
+        raise ConfigError("images were planned for a model without a vision encoder (no params.json "
+                          "'vision_encoder' block): drop --images-per-row, or plan a multimodal model.")
+    with_images = images is not None and images.per_row > 0
+    if vision and not with_images:  # model.multimodal: carried from the base folder into merged outputs
         notes.append(f"the {vision / 1e9:.2f}B-parameter vision encoder and adapter ({vision * c / GB:.2f} GB in "
                      f"{precision}) are not loaded for text training: carried from the base folder into merged "
-                     "checkpoints and exports, so not in the peak")
+                     "checkpoints and exports, so not in the peak (image data: --images-per-row)")
     # All-gathered copies in the compute dtype: the root for the whole step, two blocks at a time.
     # Alone (N = 1), frozen weights are left out of FSDP (finetune/parallel.py): only the adapters
     # are gathered.
@@ -565,8 +751,14 @@ def estimate(
         )
         if m.moe is not None:
             parts["CPU kernel caches: per-expert products (calibrated)"] = CPU_MOE_KERNEL_CACHES
+    if with_images:
+        text_dynamic = sum(v for k, v in parts.items() if k.startswith(("activations", "loss", "transient")))
+        vision_parts, vision_notes = vision_terms(m, args, images, n_devices=N, c=c, frozen_gathered=frozen_gathered,
+                                                  text_dynamic=text_dynamic)
+        parts |= vision_parts
+        notes += vision_notes
     parts["fixed overhead"] = CUDA_CONTEXT if device == "cuda" else CPU_BASELINE
-    return Plan(device, n_devices, parts, capacity, notes)
+    return Plan(device, n_devices, parts, capacity, notes, images)
 
 
 def advise(m: ModelArgs, args: TrainArgs, plan: Plan) -> list[str]:
@@ -577,7 +769,7 @@ def advise(m: ModelArgs, args: TrainArgs, plan: Plan) -> list[str]:
     cap = plan.capacity
 
     def total(a: TrainArgs, n: int = plan.n_devices) -> float:
-        return estimate(m, a, n_devices=n, device=plan.device, capacity=cap).total
+        return estimate(m, a, n_devices=n, device=plan.device, capacity=cap, images=plan.images).total
 
     knobs: list[tuple[str, float]] = []
     if args.checkpoint_mode == "none":
@@ -590,7 +782,8 @@ def advise(m: ModelArgs, args: TrainArgs, plan: Plan) -> list[str]:
             (f"batch_size: 1, num_microbatches: {a.num_microbatches} (same tokens per step)", total(a))
         )
     seq = args.seq_len
-    while seq > 512 and total(replace(args, seq_len=seq)) > cap:
+    held = 0 if plan.images is None else plan.images.per_row * image_shape(m, plan.images.size)[1]
+    while seq > 512 and seq // 2 >= held and total(replace(args, seq_len=seq)) > cap:  # a row still holds the images
         seq //= 2
     if seq != args.seq_len:
         knobs.append((f"seq_len: {seq}", total(replace(args, seq_len=seq))))
@@ -631,7 +824,9 @@ def describe(m: ModelArgs, args: TrainArgs, plan: Plan) -> str:
         + f"; attention: {_attention_kinds(m)}"
         + (f"; rotary: YaRN x{m.yarn.factor:g} over {m.yarn.original_max_position_embeddings}" if m.yarn else "")
         + ")"
-        + (f" + a {vision / 1e9:.2f}B vision encoder and adapter (not loaded)" if vision else ""),
+        + (f" + a {vision / 1e9:.2f}B vision encoder and adapter ("
+           + ("built: image data" if plan.images is not None and plan.images.per_row else "not loaded") + ")"
+           if vision else ""),
         "training: "
         + (
             f"LoRA rank {args.lora.rank} on {', '.join(m.present_targets(args.lora.target_modules))} "
@@ -658,10 +853,10 @@ def describe(m: ModelArgs, args: TrainArgs, plan: Plan) -> str:
         if plan.fits and plan.total > 0.9 * plan.capacity:
             lines.append("tight: allocator fragmentation can add 5-10% on top of this estimate")
         if plan.device == "cuda":
-            n = fewest_devices(m, args, plan.capacity)
+            n = fewest_devices(m, args, plan.capacity, plan.images)
             lines.append(
                 f"fewest {plan.capacity / GB:.0f} GB GPUs that fit this config: "
-                + (f"{n} ({estimate(m, args, n_devices=n, capacity=plan.capacity).total / GB:.1f} GB each)"
+                + (f"{n} ({estimate(m, args, n_devices=n, capacity=plan.capacity, images=plan.images).total / GB:.1f} GB each)"
                    if n else f"none up to {MAX_DEVICES}")
             )
         knobs = advise(m, args, plan)
@@ -674,12 +869,12 @@ def describe(m: ModelArgs, args: TrainArgs, plan: Plan) -> str:
 MAX_DEVICES = 4096
 
 
-def fewest_devices(m: ModelArgs, args: TrainArgs, capacity: float) -> int | None:
+def fewest_devices(m: ModelArgs, args: TrainArgs, capacity: float, images: Images | None = None) -> int | None:
     """The smallest GPU count whose plan fits ``capacity`` bytes per GPU (None: none up to
     MAX_DEVICES): more GPUs shard weights and optimizer state; activations and the gathered root
     and blocks stay, so past some count nothing helps."""
     n = 1
-    while estimate(m, args, n_devices=n, capacity=capacity).total > capacity:
+    while estimate(m, args, n_devices=n, capacity=capacity, images=images).total > capacity:
         if n == MAX_DEVICES:
             return None
         n = min(n + max(1, n // 8), MAX_DEVICES)  # every count up to 8, then steps of 1/8
@@ -750,20 +945,64 @@ def main(argv: list[str] | None = None) -> int:
         help="folder with params.json (or the file), or a known release, instead of model_id_or_path: "
         + ", ".join(KNOWN_MODELS),
     )
+    parser.add_argument(
+        "--images-per-row",
+        "--images_per_row",
+        default="0",
+        dest="images_per_row",
+        help="image data for a multimodal model: max-size images per row of seq_len tokens, or 'fill' (as many "
+        "as a row holds: the worst case); default 0, text-only data (the vision side is not built)",
+    )
+    parser.add_argument(
+        "--image-size",
+        "--image_size",
+        type=int,
+        default=None,
+        dest="image_size",
+        help="side in pixels of the planned images (default: the model's max_image_size, the largest the tokenizer keeps)",
+    )
     opts, overrides = parser.parse_known_args(argv)
     try:
         if opts.gpus is not None and opts.gpus < 1:
             raise ConfigError(f"--gpus must be >= 1, got {opts.gpus}.")
         args = load_train_args(opts.train_yaml, overrides)
         m = _load_model_args(opts.model or args.model_id_or_path)
+        images = _images(m, args, opts.images_per_row, opts.image_size)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     device, n, capacity, assumed = target(opts.device, opts.gpus, opts.gpu_memory)
     print(f"planning for {assumed}\n")
-    plan = estimate(m, args, n_devices=n, device=device, capacity=capacity)
+    plan = estimate(m, args, n_devices=n, device=device, capacity=capacity, images=images)
     print(describe(m, args, plan))
     return 0 if plan.fits else 1
+
+
+def _images(m: ModelArgs, args: TrainArgs, per_row: str, size: int | None) -> Images | None:
+    """The image data the command line asks for (None: text-only), checked against the model and seq_len."""
+    if per_row != "fill" and not per_row.isdigit():
+        raise ConfigError(f"--images-per-row must be a count or 'fill', got {per_row!r}.")
+    if per_row == "0":
+        if size is not None:
+            raise ConfigError("--image-size needs image data: add --images-per-row N (or fill).")
+        return None
+    if vision_args(m) is None:
+        raise ConfigError(f"--images-per-row {per_row}: this model has no vision encoder (no params.json "
+                          "'vision_encoder' block), so it cannot train on images; plan a multimodal model.")
+    largest = max_image_size(m)
+    v = m.extra["vision_encoder"]
+    step = v["patch_size"] * (v.get("spatial_merge_size", 1) if v.get("mm_projector_id") else 1)
+    size = largest if size is None else size
+    if not step <= size <= largest:
+        raise ConfigError(f"--image-size {size}: choose from {step} to {largest} px (the model's max_image_size; "
+                          "the tokenizer shrinks larger images to it).")
+    fits = images_filling(m, args.seq_len, size)
+    count = fits if per_row == "fill" else int(per_row)
+    if count > fits or count == 0:
+        tokens = image_shape(m, size)[1]
+        raise ConfigError(f"--images-per-row {per_row}: a {size} px image is {tokens} tokens, so a row of seq_len "
+                          f"{args.seq_len} holds {fits}; ask for at most that, a smaller --image-size, or a longer seq_len.")
+    return Images(count, size)
 
 
 def target(device: str | None, gpus: int | None, gpu_memory: float | None) -> tuple[str, int, float, str]:

@@ -171,7 +171,7 @@ def _adapter(native: Path, folder: Path) -> Transformer:
     return model.eval()
 
 
-def test_cli_image_option(setup, tmp_path, capsys):
+def test_cli_image_option(setup, tmp_path, capsys, monkeypatch):
     from utils.generate import main
 
     _, native, tok, pictures = setup
@@ -185,6 +185,11 @@ def test_cli_image_option(setup, tmp_path, capsys):
     eos = tok.instruct_tokenizer.tokenizer.eos_id
     (expected,) = generate(model, [tokens], images=[images], max_new_tokens=6, eos_id=eos)
     assert reply == tok.decode(expected)
+    # Chat mode: the pictures go with the first user turn, and again after /reset.
+    turns = iter(["What is it?", "/reset", "What is it?", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(turns))
+    assert main(["--model", str(native), "--max_new_tokens", "6", *with_images[len(base):]]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == [reply, reply]
 
     # With an adapter: the adapted model's reply, which differs from the base model's.
     adapted = _adapter(native, tmp_path / "ckpt")

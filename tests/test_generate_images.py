@@ -198,7 +198,9 @@ def test_cli_image_option(setup, tmp_path, capsys, monkeypatch):
     assert json.loads(capsys.readouterr().out)["reply"] == tok.decode(expected) != reply
 
 
-def test_cli_image_errors_name_the_problem(setup, tmp_path, capsys):
+def test_cli_image_errors_name_the_problem(setup, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
     from utils.generate import main
 
     _, native, _, pictures = setup
@@ -212,6 +214,10 @@ def test_cli_image_errors_name_the_problem(setup, tmp_path, capsys):
 
     assert "--image nope.png: no such image file" in error("--image", str(pictures[0]), "--image", "nope.png")
     assert "never downloads" in error("--image", "https://example.com/cat.png")
+    find_spec = importlib.util.find_spec
+    with monkeypatch.context() as m:
+        m.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cv2" else find_spec(name, *a))
+        assert "needs OpenCV" in error("--image", str(pictures[0]))
     (tmp_path / "fake.png").write_text("not a picture")
     assert "fake.png is not in an image format" in error("--image", str(tmp_path / "fake.png"))
     # A text-only model, a tokenizer without image config, one with another spatial merge.

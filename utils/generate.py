@@ -24,6 +24,7 @@ features fill the KV cache at the prefill (``model.generate``).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import sys
@@ -77,6 +78,11 @@ def read_images(paths: list[str]) -> list:
 
     from finetune.data.images import load_image
 
+    if paths and importlib.util.find_spec("cv2") is None:
+        raise ValueError(
+            "--image needs OpenCV (mistral-common's image encoder resizes with it); "
+            "pip install 'mistral-lora-finetune[vision]' (opencv-python-headless)."
+        )
     chunks = []
     for ref in paths:
         if ref[:8].lower().startswith(("http://", "https://")):

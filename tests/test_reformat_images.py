@@ -128,10 +128,11 @@ def test_openai_image_exports_encode_like_our_format_from_another_folder(tmp_pat
 def test_image_lines_already_in_our_format_stay_byte_for_byte(tmp_path, capsys) -> None:
     _, ours = exports(tmp_path)
     raw = json.dumps(ours[1], indent=None, separators=(",", ":"))  # not how reformat_data writes JSON
-    src = write_jsonl(tmp_path / "ours.jsonl", [raw, ours[0]])
+    text_row = {"messages": [_user("hi"), _assistant("hello")], "images": [], "image": None}  # an image column
+    src = write_jsonl(tmp_path / "ours.jsonl", [raw, ours[0], text_row])
     before = src.read_bytes()
     assert reformat_data.main([str(src), "--in-place"]) == 0
-    assert "2 line(s), 0 changed, 0 skipped" in capsys.readouterr().out
+    assert "3 line(s), 0 changed, 0 skipped" in capsys.readouterr().out
     assert src.read_bytes() == before
     # Into a subfolder, only the relative paths change, and they still name the same files.
     sub = tmp_path / "sub" / "train.jsonl"
@@ -139,7 +140,7 @@ def test_image_lines_already_in_our_format_stay_byte_for_byte(tmp_path, capsys) 
     assert f"the output folder {sub.parent} does not exist; create it first" in capsys.readouterr().err
     sub.parent.mkdir()
     assert reformat_data.main([str(src), "--output", str(sub)]) == 0
-    assert "2 line(s), 2 changed" in capsys.readouterr().out
+    assert "3 line(s), 2 changed" in capsys.readouterr().out
     first = json.loads(sub.read_text().splitlines()[0])
     assert image_refs(first)[0] == "../pics/red.png"
     assert encode(first, sub.parent).tokens == encode(ours[1], tmp_path).tokens

@@ -485,9 +485,9 @@ def _place_images(obj: dict, messages: list[dict], folders: tuple[Path, Path] | 
     ``<image>`` in the user text become image chunks where the placeholders are (before the first
     user text when there is none). Training does not read those keys: left alone, the pictures
     would be dropped without a word."""
-    keys = [k for k in ("images", "image") if k in obj]
+    keys = [k for k in ("images", "image") if k in obj and obj[k] not in (None, [])]
     if not keys:
-        return
+        return  # none, or a text-only row of a dataset with an image column: nothing to place or change
     if len(keys) == 2:
         raise Skip("has both 'image' and 'images'; keep one list of pictures")
     key = keys[0]
@@ -495,9 +495,6 @@ def _place_images(obj: dict, messages: list[dict], folders: tuple[Path, Path] | 
     refs = [refs] if isinstance(refs, str) else refs
     if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
         raise Skip(f"'{key}' must be a path or a list of paths, got {json.dumps(refs)[:60]}")
-    if not refs:
-        notes.append(f"empty '{key}' removed")
-        return
     users = [m for m in messages if m.get("role") == "user"]
     for k, m in enumerate(messages):
         content = m.get("content")

@@ -14,8 +14,11 @@ Every rank's stream is infinite, so every rank yields the same number of batches
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +53,7 @@ def _assemble(rows: list[list[Piece]], data: list[SourceData], seq_len: int) -> 
     y = np.full(n, PAD_ID, dtype=np.int64)
     mask = np.zeros(n, dtype=np.bool_)
     seqlens: list[int] = []
-    images: list[np.ndarray] = []
+    wanted: list[tuple[SourceData, int, np.ndarray]] = []  # (source, sample, which of its pictures)
     for r, row in enumerate(rows):
         at = r * seq_len
         for p in row:
@@ -60,8 +63,7 @@ def _assemble(rows: list[list[Piece]], data: list[SourceData], seq_len: int) -> 
             if len(spans):  # the pictures whose runs lie in this piece (cut_long never splits a run)
                 inside = (spans[:, 0] >= p.start) & (spans[:, 1] <= p.start + p.length)
                 if inside.any():
-                    pictures = d.images(p.index)
-                    images += [pictures[j] for j in np.flatnonzero(inside)]
+                    wanted.append((d, p.index, np.flatnonzero(inside)))
             x[at : at + p.length] = tokens[p.start : p.start + p.length]
             y[at : at + p.length] = tokens[p.start + 1 : p.start + p.length + 1]
             mask[at : at + p.length] = masks[p.start + 1 : p.start + p.length + 1]
@@ -69,7 +71,21 @@ def _assemble(rows: list[list[Piece]], data: list[SourceData], seq_len: int) -> 
             at += p.length
         if at < (r + 1) * seq_len:
             seqlens.append((r + 1) * seq_len - at)
-    return Batch(x, y, mask, seqlens, images)
+    return Batch(x, y, mask, seqlens, _read_pictures(wanted))
+
+
+def _read_pictures(wanted: list[tuple[SourceData, int, np.ndarray]]) -> list[np.ndarray]:
+    """The pictures, in order, each sample's decoded on its own thread: Pillow's decoders and OpenCV's
+    resize release the GIL, so a batch of pictures takes about as long as its largest."""
+    if not wanted:
+        return []
+    decoded = _picture_threads().map(lambda w: w[0].images(w[1]), wanted)
+    return [pictures[j] for (_, _, which), pictures in zip(wanted, decoded, strict=True) for j in which]
+
+
+@functools.cache
+def _picture_threads() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="pictures")
 
 
 class TrainLoader:

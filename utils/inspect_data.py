@@ -33,6 +33,7 @@ from finetune.args import TrainArgs
 from finetune.config import ConfigError
 from finetune.data.cache import decode_line
 from finetune.data.errors import DataFormatError
+from finetune.data.images import image_spans
 from finetune.data.tokenize import encode_all
 
 _GREEN, _DIM, _RESET = "\033[1;32m", "\033[2m", "\033[0m"
@@ -75,24 +76,11 @@ def thinking_tokens(tokens: list[int], masks: list[bool], instruct_tokenizer: An
 
 
 def image_runs(tokens: list[int], instruct_tokenizer: Any) -> list[tuple[int, int]]:
-    """``[start, end)`` of each picture's tokens: [IMG] and [IMG_BREAK] up to and including [IMG_END]."""
+    """``[start, end)`` of each picture's tokens, as the loader finds them (none for a text-only tokenizer)."""
     encoder = getattr(instruct_tokenizer, "image_encoder", None)
     if encoder is None:
         return []
-    ids = encoder.special_ids
-    runs, start = [], None
-    for i, t in enumerate(tokens):
-        if t in (ids.img, ids.img_break, ids.img_end) and start is None:
-            start = i
-        if start is not None and t == ids.img_end:
-            runs.append((start, i + 1))
-            start = None
-        elif start is not None and t not in (ids.img, ids.img_break):  # a run cut short: shown as it is
-            runs.append((start, i))
-            start = None
-    if start is not None:
-        runs.append((start, len(tokens)))
-    return runs
+    return [(int(a), int(b)) for a, b in image_spans(tokens, encoder.special_ids)]
 
 
 def describe_image(tokens: list[int], masks: list[bool], instruct_tokenizer: Any, image: Any) -> dict:

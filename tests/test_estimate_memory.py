@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from finetune.args import TrainArgs
+from finetune.config import ConfigError
 from model.args import Llama4Scaling, LoraArgs, MlaArgs, ModelArgs, MoeArgs, YarnArgs
 from model.lora import freeze_all_but_lora
 from model.moe import CPU_ROW_MULTIPLE, MoeLayer
@@ -806,3 +807,146 @@ def test_vision_formula_equals_saved_tensors(merge, dtype):
     expected = sum(layers * vision_block_saved_bytes(m, 1, s, list(LINEARS), 0, 0.0, c)
                    + vision_outside_blocks_saved_bytes(m, 1, s, c) for s in sizes)
     assert sum(seen.values()) == expected
+
+
+def test_vision_attention_takes_the_path_the_planner_assumes():
+    """VISION_ATTENTION_MATH says model/vision.py's per-image SDPA runs on the math path (materialised
+    scores): true while it passes 3-D tensors, which no fused kernel takes. Batching them to 4-D would
+    make this fail, and the planner's scores terms then have to go."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from model.lora import linear_factory
+    from model.vision import VisionAttention, rotations_2d
+
+    ops: set[str] = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.add(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    attention = VisionAttention(32, 4, linear_factory(None))
+    freqs = rotations_2d([(4, 4), (2, 3)], 8, 10000.0, torch.device("cpu"))
+    with Record():
+        attention(torch.randn(22, 32, requires_grad=True), freqs, [16, 6])
+    fused = any("scaled_dot_product" in op for op in ops)
+    assert fused != VISION_ATTENTION_MATH, sorted(ops)
+    assert ("_safe_softmax.default" in ops) == VISION_ATTENTION_MATH
+
+
+def _image_plan(m: ModelArgs, images: Images | None, **kw) -> dict[str, float]:
+    args = _train_args(precision="bf16", **{"seq_len": 16384, "checkpoint": True, **kw.pop("train", {})})
+    if kw.pop("full", False):
+        args.lora.enable = False
+    return estimate(m, args, images=images, **kw).parts
+
+
+def _vision_total(parts: dict[str, float]) -> float:
+    return sum(v for k, v in parts.items() if k.startswith("vision:"))
+
+
+@pytest.mark.parametrize("name", ["mistral-small-3.2-24b", "pixtral-12b"])
+def test_vision_terms_grow_with_images_and_their_size_and_text_only_adds_nothing(name):
+    m = KNOWN_MODELS[name]
+    size = m.extra["vision_encoder"].get("max_image_size") or m.extra["vision_encoder"]["image_size"]
+    text = _image_plan(m, None)
+    assert not any(k.startswith("vision:") for k in text)  # text-only data: the vision side is not built
+    assert _image_plan(m, Images(0, size)) == text
+    # A text-only model plans text alone, and refuses images.
+    text_model = replace(m, extra={})
+    assert _image_plan(text_model, None) == text
+    with pytest.raises(ConfigError, match="without a vision encoder"):
+        _image_plan(text_model, Images(1, size))
+    # More images, larger images: more memory; the text terms do not change (the images are tokens of seq_len).
+    for kw in ({}, {"full": True}, {"full": True, "train": {"checkpoint": False}}, {"device": "cpu", "n_devices": 2}):
+        one, three = _image_plan(m, Images(1, size), **kw), _image_plan(m, Images(3, size), **kw)
+        small = _image_plan(m, Images(3, size // 2), **kw)
+        assert _vision_total(small) < _vision_total(three) and _vision_total(one) < _vision_total(three), kw
+        assert {k: v for k, v in three.items() if not k.startswith("vision:")} == _image_plan(m, None, **kw)
+    # Fully fine-tuned, the encoder saves activations: checkpointing keeps less of them.
+    kept = [sum(_image_plan(m, Images(3, size), full=True, train={"checkpoint": mode}).values())
+            for mode in (True, "selective", False)]
+    assert kept == sorted(kept) and len(set(kept)) == 3
+    # The math path's scores are per image: one image's working set, not the square of all patches.
+    patches = image_shape(m, size)[0]
+    heads = m.extra["vision_encoder"]["num_attention_heads"]
+    frozen = _image_plan(m, Images(3, size), train={"seq_len": 16384})
+    assert _vision_total(frozen) < 9 * heads * patches**2 * 3
+
+
+def test_vision_weights_are_sharded_and_counted_once():
+    m = KNOWN_MODELS["mistral-small-3.2-24b"]
+    params = vision_params(m)
+    one = _image_plan(m, Images(1, 1540))["vision: weights (sharded)"]
+    assert one == params * 2  # alone: frozen, unsharded, not gathered
+    eight = _image_plan(m, Images(1, 1540), n_devices=8)["vision: weights (sharded)"]
+    v = m.extra["vision_encoder"]
+    h, f = v["hidden_size"], v["intermediate_size"]
+    outside_blocks = params - v["num_hidden_layers"] * (4 * h * h + 3 * h * f + 2 * h)
+    assert eight == pytest.approx(params * 2 / 8 + outside_blocks * 2)  # + stem and adapter gathered with the root
+    full = _image_plan(m, Images(1, 1540), n_devices=8, full=True)["vision: weights (fp32 + grads + AdamW)"]
+    assert full == pytest.approx(params * 16 / 8 + outside_blocks * 2)
+
+
+VISION_LORA = {
+    "encoder": ["wq", "vision_encoder.wq", "vision_encoder.wv", "vision_encoder.w2"],
+    "everything": ["wq", *(f"vision_encoder.{w}" for w in ALL), "vision_language_adapter.w_in",
+                   "vision_language_adapter.w_out", "patch_merger.merging_layer"],
+}
+
+
+@pytest.mark.parametrize("targets", list(VISION_LORA))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_vision_lora_block_formula_equals_saved_tensors(targets, dtype):
+    """With adapters on the encoder (named in full, model.args.VISION_TARGETS), a vision block (the
+    second: the first one's input needs no gradient) saves what the planner says, byte for byte."""
+    m = _vision_args(merge=True)
+    lora = LoraArgs(rank=8, target_modules=VISION_LORA[targets])
+    torch.manual_seed(0)
+    model = Transformer(m, lora=lora, vision=True)
+    model.init_weights(0)
+    model.to(dtype)
+    freeze_all_but_lora(model)
+    block = model.vision_encoder.transformer.layers[1]
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+    inside = [False]
+
+    def enter(module, inputs):
+        inside[0] = True
+        skip.update(t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor) and not t.requires_grad)
+
+    block.register_forward_pre_hook(enter)
+    block.register_forward_hook(lambda *_: inside.__setitem__(0, False))
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if inside[0] and t.untyped_storage().data_ptr() not in skip:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    sizes = [64, 32, 16]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.image_features([torch.randn(3, s, s) for s in sizes])
+    c = 2 if dtype == torch.bfloat16 else 4
+    block_targets = [t.removeprefix("vision_encoder.") for t in lora.target_modules if t.startswith("vision_encoder.")]
+    assert sum(seen.values()) == sum(vision_block_saved_bytes(m, 1, s, block_targets, 8, 0.0, c) for s in sizes)
+
+
+@pytest.mark.parametrize("targets", list(VISION_LORA))
+def test_vision_lora_weights_count_the_real_models_adapters(targets):
+    m = replace(KNOWN_MODELS["mistral-small-3.2-24b"])
+    lora = LoraArgs(rank=16, target_modules=VISION_LORA[targets])
+    with torch.device("meta"):
+        model = Transformer(m, lora=lora, vision=True)
+    freeze_all_but_lora(model)
+    vision_names = ("vision_encoder.", "vision_language_adapter.", "patch_merger.", "pre_mm_projector_norm.")
+    vision_lora = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and n.startswith(vision_names))
+    assert vision_lora > 0
+    args = _train_args(precision="bf16", seq_len=16384)
+    args.lora.target_modules = lora.target_modules
+    line = "vision: weights (sharded) + adapters (fp32 + grads + AdamW)"
+    weights = estimate(m, args, images=Images(1, 1540)).parts[line]
+    assert weights == vision_params(m) * 2 + vision_lora * 16
+    # NF4 stores the adapted vision linears in 4 bits too (model/quant.py quantizes every LoRALinear).
+    args.quantization = "nf4"
+    assert estimate(m, args, images=Images(1, 1540)).parts[line] < weights

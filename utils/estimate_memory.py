@@ -248,6 +248,22 @@ def images_filling(m: ModelArgs, seq_len: int, size: int) -> int:
     return seq_len // image_shape(m, size)[1]
 
 
+def vision_linear_shapes(m: ModelArgs) -> dict[str, tuple[int, int, int]]:
+    """(in, out, copies) of every vision linear under its ``lora.target_modules`` name
+    (``model.args.VISION_TARGETS``: ``vision_encoder.wq`` ... one copy per block, then the adapter's)."""
+    va, v = vision_args(m), m.extra["vision_encoder"]
+    shapes = {f"vision_encoder.{k}": (i, o, va.n_layers) for k, (i, o, _) in linear_shapes(va, 0).items()}
+    if v.get("mm_projector_id") == "patch_merge":
+        s = v["spatial_merge_size"]
+        shapes["patch_merger.merging_layer"] = (va.dim * s * s, va.dim, 1)
+    return shapes | {"vision_language_adapter.w_in": (va.dim, m.dim, 1), "vision_language_adapter.w_out": (m.dim, m.dim, 1)}
+
+
+def vision_block_targets(targets: list[str]) -> list[str]:
+    """The encoder blocks' linears that ``lora.target_modules`` adapts, by their names inside a block."""
+    return [t.removeprefix("vision_encoder.") for t in targets if t.startswith("vision_encoder.")]
+
+
 def vision_block_saved_bytes(m: ModelArgs, n_images: int, size: int, targets: list[str], rank: int,
                              dropout: float, c: int) -> float:
     """Bytes one vision block saves for backward over ``n_images`` images of ``size`` px, when gradients
@@ -268,19 +284,20 @@ def vision_block_saved_bytes(m: ModelArgs, n_images: int, size: int, targets: li
     return n_images * (patches * per_patch + scores)
 
 
-def vision_outside_blocks_saved_bytes(m: ModelArgs, n_images: int, size: int, c: int) -> float:
-    """Bytes saved outside the vision blocks when the whole vision side trains (full fine-tuning):
-    the patch convolution's input in the compute dtype (the pixels themselves in float32), ``ln_pre``'s
-    and the pre-projector norm's inputs and float32 rsqrt, the patch merger's input, and the adapter's
-    three (its two linears' inputs and the GELU's)."""
+def vision_outside_blocks_saved_bytes(m: ModelArgs, n_images: int, size: int, c: int, conv: bool = True) -> float:
+    """Bytes saved outside the vision blocks when the whole vision side trains (full fine-tuning; with
+    vision LoRA an upper bound): the patch convolution's input in the compute dtype (the pixels
+    themselves in float32; only when ``conv`` trains), ``ln_pre``'s and the pre-projector norm's
+    inputs and float32 rsqrt, the patch merger's input, and the adapter's three (its two linears'
+    inputs and the GELU's)."""
     v = m.extra["vision_encoder"]
     patches, _ = image_shape(m, size)
     hv = v["hidden_size"]
     merged = patches // (v["spatial_merge_size"] ** 2 if v.get("mm_projector_id") == "patch_merge" else 1)
     per_patch = (c * hv + 4) * (2 if v.get("add_pre_mm_projector_layer_norm") else 1)
     per_patch += c * hv if v.get("mm_projector_id") == "patch_merge" else 0
-    conv = 0 if c == 4 else 3 * size * size * c
-    return n_images * (conv + patches * per_patch + merged * (c * hv + 2 * c * m.dim))
+    conv_input = 3 * size * size * c if conv and c != 4 else 0
+    return n_images * (conv_input + patches * per_patch + merged * (c * hv + 2 * c * m.dim))
 
 
 def vision_transient_bytes(m: ModelArgs, n_images: int, size: int, c: int) -> float:
@@ -321,30 +338,43 @@ def vision_terms(
     va = vision_args(m)
     n = images.per_row * args.batch_size
     patches, tokens = image_shape(m, images.size)
-    trains = not args.lora.enable
+    full = not args.lora.enable
+    block_targets, rank = (list(LINEARS), 0) if full else (vision_block_targets(args.lora.target_modules), args.lora.rank)
+    dropout = 0.0 if full else args.lora.dropout
+    linears = vision_linear_shapes(m)
+    adapted = {k: s for k, s in linears.items() if full or k in args.lora.target_modules}
+    trains = bool(adapted)
     hv, lv = va.n_heads * va.head_dim, va.n_layers
     block_params = 4 * hv * hv + 3 * hv * va.hidden_dim + 2 * hv
     params = vision_params(m)
     parts: dict[str, float] = {}
     gathered = (params - lv * block_params) * c if frozen_gathered else 0.0
-    name = "vision: weights" + (" (fp32 + grads + AdamW)" if trains else " (sharded)")
-    parts[name] = params * (16 if trains else c) / n_devices + gathered
+    if full:
+        parts["vision: weights (fp32 + grads + AdamW)"] = params * 16 / n_devices + gathered
+    else:
+        # Frozen in the compute dtype, adapted linears in NF4 with quantization: nf4 (model/quant.py
+        # quantizes every LoRALinear); their adapters in float32 with gradients and AdamW.
+        quantized = sum(i * o * k for i, o, k in adapted.values()) if getattr(args, "quantization", "none") == "nf4" else 0
+        lora_params = sum(rank * (i + o) * k for i, o, k in adapted.values())
+        name = "vision: weights (sharded)" + (" + adapters (fp32 + grads + AdamW)" if adapted else "")
+        parts[name] = ((params * c - quantized * (c - NF4_BYTES)) + lora_params * 16) / n_devices + gathered
 
     kept = n * 3 * images.size**2 * 4.0  # pixels
     recompute = 0.0
     mode = args.checkpoint_mode
     if trains:
-        targets = list(LINEARS)
-        block = vision_block_saved_bytes(m, n, images.size, targets, 0, 0.0, c)
-        kept += vision_outside_blocks_saved_bytes(m, n, images.size, c)
-        if mode == "none":
+        # Adapters on the adapter side only (w_in, w_out, merger): the encoder before them saves nothing.
+        targets = block_targets
+        block = vision_block_saved_bytes(m, n, images.size, targets, rank, dropout, c) if targets else 0.0
+        kept += vision_outside_blocks_saved_bytes(m, n, images.size, c, conv=full)
+        if mode == "none" or not targets:
             kept += lv * block
         else:
             recompute = block
             kept += lv * n * patches * hv * c
             if mode == "selective":
                 # The math path's products (bmm) are not kept: no attention output or log-sum-exp.
-                per_patch = selective_saved_bytes_per_token(va, targets, 0, c, 0) - (c * hv + 4 * va.n_heads)
+                per_patch = selective_saved_bytes_per_token(va, targets, rank, c, 0) - (c * hv + 4 * va.n_heads)
                 kept += lv * n * patches * per_patch
     transient = vision_transient_bytes(m, n, images.size, c)
     working = max(transient, recompute + transient) + (2 * block_params * c if frozen_gathered else 0.0)
@@ -354,7 +384,8 @@ def vision_terms(
     notes = [
         f"vision: {images.per_row} image(s) of {images.size} x {images.size} px per row x batch {args.batch_size}: "
         f"{n * patches} patches through {lv} encoder blocks, {n * tokens} image tokens of the {args.seq_len * args.batch_size}; "
-        + ("encoder and adapter train (full fine-tuning)" if trains else "encoder and adapter frozen: they save nothing for backward"),
+        + ("encoder and adapter train (full fine-tuning)" if full else
+           f"LoRA on {', '.join(adapted)}" if trains else "encoder and adapter frozen: they save nothing for backward"),
         f"vision: the encoder's working set, {working / GB:.2f} GB, "
         + (f"exceeds the text model's activations and transients ({text_dynamic / GB:.2f} GB), which it never meets: "
            f"the excess is in the peak" if working > text_dynamic else

@@ -6,9 +6,11 @@ whose keys name the same module (``layers.0.attention.wq.weight`` takes
 weight and that none is left over. Its sources:
 
 - checkpoint files: ``merge_checkpoint`` (``utils.merge_lora``) and ``utils.export_hf --merged``; a
-  multimodal base's vision weights have no adapter and stream through unchanged;
+  multimodal base's vision weights stream through under their native names, unchanged unless the
+  adapter file has a vision adapter for them (``model.args.VISION_TARGETS``);
 - a live model: ``merged_weights`` (the merged checkpoint training writes with ``save_adapters: false``,
-  gathering shards one at a time under FSDP).
+  gathering shards one at a time under FSDP); a model built with ``vision=True`` yields its vision
+  weights too, adapters folded in.
 """
 
 from __future__ import annotations
@@ -122,7 +124,8 @@ def merge_checkpoint(base: Path, adapter: Path, scaling: float, out: Path, dtype
     lora = load_file(str(adapter))
     if not lora:
         raise MergeError(f"{adapter} holds no tensors; is it the adapter file written by training?")
-    # A multimodal base's vision weights are carried bit for bit, in their own dtype (model.multimodal).
+    # A multimodal base's vision weights keep their own dtype (model.multimodal): bit for bit, or with
+    # a vision adapter folded in and cast back to it.
     def cast(key: str, d: torch.dtype) -> torch.dtype:
         return d if is_vision_key(key) else dtype or d
 

@@ -4,8 +4,10 @@ Pixtral vision encoder and its adapter are carried, not built, unless asked for.
 The language model loads and trains as any Mistral model. By default the vision weights stay out of
 the model (``Transformer.from_folder(..., vision=True)`` builds and loads them: ``model.vision``):
 they are streamed from the base folder into every merged checkpoint and export unchanged (a q/k row
-permutation between the native and Hugging Face layouts is exact), and the params.json
-``vision_encoder`` block travels in ``ModelArgs.extra``.
+permutation between the native and Hugging Face layouts is exact), except where an adapter trained on
+a vision target (``model.args.VISION_TARGETS``) is folded in; the params.json ``vision_encoder`` block
+travels in ``ModelArgs.extra``. Vision adapters keep the native names too
+(``vision_encoder.transformer.layers.N.attention.wq.lora_A.weight``); a PEFT export renames them.
 
 Native names (``consolidated.safetensors``), the ones used everywhere in this library:
 ``vision_encoder.{patch_conv,ln_pre}``, ``vision_encoder.transformer.layers.N.{attention.wq..wo,
@@ -127,6 +129,16 @@ def vision_from_hf(key: str, w: torch.Tensor, vision: dict[str, Any]) -> tuple[s
                 rest = m.group(1) + module + m.group(3)
             return native + rest, w
     raise KeyError(f"no native name for Hugging Face weight '{key}'")
+
+
+def vision_target(key: str) -> str | None:
+    """The ``lora.target_modules`` name (``model.args.VISION_TARGETS``) of a native vision adapter key:
+    ``vision_encoder.transformer.layers.0.attention.wq.lora_A.weight`` -> ``vision_encoder.wq``."""
+    if not is_vision_key(key):
+        return None
+    module = key.rsplit(".", 2)[0]  # without .lora_A.weight
+    scope, _, rest = module.partition(".")
+    return f"{scope}.{rest.rpartition('.')[2]}"
 
 
 def vision_target_hf_modules(target: str) -> str:

@@ -105,3 +105,17 @@ def test_merged_export_loads_in_transformers_with_our_logits(folders, tmp_path, 
     exported = Mistral3ForConditionalGeneration.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     assert _worst_error(model, exported) < 1e-4
     assert _worst_error(model, hf) > 1e-3
+
+
+def test_untrained_vision_targets_are_not_exported(folders, tmp_path):
+    """A run on text alone builds no vision side, yet its params.json lists the vision targets configured:
+    the PEFT adapter names only the modules that have adapters (PEFT would add fresh ones to the rest)."""
+    _, hf_folder, _ = folders
+    model = trained(Transformer.from_folder(hf_folder, dtype=torch.float32, lora=LoraArgs(rank=2, target_modules=ALL)))
+    ckpt = adapter_checkpoint(model, tmp_path / "ckpt", ALL)
+    assert "patch_merger.merging_layer" in json.loads((ckpt / "params.json").read_text())["lora"]["target_modules"]
+    export(["--checkpoint", str(ckpt), "--base_model", str(hf_folder), "--out", str(tmp_path / "peft")])
+    assert "vision_tower" not in json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["target_modules"]
+    peft = _peft_model(hf_folder, tmp_path / "peft")
+    adapted = [n for n, _ in peft.named_modules() if n.endswith("lora_A")]
+    assert adapted and all(".language_model.layers." in n for n in adapted)

@@ -8,7 +8,9 @@ or a Mistral model folder (with ``--merged``: that model in Hugging Face format,
 PEFT adapter loads onto).
 
 The adapter export needs no base weights: ``adapter_config.json`` + ``adapter_model.safetensors``
-(HF key names, wq/wk ``lora_B`` rows permuted for HF's RoPE layout). ``--merged`` streams the base
+(HF key names, wq/wk ``lora_B`` rows permuted for HF's RoPE layout; a multimodal model's vision adapters
+under ``Mistral3ForConditionalGeneration``'s ``model.vision_tower`` / ``model.multi_modal_projector``
+module names, the encoder's q/k ``lora_B`` permuted alike). ``--merged`` streams the base
 model tensor by tensor, folds each adapter in (W + scaling * B A, in float32), renames/permutes it
 and writes ``model.safetensors`` (or shards + ``model.safetensors.index.json``), so peak memory is
 one shard plus one tensor. The base model is ``model_id_or_path`` from ``RUN_DIR/args.yaml`` unless
@@ -23,18 +25,19 @@ import logging
 import re
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.args import LoraArgs, ModelArgs
+from model.args import VISION_TARGETS, LoraArgs, ModelArgs
 from model.checkpoint import checkpoint_files, is_hf_folder, iter_checkpoint_tensors
 from model.configs import args_from_params, load_model_args, read_json_object
 from model.hf import hf_tensors, peft_adapter_config, to_peft_state_dict
 from model.hf_config import hf_config_from_args
 from model.merge import merge_weights
+from model.multimodal import vision_target
 
 logger = logging.getLogger("export_hf")
 
@@ -134,7 +137,7 @@ def export_adapter(ckpt: Checkpoint, out: Path, base_model: str | None) -> None:
             "adapter; export it with --merged instead."
         )
     state = load_file(str(ckpt.adapter))
-    config = peft_adapter_config(ckpt.lora, ckpt.args, base_model)  # may refuse: before anything is written
+    config = peft_adapter_config(_trained_targets(ckpt, state), ckpt.args, base_model)  # may refuse: before writing
     out.mkdir(parents=True, exist_ok=True)
     save_file(to_peft_state_dict(state, ckpt.args), str(out / "adapter_model.safetensors"), _SAFETENSORS_METADATA)
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -144,6 +147,22 @@ def export_adapter(ckpt: Checkpoint, out: Path, base_model: str | None) -> None:
     elif not (Path(base_model) / "config.json").is_file():
         logger.warning("base model %s is not a Hugging Face folder; load the adapter onto the HF-format "
                        "release of the same model (or a --merged export of it)", base_model)
+
+
+def _trained_targets(ckpt: Checkpoint, state: dict[str, torch.Tensor]) -> LoraArgs:
+    """``ckpt.lora`` without the vision targets the adapter file has no adapter for: a run that trained
+    the language model alone (no images, the vision side not built) still lists the vision targets of its
+    configuration, and PEFT would give those modules fresh adapters of its own."""
+    assert ckpt.lora is not None
+    trained = {vision_target(key) for key in state} - {None}
+    targets = [t for t in ckpt.lora.target_modules if t not in VISION_TARGETS or t in trained]
+    if not targets:
+        raise ExportError(f"{ckpt.adapter} holds no adapter for the targets {ckpt.lora.target_modules} that "
+                          f"{ckpt.folder / 'params.json'} lists; is it the adapter file written by that run?")
+    if targets != ckpt.lora.target_modules:
+        logger.info("not exporting vision targets without adapters in %s: %s", ckpt.adapter,
+                    sorted(set(ckpt.lora.target_modules) - set(targets)))
+    return replace(ckpt.lora, target_modules=targets)
 
 
 def _merged_tensors(ckpt: Checkpoint, base_model: str | None) -> Iterator[tuple[str, torch.Tensor]]:

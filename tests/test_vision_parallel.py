@@ -23,47 +23,29 @@ from torch.distributed.tensor import DTensor
 from finetune.args import TrainArgs
 from finetune.data.args import DataArgs
 from finetune.distributed import free_port
-from model.args import LoraArgs
-from model.checkpoint import save_model_folder
-from model.configs import load_model_args, params_from_args
-from model.tiny import tiny_args
-from model.transformer import Transformer
+from model.args import DEFAULT_TARGETS, VISION_TARGETS, LoraArgs
+from model.configs import load_model_args
+from model.tiny import tiny_vision_args, write_random_vision_model
 from tests.train_helpers import init_test_rank, load_equal_runs
 
 pytestmark = pytest.mark.slow  # multi-process end to end
 
 TEXT_LAYERS = 2
-IMG, IMG_BREAK, IMG_END = 10, 12, 13
-PATCH, MERGE = 4, 2  # image sides are multiples of 8
-VISION = {
-    "hidden_size": 16, "intermediate_size": 40, "num_hidden_layers": 2, "num_attention_heads": 2,
-    "num_channels": 3, "image_size": 64, "patch_size": PATCH, "rope_theta": 10000.0,
-    "image_token_id": IMG, "image_break_token_id": IMG_BREAK, "image_end_token_id": IMG_END,
-    "spatial_merge_size": MERGE, "mm_projector_id": "patch_merge", "add_pre_mm_projector_layer_norm": True,
-    "adapter_bias": False,
-}
+ARGS = tiny_vision_args(vocab_size=128, dim=32, hidden_dim=64, n_heads=4, n_kv_heads=2, head_dim=8, n_layers=TEXT_LAYERS)
+VISION = ARGS.extra["vision_encoder"]
+IMG, IMG_BREAK, IMG_END = VISION["image_token_id"], VISION["image_break_token_id"], VISION["image_end_token_id"]
+SIDE = VISION["patch_size"] * VISION["spatial_merge_size"]  # one [IMG] token per SIDE x SIDE pixels
 # Pictures (H, W) of each micro-batch, two per step: with two ranks, rank r takes micro-batch 2 * step + r,
 # so in step 1 rank 1 has no picture at all (the loss's blank image) while rank 0 has two.
-PICTURES = [[(8, 16), (16, 8)], [(8, 8)], [(16, 16), (8, 24)], [], [(8, 8), (24, 8)], [(16, 8)]]
+PICTURES = [[(32, 64), (64, 32)], [(32, 32)], [(64, 64), (32, 96)], [], [(32, 32), (96, 32)], [(64, 32)]]
 STEPS = 3
-KINDS = ["lora", "full"]
+# LoRA on the language model (the encoder frozen), on it and the vision layers, full fine-tuning.
+KINDS = {"lora": list(DEFAULT_TARGETS), "vision_lora": [*DEFAULT_TARGETS, *VISION_TARGETS], "full": None}
 HANG_S = 120  # far above a run's few seconds; a mismatched collective waits 30 minutes
 
 
-def _write_model(folder) -> None:
-    args = tiny_args(vocab_size=128, dim=32, hidden_dim=64, n_heads=4, n_kv_heads=2, head_dim=8, n_layers=TEXT_LAYERS)
-    args.extra["vision_encoder"] = VISION
-    model = Transformer(args, vision=True)
-    model.init_weights(0)
-    with torch.no_grad():  # features as large as token embeddings, so the pictures move the loss
-        for name, p in model.named_parameters():
-            if name.startswith(("vision_language_adapter.", "patch_merger.")):
-                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
-    save_model_folder(folder, params_from_args(args), model.state_dict())
-
-
 def _image_tokens(h: int, w: int) -> list[int]:
-    rows, cols = h // (PATCH * MERGE), w // (PATCH * MERGE)
+    rows, cols = h // SIDE, w // SIDE
     return sum(([IMG] * cols + [IMG_END if r == rows - 1 else IMG_BREAK] for r in range(rows)), [])
 
 
@@ -109,11 +91,11 @@ def _worker(rank: int, world: int, root: str, port: int) -> None:
 
     device = init_test_rank(rank, world, port)
     steps = [_microbatches()[2 * s : 2 * s + 2] for s in range(STEPS)]
-    for kind in KINDS:
-        lora = kind == "lora"
+    for kind, targets in KINDS.items():
+        lora = LoraArgs(enable=False) if targets is None else LoraArgs(rank=4, target_modules=targets)
         # Checkpointing must not change the numbers: full alone, selective and none on two ranks.
         args = TrainArgs(model_id_or_path=os.path.join(root, "model"), run_dir=root,
-                         data=DataArgs(instruct_data="unused"), lora=LoraArgs(enable=lora, rank=4),
+                         data=DataArgs(instruct_data="unused"), lora=lora,
                          checkpoint=True if world == 1 else ("selective" if rank == 0 else False))
         precision = resolve_precision("fp32", device)
         model = build_model(args, load_model_args(args.model_id_or_path), device, precision, vision=True)
@@ -121,24 +103,25 @@ def _worker(rank: int, world: int, root: str, port: int) -> None:
         for block in encoder.transformer.layers:
             assert isinstance(block, FSDPModule)  # its own unit, not the root's
             for name, p in block.named_parameters():
-                assert p.requires_grad == (not lora), name  # frozen under LoRA of the language model
+                # Frozen unless targeted: the base weights train in full fine-tuning only.
+                assert p.requires_grad == (kind == "full" or (kind == "vision_lora" and ".lora_" in name)), name
                 # Two ranks shard every vision weight; alone, frozen ones stay plain tensors.
-                assert isinstance(p, DTensor) == (world > 1 or not lora), name
+                assert isinstance(p, DTensor) == (world > 1 or p.requires_grad), name
                 if world > 1:
                     assert p.to_local().numel() < p.numel(), name
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         losses = []
         for batches in steps:
             # A trained encoder with a blank rank hangs while the loss runs the blank image after the
-            # text blocks (finetune/parallel.py): full fine-tuning here takes the steps where every
+            # text blocks (finetune/parallel.py): the encoder trains here on the steps where every
             # micro-batch has pictures.
-            if kind == "full" and not all(images for *_, images in batches):
+            if kind != "lora" and not all(images for *_, images in batches):
                 continue
             losses.append(_step(model, optimizer, batches[rank::world], device))
         if world > 1:  # gathered for the step only: sharded again once the backward is over
             assert all(isinstance(p, DTensor) for p in encoder.parameters())
         # Every trained weight, gathered on every rank (full_tensor is a collective).
-        weights = gather_adapters(model, torch.float32) if lora else {
+        weights = gather_adapters(model, torch.float32) if lora.enable else {
             n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
             for n, p in model.transformer.named_parameters()
         }
@@ -162,7 +145,7 @@ def spawn_with_timeout(fn, args: tuple, nprocs: int, timeout: float) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("vision_ranks")
-    _write_model(root / "model")
+    write_random_vision_model(root / "model", ARGS)
     for world in (1, 2):
         spawn_with_timeout(_worker, (world, str(root), free_port()), world, HANG_S)
     return root
@@ -172,6 +155,11 @@ def test_two_ranks_equal_one_with_pictures_and_a_blank_rank(runs):
     one, _ = load_equal_runs(runs, "lora")
     assert one["losses"].shape == (STEPS,)
     assert one["layers.0.attention.wq.lora_B.weight"].abs().sum() > 0  # it trained
+
+
+def test_two_ranks_equal_one_with_vision_adapters(runs):
+    one, _ = load_equal_runs(runs, "vision_lora")
+    assert one["vision_encoder.transformer.layers.0.attention.wq.lora_B.weight"].abs().sum() > 0
 
 
 def test_two_ranks_equal_one_training_the_vision_encoder(runs):
@@ -188,7 +176,7 @@ def test_two_ranks_equal_one_training_the_vision_encoder(runs):
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     folder = tmp_path_factory.mktemp("vision_ac") / "model"
-    _write_model(folder)
+    write_random_vision_model(folder, ARGS)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         yield folder

@@ -6,7 +6,9 @@
 ``--lora`` is a checkpoint folder, its ``consolidated/`` folder or the ``lora.safetensors`` file; the
 scaling is read from the ``params.json`` next to it (``--scaling`` only for adapters without one).
 The output folder gets ``consolidated.safetensors`` (W + scaling * B A, computed in float32 and cast to
-the base dtype or ``--dtype``), ``params.json`` and the tokenizer file.
+the base dtype or ``--dtype``), ``params.json`` and the tokenizer file. A multimodal base's vision weights
+keep their stored dtype; those with an adapter (vision targets such as ``vision_encoder.wq``) are merged
+too, so ``Transformer.from_folder(OUT, vision=True)`` gives the adapted model's outputs on images.
 
 Runs on CPU and streams (``model.merge.merge_checkpoint``): the output file's header is computed from
 the base's tensor shapes first, then each base tensor is read, merged and written at its offset, so

@@ -213,7 +213,7 @@ def test_reformat_converts_sharegpt_and_reports_every_line_it_leaves_out(tmp_pat
     assert {e.line for e in _check(src, tmp_path).errors} == set(range(1, len(lines) + 1))
     assert reformat_data.main([str(src)]) == 0
     text = capsys.readouterr().out
-    assert f"{src}:5: skipped: message 0 has from 'bing'; known: assistant, chatgpt, function" in text
+    assert f"{src}:5: skipped: message 0 has from 'bing'; known: assistant, chatgpt, developer, function" in text
     assert f"{src}:6: skipped: function call 'get_weather(Paris)' is not JSON" in text
     assert f"{src}:7: skipped: invalid: message 1 (assistant) has weight 0.5" in text
     assert f"{src}:8: skipped: message 1 (tool) does not follow an assistant tool call" in text

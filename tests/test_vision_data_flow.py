@@ -240,3 +240,16 @@ def test_validate_data_names_a_model_that_cannot_read_the_pictures(workspace, tm
                                            "cache_dir": str(workspace["root"] / "cache")}}))
     assert validate_data.main(["--train_yaml", str(config)]) == 1
     assert want in capsys.readouterr().err
+
+
+def test_llava_rows_and_developer_roles_are_sent_to_reformat(workspace) -> None:
+    from finetune.data.errors import DataFormatError
+
+    llava = {"images": ["pics/0.png"], "messages": [{"role": "user", "content": "<image> What?"},
+                                                     {"role": "assistant", "content": "A square."}]}
+    with pytest.raises(DataFormatError, match=r"top-level 'images' \(LLaVA.*reformat_data FILE` place them"):
+        encode_all(llava, workspace["it"], SampleType.INSTRUCT, chunk=False, base_dir=workspace["path"].parent)
+    developer = {"messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                              {"role": "assistant", "content": "Hello."}]}
+    with pytest.raises(DataFormatError, match=r"reformat_data FILE` convert it"):
+        encode_all(developer, workspace["it"], SampleType.INSTRUCT, chunk=False)

@@ -74,7 +74,6 @@ from finetune.data.tokenize import parse_instruct
 _ID = re.compile(r"^[a-zA-Z0-9]{9}$")
 _ALPHABET = string.ascii_letters + string.digits
 _ROLES = ("system", "user", "assistant", "tool")
-_ROLE_NAMES = {**FOREIGN_ROLES, "developer": "system"}  # developer: OpenAI's newer name for system
 
 
 class Skip(ValueError):
@@ -199,7 +198,7 @@ def _convert_turn(msg: dict, i: int, rng: random.Random, notes: list[str]) -> di
     who = msg.get("from") if sharegpt else msg.get("role")
     if not sharegpt and (who in _ROLES or who is None):
         return msg  # ours (or no role: the training check below reports it)
-    target = who if who in _ROLES else _ROLE_NAMES.get(who) if isinstance(who, str) else None
+    target = who if who in _ROLES else FOREIGN_ROLES.get(who) if isinstance(who, str) else None
     if target is None:
         known = ", ".join(sorted({*_ROLES, *FOREIGN_ROLES}))  # the names validate_data suggests us for
         raise Skip(f"message {i} has {'from' if sharegpt else 'role'} {who!r}; known: {known}")

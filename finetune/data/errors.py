@@ -19,6 +19,7 @@ FOREIGN_ROLES = {
     "function_response": "tool",
     "function-response": "tool",
     "function": "tool",
+    "developer": "system",  # OpenAI's newer name for the system role
 }
 
 

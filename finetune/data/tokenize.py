@@ -274,6 +274,14 @@ def _refuse_unread_keys(sample: dict) -> None:
             "the sample has a top-level 'system', which training does not read; rename it 'system_prompt', "
             f"or let {reformat_hint('make it the first message')}.",
         )
+    for key in ("image", "images"):
+        if sample.get(key):  # LLaVA / LLaMA-Factory rows: the pictures would be dropped silently
+            raise DataFormatError(
+                "bad_image",
+                f"the sample has a top-level '{key}' (LLaVA / LLaMA-Factory style), which training does not read; "
+                "put each picture in a user message as an image chunk, or let "
+                f"{reformat_hint('place them where the <image> placeholders are')}.",
+            )
 
 
 def _sample_settings(sample: dict) -> tuple[list[Tool] | None, bool, str | None]:

@@ -950,3 +950,79 @@ def test_vision_lora_weights_count_the_real_models_adapters(targets):
     # NF4 stores the adapted vision linears in 4 bits too (model/quant.py quantizes every LoRALinear).
     args.quantization = "nf4"
     assert estimate(m, args, images=Images(1, 1540)).parts[line] < weights
+
+
+# A tiny multimodal model trained one step on text, then one on images, reporting its peak RSS after each.
+_IMAGE_CHILD = """
+import json
+import torch
+from finetune.loss import TransformerWithLoss
+from model.args import LoraArgs, ModelArgs
+from model.lora import freeze_all_but_lora
+from model.transformer import Transformer
+
+torch.set_num_threads(2)
+args = ModelArgs(**{args!r})
+model = Transformer(args, lora=LoraArgs(rank=8), vision=True)
+model.init_weights(0)
+freeze_all_but_lora(model)
+step = TransformerWithLoss(model)
+opt = torch.optim.AdamW([p for p in step.parameters() if p.requires_grad], lr=1e-4)
+rows = {size} // 8  # [IMG] rows (and columns) of one image: patch 4, 2 x 2 merge
+ids = ([5] * rows + [6]) * rows * {n_images}
+ids = torch.tensor(ids + [7] * ({seq_len} - len(ids)))
+targets, mask = torch.randint(0, args.vocab_size, ids.shape), torch.ones(ids.shape, dtype=torch.bool)
+peaks = []
+for images in (None, [torch.randn(3, {size}, {size}) for _ in range({n_images})]):
+    step(ids, [ids.numel()], targets, mask, images).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    peaks.append(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) * 1024 / 1e9)
+print(json.dumps(peaks))
+"""
+
+
+def test_cpu_estimate_of_an_image_run_within_15_percent_of_measured_peak():
+    """LoRA on the language model, fp32 on CPU: the frozen encoder saves nothing, but one image's
+    math-path attention (scores, softmax, mask: 0.35 GB for 3136 patches and 4 heads) is the step's
+    peak. The text step's peak, the image step's and the difference (the vision term) within 15%."""
+    size, n_images, seq_len = 224, 2, 1664
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_channels=3,
+                  patch_size=4, image_size=size, rope_theta=10000.0, spatial_merge_size=2, image_token_id=5,
+                  mm_projector_id="patch_merge", add_pre_mm_projector_layer_norm=True, adapter_bias=False)
+    shape = dict(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, norm_eps=1e-5,
+                 vocab_size=128, extra={"vision_encoder": vision})
+    code = _IMAGE_CHILD.format(args=shape, size=size, n_images=n_images, seq_len=seq_len)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text_peak, image_peak = json.loads(proc.stdout.strip().splitlines()[-1])
+    m = ModelArgs(**shape)
+    args = _train_args(seq_len=seq_len, checkpoint=False, precision="fp32")
+    args.lora.rank = 8
+    text, image = (estimate(m, args, device="cpu", images=i).total / GB for i in (None, Images(n_images, size)))
+    assert image_shape(m, size)[1] * n_images <= seq_len
+    assert text == pytest.approx(text_peak, rel=0.15), (text, text_peak)
+    assert image == pytest.approx(image_peak, rel=0.15), (image, image_peak)
+    assert image - text == pytest.approx(image_peak - text_peak, rel=0.15), (image - text, image_peak - text_peak)
+
+
+def test_cli_plans_image_data_and_names_the_fix_for_impossible_requests(capsys):
+    """Mistral Small 3.2 with rows full of 1540 px images (docs/memory.md quotes this answer)."""
+    argv = ["--train_yaml", "example/mistral_small_3.2.yaml", "--model", "mistral-small-3.2-24b", "--gpus", "1",
+            "--gpu-memory", "80"]
+    assert main([*argv, "--images-per-row", "fill"]) == 0
+    out = capsys.readouterr().out
+    assert "vision: activations (5 x 1540 px images)" in out and "(built: image data)" in out
+    assert "fits: 72.6 GB of 80 GB (91%)" in out and "math path" in out
+    assert main([*argv, "--images-per-row", "1", "--image-size", "770"]) == 0
+    assert "vision: activations (1 x 770 px images)" in capsys.readouterr().out
+    for extra, message in (
+        (["--images-per-row", "6"], "holds 5"),  # 6 x 3080 tokens > 16384
+        (["--images-per-row", "1", "--image-size", "2000"], "from 28 to 1540 px"),
+        (["--images-per-row", "some"], "a count or 'fill'"),
+        (["--image-size", "512"], "needs image data"),
+        (["--images-per-row", "1", "--model", "devstral-small-24b"], "no vision encoder"),
+    ):
+        assert main([*argv, *extra]) == 2, extra
+        assert message in capsys.readouterr().err, extra

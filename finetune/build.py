@@ -18,6 +18,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from finetune.args import TrainArgs
 from finetune.config import ConfigError
+from finetune.data.tokenizer import check_image_tokenizer
 from finetune.loss import TransformerWithLoss
 from finetune.parallel import freeze, parallelize
 from model.args import LoraArgs, ModelArgs
@@ -85,27 +86,11 @@ def check_compile(compile: bool, model_args: ModelArgs, folder: str) -> None:
 
 
 def check_image_config(tokenizer: Any, model_args: ModelArgs, folder: str) -> None:
-    """Pictures in the data need a vision encoder that reads them as the tokenizer cut them: same patch
-    size, same merge of patches into one ``[IMG]`` token, same ``[IMG]`` id."""
-    vision = vision_block(model_args.extra)
-    if vision is None:
-        raise ConfigError(
-            f"the data has pictures, but {folder} has no vision encoder (its params.json has no 'vision_encoder' "
-            "block, or its config.json no vision_config), although its tokenizer encodes images; train a "
-            "multimodal checkpoint (Pixtral, Mistral Small 3.1+, Ministral 3) or remove the image chunks."
-        )
-    encoder = tokenizer.instruct_tokenizer.image_encoder
-    config, ids = encoder.image_config, encoder.special_ids
-    merge = vision.get("spatial_merge_size", 1) if vision.get("mm_projector_id") else 1
-    ours = (vision["patch_size"], merge, vision["image_token_id"])
-    theirs = (config.image_patch_size, config.spatial_merge_size, ids.img)
-    if ours != theirs:
-        raise ConfigError(
-            f"{folder}: the tokenizer cuts pictures into {theirs[0]}-pixel patches merged {theirs[1]}x{theirs[1]} "
-            f"per [IMG] token (id {theirs[2]}), but the vision encoder reads {ours[0]}-pixel patches merged "
-            f"{ours[1]}x{ours[1]} (id {ours[2]}); the tokenizer file belongs to another model: use the one "
-            "shipped with this checkpoint (tokenizer_path)."
-        )
+    """The data has pictures: the model must read them as its tokenizer cut them (``check_image_tokenizer``)."""
+    try:
+        check_image_tokenizer(tokenizer, vision_block(model_args.extra), folder)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_model_settings(args: TrainArgs, model_args: ModelArgs, device: torch.device) -> None:

@@ -227,9 +227,10 @@ def test_cli_image_errors_name_the_problem(setup, tmp_path, capsys, monkeypatch)
     save_model_folder(text_only, params, state)
     shutil.copy(native / "tekken.json", text_only / "tekken.json")
     base[1] = str(text_only)
-    assert "needs a model with a vision encoder" in error("--image", str(pictures[0]))
+    assert "pictures need a model with a vision encoder" in error("--image", str(pictures[0]))
     base[1] = str(native)
     no_image = write_tekken(tmp_path / "plain", "v13", image=False)
     assert "tokenizer with an image config" in error("--image", str(pictures[0]), "--tokenizer", str(no_image))
     err = error("--image", str(pictures[0]), "--tokenizer", str(bundled_tekken_with_images()))
-    assert "(16, 1, 10) does not match the model's vision_encoder (16, 2, 10)" in err
+    assert "16-pixel patches merged 1x1 per [IMG] token (id 10), but the vision encoder reads 16-pixel patches " \
+        "merged 2x2 (id 10)" in err

@@ -228,7 +228,7 @@ def test_validate_data_names_a_model_that_cannot_read_the_pictures(workspace, tm
     if case == "text_only_model":
         write_random_model(folder, tiny_args(**dims))
         write_image_tekken(folder, merge=MERGE)
-        want = "has no vision encoder (its params.json has no 'vision_encoder' block"
+        want = "has none (its params.json has no 'vision_encoder' block"
     else:
         write_random_vision_model(folder, tiny_vision_args(merge=1, **dims))
         write_image_tekken(folder, merge=MERGE)

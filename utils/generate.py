@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.data.tokenizer import load_tokenizer, tokenizer_file
+from finetune.data.tokenizer import check_image_tokenizer, load_tokenizer, tokenizer_file
 from model.args import LoraArgs
 from model.checkpoint import find_adapter, load_adapters
 from model.configs import load_model_args
@@ -92,38 +92,6 @@ def read_images(paths: list[str]) -> list:
             raise FileNotFoundError(f"--image {ref}: no such image file ({path}).")
         chunks.append(load_image(ImageURLChunk(image_url=f"file://{path}"), f"--image {ref}"))
     return chunks
-
-
-def vision_of(model_dir: str) -> dict:
-    """The model's params.json ``vision_encoder`` block; ``--image`` on a text-only model is refused here,
-    before anything is loaded."""
-    vision = vision_block(load_model_args(model_dir).extra)
-    if vision is None:
-        raise ValueError(
-            f"--image needs a model with a vision encoder, but {model_dir} has none (no params.json "
-            "'vision_encoder' block, or a text-only config.json); use a multimodal checkpoint (Pixtral, "
-            "Mistral Small 3.1+, Ministral 3) or drop --image."
-        )
-    return vision
-
-
-def check_image_tokenizer(vision: dict, tokenizer) -> None:
-    """The tokenizer must have an image config that agrees with the model's encoder: a mismatch would
-    otherwise surface as a count of [IMG] tokens deep inside the forward pass."""
-    encoder = tokenizer.instruct_tokenizer.image_encoder
-    if encoder is None:
-        raise ValueError(
-            "--image needs a tokenizer with an image config, but this tokenizer file has none; use the "
-            "multimodal model's own tekken.json (or pass it with --tokenizer)."
-        )
-    merge = vision.get("spatial_merge_size", 1) if vision.get("mm_projector_id") else 1
-    ours = (vision["patch_size"], merge, vision.get("image_token_id", 10))
-    theirs = (encoder.image_config.image_patch_size, encoder.image_config.spatial_merge_size, encoder.special_ids.img)
-    if ours != theirs:
-        raise ValueError(
-            f"the tokenizer's image config (patch size, spatial merge, [IMG] id) {theirs} does not match the "
-            f"model's vision_encoder {ours}; the tokenizer file does not belong to this model."
-        )
 
 
 def user_message(text: str, images: list) -> dict:
@@ -251,10 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(opts.model).is_dir():
             raise FileNotFoundError(f"--model {opts.model} is not a model folder.")
         images = read_images(opts.image)  # a bad path or a text-only model fails before anything is loaded
-        vision = vision_of(opts.model) if images else None
+        vision = vision_block(load_model_args(opts.model).extra) if images else None
         tokenizer = _tokenizer(opts)
-        if vision is not None:
-            check_image_tokenizer(vision, tokenizer)
+        if images:
+            check_image_tokenizer(tokenizer, vision, opts.model)
         model = load_model(opts.model, opts.lora, device, dtype, vision=bool(images))
         if opts.prompt is None:
             chat(model, tokenizer, opts, images)

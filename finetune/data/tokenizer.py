@@ -84,3 +84,32 @@ def tokenizer_file_to_ship(tokenizer: MistralTokenizer) -> tuple[Path, str]:
     if src.name in TOKENIZER_NAMES or src.name.startswith("tokenizer.model.v"):
         return src, src.name
     return src, "tekken.json" if src.suffix == ".json" else "tokenizer.model"
+
+
+def check_image_tokenizer(tokenizer: MistralTokenizer, vision: dict | None, folder: str | Path) -> None:
+    """Pictures need a model with a vision encoder (``vision``: its params.json block) that reads them as
+    the tokenizer cuts them: same patch size, same merge of patches into one ``[IMG]`` token, same
+    ``[IMG]`` id. A mismatch would otherwise surface as a count of [IMG] tokens deep in the forward."""
+    if vision is None:
+        raise ValueError(
+            f"the pictures need a model with a vision encoder, but {folder} has none (its params.json has no "
+            "'vision_encoder' block, or its config.json no vision_config); use a multimodal checkpoint (Pixtral, "
+            "Mistral Small 3.1+, Ministral 3), or leave the pictures out."
+        )
+    encoder = tokenizer.instruct_tokenizer.image_encoder
+    if encoder is None:
+        raise ValueError(
+            f"the pictures need a tokenizer with an image config, but the tokenizer used with {folder} has none; "
+            "use the multimodal model's own tekken.json (tokenizer_path, or --tokenizer)."
+        )
+    config, ids = encoder.image_config, encoder.special_ids
+    merge = vision.get("spatial_merge_size", 1) if vision.get("mm_projector_id") else 1
+    ours = (vision["patch_size"], merge, vision.get("image_token_id", 10))
+    theirs = (config.image_patch_size, config.spatial_merge_size, ids.img)
+    if ours != theirs:
+        raise ValueError(
+            f"{folder}: the tokenizer cuts pictures into {theirs[0]}-pixel patches merged {theirs[1]}x{theirs[1]} "
+            f"per [IMG] token (id {theirs[2]}), but the vision encoder reads {ours[0]}-pixel patches merged "
+            f"{ours[1]}x{ours[1]} (id {ours[2]}); the tokenizer file belongs to another model: use the one "
+            "shipped with this checkpoint (tokenizer_path, or --tokenizer)."
+        )

@@ -6,6 +6,8 @@
     python -m utils.estimate_memory --train_yaml CONFIG.yaml --device cpu --precision bf16
     python -m utils.estimate_memory --train_yaml example/mistral_small_3.2.yaml --model mistral-small-3.2-24b
     python -m utils.estimate_memory --train_yaml example/mistral-small-4.yaml --model mistral-small-4 --gpus 8
+    python -m utils.estimate_memory --train_yaml example/mistral_small_3.2.yaml --model mistral-small-3.2-24b \
+        --images-per-row fill [--image-size 1540]    # image data: the vision side is built and counted
 
 The model shape comes from ``params.json`` (or a Hugging Face ``config.json``) in the config's
 ``model_id_or_path``, or from ``--model``: a folder holding only params.json is enough, or the name
@@ -18,7 +20,10 @@ recomputed. In short, per device with N = world size (FSDP2 shards every block a
 - frozen base weights in the compute dtype (adapted linears, stacked experts included, at 4.13 bits
   with ``quantization: nf4``) / N;
   a multimodal release's vision encoder and adapter are counted (``vision_params``) and said, but are
-  not in the peak: text training never loads them (``model.multimodal`` carries them from the base folder);
+  not in the peak for text-only data: text training never loads them (``model.multimodal`` carries them
+  from the base folder); with image data (``--images-per-row``) they are two lines of their own
+  (``vision_terms``): their weights, and the pixels, what the encoder saves when it trains, and its
+  working set (SDPA's math path: each image's float32 scores) where that exceeds the text model's;
   plus the all-gathered *unsharded* root (embedding, final norm, output: alive through forward and
   backward) and the largest block unsharded twice (the one computing and the one prefetched); on
   one device, frozen weights are not FSDP's, so only the adapters are gathered; on CPU with
@@ -373,8 +378,9 @@ def vision_terms(
             recompute = block
             kept += lv * n * patches * hv * c
             if mode == "selective":
-                # The math path's products (bmm) are not kept: no attention output or log-sum-exp.
-                per_patch = selective_saved_bytes_per_token(va, targets, rank, c, 0) - (c * hv + 4 * va.n_heads)
+                per_patch = selective_saved_bytes_per_token(va, targets, rank, c, 0)
+                if VISION_ATTENTION_MATH:  # its products (bmm) are not kept: no attention output or log-sum-exp
+                    per_patch -= c * hv + 4 * va.n_heads
                 kept += lv * n * patches * per_patch
     transient = vision_transient_bytes(m, n, images.size, c)
     working = max(transient, recompute + transient) + (2 * block_params * c if frozen_gathered else 0.0)

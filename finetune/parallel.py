@@ -190,8 +190,11 @@ def parallelize(
         # forward starts, on every rank, before anything else runs. They stay gathered until the
         # backward ends, so no rank gathers them again: FSDP's backward prefetch follows each
         # rank's own forward order, which would differ. The cost is the unsharded encoder for the
-        # length of a step. Gradient reduce-scatters of a *trained* encoder (full fine-tuning,
-        # vision LoRA targets) follow autograd's order, which puts the encoder after the text blocks
-        # only if the blank image runs before them too.
+        # length of a step. This covers a frozen encoder (the default targets). A *trained* one
+        # (vision LoRA targets, full fine-tuning) also reduce-scatters its gradients, in an order
+        # set by autograd and by which blocks' inputs need gradients: the first text block's do on
+        # a rank whose embeddings took picture features, not on one that ran the blank image
+        # beside them. Sharding cannot reorder those; they agree once the blank image's features
+        # enter the embeddings, as pictures do.
         model.set_modules_to_forward_prefetch(vision)
     return model

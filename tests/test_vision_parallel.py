@@ -112,9 +112,9 @@ def _worker(rank: int, world: int, root: str, port: int) -> None:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         losses = []
         for batches in steps:
-            # A trained encoder with a blank rank hangs while the loss runs the blank image after the
-            # text blocks (finetune/parallel.py): the encoder trains here on the steps where every
-            # micro-batch has pictures.
+            # A trained encoder and a rank without pictures do not work yet (their gradient
+            # reduce-scatters come in different orders: finetune/parallel.py); the encoder trains
+            # here on the steps where every micro-batch has pictures.
             if kind != "lora" and not all(images for *_, images in batches):
                 continue
             losses.append(_step(model, optimizer, batches[rank::world], device))

@@ -169,39 +169,42 @@ def load_for_eval(model_folder: Path, adapter: Path | None, rank: int):
     return model.eval()
 
 
-def accuracy(model, tokenizer, eval_file: Path) -> tuple[float, list[tuple[str, str, str]]]:
-    """Held-out accuracy: for each picture, the colour name whose answer tokens (what training targets)
-    have the highest summed log-likelihood. The four candidates of one picture go in one packed row.
-    Returns (accuracy, [(picture, expected, chosen)])."""
+def candidate_scores(model, tokenizer, sample: dict, base_dir: Path) -> list[float]:
+    """Summed log-likelihood of each colour name as the answer (its tokens and the end of the turn: what
+    training targets), in ``COLOURS`` order. The candidates go through the model as one packed row."""
     from finetune.data.tokenize import SampleType, encode_all
 
     device = next(model.parameters()).device
+    tokens, targets, images, seqlens = [], [], [], []
+    for name in COLOURS:
+        candidate = {"messages": [sample["messages"][0], {"role": "assistant", "content": name}]}
+        (encoded,) = encode_all(candidate, tokenizer.instruct_tokenizer, SampleType.INSTRUCT, chunk=False,
+                                base_dir=base_dir)
+        tokens += encoded.tokens
+        targets += encoded.masks[1:] + [False]  # position t predicts token t + 1; none after the last
+        images += [torch.as_tensor(im, dtype=torch.float32, device=device) for im in encoded.images]
+        seqlens.append(len(encoded.tokens))
+    x = torch.tensor(tokens, device=device)
+    with torch.no_grad():
+        # Logits only where an answer token is predicted: the output layer has 131072 rows.
+        where = torch.tensor(targets, device=device).nonzero()[:, 0]  # (answer tokens,)
+        hidden = model.hidden_states(x, seqlens, images)[where]  # (answer tokens, dim)
+        logp = torch.log_softmax(model.output(hidden).float(), dim=-1)  # (answer tokens, vocab)
+        logp = logp.gather(1, x[where + 1, None])[:, 0]  # (answer tokens,)
+        owner = torch.bucketize(where, torch.tensor(seqlens, device=device).cumsum(0), right=True)
+        return torch.zeros(len(COLOURS), device=device).index_add_(0, owner, logp).tolist()
+
+
+def accuracy(model, tokenizer, eval_file: Path) -> tuple[float, list[tuple[str, str, str]]]:
+    """Held-out accuracy: for each picture, is the colour name of highest log-likelihood the right one?
+    Returns (accuracy, [(picture, expected, chosen)])."""
     names = list(COLOURS)
     results = []
-    with torch.no_grad():
-        for line in eval_file.read_text().splitlines():
-            sample = json.loads(line)
-            expected = sample["messages"][1]["content"]
-            tokens, targets, images, seqlens = [], [], [], []
-            for name in names:
-                sample["messages"][1]["content"] = name
-                (encoded,) = encode_all(sample, tokenizer.instruct_tokenizer, SampleType.INSTRUCT, chunk=False,
-                                        base_dir=eval_file.parent)
-                tokens += encoded.tokens
-                targets += encoded.masks[1:] + [False]  # position t predicts token t + 1; none after the last
-                images += [torch.as_tensor(im, dtype=torch.float32, device=device) for im in encoded.images]
-                seqlens.append(len(encoded.tokens))
-            x = torch.tensor(tokens, device=device)
-            # Logits only where an answer token is predicted: the output layer has 131072 rows.
-            where = torch.tensor(targets, device=device).nonzero()[:, 0]  # (answer tokens,)
-            hidden = model.hidden_states(x, seqlens, images)[where]  # (answer tokens, dim)
-            logp = torch.log_softmax(model.output(hidden).float(), dim=-1)  # (answer tokens, vocab)
-            logp = logp.gather(1, x[where + 1, None])[:, 0]  # (answer tokens,)
-            owner = torch.bucketize(where, torch.tensor(seqlens, device=device).cumsum(0), right=True)
-            scores = torch.zeros(len(names), device=device).index_add_(0, owner, logp).tolist()
-            chosen = names[max(range(len(names)), key=scores.__getitem__)]
-            picture = sample["messages"][0]["content"][0]["image_url"]
-            results.append((picture, expected, chosen))
+    for line in eval_file.read_text().splitlines():
+        sample = json.loads(line)
+        scores = candidate_scores(model, tokenizer, sample, eval_file.parent)
+        chosen = names[max(range(len(names)), key=scores.__getitem__)]
+        results.append((sample["messages"][0]["content"][0]["image_url"], sample["messages"][1]["content"], chosen))
     return sum(e == c for _, e, c in results) / len(results), results
 
 

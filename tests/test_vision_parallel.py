@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from finetune.args import TrainArgs
 from finetune.data.args import DataArgs
+from finetune.data.loader import Batch
 from finetune.distributed import free_port
 from model.args import DEFAULT_TARGETS, VISION_TARGETS, LoraArgs
 from model.configs import load_model_args
@@ -49,45 +50,28 @@ def _image_tokens(h: int, w: int) -> list[int]:
     return sum(([IMG] * cols + [IMG_END if r == rows - 1 else IMG_BREAK] for r in range(rows)), [])
 
 
-def _microbatches() -> list[tuple]:
-    """(x, y, target mask, seqlens, pictures) per micro-batch: two documents, the pictures in the first."""
+def _microbatches() -> list[Batch]:
+    """Packed rows of two documents, the pictures in the first, each picture's tokens where it sits."""
     gen = torch.Generator().manual_seed(0)
     text = lambda n: torch.randint(20, 128, (n,), generator=gen).tolist()  # noqa: E731 (no image ids)
     out = []
     for sizes in PICTURES:
         ids, images = text(3), []
         for h, w in sizes:
-            images.append(torch.randn(3, h, w, generator=gen))
+            images.append(torch.randn(3, h, w, generator=gen).numpy())
             ids += _image_tokens(h, w) + text(4)
-        seqlens = [len(ids), 9]
         x = torch.tensor(ids + text(9))
         y = torch.randint(20, 128, x.shape, generator=gen)
         mask = (torch.rand(x.shape, generator=gen) < 0.6) & (x != IMG)
-        out.append((x, y, mask, seqlens, images))
+        out.append(Batch(x.numpy(), y.numpy(), mask.numpy(), [len(ids), 9], images))
     return out
-
-
-def _step(model, optimizer, mine: list[tuple], device: torch.device) -> float:
-    """One AdamW step of the token-mean loss over the global batch (trainer.train_step's normaliser)."""
-    from finetune import distributed as D
-
-    (n_targets,) = D.all_reduce_sum([sum(int(m.sum()) for _, _, m, _, _ in mine)], device)
-    total = 0.0
-    for i, (x, y, mask, seqlens, images) in enumerate(mine):
-        model.set_requires_gradient_sync(i == len(mine) - 1)
-        loss = model(x, seqlens, y, mask, images)
-        (loss * D.world_size() / n_targets).backward()
-        total += loss.item()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    (total,) = D.all_reduce_sum([total], device)
-    return total / n_targets
 
 
 def _worker(rank: int, world: int, root: str, port: int) -> None:
     from finetune import distributed as D
     from finetune.build import build_model, resolve_precision
     from finetune.checkpointing import gather_adapters
+    from finetune.trainer import TrainState, train_step
 
     device = init_test_rank(rank, world, port)
     steps = [_microbatches()[2 * s : 2 * s + 2] for s in range(STEPS)]
@@ -95,7 +79,7 @@ def _worker(rank: int, world: int, root: str, port: int) -> None:
         lora = LoraArgs(enable=False) if targets is None else LoraArgs(rank=4, target_modules=targets)
         # Checkpointing must not change the numbers: full alone, selective and none on two ranks.
         args = TrainArgs(model_id_or_path=os.path.join(root, "model"), run_dir=root,
-                         data=DataArgs(instruct_data="unused"), lora=lora,
+                         data=DataArgs(instruct_data="unused"), lora=lora, max_norm=1e9,
                          checkpoint=True if world == 1 else ("selective" if rank == 0 else False))
         precision = resolve_precision("fp32", device)
         model = build_model(args, load_model_args(args.model_id_or_path), device, precision, vision=True)
@@ -115,9 +99,10 @@ def _worker(rank: int, world: int, root: str, port: int) -> None:
             # A trained encoder and a rank without pictures do not work yet (their gradient
             # reduce-scatters come in different orders: finetune/parallel.py); the encoder trains
             # here on the steps where every micro-batch has pictures.
-            if kind != "lora" and not all(images for *_, images in batches):
+            if kind != "lora" and not all(b.images for b in batches):
                 continue
-            losses.append(_step(model, optimizer, batches[rank::world], device))
+            loss, _, _ = train_step(model, optimizer, batches[rank::world], args, TrainState(), precision, device)
+            losses.append(loss)
         if world > 1:  # gathered for the step only: sharded again once the backward is over
             assert all(isinstance(p, DTensor) for p in encoder.parameters())
         # Every trained weight, gathered on every rank (full_tensor is a collective).
@@ -204,8 +189,9 @@ def _gradients(folder, checkpoint) -> tuple[torch.Tensor, dict[str, torch.Tensor
     args = TrainArgs(model_id_or_path=str(folder), run_dir="unused", data=DataArgs(instruct_data="unused"),
                      lora=LoraArgs(enable=False), checkpoint=checkpoint)
     model = build_model(args, load_model_args(folder), cpu, resolve_precision("fp32", cpu), vision=True)
-    x, y, mask, seqlens, images = _microbatches()[2]  # two pictures of different sizes
-    loss = model(x, seqlens, y, mask, images)
+    b = _microbatches()[2]  # two pictures of different sizes
+    images = [torch.from_numpy(i) for i in b.images]
+    loss = model(torch.from_numpy(b.x), b.seqlens, torch.from_numpy(b.y), torch.from_numpy(b.y_mask), images)
     ops = Ops()
     with ops:
         loss.backward()

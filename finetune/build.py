@@ -21,7 +21,7 @@ from finetune.config import ConfigError
 from finetune.data.tokenizer import check_image_tokenizer
 from finetune.loss import TransformerWithLoss
 from finetune.parallel import freeze, parallelize
-from model.args import LoraArgs, ModelArgs
+from model.args import VISION_TARGETS, LoraArgs, ModelArgs
 from model.checkpoint import iter_base_weights, load_adapters_state, retie, tied_aliases
 from model.keys import checkpoint_layout
 from model.lora import init_lora_A_, is_lora_key, lora_modules
@@ -85,12 +85,21 @@ def check_compile(compile: bool, model_args: ModelArgs, folder: str) -> None:
         )
 
 
-def check_image_config(tokenizer: Any, model_args: ModelArgs, folder: str) -> None:
-    """The data has pictures: the model must read them as its tokenizer cut them (``check_image_tokenizer``)."""
-    try:
-        check_image_tokenizer(tokenizer, vision_block(model_args.extra), folder)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+def check_pictures(args: TrainArgs, model_args: ModelArgs, tokenizer: Any, has_images: bool) -> None:
+    """Data with pictures needs a model that reads them as its tokenizer cut them
+    (``check_image_tokenizer``); vision LoRA targets need data with pictures (without, the vision side is
+    not built and they would train nothing)."""
+    if has_images:
+        try:
+            check_image_tokenizer(tokenizer, vision_block(model_args.extra), args.model_id_or_path)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    vision_targets = [t for t in args.lora.target_modules if t in VISION_TARGETS] if args.lora.enable else []
+    if vision_targets and not has_images:
+        raise ConfigError(
+            f"lora.target_modules names vision layers ({', '.join(vision_targets)}), but the data has no pictures, "
+            "so the vision encoder is not built and they would train nothing; remove them, or add image data."
+        )
 
 
 def check_model_settings(args: TrainArgs, model_args: ModelArgs, device: torch.device) -> None:

@@ -174,9 +174,10 @@ def gather_adapters(model: TransformerWithLoss, dtype: torch.dtype) -> dict[str,
 
 def gather_merged(model: TransformerWithLoss, dtype: torch.dtype,
                   base_folder: Path | None = None) -> dict[str, torch.Tensor]:
-    """Full weights with adapters folded in (``model.merge``), gathered tensor by tensor onto rank 0's CPU;
-    a multimodal model's vision weights are read from ``base_folder`` as stored (``model.multimodal``)."""
-    vision = vision_block(model.transformer.args.extra) is not None
+    """Full weights with adapters folded in (``model.merge``), gathered tensor by tensor onto rank 0's CPU.
+    A multimodal model trained without its vision side (text data) carries the vision weights from
+    ``base_folder`` as stored (``model.multimodal``); one built with it merges them like the rest."""
+    vision = vision_block(model.transformer.args.extra) is not None and model.transformer.vision is None
     if vision and base_folder is None:  # on every rank, before any collective
         raise ValueError("a merged checkpoint of a multimodal model needs the base folder to carry its vision weights.")
     if any(isinstance(m, NF4LoRALinear) for m in lora_modules(model.transformer).values()):
@@ -191,12 +192,13 @@ def gather_merged(model: TransformerWithLoss, dtype: torch.dtype,
     return out
 
 
-def adapter_params(model_args: ModelArgs, lora: LoraArgs | None) -> dict[str, Any]:
+def adapter_params(model_args: ModelArgs, lora: LoraArgs | None, vision: bool = False) -> dict[str, Any]:
     params = params_from_args(model_args)
     if lora is not None:
         # enable, rank, scaling, dropout, and the target_modules this model has (the default list also
-        # names the other attention kind's projections)
-        params["lora"] = {**asdict(lora), "target_modules": model_args.present_targets(lora.target_modules)}
+        # names the other attention kind's projections; vision targets only if the vision side was built)
+        targets = model_args.present_targets(lora.target_modules, vision=vision)
+        params["lora"] = {**asdict(lora), "target_modules": targets}
     return params
 
 
@@ -253,7 +255,7 @@ def save_checkpoint(
         if D.is_main():
             name = "lora.safetensors" if save_adapters else "consolidated.safetensors"
             save_file(weights, str(tmp / "consolidated" / name))
-            params = adapter_params(model_args, lora if save_adapters else None)
+            params = adapter_params(model_args, lora if save_adapters else None, model.transformer.vision is not None)
             (tmp / "consolidated" / "params.json").write_text(json.dumps(params, indent=4) + "\n")
             if tokenizer_file is not None:
                 src, name = tokenizer_file

@@ -24,8 +24,8 @@ from finetune.args import TrainArgs, load_train_args
 from finetune.build import (
     Precision,
     build_model,
-    check_image_config,
     check_model_settings,
+    check_pictures,
     check_trainable_vocab,
     resolve_precision,
 )
@@ -220,8 +220,7 @@ def load_inputs(args: TrainArgs, config_path: str, device: torch.device) -> Inpu
     check_model_settings(args, model_args, device)
     train_data, eval_data = scan_data_on_rank0(args, tokenizer, config_path, device)
     inputs = Inputs(model_args, tokenizer, train_data, eval_data)
-    if inputs.has_images:
-        check_image_config(tokenizer, model_args, args.model_id_or_path)
+    check_pictures(args, model_args, tokenizer, inputs.has_images)
     return inputs
 
 

@@ -253,3 +253,17 @@ def test_llava_rows_and_developer_roles_are_sent_to_reformat(workspace) -> None:
                               {"role": "assistant", "content": "Hello."}]}
     with pytest.raises(DataFormatError, match=r"reformat_data FILE` convert it"):
         encode_all(developer, workspace["it"], SampleType.INSTRUCT, chunk=False)
+
+
+def test_vision_targets_without_pictures_are_refused(workspace, model_folder, tmp_path, capsys) -> None:
+    from utils import validate_data
+
+    write_image_tekken(model_folder, merge=MERGE)
+    text = write_jsonl(tmp_path / "text.jsonl", [workspace["lines"][-1]] * 3)  # no picture
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({
+        "model_id_or_path": str(model_folder), "seq_len": 64, "run_dir": str(tmp_path / "r"),
+        "lora": {"target_modules": ["wq", "vision_language_adapter.w_in"]},
+        "data": {"instruct_data": str(text), "cache_dir": str(tmp_path / "cache")}}))
+    assert validate_data.main(["--train_yaml", str(config)]) == 1
+    assert "names vision layers (vision_language_adapter.w_in), but the data has no pictures" in capsys.readouterr().err

@@ -1,5 +1,6 @@
-"""Image fine-tuning end to end in real processes: two ranks train on conversations with pictures,
-resume exactly, and the merged model sees the pictures as the adapters did."""
+"""Image fine-tuning end to end in real processes: two ranks train LoRA on the language model and on
+the vision side with conversations with pictures, resume exactly, and the merged folder, the in-training
+merge and the PEFT adapter on transformers' model all see the pictures as the adapters did."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from PIL import Image
 from safetensors.torch import load_file
 
+from finetune.checkpointing import gather_merged
 from finetune.data.tokenize import SampleType, encode_all
+from finetune.loss import TransformerWithLoss
 from model.args import LoraArgs
 from model.checkpoint import load_adapters
 from model.tiny import tiny_vision_args, write_random_vision_model
@@ -25,7 +28,8 @@ from tests.data_helpers import write_image_tekken
 from tests.train_helpers import read_metrics, run_cli, torchrun, write_config
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
-LORA = {"rank": 4, "scaling": 2.0}
+LORA = {"rank": 4, "scaling": 2.0, "target_modules": ["wq", "wk", "wv", "wo", "w1", "w2", "w3", "vision_encoder.wq",
+                                                    "vision_encoder.w2", "vision_language_adapter.w_in"]}
 
 
 def _ok(result: subprocess.CompletedProcess) -> None:
@@ -99,23 +103,65 @@ def test_resume_on_pictures_equals_uninterrupted(workspace) -> None:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
-def _eval_row(workspace) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _row(workspace) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A conversation with two pictures of several [IMG] tokens each, tokenized as training does."""
     it = MistralTokenizer.from_file(str(workspace["model"] / "tekken.json")).instruct_tokenizer
-    line = json.loads(workspace["eval"].read_text().splitlines()[0])
-    [sample] = encode_all(line, it, SampleType.INSTRUCT, chunk=False, base_dir=workspace["eval"].parent)
+    for name, size in (("wide", (64, 32)), ("tall", (32, 96))):
+        Image.new("RGB", size, COLOURS["red" if name == "wide" else "blue"]).save(workspace["root"] / f"{name}.png")
+    line = {"messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": "wide.png"},
+                                     {"type": "image_url", "image_url": "tall.png"},
+                                     {"type": "text", "text": "Which colours?"}]},
+        {"role": "assistant", "content": "red and blue"}]}
+    [sample] = encode_all(line, it, SampleType.INSTRUCT, chunk=False, base_dir=workspace["root"])
     return torch.tensor(sample.tokens), [torch.from_numpy(im) for im in sample.images]
 
 
-def test_merged_model_sees_pictures_as_the_adapters_did(workspace, tmp_path) -> None:
+@pytest.fixture(scope="module")
+def trained(workspace) -> tuple[Transformer, Path]:
+    """The run's final adapters on the base model (vision side built), and their checkpoint."""
     ckpt = workspace["run"] / "checkpoints" / "checkpoint_000004"
-    _ok(run_cli(["-m", "utils.merge_lora", "--base_model", str(workspace["model"]), "--lora", str(ckpt),
-                 "--out", str(tmp_path / "merged"), "--dtype", "fp32"]))
-    tokens, images = _eval_row(workspace)
     lora = Transformer.from_folder(workspace["model"], vision=True, dtype=torch.float32, lora=LoraArgs(**LORA))
     load_adapters(lora, ckpt / "consolidated" / "lora.safetensors")
+    adapters = load_file(str(ckpt / "consolidated" / "lora.safetensors"))
+    assert any(k.startswith("vision_encoder.transformer.layers.1.attention.wq.") for k in adapters)
+    assert any(k.startswith("vision_language_adapter.w_in.") for k in adapters)
+    return lora, ckpt
+
+
+def test_merged_model_sees_pictures_as_the_adapters_did(workspace, trained, tmp_path) -> None:
+    lora, ckpt = trained
+    _ok(run_cli(["-m", "utils.merge_lora", "--base_model", str(workspace["model"]), "--lora", str(ckpt),
+                 "--out", str(tmp_path / "merged"), "--dtype", "fp32"]))
+    tokens, images = _row(workspace)
     merged = Transformer.from_folder(tmp_path / "merged", vision=True, dtype=torch.float32)
     base = Transformer.from_folder(workspace["model"], vision=True, dtype=torch.float32)
     with torch.no_grad():
         want = lora(tokens, [len(tokens)], images)
         torch.testing.assert_close(merged(tokens, [len(tokens)], images), want, rtol=1e-4, atol=1e-5)
         assert (base(tokens, [len(tokens)], images) - want).abs().max() > 1e-3  # the adapters changed something
+    # The in-training merge (save_adapters: false) folds the vision adapters in too.
+    in_training = gather_merged(TransformerWithLoss(lora), torch.float32, workspace["model"])
+    on_disk = load_file(str(tmp_path / "merged" / "consolidated.safetensors"))
+    assert in_training.keys() == on_disk.keys()
+    for key in on_disk:
+        torch.testing.assert_close(in_training[key], on_disk[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_peft_export_gives_our_logits_with_pictures(workspace, trained, tmp_path) -> None:
+    from peft import PeftModel
+    from transformers import Mistral3ForConditionalGeneration
+
+    from tests.test_vision_encoder import _hf_logits
+
+    lora, ckpt = trained
+    _ok(run_cli(["-m", "utils.export_hf", "--checkpoint", str(workspace["model"]), "--merged",
+                 "--out", str(tmp_path / "base_hf")]))
+    _ok(run_cli(["-m", "utils.export_hf", "--checkpoint", str(ckpt), "--out", str(tmp_path / "peft")]))
+    base = Mistral3ForConditionalGeneration.from_pretrained(tmp_path / "base_hf", dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    tokens, images = _row(workspace)
+    with torch.no_grad():
+        ours = lora(tokens, [len(tokens)], images)
+    theirs = _hf_logits(peft, tokens, images)
+    assert ((ours - theirs).abs().max() / theirs.abs().max()).item() < 1e-4

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.args import TrainArgs, load_train_args
-from finetune.build import check_image_config
+from finetune.build import check_pictures
 from finetune.config import ConfigError
 from finetune.data.validation import DataReport, check_data, write_corrected
 from finetune.monitoring import format_duration
@@ -336,8 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         # Without a GPU, --num_gpus N plans for N H100s, unless --measure: then N CPU processes here.
         on_gpu = gpus > 0 or (opts.num_gpus is not None and not opts.measure)
         try:
-            if any(d.has_images for d in report.train + report.eval):
-                check_image_config(tokenizer, model_args, args.model_id_or_path)
+            check_pictures(args, model_args, tokenizer, any(d.has_images for d in report.train + report.eval))
             filler = filler_fraction(args, report, devices)
             measured = measure(opts.train_yaml, min(devices, gpus) if gpus else devices, opts.measure_steps) \
                 if opts.measure else None

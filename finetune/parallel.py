@@ -34,8 +34,8 @@ blocks: each is checkpointed with the configured mode (``selective_policy`` reco
 w3, as in a text block, and its per-picture attention, which runs SDPA's math path on 3-D inputs:
 batched products, never kept) and is an FSDP unit of its own, with the text blocks' mixed precision. They
 are never compiled: every picture size is a new graph. The encoder's stem and the adapter stay in
-the root. All vision blocks are gathered when the root's forward starts and freed after the
-backward (``parallelize`` says why).
+the root. All vision blocks are gathered when the root's forward starts, and a frozen one is never
+gathered in backward (``parallelize`` says why).
 """
 
 from __future__ import annotations
@@ -170,8 +170,12 @@ def parallelize(
         # Not compiled: each picture size gives new patch counts and a new ``lengths`` list (one
         # attention call per picture), so a static graph recompiles for every size, and a dynamic
         # one would still specialise on the number of pictures (that loop unrolls). Eager it is.
-        # Gathered until the backward ends (not freed after the forward): see the prefetch below.
-        fully_shard(block, mp_policy=mp, ignored_params=ignored, reshard_after_forward=False)
+        fully_shard(block, mp_policy=mp, ignored_params=ignored)
+        if not any(p.requires_grad for p in block.parameters()):
+            # A frozen block's backward needs no weights, so it is never gathered again in backward:
+            # FSDP would otherwise prefetch it after the first text block where this rank ran it
+            # before them (its own forward order), and on no rank that ran it after them.
+            block.set_unshard_in_backward(False)
     for block in model.transformer.layers:
         if checkpoint_mode != "none":
             checkpoint_block(block, checkpoint_mode)
@@ -187,14 +191,14 @@ def parallelize(
         # different points on different ranks: where the pictures are embedded, before the text
         # blocks, on a rank whose batch has pictures; after them, where the loss runs its blank
         # image, on a rank whose batch has none. So the root gathers all vision blocks when its
-        # forward starts, on every rank, before anything else runs. They stay gathered until the
-        # backward ends, so no rank gathers them again: FSDP's backward prefetch follows each
-        # rank's own forward order, which would differ. The cost is the unsharded encoder for the
-        # length of a step. This covers a frozen encoder (the default targets). A *trained* one
-        # (vision LoRA targets, full fine-tuning) also reduce-scatters its gradients, in an order
-        # set by autograd and by which blocks' inputs need gradients: the first text block's do on
-        # a rank whose embeddings took picture features, not on one that ran the blank image
-        # beside them. Sharding cannot reorder those; they agree once the blank image's features
-        # enter the embeddings, as pictures do.
+        # forward starts, on every rank, before anything else runs; each is freed after its own
+        # forward. The cost: on a rank without pictures the whole encoder stays gathered through
+        # the text blocks' forward (not their backward). This covers a frozen encoder (the default
+        # targets) whatever runs where. A *trained* one (vision LoRA targets, full fine-tuning) is
+        # gathered again in backward and reduce-scatters its gradients, in an order set by autograd
+        # and by which blocks' inputs need gradients: the first text block's do on a rank whose
+        # embeddings took picture features, not on one that ran the blank image beside them.
+        # Sharding cannot reorder those; they agree once the blank image's features enter the
+        # embeddings, as pictures do.
         model.set_modules_to_forward_prefetch(vision)
     return model

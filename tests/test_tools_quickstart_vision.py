@@ -2,8 +2,8 @@
 
 The full run (200 steps: held-out accuracy from near chance to above 90%) is measured by hand and
 recorded in docs/benchmarks.md. This shortened run proves that every stage runs and reports, that the
-eval pictures are new and their answers right, and that the accuracy's packed scoring of the four
-candidates equals scoring each of them alone.
+eval pictures are new and their answers right, and that the packed scoring of the four candidates
+equals scoring each alone and its greedy exact match equals decoding token by token.
 """
 
 from __future__ import annotations
@@ -30,18 +30,29 @@ def _shape_colour(path: Path) -> str:
     return min(qv.COLOURS, key=lambda name: float(((np.array(qv.COLOURS[name]) - mean) ** 2).sum()))
 
 
-def _separate_scores(model, tokenizer, sample: dict, base_dir: Path) -> list[float]:
-    """Each candidate in its own forward, with the full logits: the reference for the packed scoring."""
-    scores = []
-    for name in qv.COLOURS:
-        candidate = {"messages": [sample["messages"][0], {"role": "assistant", "content": name}]}
+def _reference(model, tokenizer, sample: dict, base_dir: Path) -> tuple[list[float], bool]:
+    """Each candidate in its own forward with the full logits, and greedy decoding token by token
+    (a full forward per step): the reference for the packed, teacher-forced ``score``."""
+    def encode(answer: str):
+        candidate = {"messages": [sample["messages"][0], {"role": "assistant", "content": answer}]}
         (s,) = encode_all(candidate, tokenizer.instruct_tokenizer, SampleType.INSTRUCT, chunk=False, base_dir=base_dir)
-        tokens, targets = torch.tensor(s.tokens), torch.tensor(s.masks[1:])
-        with torch.no_grad():
-            logits = model(tokens, [len(tokens)], images=[torch.as_tensor(im) for im in s.images])  # (tokens, vocab)
-        logp = torch.log_softmax(logits[:-1].float(), dim=-1).gather(1, tokens[1:, None])[:, 0]
-        scores.append(logp[targets].sum().item())
-    return scores
+        return s.tokens, s.masks, [torch.as_tensor(im) for im in s.images]
+
+    scores = []
+    with torch.no_grad():
+        for name in qv.COLOURS:
+            tokens, masks, images = encode(name)
+            x = torch.tensor(tokens)
+            logits = model(x, [len(x)], images=images)  # (tokens, vocab)
+            logp = torch.log_softmax(logits[:-1].float(), dim=-1).gather(1, x[1:, None])[:, 0]
+            scores.append(logp[torch.tensor(masks[1:])].sum().item())
+        tokens, masks, images = encode(sample["messages"][1]["content"])
+        prompt, answer = tokens[: masks.index(True)], tokens[masks.index(True):]
+        generated: list[int] = []
+        while len(generated) < len(answer):
+            x = torch.tensor(prompt + generated)
+            generated.append(int(model(x, [len(x)], images=images)[-1].argmax()))
+    return scores, generated == answer
 
 
 def test_quickstart_vision_runs_end_to_end(tmp_path, capfd) -> None:
@@ -56,7 +67,7 @@ def test_quickstart_vision_runs_end_to_end(tmp_path, capfd) -> None:
         assert stage in out, stage
     assert sorted(p.name for p in (work / "model").iterdir()) == ["consolidated.safetensors", "params.json", "tekken.json"]
     assert result["chance"] == 0.25
-    for key in ("accuracy_before", "accuracy_after"):  # 8 pictures: multiples of 1/8
+    for key in ("accuracy_before", "accuracy_after", "greedy_before", "greedy_after"):  # 8 pictures: multiples of 1/8
         assert 0 <= result[key] <= 1 and (8 * result[key]).is_integer(), (key, result[key])
     assert json.loads((work / "result.json").read_text()) == result
 
@@ -80,10 +91,10 @@ def test_quickstart_vision_runs_end_to_end(tmp_path, capfd) -> None:
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)  # trained, not zero
     tokenizer = MistralTokenizer.from_file(str(work / "model" / "tekken.json"))
     for sample in evals[:2]:
-        torch.testing.assert_close(
-            torch.tensor(qv.candidate_scores(model, tokenizer, sample, work)),
-            torch.tensor(_separate_scores(model, tokenizer, sample, work)), rtol=1e-5, atol=1e-4,
-        )
+        scores, exact = qv.score(model, tokenizer, sample, work)
+        want_scores, want_exact = _reference(model, tokenizer, sample, work)
+        torch.testing.assert_close(torch.tensor(scores), torch.tensor(want_scores), rtol=1e-5, atol=1e-4)
+        assert exact == want_exact
 
 
 def test_refuses_a_folder_it_did_not_create(tmp_path) -> None:

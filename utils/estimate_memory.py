@@ -309,8 +309,8 @@ def vision_transient_bytes(m: ModelArgs, n_images: int, size: int, c: int) -> fl
     """What one vision block's forward holds at once beyond what it keeps: its input, the residual
     stream and a normed copy (3 c hv per patch) and the larger of the feed-forward's three (patches,
     F_v) products and the attention's q, k, v with, on the math path, one image's float32 q, k, v
-    copies, its scores and their softmax (float32) and a one-byte mask as large. Backward holds as much again for
-    the gradients of these, and no more."""
+    copies, its scores and their softmax (float32) and a one-byte mask as large. Backward holds as
+    much again for the gradients of these, and no more."""
     va = vision_args(m)
     patches = n_images * image_shape(m, size)[0]
     one = image_shape(m, size)[0]
@@ -330,12 +330,13 @@ def vision_terms(
     Weights: the encoder and adapter in the compute dtype, sharded like the blocks (fully fine-tuned:
     float32 with gradients and AdamW, 16 bytes a parameter). Sharded, FSDP also holds the parts outside
     the blocks (patch convolution, ``ln_pre``, merger, adapter) gathered with the root for the whole
-    step, and two vision blocks while the encoder runs. With LoRA the vision side is frozen (no vision
-    target exists yet), so nothing of it is quantized.
+    step, and two vision blocks while the encoder runs. With LoRA the vision side is frozen unless
+    ``lora.target_modules`` names vision layers in full (``model.args.VISION_TARGETS``): those get
+    adapters (16 bytes a parameter) and, with ``quantization: nf4``, 4-bit base weights.
 
     Activations: kept through the step, the pixels (float32, as mistral-common gives them) and, when
-    gradients flow through the encoder (full fine-tuning; LoRA leaves it frozen, and a frozen encoder
-    saves nothing), what it saves: every block's saved tensors, or under checkpointing each block's
+    gradients flow through the encoder (vision targets in its blocks, or full fine-tuning; a frozen
+    encoder saves nothing), what it saves: every block's saved tensors, or under checkpointing each block's
     input (and the selective policy's kept products) plus one block recomputed in backward, and
     what the stem and adapter save. The encoder runs first in forward and last in backward, when the
     text blocks hold no activations, so its working set counts only where it exceeds the text's
@@ -400,7 +401,8 @@ def vision_terms(
     if scores:
         notes.append(f"vision: attention runs on SDPA's math path (3-D inputs, model/vision.py): one {images.size} px image's "
                      f"float32 scores, softmax and mask take {scores / GB:.2f} GB at once"
-                     + (", and every block saves its softmax" if trains and mode == "none" else ""))
+                     + ("; the encoder's blocks save every image's softmax (" + ("each of them" if mode == "none" else
+                        "the recomputed one") + ")" if trains and block_targets else ""))
     return parts, notes
 
 

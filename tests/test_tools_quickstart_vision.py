@@ -55,6 +55,7 @@ def _reference(model, tokenizer, sample: dict, base_dir: Path) -> tuple[list[flo
     return scores, generated == answer
 
 
+@pytest.mark.slow
 def test_quickstart_vision_runs_end_to_end(tmp_path, capfd) -> None:
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 

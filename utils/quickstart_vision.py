@@ -19,8 +19,8 @@ The image counterpart of ``utils.quickstart``, with the same tools you will use 
   6. measures both again with the trained adapters.
 
 Why this task is learnable here: the encoder and its adapter stay frozen and random, but a random
-patch convolution followed by random layers is still an injective-enough map of a patch's colour,
-so the features of the shape's patches differ by colour. The adapters must learn to find those
+patch convolution followed by near-identity residual layers keeps a patch's colour as a direction of
+its features, so the features of the shape's patches differ by colour. The adapters must learn to find those
 patches among the background ones (attention) and to map their features onto the frozen, random
 output rows of the four colour names. Colour jitter, positions, sizes and shapes vary, so the eval
 pictures are new: the adapters cannot memorise them.
@@ -61,7 +61,8 @@ def create_model(folder: Path, dim: int, n_layers: int, seed: int, std: float) -
     """A seeded random multimodal model (Pixtral 12B's layout: no patch merger) with the real tokenizer.
 
     ``std`` is the weights' standard deviation. With the usual 0.02 the frozen random encoder, adapter and
-    output layer pass too faint a signal: 200 steps left the held-out accuracy at chance."""
+    output layer pass too faint a signal: 200 steps taught the model to answer a colour name, always the
+    same one (held-out accuracy at chance)."""
     from model.checkpoint import save_model_folder
     from model.configs import params_from_args
     from model.tiny import tiny_vision_args

@@ -1026,3 +1026,51 @@ def test_cli_plans_image_data_and_names_the_fix_for_impossible_requests(capsys):
     ):
         assert main([*argv, *extra]) == 2, extra
         assert message in capsys.readouterr().err, extra
+
+
+@pytest.mark.parametrize("targets", list(VISION_LORA))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_vision_selective_formula_equals_what_the_policy_keeps(targets, dtype):
+    """The selective policy on a vision block (as finetune.parallel applies it to the text blocks) keeps
+    the linears' outputs but w1's and w3's and each adapter's A x; the math-path attention is bmm, not
+    a kept op, so unlike a text block no attention output or log-sum-exp."""
+    import functools
+
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    from finetune.parallel import selective_policy
+    from model.vision import rotations_2d
+    from utils.estimate_memory import vision_args
+
+    m = _vision_args(merge=True)
+    lora = LoraArgs(rank=8, target_modules=VISION_LORA[targets])
+    torch.manual_seed(0)
+    model = Transformer(m, lora=lora, vision=True)
+    model.init_weights(0)
+    model.to(dtype)
+    freeze_all_but_lora(model)
+    block = model.vision_encoder.transformer.layers[1]
+    policy = selective_policy(block)
+    kept: dict[int, int] = {}
+
+    def recording_policy(ctx, func, *a, **kw):
+        decision = policy(ctx, func, *a, **kw)
+        if decision == CheckpointPolicy.MUST_SAVE:
+            for t in ctx.op_output if isinstance(ctx.op_output, (tuple, list)) else [ctx.op_output]:
+                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return decision
+
+    context_fn = functools.partial(create_selective_checkpoint_contexts, recording_policy,
+                                   allow_cache_entry_mutation=True)
+    grids = [(16, 16), (8, 8), (4, 4)]
+    lengths = [h * w for h, w in grids]
+    va = vision_args(m)
+    freqs = rotations_2d(grids, va.head_dim, 10000.0, torch.device("cpu"))
+    x = torch.randn(sum(lengths), va.dim, dtype=dtype, requires_grad=True)
+    checkpoint(block.forward, x, freqs, lengths, use_reentrant=False, context_fn=context_fn)
+    c = 2 if dtype == torch.bfloat16 else 4
+    block_targets = [t.removeprefix("vision_encoder.") for t in lora.target_modules if t.startswith("vision_encoder.")]
+    per_patch = selective_saved_bytes_per_token(va, block_targets, 8, c, 0)
+    if VISION_ATTENTION_MATH:
+        per_patch -= c * va.dim + 4 * va.n_heads
+    assert sum(kept.values()) == per_patch * sum(lengths)

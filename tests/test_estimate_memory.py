@@ -41,6 +41,7 @@ from utils.estimate_memory import (
     vision_block_saved_bytes,
     vision_outside_blocks_saved_bytes,
     vision_params,
+    vision_selective_kept_bytes_per_patch,
 )
 from utils.workload import PRESETS
 
@@ -1070,7 +1071,4 @@ def test_vision_selective_formula_equals_what_the_policy_keeps(targets, dtype):
     checkpoint(block.forward, x, freqs, lengths, use_reentrant=False, context_fn=context_fn)
     c = 2 if dtype == torch.bfloat16 else 4
     block_targets = [t.removeprefix("vision_encoder.") for t in lora.target_modules if t.startswith("vision_encoder.")]
-    per_patch = selective_saved_bytes_per_token(va, block_targets, 8, c, 0)
-    if VISION_ATTENTION_MATH:
-        per_patch -= c * va.dim + 4 * va.n_heads
-    assert sum(kept.values()) == per_patch * sum(lengths)
+    assert sum(kept.values()) == vision_selective_kept_bytes_per_patch(m, block_targets, 8, c) * sum(lengths)

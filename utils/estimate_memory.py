@@ -289,6 +289,15 @@ def vision_block_saved_bytes(m: ModelArgs, n_images: int, size: int, targets: li
     return n_images * (patches * per_patch + scores)
 
 
+def vision_selective_kept_bytes_per_patch(m: ModelArgs, targets: list[str], rank: int, c: int) -> float:
+    """Bytes per patch the selective policy keeps in a vision block besides its input: a text block's
+    (``selective_saved_bytes_per_token``) without the attention output and log-sum-exp on the math
+    path, whose products (bmm) are not kept ops."""
+    va = vision_args(m)
+    kept = selective_saved_bytes_per_token(va, targets, rank, c, 0)
+    return kept - (c * va.n_heads * va.head_dim + 4 * va.n_heads if VISION_ATTENTION_MATH else 0)
+
+
 def vision_outside_blocks_saved_bytes(m: ModelArgs, n_images: int, size: int, c: int, conv: bool = True) -> float:
     """Bytes saved outside the vision blocks when the whole vision side trains (full fine-tuning; with
     vision LoRA an upper bound): the patch convolution's input in the compute dtype (the pixels
@@ -379,10 +388,7 @@ def vision_terms(
             recompute = block
             kept += lv * n * patches * hv * c
             if mode == "selective":
-                per_patch = selective_saved_bytes_per_token(va, targets, rank, c, 0)
-                if VISION_ATTENTION_MATH:  # its products (bmm) are not kept: no attention output or log-sum-exp
-                    per_patch -= c * hv + 4 * va.n_heads
-                kept += lv * n * patches * per_patch
+                kept += lv * n * patches * vision_selective_kept_bytes_per_patch(m, targets, rank, c)
     transient = vision_transient_bytes(m, n, images.size, c)
     working = max(transient, recompute + transient) + (2 * block_params * c if frozen_gathered else 0.0)
     parts[f"vision: activations ({n} x {images.size} px images)"] = kept + max(0.0, working - text_dynamic)

@@ -120,21 +120,11 @@ class TransformerWithLoss(nn.Module):
         images: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Summed natural-log cross-entropy over the positions where ``target_mask`` is True; ``images``
-        are the row's pictures in order of their ``[IMG]`` runs (a model built with ``vision=True``)."""
-        h = self.transformer.hidden_states(input_ids, seqlens, images)  # (tokens, dim)
+        are the row's pictures in order of their ``[IMG]`` runs (a model built with ``vision=True``). A
+        batch without pictures still runs the vision side, on a blank picture (``always_encode``), so that
+        every rank joins the vision encoder's FSDP collectives in the same order whatever its batch holds."""
+        h = self.transformer.hidden_states(input_ids, seqlens, images, always_encode=True)  # (tokens, dim)
         rows = target_mask.nonzero().squeeze(1)  # (targets,)
-        loss = linear_cross_entropy_sum(
+        return linear_cross_entropy_sum(
             h.index_select(0, rows), self.transformer.output.weight, targets.index_select(0, rows), self.chunk_size
         )
-        if self.transformer.vision is not None and not images:
-            loss = loss + 0.0 * self._blank_image_features(h)
-        return loss
-
-    def _blank_image_features(self, h: torch.Tensor) -> torch.Tensor:
-        """The summed features of one smallest all-zero image. A batch without pictures still runs the
-        vision side once (its result times zero): every rank then takes part in the vision encoder's
-        FSDP collectives whatever its batch holds, and every vision adapter gets a (zero) gradient."""
-        v = self.transformer.vision
-        side = v["patch_size"] * (v.get("spatial_merge_size", 1) if v.get("mm_projector_id") else 1)
-        blank = torch.zeros(v["num_channels"], side, side, device=h.device)
-        return self.transformer.image_features([blank]).sum()

@@ -153,7 +153,12 @@ def parallelize(
     model: TransformerWithLoss, *, compute_dtype: torch.dtype, checkpoint_mode: str, compile: bool = False
 ) -> TransformerWithLoss:
     """Checkpoint, compile and shard every block (the vision encoder's, then the language model's),
-    then shard the root (embedding, norm, output, and the vision stem and adapter)."""
+    then shard the root (embedding, norm, output, and the vision stem and adapter).
+
+    Every rank must issue the same collectives in the same order. The vision side runs first, inside
+    the embedding, on every rank and every forward: on the batch's pictures, or on one blank picture
+    when it has none (``TransformerWithLoss`` passes ``always_encode``), whose features enter the
+    embeddings times zero, so gradients reach the same parameters in the same order too."""
     if checkpoint_mode not in CHECKPOINT_MODES:
         raise ValueError(f"unknown activation checkpointing mode {checkpoint_mode!r}; use one of {CHECKPOINT_MODES}")
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
@@ -172,9 +177,8 @@ def parallelize(
         # one would still specialise on the number of pictures (that loop unrolls). Eager it is.
         fully_shard(block, mp_policy=mp, ignored_params=ignored)
         if not any(p.requires_grad for p in block.parameters()):
-            # A frozen block's backward needs no weights, so it is never gathered again in backward:
-            # FSDP would otherwise prefetch it after the first text block where this rank ran it
-            # before them (its own forward order), and on no rank that ran it after them.
+            # A frozen block's backward needs no weights (no gradient flows into the encoder when
+            # none of its blocks trains), so it is not gathered again in backward.
             block.set_unshard_in_backward(False)
     for block in model.transformer.layers:
         if checkpoint_mode != "none":
@@ -186,19 +190,4 @@ def parallelize(
     # on either side of the encoder's blocks. They are about a tenth of the encoder's weights and
     # small beside the embedding and output, so they stay in the root: no collectives of their own.
     fully_shard(model, mp_policy=mp, ignored_params=ignored)
-    if vision:
-        # Every rank must issue the same all-gathers in the same order. The vision side runs at
-        # different points on different ranks: where the pictures are embedded, before the text
-        # blocks, on a rank whose batch has pictures; after them, where the loss runs its blank
-        # image, on a rank whose batch has none. So the root gathers all vision blocks when its
-        # forward starts, on every rank, before anything else runs; each is freed after its own
-        # forward. The cost: on a rank without pictures the whole encoder stays gathered through
-        # the text blocks' forward (not their backward). This covers a frozen encoder (the default
-        # targets) whatever runs where. A *trained* one (vision LoRA targets, full fine-tuning) is
-        # gathered again in backward and reduce-scatters its gradients, in an order set by autograd
-        # and by which blocks' inputs need gradients: the first text block's do on a rank whose
-        # embeddings took picture features, not on one that ran the blank image beside them.
-        # Sharding cannot reorder those; they agree once the blank image's features enter the
-        # embeddings, as pictures do.
-        model.set_modules_to_forward_prefetch(vision)
     return model

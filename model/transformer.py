@@ -96,9 +96,21 @@ class Transformer(nn.Module):
             x = self.patch_merger(x, grids)  # (patches / merge², vision dim)
         return self.vision_language_adapter(x)  # (image tokens, dim)
 
-    def embed(self, input_ids: torch.Tensor, images: list[torch.Tensor] | None) -> torch.Tensor:
-        """Token embeddings (tokens, dim), the ``[IMG]`` tokens' replaced by the images' features."""
+    def embed(
+        self, input_ids: torch.Tensor, images: list[torch.Tensor] | None, always_encode: bool = False
+    ) -> torch.Tensor:
+        """Token embeddings (tokens, dim), the ``[IMG]`` tokens' replaced by the images' features.
+
+        ``always_encode``: a vision model given no images still runs its vision side, on one smallest
+        blank picture whose features enter the embeddings times zero. Data-parallel training needs it:
+        every rank then runs the same modules in the same order, and the embeddings depend on the
+        vision weights (gradients included) whatever a rank's batch holds."""
         h = self.tok_embeddings(input_ids)  # (tokens, dim)
+        if not images and always_encode and self.vision is not None:
+            v = self.vision
+            side = v["patch_size"] * (v.get("spatial_merge_size", 1) if v.get("mm_projector_id") else 1)
+            blank = torch.zeros(v["num_channels"], side, side, device=h.device)
+            return h + 0.0 * self.image_features([blank]).sum().to(h.dtype)
         if not images:
             return h
         if self.vision is None:
@@ -126,9 +138,14 @@ class Transformer(nn.Module):
                 m.reset_lora_parameters()
 
     def hidden_states(
-        self, input_ids: torch.Tensor, seqlens: list[int], images: list[torch.Tensor] | None = None
+        self,
+        input_ids: torch.Tensor,
+        seqlens: list[int],
+        images: list[torch.Tensor] | None = None,
+        always_encode: bool = False,
     ) -> torch.Tensor:
-        """Final normed hidden states (tokens, dim): lets a loss apply ``output`` chunk by chunk."""
+        """Final normed hidden states (tokens, dim): lets a loss apply ``output`` chunk by chunk;
+        ``always_encode`` as in ``embed``."""
         if input_ids.dim() != 1 or input_ids.shape[0] != sum(seqlens):
             raise ValueError(
                 f"input_ids must be 1-D with sum(seqlens) tokens; got shape {tuple(input_ids.shape)} "
@@ -137,7 +154,7 @@ class Transformer(nn.Module):
         positions = positions_from_seqlens(seqlens, input_ids.device)
         freqs = rotations(positions, self.args)  # plain or YaRN, with llama-4 query scaling if any
         masks = AttentionMask.per_layer(seqlens, self.args.layer_windows, self.attention_backend, input_ids.device)
-        h = self.embed(input_ids, images)  # (tokens, dim)
+        h = self.embed(input_ids, images, always_encode)  # (tokens, dim)
         for layer, mask in zip(self.layers, masks, strict=True):
             h = layer(h, freqs, mask)
         return self.norm(h)

@@ -1,8 +1,8 @@
 """The vision encoder under FSDP2 and activation checkpointing (``finetune/parallel.py``).
 
-Two ranks equal one with pictures in the batches, one rank's micro-batch holding none (the loss then
-runs a blank image, ``finetune/loss.py``), so the ranks reach the vision blocks at different points of
-their forward; the vision blocks are sharded, each its own FSDP unit, and frozen under LoRA; and full
+Two ranks equal one with pictures in the batches, one rank's micro-batch holding none (the encoder then
+runs on a blank picture whose features enter the embeddings times zero, ``Transformer.embed``), with a
+frozen encoder, vision adapters and a fully trained encoder; the vision blocks are sharded, each its own FSDP unit, and frozen under LoRA; and full
 or selective checkpointing of the vision blocks give the gradients of no checkpointing. Real gloo
 process groups (torch.multiprocessing), the real sharded model, a guard against hangs.
 """
@@ -37,7 +37,7 @@ VISION = ARGS.extra["vision_encoder"]
 IMG, IMG_BREAK, IMG_END = VISION["image_token_id"], VISION["image_break_token_id"], VISION["image_end_token_id"]
 SIDE = VISION["patch_size"] * VISION["spatial_merge_size"]  # one [IMG] token per SIDE x SIDE pixels
 # Pictures (H, W) of each micro-batch, two per step: with two ranks, rank r takes micro-batch 2 * step + r,
-# so in step 1 rank 1 has no picture at all (the loss's blank image) while rank 0 has two.
+# so in step 1 rank 1 has no picture at all (the blank picture) while rank 0 has two.
 PICTURES = [[(32, 64), (64, 32)], [(32, 32)], [(64, 64), (32, 96)], [], [(32, 32), (96, 32)], [(64, 32)]]
 STEPS = 3
 # LoRA on the language model (the encoder frozen), on it and the vision layers, full fine-tuning.
@@ -96,11 +96,6 @@ def _worker(rank: int, world: int, root: str, port: int) -> None:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         losses = []
         for batches in steps:
-            # A trained encoder and a rank without pictures do not work yet (their gradient
-            # reduce-scatters come in different orders: finetune/parallel.py); the encoder trains
-            # here on the steps where every micro-batch has pictures.
-            if kind != "lora" and not all(b.images for b in batches):
-                continue
             loss, _, _ = train_step(model, optimizer, batches[rank::world], args, TrainState(), precision, device)
             losses.append(loss)
         if world > 1:  # gathered for the step only: sharded again once the backward is over

@@ -64,11 +64,13 @@ class VisionAttention(nn.Module):
         q = apply_rope(self.wq(x).view(n, self.n_heads, self.head_dim), freqs)  # (patches, heads, head_dim)
         k = apply_rope(self.wk(x).view(n, self.n_heads, self.head_dim), freqs)  # (patches, heads, head_dim)
         v = self.wv(x).view(n, self.n_heads, self.head_dim)  # (patches, heads, head_dim)
-        # One SDPA call per image is the block-diagonal mask without materialising it (images differ in size).
+        # One SDPA call per image is the block-diagonal mask without materialising it (images differ in
+        # size). Batched 4-D inputs: the fused kernels (flash on CPU and GPU) take only those; 3-D ones
+        # fall back to the math path, which builds each image's (heads, patches, patches) scores.
         out = [
             F.scaled_dot_product_attention(
-                qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1)
-            ).transpose(0, 1)
+                qi.transpose(0, 1)[None], ki.transpose(0, 1)[None], vi.transpose(0, 1)[None]
+            )[0].transpose(0, 1)
             for qi, ki, vi in zip(q.split(lengths), k.split(lengths), v.split(lengths), strict=True)
         ]  # each (image patches, heads, head_dim)
         return self.wo(torch.cat(out).reshape(n, -1))  # (patches, dim)

@@ -81,12 +81,12 @@ _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 LINEARS = DEFAULT_TARGETS  # every linear of any block: fully fine-tuned, all of them train
 
 
-# model/vision.py runs SDPA once per image on 3-D (heads, patches, head_dim) tensors. Every fused
-# kernel (CPU flash; CUDA flash, memory-efficient, cuDNN) takes 4-D inputs only, so these calls take
-# the math path, which materialises each image's (heads, patches, patches) scores, in float32 (it
-# upcasts bf16/fp16 inputs), and saves them when gradients flow through the encoder. A test checks
-# that the encoder still takes this path; batched 4-D inputs would drop every ``scores`` term below.
-VISION_ATTENTION_MATH = True
+# Whether model/vision.py's per-image SDPA takes the math path, which materialises each image's
+# (heads, patches, patches) scores in float32 (it upcasts bf16/fp16 inputs) and saves them when
+# gradients flow through the encoder. It did while the calls had 3-D inputs (every fused kernel, CPU
+# flash and CUDA flash, memory-efficient, cuDNN, takes 4-D only); they are batched 4-D now, so the
+# ``scores`` terms below are zero. A test checks which path the encoder takes.
+VISION_ATTENTION_MATH = False
 
 
 @dataclass(frozen=True)

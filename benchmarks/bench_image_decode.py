@@ -22,7 +22,6 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from PIL import Image
 
 from finetune.data.images import decode_image, read_image_bytes
-from finetune.data.loader import _picture_threads
 
 SIZES = [((256, 256), "PNG"), ((768, 1024), "JPEG"), ((1024, 1024), "PNG"), ((2048, 1536), "JPEG")]
 
@@ -57,21 +56,6 @@ def main() -> None:
             label = f"{size[0]}x{size[1]} {fmt}"
             print(f"{label:<18} {path.stat().st_size / 1e6:>7.2f}MB {encoded.image.nbytes / 1e6:>12.1f}MB "
                   f"{len(encoded.tokens):>7} {1e3 * statistics.median(times):>11.1f}")
-        # A batch of 8 such pictures, one after the other and on the loader's threads (finetune/data/loader.py).
-        path = Path(tmp) / "1.jpeg"
-
-        def one(_: int) -> np.ndarray:
-            raw, name = read_image_bytes("file://" + str(path), "bench")
-            return encoder(decode_image(raw, "bench", name)).image
-
-        for label, run in (("serial", lambda: [one(k) for k in range(8)]),
-                           ("threads", lambda: list(_picture_threads().map(one, range(8))))):
-            times = []
-            for _ in range(max(3, opts.repeats // 5)):
-                t0 = time.perf_counter()
-                run()
-                times.append(time.perf_counter() - t0)
-            print(f"8 x 768x1024 JPEG, {label}: {1e3 * statistics.median(times):.0f} ms per batch")
 
 
 if __name__ == "__main__":

@@ -14,11 +14,8 @@ Every rank's stream is infinite, so every rank yields the same number of batches
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,17 +72,12 @@ def _assemble(rows: list[list[Piece]], data: list[SourceData], seq_len: int) -> 
 
 
 def _read_pictures(wanted: list[tuple[SourceData, int, np.ndarray]]) -> list[np.ndarray]:
-    """The pictures, in order, each sample's decoded on its own thread: Pillow's decoders and OpenCV's
-    resize release the GIL, so a batch of pictures takes about as long as its largest."""
-    if not wanted:
-        return []
-    decoded = _picture_threads().map(lambda w: w[0].images(w[1]), wanted)
-    return [pictures[j] for (_, _, which), pictures in zip(wanted, decoded, strict=True) for j in which]
-
-
-@functools.cache
-def _picture_threads() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="pictures")
+    """The pictures, in order: each sample's read and re-encoded from its source (docs/data.md)."""
+    out: list[np.ndarray] = []
+    for d, index, which in wanted:
+        pictures = d.images(index)
+        out += [pictures[j] for j in which]
+    return out
 
 
 class TrainLoader:

@@ -267,3 +267,10 @@ def test_vision_targets_without_pictures_are_refused(workspace, model_folder, tm
         "data": {"instruct_data": str(text), "cache_dir": str(tmp_path / "cache")}}))
     assert validate_data.main(["--train_yaml", str(config)]) == 1
     assert "names vision layers (vision_language_adapter.w_in), but the data has no pictures" in capsys.readouterr().err
+
+
+def test_the_vision_example_config_loads() -> None:
+    from finetune.args import load_train_args
+
+    args = load_train_args("example/mistral_small_3.2_vision.yaml")
+    assert "vision_language_adapter.w_in" in args.lora.target_modules and args.seq_len == 8192

@@ -48,6 +48,8 @@ from utils.estimate_memory import (
     selective_kept_bytes_per_expert_row,
     selective_saved_bytes_per_token,
     vision_block_saved_bytes,
+    vision_block_targets,
+    vision_first_block_unsaved_bytes,
     vision_outside_blocks_saved_bytes,
     vision_params,
     vision_selective_kept_bytes_per_patch,
@@ -784,9 +786,9 @@ def _vision_args(merge: bool, size: int = 64, layers: int = 3, hidden: int = 96,
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_vision_formula_equals_saved_tensors(merge, dtype):
     """Fully fine-tuned, the vision side saves for backward what the planner says, byte for byte: per
-    block the text formula per patch with math-path attention (float32 scaled q, k, v and each image's
-    softmax), plus the stem and adapter. Three images of different sizes; the pixels and the rotary
-    table (shared by the blocks, as the text model's) are not counted."""
+    block the text formula per patch (fused attention saves q, k, v, its output and log-sum-exp, as a
+    text block's), plus the stem, the rotary table the blocks share, and the adapter. Three images of
+    different sizes; the pixels are counted apart."""
     m = _vision_args(merge)
     torch.manual_seed(0)
     model = Transformer(m, vision=True)
@@ -796,13 +798,18 @@ def test_vision_formula_equals_saved_tensors(merge, dtype):
         p.requires_grad_(True)
     sizes = [64, 32, 16]  # square, as the plan's images; per-image terms differ by size
     images = [torch.randn(3, s, s) for s in sizes]
+    seen = _saved_by_image_features(model, images)
+    c = 2 if dtype == torch.bfloat16 else 4
+    layers = m.extra["vision_encoder"]["num_hidden_layers"]
+    expected = sum(layers * vision_block_saved_bytes(m, 1, s, list(LINEARS), 0, 0.0, c)
+                   + vision_outside_blocks_saved_bytes(m, 1, s, c) for s in sizes)
+    assert seen == expected
+
+
+def _saved_by_image_features(model: Transformer, images: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd saves while the vision side encodes ``images``
+    (parameters and pixels not counted)."""
     skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *images]}
-
-    def enter(module, inputs):
-        skip.update(t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor) and not t.requires_grad)
-
-    for block in model.vision_encoder.transformer.layers:
-        block.register_forward_pre_hook(enter)
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -812,11 +819,7 @@ def test_vision_formula_equals_saved_tensors(merge, dtype):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model.image_features(images)
-    c = 2 if dtype == torch.bfloat16 else 4
-    layers = m.extra["vision_encoder"]["num_hidden_layers"]
-    expected = sum(layers * vision_block_saved_bytes(m, 1, s, list(LINEARS), 0, 0.0, c)
-                   + vision_outside_blocks_saved_bytes(m, 1, s, c) for s in sizes)
-    assert sum(seen.values()) == expected
+    return sum(seen.values())
 
 
 def test_vision_attention_takes_the_path_the_planner_assumes():
@@ -940,6 +943,41 @@ def test_vision_lora_block_formula_equals_saved_tensors(targets, dtype):
     c = 2 if dtype == torch.bfloat16 else 4
     block_targets = [t.removeprefix("vision_encoder.") for t in lora.target_modules if t.startswith("vision_encoder.")]
     assert sum(seen.values()) == sum(vision_block_saved_bytes(m, 1, s, block_targets, 8, 0.0, c) for s in sizes)
+
+
+VISION_SIDE_LORA = {
+    **VISION_LORA,
+    "adapter side": ["wq", "vision_language_adapter.w_out"],
+    "merger": ["patch_merger.merging_layer", "vision_language_adapter.w_out"],
+    "feed-forward": ["vision_encoder.w1", "vision_encoder.w3", "vision_language_adapter.w_in"],
+    "down-projection": ["vision_encoder.w2"],
+}
+
+
+@pytest.mark.parametrize("targets", list(VISION_SIDE_LORA))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_vision_lora_side_formula_equals_saved_tensors(targets, dtype):
+    """With LoRA, the whole vision side (every block, the rotary table, the pre-projector norm, the
+    merger's unfolded input, the adapter's inputs and A x) saves what the planner says, byte for
+    byte; the frozen stem saves nothing, nor does the first block's norm (its input needs no gradient),
+    nor, without attention adapters, the first block's attention and feed-forward norm."""
+    m = _vision_args(merge=True)
+    lora = LoraArgs(rank=8, target_modules=VISION_SIDE_LORA[targets])
+    torch.manual_seed(0)
+    model = Transformer(m, lora=lora, vision=True)
+    model.init_weights(0)
+    model.to(dtype)
+    freeze_all_but_lora(model)
+    sizes = [64, 32, 16]
+    seen = _saved_by_image_features(model, [torch.randn(3, s, s) for s in sizes])
+    c = 2 if dtype == torch.bfloat16 else 4
+    block_targets = vision_block_targets(lora.target_modules)
+    layers = m.extra["vision_encoder"]["num_hidden_layers"]
+    expected = sum(
+        (layers * vision_block_saved_bytes(m, 1, s, block_targets, 8, 0.0, c)
+         - vision_first_block_unsaved_bytes(m, 1, s, c, block_targets) if block_targets else 0.0)
+        + vision_outside_blocks_saved_bytes(m, 1, s, c, lora.target_modules, 8) for s in sizes)
+    assert seen == expected
 
 
 @pytest.mark.parametrize("targets", list(VISION_LORA))

@@ -298,20 +298,65 @@ def vision_selective_kept_bytes_per_patch(m: ModelArgs, targets: list[str], rank
     return kept - (c * va.n_heads * va.head_dim + 4 * va.n_heads if VISION_ATTENTION_MATH else 0)
 
 
-def vision_outside_blocks_saved_bytes(m: ModelArgs, n_images: int, size: int, c: int, conv: bool = True) -> float:
-    """Bytes saved outside the vision blocks when the whole vision side trains (full fine-tuning; with
-    vision LoRA an upper bound): the patch convolution's input in the compute dtype (the pixels
-    themselves in float32; only when ``conv`` trains), ``ln_pre``'s and the pre-projector norm's
-    inputs and float32 rsqrt, the patch merger's input, and the adapter's three (its two linears'
-    inputs and the GELU's)."""
+def vision_outside_blocks_saved_bytes(m: ModelArgs, n_images: int, size: int, c: int,
+                                      targets: list[str] | None = None, rank: int = 0, dropout: float = 0.0) -> float:
+    """Bytes saved outside the vision blocks over ``n_images`` images of ``size`` px, with every
+    vision part trained (``targets`` None: full fine-tuning) or LoRA on ``targets`` (their full
+    names, ``model.args.VISION_TARGETS``).
+
+    A frozen linear or norm saves nothing of an input that needs no gradient, so with LoRA the stem
+    (patch convolution, ``ln_pre``) saves nothing, and what the adapter side saves depends on where
+    gradients flow. Fully fine-tuned: the patch convolution's input in the compute dtype (in bf16 a
+    copy of the float32 pixels) and ``ln_pre``'s input and float32 rsqrt. Both: the complex64
+    rotary table (4 head_dim bytes a patch, one tensor all blocks share) once a block's q or k needs
+    a gradient; the pre-projector norm's input and rsqrt once the encoder trains; the patch merger's
+    input (the unfold output, as many values as the patches) when it trains; each adapted
+    linear's input and rank-sized ``A x`` (the merger's, ``w_in``'s, ``w_out``'s: the GELU's
+    output); the GELU's input once anything before it trains."""
     v = m.extra["vision_encoder"]
+    va = vision_args(m)
     patches, _ = image_shape(m, size)
     hv = v["hidden_size"]
-    merged = patches // (v["spatial_merge_size"] ** 2 if v.get("mm_projector_id") == "patch_merge" else 1)
-    per_patch = (c * hv + 4) * (2 if v.get("add_pre_mm_projector_layer_norm") else 1)
-    per_patch += c * hv if v.get("mm_projector_id") == "patch_merge" else 0
-    conv_input = 3 * size * size * c if conv and c != 4 else 0
-    return n_images * (conv_input + patches * per_patch + merged * (c * hv + 2 * c * m.dim))
+    merge = v.get("mm_projector_id") == "patch_merge"
+    merged = patches // (v["spatial_merge_size"] ** 2 if merge else 1)
+    full = targets is None
+    block = list(LINEARS) if full else vision_block_targets(targets)
+    trains = {k for k in vision_linear_shapes(m) if full or k in targets}
+    total = 0.0
+    if full:
+        total += (3 * size * size * c if c != 4 else 0) + patches * (c * hv + 4)  # conv input, ln_pre
+    if {"wq", "wk"} & set(block) or (block and va.n_layers > 1):  # some block's q, k need gradients
+        total += patches * 4 * va.head_dim  # rotary table, complex64 (patches, head_dim / 2)
+    if block and v.get("add_pre_mm_projector_layer_norm"):
+        total += patches * (c * hv + 4)
+    # The adapter side in its order: (linear, its input width, rows); gradients flow from the first trained part on.
+    side = ([("patch_merger.merging_layer", hv * v["spatial_merge_size"] ** 2, merged)] if merge else [])
+    side += [("vision_language_adapter.w_in", hv, merged), ("vision_language_adapter.w_out", m.dim, merged)]
+    flowing = bool(block)
+    for name, width, rows in side:
+        if name == "vision_language_adapter.w_out" and flowing:
+            total += rows * c * m.dim  # the GELU's input (w_in's output)
+        if name in trains:
+            flowing = True
+            total += rows * (c * width + (c * rank if not full else 0) + ((c + 1) * width if dropout and not full else 0))
+    return n_images * total
+
+
+def vision_first_block_unsaved_bytes(m: ModelArgs, n_images: int, size: int, c: int, targets: list[str]) -> float:
+    """What the first vision block, under LoRA on its linears ``targets`` (names inside a block), does
+    not save of what ``vision_block_saved_bytes`` counts: its input comes from the frozen stem and
+    needs no gradient, so its frozen ``attention_norm`` saves neither that input nor the rsqrt. Without
+    attention adapters nothing in the attention needs a gradient (q, k, v, output, log-sum-exp
+    unsaved), nor does the feed-forward's input (``ffn_norm`` unsaved); without w1 and w3 adapters
+    too, the SwiGLU's products save nothing either (only w2's input and ``A x``)."""
+    va = vision_args(m)
+    hv = va.n_heads * va.head_dim
+    per_patch = c * va.dim + 4
+    if not {"wq", "wk", "wv", "wo"} & set(targets):
+        per_patch += 4 * c * hv + 4 * va.n_heads + c * va.dim + 4
+        if not {"w1", "w3"} & set(targets):
+            per_patch += 3 * c * va.hidden_dim
+    return n_images * image_shape(m, size)[0] * per_patch
 
 
 def vision_transient_bytes(m: ModelArgs, n_images: int, size: int, c: int) -> float:
@@ -381,9 +426,10 @@ def vision_terms(
         # Adapters on the adapter side only (w_in, w_out, merger): the encoder before them saves nothing.
         targets = block_targets
         block = vision_block_saved_bytes(m, n, images.size, targets, rank, dropout, c) if targets else 0.0
-        kept += vision_outside_blocks_saved_bytes(m, n, images.size, c, conv=full)
+        kept += vision_outside_blocks_saved_bytes(m, n, images.size, c, None if full else args.lora.target_modules,
+                                                  rank, dropout)
         if mode == "none" or not targets:
-            kept += lv * block
+            kept += lv * block - (vision_first_block_unsaved_bytes(m, n, images.size, c, targets) if targets and not full else 0.0)
         else:
             recompute = block
             kept += lv * n * patches * hv * c

@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from model.args import LoraArgs
-from model.checkpoint import iter_checkpoint_tensors, save_model_folder
-from model.configs import load_model_args, params_from_args
+from model.checkpoint import iter_checkpoint_tensors
 from model.lora import freeze_all_but_lora
 from model.multimodal import is_vision_key
 from model.transformer import Transformer
-from tests.model_helpers import save_random_hf
+from tests.model_helpers import hf_and_native_mistral3
 
 VOCAB, IMG, IMG_BREAK, IMG_END = 128, 10, 12, 13
 PATCH, MERGE = 4, 2
@@ -57,14 +56,8 @@ def _config():
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    from transformers import Mistral3ForConditionalGeneration
-
-    root = tmp_path_factory.mktemp("vision")
-    torch.manual_seed(0)
-    hf = save_random_hf(Mistral3ForConditionalGeneration(_config()), root / "hf")
-    state = {key: t for key, t, _ in iter_checkpoint_tensors(root / "hf")}
-    save_model_folder(root / "native", params_from_args(load_model_args(root / "hf")), state)
-    return hf.eval(), root / "hf", root / "native"
+    """(transformers model, its save_pretrained folder, the same weights in the native layout)."""
+    return hf_and_native_mistral3(_config(), tmp_path_factory.mktemp("vision"))
 
 
 def _image_tokens(h: int, w: int) -> list[int]:

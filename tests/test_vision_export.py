@@ -12,10 +12,8 @@ from safetensors import safe_open
 
 import model.multimodal as multimodal
 from model.args import DEFAULT_TARGETS, VISION_TARGETS, LoraArgs
-from model.checkpoint import iter_checkpoint_tensors, save_model_folder
-from model.configs import load_model_args, params_from_args
 from model.transformer import Transformer
-from tests.model_helpers import save_random_hf
+from tests.model_helpers import hf_and_native_mistral3
 from tests.test_vision_encoder import _worst_error
 from tests.test_vision_lora import adapter_checkpoint, mistral3_config, trained
 from utils.export_hf import main as export
@@ -35,15 +33,8 @@ HF_VISION_MODULES = {
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """(transformers base model, its save_pretrained folder, the same weights in the native layout)."""
-    from transformers import Mistral3ForConditionalGeneration
-
-    root = tmp_path_factory.mktemp("vision_export")
-    torch.manual_seed(0)
-    hf = save_random_hf(Mistral3ForConditionalGeneration(mistral3_config()), root / "hf")
-    state = {key: t for key, t, _ in iter_checkpoint_tensors(root / "hf")}
-    save_model_folder(root / "native", params_from_args(load_model_args(root / "hf")), state)
-    return hf, root / "hf", root / "native"
+    """(transformers model, its save_pretrained folder, the same weights in the native layout)."""
+    return hf_and_native_mistral3(mistral3_config(), tmp_path_factory.mktemp("vision_export"))
 
 
 def _run(base, tmp_path, targets: list[str], std: float = 0.1) -> tuple[Transformer, object]:

@@ -12,13 +12,13 @@ import torch
 from safetensors.torch import save_file
 
 from model.args import DEFAULT_TARGETS, VISION_TARGETS, LoraArgs
-from model.checkpoint import iter_checkpoint_tensors, load_adapters, save_model_folder
+from model.checkpoint import iter_checkpoint_tensors, load_adapters
 from model.configs import load_model_args, params_from_args
 from model.lora import LoRALinear, freeze_all_but_lora, lora_file_state, lora_modules, lora_state_dict
 from model.merge import merged_weights
 from model.multimodal import is_vision_key
 from model.transformer import Transformer
-from tests.model_helpers import save_random_hf
+from tests.model_helpers import hf_and_native_mistral3
 from tests.test_vision_encoder import IMG, MERGE, PATCH, VOCAB, _row
 
 ALL_TARGETS = [*DEFAULT_TARGETS, *VISION_TARGETS]
@@ -54,14 +54,7 @@ def mistral3_config():
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """(transformers model, its save_pretrained folder, the same weights in the native layout)."""
-    from transformers import Mistral3ForConditionalGeneration
-
-    root = tmp_path_factory.mktemp("vision_lora")
-    torch.manual_seed(0)
-    hf = save_random_hf(Mistral3ForConditionalGeneration(mistral3_config()), root / "hf")
-    state = {key: t for key, t, _ in iter_checkpoint_tensors(root / "hf")}
-    save_model_folder(root / "native", params_from_args(load_model_args(root / "hf")), state)
-    return hf, root / "hf", root / "native"
+    return hf_and_native_mistral3(mistral3_config(), tmp_path_factory.mktemp("vision_lora"))
 
 
 def logits(model: Transformer) -> torch.Tensor:

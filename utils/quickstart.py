@@ -202,7 +202,7 @@ def launch_processes() -> tuple[int, int, str]:
     return 1, threads, f"{cores} cores, load average {load:.1f} at the start"
 
 
-def _run(cmd: list[str], env: dict[str, str]) -> None:
+def run_command(cmd: list[str], env: dict[str, str]) -> None:
     print("$ " + " ".join(cmd), flush=True)
     result = subprocess.run(cmd, cwd=REPO, env=env)
     if result.returncode != 0:
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print("[3/6] validating the data and timing a short run for the ETA")
     stats = workdir / "validate_data.json"
-    _run(
+    run_command(
         [
             sys.executable,
             "-m",
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"[5/6] training LoRA adapters: {nproc} process(es) x {threads} thread(s) ({why})")
     t0 = time.perf_counter()
-    _run(
+    run_command(
         [
             sys.executable,
             "-m",

@@ -39,9 +39,8 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
-from utils.quickstart import _run, launch_processes
+from utils.quickstart import launch_processes, run_command, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 TIME_CLAIM = "1-2 minutes on 2 CPU cores"  # measured in docs/benchmarks.md
@@ -136,27 +135,6 @@ def write_data(folder: Path, n_train: int, n_eval: int, size: int, seed: int) ->
         path.write_text("".join(json.dumps(line) + "\n" for line in lines))
         out.append(path)
     return out[0], out[1]
-
-
-def write_config(path: Path, workdir: Path, train: Path, eval_: Path, opts: argparse.Namespace, nproc: int) -> None:
-    config = {
-        "model_id_or_path": str(workdir / "model"),
-        "run_dir": str(workdir / "run"),
-        "data": {"instruct_data": str(train), "eval_instruct_data": str(eval_), "cache_dir": str(workdir / "cache")},
-        "seq_len": opts.seq_len,
-        "batch_size": max(1, 2 // nproc),
-        "max_steps": opts.max_steps,
-        "optim": {"lr": opts.lr, "weight_decay": 0.0, "pct_start": 0.05},
-        "lora": {"rank": opts.rank, "scaling": 2.0},
-        "seed": opts.seed,
-        "log_freq": max(1, opts.max_steps // 10),
-        "eval_freq": 0,
-        "no_eval": False,
-        "ckpt_freq": 0,
-        "num_ckpt_keep": 1,
-        "checkpoint": False,  # activation checkpointing only costs time at this size
-    }
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def load_for_eval(model_folder: Path, adapter: Path | None, rank: int):
@@ -259,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": str(threads)}
     print("[3/6] validating the data")
-    _run([sys.executable, "-m", "utils.validate_data", "--train_yaml", str(config)], env)
+    run_command([sys.executable, "-m", "utils.validate_data", "--train_yaml", str(config)], env)
 
     tokenizer = MistralTokenizer.from_file(str(workdir / "model" / "tekken.json"))
     torch.set_num_threads(max(1, threads * nproc))
@@ -270,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"[5/6] training LoRA adapters: {nproc} process(es) x {threads} thread(s) ({why})")
     t0 = time.perf_counter()
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+    run_command([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
           "train.py", str(config)], env)
     train_seconds = time.perf_counter() - t0
 

@@ -75,6 +75,10 @@ CPU_HEAP_BLOCKS = 1.33
 # whose row counts change with every batch, so oneDNN's kernel caches (finetune/distributed.py) fill to
 # their cap within a step or two, where a dense model's fill with document lengths only.
 CPU_MOE_KERNEL_CACHES = 0.2 * GB
+# Calibrated too (docs/memory.md): with image data on CPU the heap also keeps part of the vision
+# encoder's working set (its forward's and backward's freed tensors, which the text model's later
+# ones, of other sizes, do not reuse), as a share of that working set (``vision_transient_bytes``).
+CPU_HEAP_VISION = 0.64
 # Bytes per NF4 weight, statistics included, for a 7B-sized matrix (the share is the same for any large one).
 NF4_BYTES = quantized_weight_bytes(4096 * 14336) / (4096 * 14336)
 _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -360,11 +364,13 @@ def vision_first_block_unsaved_bytes(m: ModelArgs, n_images: int, size: int, c: 
 
 
 def vision_transient_bytes(m: ModelArgs, n_images: int, size: int, c: int) -> float:
-    """What one vision block's forward holds at once beyond what it keeps: its input, the residual
-    stream and a normed copy (3 c hv per patch) and the larger of the feed-forward's three (patches,
-    F_v) products and the attention's q, k, v with, on the math path, one image's float32 q, k, v
-    copies, its scores and their softmax (float32) and a one-byte mask as large. Backward holds as
-    much again for the gradients of these, and no more."""
+    """What the encoder's forward holds at once beyond what it saves: the patch convolution's
+    per-image outputs (``VisionEncoder.forward`` keeps them referenced through the blocks) and the
+    complex64 rotary table, then in one block its input, the residual stream and a normed copy
+    (3 c hv per patch) and the larger of the feed-forward's three (patches, F_v) products and the
+    attention's q, k, v with, on the math path, one image's float32 q, k, v copies, its scores and
+    their softmax (float32) and a one-byte mask as large. The fused kernels hold no (patches,
+    patches) tensor. Backward holds as much again for the gradients of these, and no more."""
     va = vision_args(m)
     patches = n_images * image_shape(m, size)[0]
     one = image_shape(m, size)[0]
@@ -372,12 +378,13 @@ def vision_transient_bytes(m: ModelArgs, n_images: int, size: int, c: int) -> fl
     attention = 3 * c * hv * patches
     if VISION_ATTENTION_MATH:  # scores, their softmax, and _safe_softmax's bool mask of fully masked rows
         attention += 3 * 4 * hv * one + 9 * va.n_heads * one**2
-    return 3 * c * hv * patches + max(3 * c * va.hidden_dim * patches, attention)
+    stem = (c * va.dim + 4 * va.head_dim) * patches  # conv outputs, rotary table
+    return stem + 3 * c * hv * patches + max(3 * c * va.hidden_dim * patches, attention)
 
 
 def vision_terms(
     m: ModelArgs, args: TrainArgs, images: Images, *, n_devices: int, c: int, frozen_gathered: bool,
-    text_dynamic: float,
+    text_dynamic: float, cpu: bool = False,
 ) -> tuple[dict[str, float], list[str]]:
     """The vision side of a run on image data, as two lines (its weights, its activations) and notes.
 
@@ -394,7 +401,8 @@ def vision_terms(
     input (and the selective policy's kept products) plus one block recomputed in backward, and
     what the stem and adapter save. The encoder runs first in forward and last in backward, when the
     text blocks hold no activations, so its working set counts only where it exceeds the text's
-    (``text_dynamic``): peak = kept + max(text's, encoder's)."""
+    (``text_dynamic``): peak = kept + max(text's, encoder's). On CPU (``cpu``) the heap keeps a
+    calibrated share of the encoder's working set besides (``CPU_HEAP_VISION``)."""
     va = vision_args(m)
     n = images.per_row * args.batch_size
     patches, tokens = image_shape(m, images.size)
@@ -438,6 +446,8 @@ def vision_terms(
     transient = vision_transient_bytes(m, n, images.size, c)
     working = max(transient, recompute + transient) + (2 * block_params * c if frozen_gathered else 0.0)
     parts[f"vision: activations ({n} x {images.size} px images)"] = kept + max(0.0, working - text_dynamic)
+    if cpu:
+        parts["vision: CPU allocator slack (calibrated)"] = CPU_HEAP_VISION * working
 
     scores = 9 * va.n_heads * patches**2 if VISION_ATTENTION_MATH else 0
     notes = [
@@ -845,7 +855,7 @@ def estimate(
     if with_images:
         text_dynamic = sum(v for k, v in parts.items() if k.startswith(("activations", "loss", "transient")))
         vision_parts, vision_notes = vision_terms(m, args, images, n_devices=N, c=c, frozen_gathered=frozen_gathered,
-                                                  text_dynamic=text_dynamic)
+                                                  text_dynamic=text_dynamic, cpu=device == "cpu")
         parts |= vision_parts
         notes += vision_notes
     parts["fixed overhead"] = CUDA_CONTEXT if device == "cuda" else CPU_BASELINE

@@ -25,7 +25,8 @@ from model.checkpoint import load_adapters
 from model.tiny import tiny_vision_args, write_random_vision_model
 from model.transformer import Transformer
 from tests.data_helpers import write_image_tekken
-from tests.train_helpers import read_metrics, run_cli, torchrun, write_config
+from tests.train_helpers import read_metrics, torchrun, write_config
+from utils import export_hf, merge_lora
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
 LORA = {"rank": 4, "scaling": 2.0, "target_modules": ["wq", "wk", "wv", "wo", "w1", "w2", "w3", "vision_encoder.wq",
@@ -131,8 +132,8 @@ def trained(workspace) -> tuple[Transformer, Path]:
 
 def test_merged_model_sees_pictures_as_the_adapters_did(workspace, trained, tmp_path) -> None:
     lora, ckpt = trained
-    _ok(run_cli(["-m", "utils.merge_lora", "--base_model", str(workspace["model"]), "--lora", str(ckpt),
-                 "--out", str(tmp_path / "merged"), "--dtype", "fp32"]))
+    assert merge_lora.main(["--base_model", str(workspace["model"]), "--lora", str(ckpt),
+                            "--out", str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
     tokens, images = _row(workspace)
     merged = Transformer.from_folder(tmp_path / "merged", vision=True, dtype=torch.float32)
     base = Transformer.from_folder(workspace["model"], vision=True, dtype=torch.float32)
@@ -155,9 +156,8 @@ def test_peft_export_gives_our_logits_with_pictures(workspace, trained, tmp_path
     from tests.test_vision_encoder import _hf_logits
 
     lora, ckpt = trained
-    _ok(run_cli(["-m", "utils.export_hf", "--checkpoint", str(workspace["model"]), "--merged",
-                 "--out", str(tmp_path / "base_hf")]))
-    _ok(run_cli(["-m", "utils.export_hf", "--checkpoint", str(ckpt), "--out", str(tmp_path / "peft")]))
+    export_hf.main(["--checkpoint", str(workspace["model"]), "--merged", "--out", str(tmp_path / "base_hf")])
+    export_hf.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "peft")])
     base = Mistral3ForConditionalGeneration.from_pretrained(tmp_path / "base_hf", dtype=torch.float32)
     peft = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
     tokens, images = _row(workspace)

@@ -151,6 +151,54 @@ def check_latent_moe(dtype: torch.dtype, tolerance: float) -> None:
               f"worst relative grad diff {worst:.2e}")
 
 
+def check_vision(dtype: torch.dtype, tolerance: float) -> None:
+    """The vision side on CUDA against float32 on the CPU: per-picture fused SDPA (4-D inputs: flash or
+    memory-efficient on CUDA), the 2-D rotary table, the patch merger, features scattered onto the
+    [IMG] tokens of a packed row; LoRA on the language model and every vision linear; logits and
+    every adapter gradient, with pictures of three sizes in one row."""
+    from model.args import DEFAULT_TARGETS, VISION_TARGETS
+    from model.tiny import tiny_vision_args
+
+    torch.manual_seed(0)
+    args = tiny_vision_args(merge=2, dim=256, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=512)
+    args.extra["vision_encoder"].update(hidden_size=128, intermediate_size=256, num_attention_heads=4)
+    model = Transformer(args, lora=LoraArgs(rank=8, target_modules=[*DEFAULT_TARGETS, *VISION_TARGETS]),
+                        vision=True)
+    model.init_weights(0)
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            torch.nn.init.normal_(m.lora_B.weight, std=0.02)
+    for n, p in model.named_parameters():
+        p.requires_grad_(".lora_" in n)
+    img, brk, end = 10, 12, 13
+    sizes = [(64, 96), (32, 32), (128, 64)]  # (H, W) in pixels: multiples of patch 16 x merge 2
+    tokens: list[int] = []
+    for h, w in sizes:  # each picture's [IMG] run, then some text
+        run = ([img] * (w // 32) + [brk]) * (h // 32)
+        run[-1] = end
+        tokens += [1, 3, *run, *torch.randint(20, args.vocab_size, (40,)).tolist(), 4]
+    tokens_t = torch.tensor(tokens)
+    seqlens = [len(tokens) // 2, len(tokens) - len(tokens) // 2]
+    images = [torch.randn(3, h, w) for h, w in sizes]
+
+    def grads(m, t, imgs):
+        m.zero_grad(set_to_none=True)
+        out = m(t, seqlens, images=imgs)
+        out.float().logsumexp(-1).sum().backward()
+        return out.detach(), {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    ref_out, ref_grads = grads(model, tokens_t, images)  # float32 on the CPU
+    model = model.cuda().to(dtype)
+    out, got = grads(model, tokens_t.cuda(), [i.cuda() for i in images])
+    scale = ref_out.abs().max().item()
+    torch.testing.assert_close(out.float().cpu(), ref_out, atol=tolerance * scale, rtol=tolerance)
+    assert got.keys() == ref_grads.keys() and any(k.startswith("vision_encoder.") for k in got)
+    worst = max(((got[k].float().cpu() - ref_grads[k]).abs().max() / ref_grads[k].abs().max().clamp_min(1e-6))
+                .item() for k in ref_grads)
+    assert worst < (0.1 if dtype == torch.bfloat16 else 1e-3), worst
+    print(f"vision side on CUDA ({dtype}) == float32 CPU: logits ok, worst relative grad diff {worst:.2e}")
+
+
 if __name__ == "__main__":
     assert torch.cuda.is_available()
     print(torch.__version__, torch.cuda.get_device_name())
@@ -162,3 +210,5 @@ if __name__ == "__main__":
         check_checkpointing_and_compile_with_flex(dtype)
     check_latent_moe(torch.float32, 1e-4)
     check_latent_moe(torch.bfloat16, 5e-2)
+    check_vision(torch.float32, 1e-4)
+    check_vision(torch.bfloat16, 5e-2)

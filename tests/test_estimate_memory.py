@@ -882,7 +882,7 @@ def test_vision_terms_grow_with_images_and_their_size_and_text_only_adds_nothing
             for mode in (True, "selective", False)]
     assert kept == sorted(kept) and len(set(kept)) == 3
     # Fused attention holds no (patches, patches) scores: a frozen encoder's activations grow with the
-    # patches (4 x for twice the side), not with their square (7 x for Small 3.2 on the math path).
+    # patches (4 x for twice the side), not with their square (the math path: 270 x for Small 3.2).
     frozen, half = (sum(v for k, v in _image_plan(m, Images(3, s)).items() if k.startswith("vision: activations"))
                     for s in (size, size // 2))
     assert frozen <= 4.5 * half, (frozen, half)

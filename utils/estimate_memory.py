@@ -22,8 +22,9 @@ recomputed. In short, per device with N = world size (FSDP2 shards every block a
   a multimodal release's vision encoder and adapter are counted (``vision_params``) and said, but are
   not in the peak for text-only data: text training never loads them (``model.multimodal`` carries them
   from the base folder); with image data (``--images-per-row``) they are two lines of their own
-  (``vision_terms``): their weights, and the pixels, what the encoder saves when it trains, and its
-  working set (SDPA's math path: each image's float32 scores) where that exceeds the text model's;
+  (``vision_terms``): their weights, and the pixels, what the vision side saves when it trains, and
+  the encoder's working set where that exceeds the text model's (on CPU, plus a calibrated share of it
+  that the heap keeps);
   plus the all-gathered *unsharded* root (embedding, final norm, output: alive through forward and
   backward) and the largest block unsharded twice (the one computing and the one prefetched); on
   one device, frozen weights are not FSDP's, so only the adapters are gathered; on CPU with
@@ -278,10 +279,10 @@ def vision_block_saved_bytes(m: ModelArgs, n_images: int, size: int, targets: li
     """Bytes one vision block saves for backward over ``n_images`` images of ``size`` px, when gradients
     flow through the encoder (``targets``: its adapted, or in full fine-tuning all, linears).
 
-    Per patch what a text block saves per token (``saved_bytes_per_token``), except the attention on
-    the math path (``VISION_ATTENTION_MATH``): it saves float32 scaled q and k and a float32 v (instead
-    of q, k, v after rotary, the output and the log-sum-exp) and, per image, the float32 softmax
-    (heads x patches²)."""
+    Per patch what a text block saves per token (``saved_bytes_per_token``): the fused attention
+    kernel saves q, k, v, its output and log-sum-exp, as a text block's. Only on the math path
+    (``VISION_ATTENTION_MATH``, the 3-D calls before 1631964) does the attention save float32 scaled q
+    and k and a float32 v instead and, per image, the float32 softmax (heads x patches²)."""
     va = vision_args(m)
     patches = image_shape(m, size)[0]
     per_patch = saved_bytes_per_token(va, targets, rank, dropout, c, 0)

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from model.lora import linear_factory
-from model.vision import VisionAttention, rotations_2d
 from model.rope import apply_rope
+from model.vision import VisionAttention, rotations_2d
 
 
 class MathPathAttention(VisionAttention):
@@ -37,7 +37,9 @@ class MathPathAttention(VisionAttention):
         k = apply_rope(self.wk(x).view(n, self.n_heads, self.head_dim), freqs)  # (patches, heads, head_dim)
         v = self.wv(x).view(n, self.n_heads, self.head_dim)  # (patches, heads, head_dim)
         out = [
-            F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1)).transpose(0, 1)
+            F.scaled_dot_product_attention(
+                qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1)
+            ).transpose(0, 1)
             for qi, ki, vi in zip(q.split(lengths), k.split(lengths), v.split(lengths), strict=True)
         ]  # each (image patches, heads, head_dim)
         return self.wo(torch.cat(out).reshape(n, -1))  # (patches, dim)
@@ -82,18 +84,31 @@ def run_one(patches: int, dtype: str, path: str, dim: int, heads: int, repeats: 
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    return {"patches": side * side, "dtype": dtype, "path": path, "ms": 1e3 * statistics.median(times),
-            "peak_gb": peak / 1e9, "saved_gb": sum(saved.values()) / 1e9}
+    return {
+        "patches": side * side,
+        "dtype": dtype,
+        "path": path,
+        "ms": 1e3 * statistics.median(times),
+        "peak_gb": peak / 1e9,
+        "saved_gb": sum(saved.values()) / 1e9,
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--patches", type=int, nargs="+", default=[1024, 4096], help="square pictures: rounded to a square")
+    p.add_argument(
+        "--patches", type=int, nargs="+", default=[1024, 4096], help="square pictures: rounded to a square"
+    )
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--dim", type=int, default=1024, help="vision hidden size (Pixtral's: 1024)")
     p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--paths", nargs="+", default=["3-D (math)", "4-D (fused)"], choices=["3-D (math)", "4-D (fused)"],
-                   help="the math path's scores take 12 H P^2 bytes and more: 1540 px (12100 patches) needs 28 GB")
+    p.add_argument(
+        "--paths",
+        nargs="+",
+        default=["3-D (math)", "4-D (fused)"],
+        choices=["3-D (math)", "4-D (fused)"],
+        help="the math path's scores take 12 H P^2 bytes and more: 1540 px (12100 patches) needs 28 GB",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--one", nargs=3, metavar=("PATCHES", "DTYPE", "PATH"), help=argparse.SUPPRESS)
@@ -104,8 +119,22 @@ def main() -> None:
     for patches in a.patches:
         for dtype in a.dtypes:
             for path in a.paths:
-                argv = [sys.executable, __file__, "--one", str(patches), dtype, path, "--dim", str(a.dim),
-                        "--heads", str(a.heads), "--repeats", str(a.repeats), "--threads", str(a.threads)]
+                argv = [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    str(patches),
+                    dtype,
+                    path,
+                    "--dim",
+                    str(a.dim),
+                    "--heads",
+                    str(a.heads),
+                    "--repeats",
+                    str(a.repeats),
+                    "--threads",
+                    str(a.threads),
+                ]
                 out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
                 print(out.strip().splitlines()[-1], flush=True)
 

@@ -387,7 +387,8 @@ def vision_terms(
     m: ModelArgs, args: TrainArgs, images: Images, *, n_devices: int, c: int, frozen_gathered: bool,
     text_dynamic: float, cpu: bool = False,
 ) -> tuple[dict[str, float], list[str]]:
-    """The vision side of a run on image data, as two lines (its weights, its activations) and notes.
+    """The vision side of a run on image data, as two lines (its weights, its activations; on CPU a
+    third, the allocator's slack) and notes.
 
     Weights: the encoder and adapter in the compute dtype, sharded like the blocks (fully fine-tuned:
     float32 with gradients and AdamW, 16 bytes a parameter). Sharded, FSDP also holds the parts outside
@@ -438,17 +439,19 @@ def vision_terms(
         kept += vision_outside_blocks_saved_bytes(m, n, images.size, c, None if full else args.lora.target_modules,
                                                   rank, dropout)
         if mode == "none" or not targets:
-            kept += lv * block - (vision_first_block_unsaved_bytes(m, n, images.size, c, targets) if targets and not full else 0.0)
+            kept += lv * block
+            if targets and not full:  # the first block's input comes from the frozen stem
+                kept -= vision_first_block_unsaved_bytes(m, n, images.size, c, targets)
         else:
             recompute = block
             kept += lv * n * patches * hv * c
             if mode == "selective":
                 kept += lv * n * patches * vision_selective_kept_bytes_per_patch(m, targets, rank, c)
-    transient = vision_transient_bytes(m, n, images.size, c)
-    working = max(transient, recompute + transient) + (2 * block_params * c if frozen_gathered else 0.0)
+    activations = recompute + vision_transient_bytes(m, n, images.size, c)
+    working = activations + (2 * block_params * c if frozen_gathered else 0.0)
     parts[f"vision: activations ({n} x {images.size} px images)"] = kept + max(0.0, working - text_dynamic)
-    if cpu:
-        parts["vision: CPU allocator slack (calibrated)"] = CPU_HEAP_VISION * working
+    if cpu:  # fitted on the activations alone (one process: no gathered blocks)
+        parts["vision: CPU allocator slack (calibrated)"] = CPU_HEAP_VISION * activations
 
     scores = 9 * va.n_heads * patches**2 if VISION_ATTENTION_MATH else 0
     notes = [

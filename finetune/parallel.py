@@ -32,10 +32,10 @@ graph (two: the first block's input needs no gradient); evaluation under ``no_gr
 A multimodal model (built with ``vision=True``) gets the same treatment for the vision encoder's
 blocks: each is checkpointed with the configured mode and is an FSDP unit of its own, with the text
 blocks' mixed precision. ``selective_policy`` recomputes a vision block's w1 and w3, as a text
-block's, and its per-picture attention, which runs SDPA's math path on 3-D inputs (batched
-products, never kept). Vision blocks are never compiled: every picture size is a new graph. The
-encoder's stem and the adapter stay in the root. All vision blocks are gathered when the root's
-forward starts, and a frozen one is never gathered in backward (``parallelize`` says why).
+block's, and keeps its per-picture attention outputs (fused SDPA kernels). Vision blocks are never
+compiled: every picture size is a new graph. The encoder's stem and the adapter stay in the root. The
+encoder runs first on every rank, on a blank picture when a batch has none, and a frozen block is
+never gathered in backward (``parallelize`` says why).
 """
 
 from __future__ import annotations

@@ -16,6 +16,15 @@ from model.tiny import tiny_args
 from model.transformer import Transformer
 
 
+def _train_adapters_only(model) -> None:
+    """Non-zero adapters (B too, so they change the output) that alone need gradients."""
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            torch.nn.init.normal_(m.lora_B.weight, std=0.02)
+    for n, p in model.named_parameters():
+        p.requires_grad_(".lora_" in n)
+
+
 def _grads(model, tokens, seqlens):
     model.zero_grad(set_to_none=True)
     out = model(tokens, seqlens)
@@ -28,12 +37,8 @@ def check_attention_backends(dtype: torch.dtype, window: int | tuple[int | None,
     args = tiny_args(dim=256, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=512, sliding_window=window)
     model = Transformer(args, lora=LoraArgs(rank=8))
     model.init_weights(0)
-    for m in model.modules():
-        if isinstance(m, LoRALinear):
-            torch.nn.init.normal_(m.lora_B.weight, std=0.02)
+    _train_adapters_only(model)
     model = model.cuda().to(dtype)
-    for n, p in model.named_parameters():
-        p.requires_grad_(".lora_" in n)
     seqlens = [300, 17, 700, 7]
     tokens = torch.randint(0, args.vocab_size, (sum(seqlens),), device="cuda")
     out_s, g_s = _grads(model, tokens, seqlens)
@@ -129,11 +134,7 @@ def check_latent_moe(dtype: torch.dtype, tolerance: float) -> None:
     args = tiny_args(dim=256, n_heads=8, n_kv_heads=8, head_dim=96, hidden_dim=512, mla=mla, moe=moe)
     model = Transformer(args, lora=LoraArgs(rank=16))
     model.init_weights(0)
-    for m in model.modules():
-        if isinstance(m, LoRALinear):
-            torch.nn.init.normal_(m.lora_B.weight, std=0.02)
-    for n, p in model.named_parameters():
-        p.requires_grad_(".lora_" in n)
+    _train_adapters_only(model)
     seqlens = [300, 17, 700, 7]
     tokens = torch.randint(0, args.vocab_size, (sum(seqlens),))
     ref_out, ref_grads = _grads(model, tokens, seqlens)  # float32 on the CPU
@@ -165,11 +166,7 @@ def check_vision(dtype: torch.dtype, tolerance: float) -> None:
     model = Transformer(args, lora=LoraArgs(rank=8, target_modules=[*DEFAULT_TARGETS, *VISION_TARGETS]),
                         vision=True)
     model.init_weights(0)
-    for m in model.modules():
-        if isinstance(m, LoRALinear):
-            torch.nn.init.normal_(m.lora_B.weight, std=0.02)
-    for n, p in model.named_parameters():
-        p.requires_grad_(".lora_" in n)
+    _train_adapters_only(model)
     img, brk, end = 10, 12, 13
     sizes = [(64, 96), (32, 32), (128, 64)]  # (H, W) in pixels: multiples of patch 16 x merge 2
     tokens: list[int] = []

@@ -909,18 +909,23 @@ VISION_LORA = {
 }
 
 
+def _vision_lora_model(targets: str, dtype: torch.dtype) -> tuple[ModelArgs, Transformer]:
+    """The merged-patch vision model with adapters on ``VISION_LORA[targets]``, frozen but for them."""
+    m = _vision_args(merge=True)
+    torch.manual_seed(0)
+    model = Transformer(m, lora=LoraArgs(rank=8, target_modules=VISION_LORA[targets]), vision=True)
+    model.init_weights(0)
+    model.to(dtype)
+    freeze_all_but_lora(model)
+    return m, model
+
+
 @pytest.mark.parametrize("targets", list(VISION_LORA))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_vision_lora_block_formula_equals_saved_tensors(targets, dtype):
     """With adapters on the encoder (named in full, model.args.VISION_TARGETS), a vision block (the
     second: the first one's input needs no gradient) saves what the planner says, byte for byte."""
-    m = _vision_args(merge=True)
-    lora = LoraArgs(rank=8, target_modules=VISION_LORA[targets])
-    torch.manual_seed(0)
-    model = Transformer(m, lora=lora, vision=True)
-    model.init_weights(0)
-    model.to(dtype)
-    freeze_all_but_lora(model)
+    m, model = _vision_lora_model(targets, dtype)
     block = model.vision_encoder.transformer.layers[1]
     skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
@@ -942,7 +947,7 @@ def test_vision_lora_block_formula_equals_saved_tensors(targets, dtype):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model.image_features([torch.randn(3, s, s) for s in sizes])
     c = 2 if dtype == torch.bfloat16 else 4
-    block_targets = [t.removeprefix("vision_encoder.") for t in lora.target_modules if t.startswith("vision_encoder.")]
+    block_targets = [t.removeprefix("vision_encoder.") for t in VISION_LORA[targets] if t.startswith("vision_encoder.")]
     assert sum(seen.values()) == sum(vision_block_saved_bytes(m, 1, s, block_targets, 8, 0.0, c) for s in sizes)
 
 
@@ -1130,13 +1135,7 @@ def test_vision_selective_formula_equals_what_the_policy_keeps(targets, dtype):
     from model.vision import rotations_2d
     from utils.estimate_memory import vision_args
 
-    m = _vision_args(merge=True)
-    lora = LoraArgs(rank=8, target_modules=VISION_LORA[targets])
-    torch.manual_seed(0)
-    model = Transformer(m, lora=lora, vision=True)
-    model.init_weights(0)
-    model.to(dtype)
-    freeze_all_but_lora(model)
+    m, model = _vision_lora_model(targets, dtype)
     block = model.vision_encoder.transformer.layers[1]
     policy = selective_policy(block)
     kept: dict[int, int] = {}
@@ -1157,5 +1156,5 @@ def test_vision_selective_formula_equals_what_the_policy_keeps(targets, dtype):
     x = torch.randn(sum(lengths), va.dim, dtype=dtype, requires_grad=True)
     checkpoint(block.forward, x, freqs, lengths, use_reentrant=False, context_fn=context_fn)
     c = 2 if dtype == torch.bfloat16 else 4
-    block_targets = [t.removeprefix("vision_encoder.") for t in lora.target_modules if t.startswith("vision_encoder.")]
+    block_targets = [t.removeprefix("vision_encoder.") for t in VISION_LORA[targets] if t.startswith("vision_encoder.")]
     assert sum(kept.values()) == vision_selective_kept_bytes_per_patch(m, block_targets, 8, c) * sum(lengths)

@@ -202,6 +202,19 @@ def launch_processes() -> tuple[int, int, str]:
     return 1, threads, f"{cores} cores, load average {load:.1f} at the start"
 
 
+def fresh_workdir(path: str, marker: str) -> Path:
+    """``path`` emptied for a new run: it may hold only an earlier run of this tool (its ``marker``
+    config file); any other non-empty folder is refused, never deleted."""
+    workdir = Path(path).resolve()
+    if workdir.exists() and any(workdir.iterdir()):
+        if not (workdir / marker).is_file():
+            raise SystemExit(f"error: --workdir {workdir} exists and is not a {marker.removesuffix('.yaml')} "
+                             "folder; choose another.")
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    return workdir
+
+
 def run_command(cmd: list[str], env: dict[str, str]) -> None:
     print("$ " + " ".join(cmd), flush=True)
     result = subprocess.run(cmd, cwd=REPO, env=env)
@@ -230,14 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     nproc, threads, why = launch_processes()  # before this run adds to the load
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-    workdir = Path(opts.workdir).resolve()
-    if workdir.exists() and any(workdir.iterdir()):
-        if not (workdir / "quickstart.yaml").is_file():  # never delete a folder we did not create
-            raise SystemExit(
-                f"error: --workdir {workdir} exists and is not a quickstart folder; choose another."
-            )
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = fresh_workdir(opts.workdir, "quickstart.yaml")
     task = Task()
     print(
         f"[1/6] model: dim {opts.dim}, {opts.n_layers} layers, vocab 32768 (v3 tokenizer) -> {workdir / 'model'}"

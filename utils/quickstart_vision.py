@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from utils.quickstart import launch_processes, run_command, write_config
+from utils.quickstart import fresh_workdir, launch_processes, run_command, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 TIME_CLAIM = "1-2 minutes on 2 CPU cores"  # measured in docs/benchmarks.md
@@ -220,12 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     nproc, threads, why = launch_processes()  # before this run adds to the load
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-    workdir = Path(opts.workdir).resolve()
-    if workdir.exists() and any(workdir.iterdir()):
-        if not (workdir / "quickstart_vision.yaml").is_file():  # never delete a folder we did not create
-            raise SystemExit(f"error: --workdir {workdir} exists and is not a quickstart_vision folder; choose another.")
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = fresh_workdir(opts.workdir, "quickstart_vision.yaml")
     print(f"[1/6] model: dim {opts.dim}, {opts.n_layers} layers, 2-layer vision encoder, vocab 131072 "
           f"(tekken_240911.json) -> {workdir / 'model'}")
     create_model(workdir / "model", opts.dim, opts.n_layers, opts.seed, opts.init_std)

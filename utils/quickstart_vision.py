@@ -254,7 +254,10 @@ def main(argv: list[str] | None = None) -> dict:
     for picture, expected, got in samples[:5]:
         print(f"    {picture:>22} -> {got:<7} {'ok' if got == expected else 'expected ' + expected}")
     total = time.perf_counter() - start
-    print(f"Done in {total:.0f} s (training {train_seconds:.0f} s).")
+    example = sorted((workdir / "pics").glob("eval_*.png"))[0]
+    print(f"Done in {total:.0f} s (training {train_seconds:.0f} s). Try the adapter yourself:\n"
+          f"  python -m utils.generate --model {workdir / 'model'} --lora {adapter} --image {example} "
+          f"--prompt '{QUESTION}' --max_new_tokens 3")
     result = {
         "accuracy_before": before,
         "accuracy_after": after,

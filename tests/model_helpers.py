@@ -49,16 +49,17 @@ def save_random_hf(hf, folder: Path, **save_kwargs):
     return hf.eval()
 
 
-def hf_and_native_mistral3(config, root: Path) -> tuple:
-    """A seeded random ``Mistral3ForConditionalGeneration`` of ``config`` written by save_pretrained to
-    ``root/hf``, and the same weights in the native layout in ``root/native``: (model, hf, native)."""
+def hf_and_native_mistral3(config, root: Path, cls=None) -> tuple:
+    """A seeded random ``Mistral3ForConditionalGeneration`` (or ``cls``, e.g. Llava for Pixtral 12B) of
+    ``config`` written by save_pretrained to ``root/hf``, and the same weights in the native layout in
+    ``root/native``: (model, hf, native)."""
     from transformers import Mistral3ForConditionalGeneration
 
     from model.checkpoint import iter_checkpoint_tensors, save_model_folder
     from model.configs import load_model_args, params_from_args
 
     torch.manual_seed(0)
-    hf = save_random_hf(Mistral3ForConditionalGeneration(config), root / "hf")
+    hf = save_random_hf((cls or Mistral3ForConditionalGeneration)(config), root / "hf")
     state = {key: t for key, t, _ in iter_checkpoint_tensors(root / "hf")}
     save_model_folder(root / "native", params_from_args(load_model_args(root / "hf")), state)
     return hf, root / "hf", root / "native"

@@ -1,0 +1,105 @@
+"""Pixtral 12B's layout (no patch merger, no pre-projector norm, a biased projector) against transformers'
+``LlavaForConditionalGeneration`` with a Pixtral tower, as its Hugging Face release is: reading its
+folder, the native conversion, ``export_hf --merged`` back to Llava, and the PEFT adapter, with pictures
+of different sizes in a packed row of two documents."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from model.args import DEFAULT_TARGETS, VISION_TARGETS, LoraArgs
+from model.transformer import Transformer
+from tests.model_helpers import hf_and_native_mistral3
+from tests.test_vision_encoder import _hf_logits
+from tests.test_vision_lora import adapter_checkpoint, trained
+from utils.export_hf import main as export
+
+VOCAB, IMG, IMG_BREAK, IMG_END, PATCH = 128, 10, 12, 13, 8
+DOCS = [[(16, 24), (8, 16)], [(24, 8), (8, 8)]]  # (H, W) px: multiples of the patch, one of a single patch
+
+
+def _config():
+    from transformers import LlavaConfig
+
+    return LlavaConfig(
+        text_config=dict(model_type="mistral", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         rms_norm_eps=1e-5, sliding_window=None, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+        vision_config=dict(model_type="pixtral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=32, patch_size=PATCH, head_dim=32, hidden_act="silu"),
+        image_token_index=IMG, projector_hidden_act="gelu", vision_feature_layer=-1,
+        vision_feature_select_strategy="full", multimodal_projector_bias=True, tie_word_embeddings=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from transformers import LlavaForConditionalGeneration
+
+    return hf_and_native_mistral3(_config(), tmp_path_factory.mktemp("pixtral12b"), LlavaForConditionalGeneration)
+
+
+def _row():
+    gen = torch.Generator().manual_seed(0)
+    docs, images = [], []
+    for sizes in DOCS:
+        ids, imgs = torch.randint(20, VOCAB, (3,), generator=gen).tolist(), []
+        for h, w in sizes:
+            rows, cols = h // PATCH, w // PATCH
+            run = ([IMG] * cols + [IMG_BREAK]) * rows
+            run[-1] = IMG_END
+            imgs.append(torch.randn(3, h, w, generator=gen))
+            ids += run + torch.randint(20, VOCAB, (4,), generator=gen).tolist()
+        docs.append(ids)
+        images.append(imgs)
+    return torch.tensor(sum(docs, [])), [len(d) for d in docs], images
+
+
+def _worst_error(ours: Transformer, hf) -> float:
+    tokens, seqlens, images = _row()
+    with torch.no_grad():
+        packed = ours(tokens, seqlens, images=[i for doc in images for i in doc])
+    worst = 0.0
+    for doc, logits, imgs in zip(tokens.split(seqlens), packed.split(seqlens), images, strict=True):
+        ref = _hf_logits(hf, doc, imgs)
+        worst = max(worst, ((logits - ref).abs().max() / ref.abs().max()).item())
+    return worst
+
+
+@pytest.mark.parametrize("layout", ["hf", "native"])
+def test_llava_pixtral_folders_give_transformers_logits(folders, layout):
+    hf, hf_folder, native = folders
+    params = json.loads((native / "params.json").read_text())["vision_encoder"]
+    assert "mm_projector_id" not in params and params["adapter_bias"] is True
+    ours = Transformer.from_folder(hf_folder if layout == "hf" else native, vision=True, dtype=torch.float32)
+    assert not hasattr(ours, "patch_merger") and not hasattr(ours, "pre_mm_projector_norm")
+    assert _worst_error(ours, hf) < 1e-4
+    with torch.no_grad():  # the check can fail: without the projector's bias the logits move
+        ours.vision_language_adapter.w_in.bias.zero_()
+    assert _worst_error(ours, hf) > 1e-3
+
+
+def test_export_writes_llava_and_the_peft_adapter_fits_it(folders, tmp_path):
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration
+
+    hf, hf_folder, native = folders
+    targets = [*DEFAULT_TARGETS, *(t for t in VISION_TARGETS if t != "patch_merger.merging_layer")]
+    model = trained(Transformer.from_folder(native, dtype=torch.float32, vision=True,
+                                            lora=LoraArgs(rank=2, scaling=1.5, target_modules=targets)))
+    ckpt = adapter_checkpoint(model, tmp_path / "ckpt", targets)
+    export(["--checkpoint", str(ckpt), "--base_model", str(native), "--out", str(tmp_path / "merged"), "--merged"])
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["architectures"] == ["LlavaForConditionalGeneration"]
+    merged = LlavaForConditionalGeneration.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert _worst_error(model, merged) < 1e-4
+    export(["--checkpoint", str(ckpt), "--base_model", str(hf_folder), "--out", str(tmp_path / "peft")])
+    base = LlavaForConditionalGeneration.from_pretrained(hf_folder, dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    assert any("vision_tower" in n and n.endswith("lora_A") for n, _ in peft.named_modules())
+    assert _worst_error(model, peft) < 1e-4
+    assert _worst_error(model, hf) > 1e-3  # the adapters matter

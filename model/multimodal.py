@@ -89,6 +89,17 @@ def vision_block(extra: dict[str, Any]) -> dict[str, Any] | None:
     return extra.get("vision_encoder") or None
 
 
+def merge_size(vision: dict[str, Any]) -> int:
+    """Patches merged along each side into one ``[IMG]`` token: ``spatial_merge_size`` when the block has
+    a patch merger (``mm_projector_id: patch_merge``, Mistral Small 3.1+), else 1 (Pixtral 12B)."""
+    return vision.get("spatial_merge_size", 1) if vision.get("mm_projector_id") == "patch_merge" else 1
+
+
+def token_side(vision: dict[str, Any]) -> int:
+    """Pixels along each side of one ``[IMG]`` token (patch size x merge): a picture's sides are multiples."""
+    return vision["patch_size"] * merge_size(vision)
+
+
 def _qk_heads(vision: dict[str, Any]) -> tuple[int, int]:
     """(heads, head_dim) of the vision attention: Pixtral's head_dim is hidden_size // heads."""
     heads = vision["num_attention_heads"]

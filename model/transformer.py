@@ -24,7 +24,7 @@ from model.kv_cache import CacheStep
 from model.lora import linear_factory
 from model.mla import LatentAttention
 from model.moe import FeedForward, MoeLayer
-from model.multimodal import vision_block
+from model.multimodal import token_side, vision_block
 from model.norm import RMSNorm, _RMSNormFunction  # noqa: F401 (the norm lived here; re-exported)
 from model.rope import positions_from_seqlens, rotations
 from model.vision import PatchMerger, VisionEncoder, VisionLanguageAdapter, check_images
@@ -107,9 +107,8 @@ class Transformer(nn.Module):
         vision weights (gradients included) whatever a rank's batch holds."""
         h = self.tok_embeddings(input_ids)  # (tokens, dim)
         if not images and always_encode and self.vision is not None:
-            v = self.vision
-            side = v["patch_size"] * (v.get("spatial_merge_size", 1) if v.get("mm_projector_id") else 1)
-            blank = torch.zeros(v["num_channels"], side, side, device=h.device)
+            side = token_side(self.vision)
+            blank = torch.zeros(self.vision["num_channels"], side, side, device=h.device)
             return h + 0.0 * self.image_features([blank]).sum().to(h.dtype)
         if not images:
             return h

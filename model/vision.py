@@ -26,6 +26,7 @@ from torch import nn
 from model.args import LoraArgs
 from model.lora import LinearFactory, linear_factory
 from model.moe import FeedForward
+from model.multimodal import token_side
 from model.norm import RMSNorm
 from model.rope import apply_rope
 
@@ -162,9 +163,7 @@ class VisionLanguageAdapter(nn.Module):
 
 def check_images(images: list[torch.Tensor], vision: dict[str, Any]) -> None:
     """A user's image of the wrong shape is a ValueError naming it, not an unfold or conv error."""
-    step = vision["patch_size"] * (
-        vision.get("spatial_merge_size", 1) if vision.get("mm_projector_id") else 1
-    )
+    step = token_side(vision)
     for i, img in enumerate(images):
         if (
             img.dim() != 3

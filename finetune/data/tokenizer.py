@@ -7,6 +7,8 @@ from pathlib import Path
 
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
+from model.multimodal import merge_size
+
 logger = logging.getLogger("finetune.data")
 
 # Names Mistral checkpoints ship their tokenizer under, most specific first.
@@ -103,8 +105,7 @@ def check_image_tokenizer(tokenizer: MistralTokenizer, vision: dict | None, fold
             "use the multimodal model's own tekken.json (tokenizer_path, or --tokenizer)."
         )
     config, ids = encoder.image_config, encoder.special_ids
-    merge = vision.get("spatial_merge_size", 1) if vision.get("mm_projector_id") else 1
-    ours = (vision["patch_size"], merge, vision.get("image_token_id", 10))
+    ours = (vision["patch_size"], merge_size(vision), vision.get("image_token_id", 10))
     theirs = (config.image_patch_size, config.spatial_merge_size, ids.img)
     if ours != theirs:
         raise ValueError(

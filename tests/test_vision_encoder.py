@@ -69,12 +69,13 @@ def _image_tokens(h: int, w: int) -> list[int]:
     return out
 
 
-def _row() -> tuple[torch.Tensor, list[int], list[list[torch.Tensor]]]:
-    """(packed tokens, seqlens, each document's images): text, image, text, image, text ... per document."""
+def _row(docs_sizes: list[list[tuple[int, int]]] = DOCS) -> tuple[torch.Tensor, list[int], list[list[torch.Tensor]]]:
+    """(packed tokens, seqlens, each document's images): text, image, text, image, text ... per document,
+    one document per entry of ``docs_sizes`` (its images' (H, W), multiples of 8 px)."""
     gen = torch.Generator().manual_seed(0)
     text = lambda n: torch.randint(20, VOCAB, (n,), generator=gen).tolist()  # noqa: E731 (no image ids)
     docs, images = [], []
-    for sizes in DOCS:
+    for sizes in docs_sizes:
         ids, imgs = text(3), []
         for h, w in sizes:
             imgs.append(torch.randn(3, h, w, generator=gen))
@@ -95,8 +96,10 @@ def _hf_logits(hf, doc: torch.Tensor, images: list[torch.Tensor]) -> torch.Tenso
         return hf(input_ids=doc[None], pixel_values=pixels, image_sizes=sizes, use_cache=False).logits[0]
 
 
-def _worst_error(ours: Transformer, hf) -> float:
-    tokens, seqlens, images = _row()
+def _worst_error(ours: Transformer, hf, docs_sizes: list[list[tuple[int, int]]] = DOCS) -> float:
+    """The largest relative error of our packed row of ``docs_sizes`` (``_row``) against transformers
+    run on each document alone."""
+    tokens, seqlens, images = _row(docs_sizes)
     worst = 0.0
     with torch.no_grad():
         packed = ours(tokens, seqlens, images=[i for doc in images for i in doc])

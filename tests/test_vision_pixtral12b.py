@@ -13,11 +13,11 @@ import torch
 from model.args import DEFAULT_TARGETS, VISION_TARGETS, LoraArgs
 from model.transformer import Transformer
 from tests.model_helpers import hf_and_native_mistral3
-from tests.test_vision_encoder import _hf_logits
+from tests.test_vision_encoder import IMG, VOCAB, _worst_error
 from tests.test_vision_lora import adapter_checkpoint, trained
 from utils.export_hf import main as export
 
-VOCAB, IMG, IMG_BREAK, IMG_END, PATCH = 128, 10, 12, 13, 8
+PATCH = 8  # no patch merger: one [IMG] token per 8 px patch, as test_vision_encoder's 4 px patches merged 2x2
 DOCS = [[(16, 24), (8, 16)], [(24, 8), (8, 8)]]  # (H, W) px: multiples of the patch, one of a single patch
 
 
@@ -43,33 +43,6 @@ def folders(tmp_path_factory):
     return hf_and_native_mistral3(_config(), tmp_path_factory.mktemp("pixtral12b"), LlavaForConditionalGeneration)
 
 
-def _row():
-    gen = torch.Generator().manual_seed(0)
-    docs, images = [], []
-    for sizes in DOCS:
-        ids, imgs = torch.randint(20, VOCAB, (3,), generator=gen).tolist(), []
-        for h, w in sizes:
-            rows, cols = h // PATCH, w // PATCH
-            run = ([IMG] * cols + [IMG_BREAK]) * rows
-            run[-1] = IMG_END
-            imgs.append(torch.randn(3, h, w, generator=gen))
-            ids += run + torch.randint(20, VOCAB, (4,), generator=gen).tolist()
-        docs.append(ids)
-        images.append(imgs)
-    return torch.tensor(sum(docs, [])), [len(d) for d in docs], images
-
-
-def _worst_error(ours: Transformer, hf) -> float:
-    tokens, seqlens, images = _row()
-    with torch.no_grad():
-        packed = ours(tokens, seqlens, images=[i for doc in images for i in doc])
-    worst = 0.0
-    for doc, logits, imgs in zip(tokens.split(seqlens), packed.split(seqlens), images, strict=True):
-        ref = _hf_logits(hf, doc, imgs)
-        worst = max(worst, ((logits - ref).abs().max() / ref.abs().max()).item())
-    return worst
-
-
 @pytest.mark.parametrize("layout", ["hf", "native"])
 def test_llava_pixtral_folders_give_transformers_logits(folders, layout):
     hf, hf_folder, native = folders
@@ -77,10 +50,10 @@ def test_llava_pixtral_folders_give_transformers_logits(folders, layout):
     assert "mm_projector_id" not in params and params["adapter_bias"] is True
     ours = Transformer.from_folder(hf_folder if layout == "hf" else native, vision=True, dtype=torch.float32)
     assert not hasattr(ours, "patch_merger") and not hasattr(ours, "pre_mm_projector_norm")
-    assert _worst_error(ours, hf) < 1e-4
+    assert _worst_error(ours, hf, DOCS) < 1e-4
     with torch.no_grad():  # the check can fail: without the projector's bias the logits move
         ours.vision_language_adapter.w_in.bias.zero_()
-    assert _worst_error(ours, hf) > 1e-3
+    assert _worst_error(ours, hf, DOCS) > 1e-3
 
 
 def test_export_writes_llava_and_the_peft_adapter_fits_it(folders, tmp_path):
@@ -96,10 +69,10 @@ def test_export_writes_llava_and_the_peft_adapter_fits_it(folders, tmp_path):
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert config["architectures"] == ["LlavaForConditionalGeneration"]
     merged = LlavaForConditionalGeneration.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    assert _worst_error(model, merged) < 1e-4
+    assert _worst_error(model, merged, DOCS) < 1e-4
     export(["--checkpoint", str(ckpt), "--base_model", str(hf_folder), "--out", str(tmp_path / "peft")])
     base = LlavaForConditionalGeneration.from_pretrained(hf_folder, dtype=torch.float32)
     peft = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
     assert any("vision_tower" in n and n.endswith("lora_A") for n, _ in peft.named_modules())
-    assert _worst_error(model, peft) < 1e-4
-    assert _worst_error(model, hf) > 1e-3  # the adapters matter
+    assert _worst_error(model, peft, DOCS) < 1e-4
+    assert _worst_error(model, hf, DOCS) > 1e-3  # the adapters matter

@@ -22,22 +22,12 @@ from model.checkpoint import iter_checkpoint_tensors, save_model_folder
 from model.configs import load_model_args, params_from_args
 from model.generate import KVCache, forward_cached, generate
 from model.transformer import Transformer
-from tests.data_helpers import bundled_tekken_with_images, write_tekken
+from tests.data_helpers import bundled_tekken_with_images, write_image_tekken, write_tekken
 from tests.model_helpers import save_random_hf
 
 NEW = 10  # greedy tokens compared
 SIZES = [(40, 70), (100, 30), (40, 20)]  # (width, height) of the test pictures: 2x3, 4x1 and 2x1 tokens
 # (not 1x1: transformers 5 squeezes a lone one-token image's features to 1-D and fails)
-
-
-def merged_tokenizer_file(folder: Path) -> Path:
-    """A v13 Tekken file with the bundled image config (patch 16) and a 2x2 spatial merge, as Mistral
-    Small 3.1's; [IMG], [IMG_BREAK], [IMG_END] are ids 10, 12, 13."""
-    path = write_tekken(folder, "v13", image=True)
-    model = json.loads(path.read_text(encoding="utf-8"))
-    model["image"]["spatial_merge_size"] = 2
-    path.write_text(json.dumps(model), encoding="utf-8")
-    return path
 
 
 def write_pictures(folder: Path, sizes: list[tuple[int, int]], seed: int = 0) -> list[Path]:
@@ -67,7 +57,7 @@ def hf_pixels(images: list[torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def mistral3_config(text_config: dict):
-    """A tiny Mistral3 whose vision side fits ``merged_tokenizer_file`` (patch 16, merge 2, [IMG] 10);
+    """A tiny Mistral3 whose vision side fits ``write_image_tekken(merge=2)`` (patch 16, merge 2, [IMG] 10);
     ``text_config`` adds to (or overrides) the tiny text model's keys."""
     from transformers import Mistral3Config
 
@@ -95,7 +85,7 @@ def setup(tmp_path_factory):
     from transformers import Mistral3ForConditionalGeneration
 
     root = tmp_path_factory.mktemp("generate_images")
-    tok_file = merged_tokenizer_file(root / "tok")
+    tok_file = write_image_tekken(root / "tok", merge=2)
     torch.manual_seed(0)
     config = mistral3_config({"model_type": "mistral", "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}})
     hf = save_random_hf(Mistral3ForConditionalGeneration(config), root / "hf")

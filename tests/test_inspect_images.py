@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-from PIL import Image
 
 from finetune.data.tokenize import SampleType, encode_all
-from tests.data_helpers import bundled_tekken_with_images, write_jsonl, write_tekken
+from tests.data_helpers import bundled_tekken_with_images, picture, write_image_tekken, write_jsonl
 from tests.model_helpers import write_checkpoint
 from tests.train_helpers import tiny_vocab_args
 from utils import inspect_data
@@ -22,21 +21,14 @@ PATCH = 16  # tekken_240911.json's image config: 16-pixel patches, no spatial me
 V3 = MistralTokenizer.from_file(str(bundled_tekken_with_images())).instruct_tokenizer
 
 
-def noise_png(path: Path, size: tuple[int, int], seed: int) -> Path:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels, "RGB").save(path, format="PNG")
-    return path
-
-
 def workspace(tmp_path: Path) -> tuple[Path, dict]:
     """A tiny model whose tokenizer file has an image config, and a sample with two pictures."""
     model = tmp_path / "model"
     write_checkpoint(model, tiny_vocab_args(vocab_size=131072, dim=8, hidden_dim=16, n_heads=2, n_kv_heads=1,
                                             head_dim=4, n_layers=1), tokenizer=False)
     shutil.copy(bundled_tekken_with_images(), model / "tekken.json")
-    noise_png(tmp_path / "data" / "pics" / "wide.png", (2 * PATCH, 3 * PATCH), 0)  # 2 columns, 3 rows
-    noise_png(tmp_path / "data" / "one.png", (5, 7), 1)  # one patch
+    picture(tmp_path / "data" / "pics" / "wide.png", (2 * PATCH, 3 * PATCH), 0)  # 2 columns, 3 rows
+    picture(tmp_path / "data" / "one.png", (5, 7), 1)  # one patch
     row = {"messages": [
         {"role": "user", "content": [{"type": "text", "text": "Which is bigger?"},
                                      {"type": "image_url", "image_url": "pics/wide.png"},
@@ -104,12 +96,8 @@ def test_markers_count_the_tokens_they_replace() -> None:
 
 def test_markers_of_a_tokenizer_that_merges_patches_count_merged_tokens(tmp_path) -> None:
     """With spatial_merge_size 2 (Mistral Small 3.1) one [IMG] stands for 2x2 patches: the grid is the tokens'."""
-    path = write_tekken(tmp_path, "v13", image=True)
-    model = json.loads(path.read_text(encoding="utf-8"))
-    model["image"]["spatial_merge_size"] = 2
-    path.write_text(json.dumps(model), encoding="utf-8")
-    it = MistralTokenizer.from_file(str(path)).instruct_tokenizer
-    noise_png(tmp_path / "p.png", (4 * PATCH, 6 * PATCH), 0)  # 4x6 patches -> 2x3 tokens
+    it = MistralTokenizer.from_file(str(write_image_tekken(tmp_path, merge=2))).instruct_tokenizer
+    picture(tmp_path / "p.png", (4 * PATCH, 6 * PATCH), 0)  # 4x6 patches -> 2x3 tokens
     row = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "p.png"}]},
                         {"role": "assistant", "content": "ok"}]}
     [ts] = encode_all(row, it, SampleType.INSTRUCT, chunk=False, base_dir=tmp_path)

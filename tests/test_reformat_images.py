@@ -12,22 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-from PIL import Image
 
 from finetune.data.errors import DataFormatError
 from finetune.data.tokenize import SampleType, encode_all
-from tests.data_helpers import bundled_tekken_with_images, write_jsonl
+from tests.data_helpers import bundled_tekken_with_images, picture, write_jsonl
 from utils import reformat_data
 
 V3 = MistralTokenizer.from_file(str(bundled_tekken_with_images())).instruct_tokenizer  # has an image config
 URL = "https://example.com/cat.png"
-
-
-def noise_png(path: Path, size: tuple[int, int], seed: int) -> Path:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels, "RGB").save(path, format="PNG")
-    return path
 
 
 def b64(path: Path) -> str:
@@ -44,7 +36,7 @@ def _assistant(content) -> dict:
 
 def exports(data: Path) -> tuple[list[dict], list[dict]]:
     """Three exported image conversations, and each one as written by hand in our format."""
-    red, blue = noise_png(data / "pics" / "red.png", (20, 30), 0), noise_png(data / "blue.png", (40, 17), 1)
+    red, blue = picture(data / "pics" / "red.png", (20, 30), 0), picture(data / "blue.png", (40, 17), 1)
     uri = "data:image/png;base64," + b64(red)
     chat_completions = {"messages": [
         _user([{"type": "text", "text": "What is this?"},
@@ -149,7 +141,7 @@ def test_image_lines_already_in_our_format_stay_byte_for_byte(tmp_path, capsys) 
 def test_llava_and_llama_factory_rows_get_their_pictures_at_the_placeholders(tmp_path, capsys) -> None:
     """Training does not read a top-level 'image'/'images': without the conversion the pictures would be lost."""
     data = tmp_path / "data"
-    red, blue = noise_png(data / "coco" / "1.png", (20, 30), 0), noise_png(data / "2.png", (40, 17), 1)
+    red, blue = picture(data / "coco" / "1.png", (20, 30), 0), picture(data / "2.png", (40, 17), 1)
     llava = {"id": "x1", "image": "coco/1.png", "conversations": [
         {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "Noise."},
         {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes."}]}

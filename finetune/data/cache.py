@@ -41,7 +41,7 @@ import os
 import shutil
 import tempfile
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,21 +132,22 @@ class TokenizedFile:
             return np.zeros((0, 2), np.int64)
         return self.image_spans[self.image_index[k] : self.image_index[k + 1]]
 
-    def read_images(self, k: int) -> list[np.ndarray]:
-        """Sample k's pictures as the model takes them, float32 (C, H, W): read, decoded and resized by
-        mistral-common's image encoder, as when the sample was tokenized."""
+    def read_images(self, k: int, which: Iterable[int] | None = None) -> list[np.ndarray]:
+        """Sample k's pictures (or its pictures number ``which``) as the model takes them, float32
+        (C, H, W): read, decoded and resized by mistral-common's image encoder, as when tokenized."""
         if self.image_index is None:
             return []
+        first = int(self.image_index[k])
         out = []
-        for j in range(int(self.image_index[k]), int(self.image_index[k + 1])):
-            src, where = self.image_sources[j], f"{self.path}:{self.lines[k]}: picture {j - int(self.image_index[k])}"
+        for n in range(int(self.image_index[k + 1]) - first) if which is None else which:
+            src, where = self.image_sources[first + n], f"{self.path}:{self.lines[k]}: picture {n}"
             if "blob" in src:
                 offset, length = src["blob"]
                 raw, name = _pread(self.entry / "images.bin", offset, length, np.uint8).tobytes(), "its data: URI"
             else:
                 raw, name = read_image_bytes("file://" + src["path"], where)
             encoded = self.image_encoder(decode_image(raw, where, name))
-            start, end = self.image_spans[j]
+            start, end = self.image_spans[first + n]
             if len(encoded.tokens) != end - start:  # the file changed while training ran
                 raise ValueError(
                     f"{where}: {name} now gives {len(encoded.tokens)} image tokens, not the {end - start} it was "

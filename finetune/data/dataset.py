@@ -8,6 +8,7 @@ data files. Training scans on rank 0 and hands the other ranks the manifest.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ class SourceData:
         self.targets = (
             np.concatenate([f.targets for f in self.files]) if self.files else np.zeros(0, np.int32)
         )
+        self.has_images = any(f.has_images for f in self.files)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -75,19 +77,15 @@ class SourceData:
         f, k = self.locate(i)
         return f.read(k)
 
-    @property
-    def has_images(self) -> bool:
-        return any(f.has_images for f in self.files)
-
     def spans(self, i: int) -> np.ndarray:
         """(pictures, 2) ``[start, end)`` token runs of sample i's pictures."""
         f, k = self.locate(i)
         return f.spans(k)
 
-    def images(self, i: int) -> list[np.ndarray]:
-        """Sample i's pictures, float32 (C, H, W), in the order of their runs."""
+    def images(self, i: int, which: Iterable[int] | None = None) -> list[np.ndarray]:
+        """Sample i's pictures (or those number ``which``), float32 (C, H, W), in the order of their runs."""
         f, k = self.locate(i)
-        return f.read_images(k)
+        return f.read_images(k, which)
 
     def image_runs_longer_than(self, n: int) -> list[str]:
         """``file:line`` of each sample with a picture whose token run is longer than ``n`` positions."""

@@ -56,8 +56,8 @@ def _assemble(rows: list[list[Piece]], data: list[SourceData], seq_len: int) -> 
         for p in row:
             d = data[p.source]
             tokens, masks = d.arrays(p.index)
-            spans = d.spans(p.index)
-            if len(spans):  # the pictures whose runs lie in this piece (cut_long never splits a run)
+            if d.has_images:  # the pictures whose runs lie in this piece (cut_long never splits a run)
+                spans = d.spans(p.index)
                 inside = (spans[:, 0] >= p.start) & (spans[:, 1] <= p.start + p.length)
                 if inside.any():
                     wanted.append((d, p.index, np.flatnonzero(inside)))
@@ -72,12 +72,9 @@ def _assemble(rows: list[list[Piece]], data: list[SourceData], seq_len: int) -> 
 
 
 def _read_pictures(wanted: list[tuple[SourceData, int, np.ndarray]]) -> list[np.ndarray]:
-    """The pictures, in order: each sample's read and re-encoded from its source (docs/data.md)."""
-    out: list[np.ndarray] = []
-    for d, index, which in wanted:
-        pictures = d.images(index)
-        out += [pictures[j] for j in which]
-    return out
+    """The pictures, in order, each read and re-encoded from its source (docs/data.md); a piece of a
+    split sample reads only its own."""
+    return [image for d, index, which in wanted for image in d.images(index, which)]
 
 
 class TrainLoader:

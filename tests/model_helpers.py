@@ -49,6 +49,14 @@ def save_random_hf(hf, folder: Path, **save_kwargs):
     return hf.eval()
 
 
+def tiny_mistral_text_config(vocab_size: int, intermediate_size: int = 128) -> dict:
+    """transformers' ``text_config`` of the tiny multimodal test models: a 2-layer grouped-query Mistral."""
+    return dict(model_type="mistral", vocab_size=vocab_size, hidden_size=64, intermediate_size=intermediate_size,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+                sliding_window=None, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+
+
 def hf_and_native_mistral3(config, root: Path, cls=None) -> tuple:
     """A seeded random ``Mistral3ForConditionalGeneration`` (or ``cls``, e.g. Llava for Pixtral 12B) of
     ``config`` written by save_pretrained to ``root/hf``, and the same weights in the native layout in

@@ -12,7 +12,7 @@ from model.checkpoint import iter_checkpoint_tensors
 from model.lora import freeze_all_but_lora
 from model.multimodal import is_vision_key
 from model.transformer import Transformer
-from tests.model_helpers import hf_and_native_mistral3
+from tests.model_helpers import hf_and_native_mistral3, tiny_mistral_text_config
 
 VOCAB, IMG, IMG_BREAK, IMG_END = 128, 10, 12, 13
 PATCH, MERGE = 4, 2
@@ -24,20 +24,7 @@ def _config():
     from transformers import Mistral3Config
 
     return Mistral3Config(
-        text_config=dict(
-            model_type="mistral",
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            rms_norm_eps=1e-5,
-            sliding_window=None,
-            tie_word_embeddings=False,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-        ),
+        text_config=tiny_mistral_text_config(VOCAB, intermediate_size=96),
         vision_config=dict(
             hidden_size=32,
             intermediate_size=48,

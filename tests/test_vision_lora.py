@@ -18,7 +18,7 @@ from model.lora import LoRALinear, freeze_all_but_lora, lora_file_state, lora_mo
 from model.merge import merged_weights
 from model.multimodal import is_vision_key
 from model.transformer import Transformer
-from tests.model_helpers import hf_and_native_mistral3
+from tests.model_helpers import hf_and_native_mistral3, tiny_mistral_text_config
 from tests.test_vision_encoder import IMG, MERGE, PATCH, VOCAB, _row
 
 ALL_TARGETS = [*DEFAULT_TARGETS, *VISION_TARGETS]
@@ -41,10 +41,7 @@ def mistral3_config():
     from transformers import Mistral3Config
 
     return Mistral3Config(
-        text_config=dict(model_type="mistral", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         rms_norm_eps=1e-5, sliding_window=None, tie_word_embeddings=False,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+        text_config=tiny_mistral_text_config(VOCAB),
         vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                            image_size=32, patch_size=PATCH, head_dim=32, hidden_act="silu"),
         image_token_index=IMG, spatial_merge_size=MERGE, multimodal_projector_bias=True, tie_word_embeddings=False,

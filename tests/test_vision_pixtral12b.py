@@ -12,7 +12,7 @@ import torch
 
 from model.args import DEFAULT_TARGETS, VISION_TARGETS, LoraArgs
 from model.transformer import Transformer
-from tests.model_helpers import hf_and_native_mistral3
+from tests.model_helpers import hf_and_native_mistral3, tiny_mistral_text_config
 from tests.test_vision_encoder import IMG, VOCAB, _worst_error
 from tests.test_vision_lora import adapter_checkpoint, trained
 from utils.export_hf import main as export
@@ -25,10 +25,7 @@ def _config():
     from transformers import LlavaConfig
 
     return LlavaConfig(
-        text_config=dict(model_type="mistral", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         rms_norm_eps=1e-5, sliding_window=None, tie_word_embeddings=False,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+        text_config=tiny_mistral_text_config(VOCAB),
         vision_config=dict(model_type="pixtral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=2, image_size=32, patch_size=PATCH, head_dim=32, hidden_act="silu"),
         image_token_index=IMG, projector_hidden_act="gelu", vision_feature_layer=-1,

@@ -169,7 +169,7 @@ def accuracy(
     return correct / len(expected), list(zip(prompts, expected, generated, strict=True))
 
 
-def load_for_eval(model_folder: Path, adapter: Path | None, rank: int):
+def load_for_eval(model_folder: Path, adapter: Path | None, rank: int, vision: bool = False):
     from model.args import LoraArgs
     from model.checkpoint import load_adapters
     from model.transformer import Transformer
@@ -177,7 +177,7 @@ def load_for_eval(model_folder: Path, adapter: Path | None, rank: int):
     lora = LoraArgs(rank=rank) if adapter is not None else None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = Transformer.from_folder(
-        model_folder, device=device, dtype=torch.float32, lora=lora, attention_backend="sdpa"
+        model_folder, device=device, dtype=torch.float32, lora=lora, attention_backend="sdpa", vision=vision
     )
     if adapter is not None:
         load_adapters(model, adapter)

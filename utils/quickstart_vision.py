@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from utils import quickstart
 from utils.quickstart import fresh_workdir, launch_processes, run_command, write_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,16 +139,8 @@ def write_data(folder: Path, n_train: int, n_eval: int, size: int, seed: int) ->
 
 
 def load_for_eval(model_folder: Path, adapter: Path | None, rank: int):
-    from model.args import LoraArgs
-    from model.checkpoint import load_adapters
-    from model.transformer import Transformer
-
-    lora = LoraArgs(rank=rank) if adapter is not None else None
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = Transformer.from_folder(model_folder, device=device, dtype=torch.float32, lora=lora, vision=True)
-    if adapter is not None:
-        load_adapters(model, adapter)
-    return model.eval()
+    """``utils.quickstart``'s loader, with the vision encoder."""
+    return quickstart.load_for_eval(model_folder, adapter, rank, vision=True)
 
 
 def score(model, tokenizer, sample: dict, base_dir: Path) -> tuple[list[float], bool]:

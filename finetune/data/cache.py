@@ -112,6 +112,7 @@ class TokenizedFile:
     errors: list[LineError] = field(default_factory=list)
 
     entry: Path | None = None
+    reads_images: bool = False  # some line's verdict depends on picture files (re-checked every scan)
     # Pictures (files with images only): sample i has image_sources[image_index[i]:image_index[i+1]],
     # whose token runs are image_spans[...] (start, end) within the sample.
     image_index: np.ndarray | None = None
@@ -389,26 +390,29 @@ def open_entry(
     """Cache entry ``key`` (the tokens of ``path``), built first when this cache folder lacks it."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     entry = cache_dir / key
-    if not _reusable(entry):
+    opened = _open_if_current(path, key, entry)
+    if opened is None:
         with _lock(cache_dir / f"{key}.lock"):
-            if not _reusable(entry):
+            opened = _open_if_current(path, key, entry)
+            if opened is None:
                 _build(path, sample_type, instruct_tokenizer, chunk, entry, pool)
+                opened = _open(path, key, entry)
     else:
         logger.debug("Reusing cached tokens for %s from %s", path, entry)
-    opened = _open(path, key, entry)
     opened.image_encoder = _as_instruct_tokenizer(instruct_tokenizer).image_encoder
     return opened
 
 
-def _reusable(entry: Path) -> bool:
-    """Built, with no verdict about image files (those may have been added or fixed since, so such a
-    file is checked again on every scan), and with every picture file as it was when tokenized."""
-    meta = entry / "meta.json"
-    return (
-        meta.is_file()
-        and not json.loads(meta.read_text()).get("reads_images", False)
-        and _pictures_unchanged(entry)
-    )
+def _open_if_current(path: Path, key: str, entry: Path) -> TokenizedFile | None:
+    """The entry, opened, when it is built, holds no verdict about image files (those may have been added
+    or fixed since, so such a file is checked again on every scan) and every picture file it refers to is
+    as it was when tokenized; None when it must be built (again)."""
+    if not (entry / "meta.json").is_file():
+        return None
+    opened = _open(path, key, entry)
+    if opened.reads_images or not _pictures_unchanged(opened.image_sources):
+        return None
+    return opened
 
 
 def _build(
@@ -514,12 +518,9 @@ class _PictureWriter:
         (self.folder / "images.json").write_text(json.dumps(self.sources))
 
 
-def _pictures_unchanged(entry: Path) -> bool:
-    """Every picture file an entry refers to still has the size and modification time it had."""
-    table = entry / "images.json"
-    if not table.is_file():
-        return True
-    for src in json.loads(table.read_text()):
+def _pictures_unchanged(sources: list[dict[str, Any]]) -> bool:
+    """Every picture file of an entry's ``images.json`` still has the size and modification time it had."""
+    for src in sources:
         if "path" in src:
             try:
                 st = os.stat(src["path"])
@@ -566,6 +567,7 @@ def _open(path: Path, key: str, entry: Path) -> TokenizedFile:
         chunk=meta["chunk"],
         errors=[LineError(str(path), line, kind, msg) for line, kind, msg in meta["errors"]],
         entry=entry,
+        reads_images=meta.get("reads_images", False),
         **_open_pictures(entry),
     )
 

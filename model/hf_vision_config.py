@@ -91,18 +91,18 @@ def multimodal_config(text: dict[str, Any], vision: dict[str, Any], dtype: str) 
             "add_pre_mm_projector_layer_norm) and LlavaForConditionalGeneration (neither: Pixtral 12B)."
         )
     text = {k: v for k, v in text.items() if k not in ("architectures", "torch_dtype")}
-    if not merger:
-        return _llava_config(text, vision, dtype)
     return {
-        "architectures": ["Mistral3ForConditionalGeneration"],
-        "model_type": "mistral3",
+        "architectures": ["Mistral3ForConditionalGeneration" if merger else "LlavaForConditionalGeneration"],
+        "model_type": "mistral3" if merger else "llava",
         "text_config": text,
         "vision_config": _pixtral_vision_config(vision),
         "image_token_index": vision.get("image_token_id", 10),
         "multimodal_projector_bias": bool(vision.get("adapter_bias", False)),
         "projector_hidden_act": "gelu",
-        "spatial_merge_size": vision.get("spatial_merge_size", 2),
+        **({"spatial_merge_size": vision.get("spatial_merge_size", 2)} if merger else {}),
         "vision_feature_layer": -1,
+        # Llava's default selection drops the first patch (a CLS token Pixtral does not have).
+        **({} if merger else {"vision_feature_select_strategy": "full"}),
         "tie_word_embeddings": text["tie_word_embeddings"],
         "torch_dtype": dtype,
     }
@@ -116,21 +116,4 @@ def _pixtral_vision_config(vision: dict[str, Any]) -> dict[str, Any]:
         "head_dim": vision["hidden_size"] // vision["num_attention_heads"],
         "hidden_act": "silu",
         "rope_parameters": {"rope_type": "axial", "rope_theta": vision.get("rope_theta", 10000.0)},
-    }
-
-
-def _llava_config(text: dict[str, Any], vision: dict[str, Any], dtype: str) -> dict[str, Any]:
-    """``LlavaForConditionalGeneration`` with a Pixtral tower: Pixtral 12B's transformers layout."""
-    return {
-        "architectures": ["LlavaForConditionalGeneration"],
-        "model_type": "llava",
-        "text_config": text,
-        "vision_config": _pixtral_vision_config(vision),
-        "image_token_index": vision.get("image_token_id", 10),
-        "multimodal_projector_bias": bool(vision.get("adapter_bias", False)),
-        "projector_hidden_act": "gelu",
-        "vision_feature_layer": -1,
-        "vision_feature_select_strategy": "full",
-        "tie_word_embeddings": text["tie_word_embeddings"],
-        "torch_dtype": dtype,
     }

@@ -491,6 +491,7 @@ class _PictureWriter:
         self.counts: list[np.ndarray] = []
         self.spans: list[np.ndarray] = []
         self.sources: list[dict[str, Any]] = []
+        self.blob: Any = None  # images.bin, opened at the first data: URI
         self.blob_size = 0
 
     def add(self, result: dict[str, Any]) -> None:
@@ -499,8 +500,9 @@ class _PictureWriter:
         for url in result["image_sources"]:
             if url.startswith("data:"):  # already decoded once by the tokenizer: the payload is valid
                 raw = base64.b64decode(url.partition(",")[2])
-                with open(self.folder / "images.bin", "ab") as f:
-                    f.write(raw)
+                if self.blob is None:
+                    self.blob = open(self.folder / "images.bin", "wb")  # noqa: SIM115 (closed by finish)
+                self.blob.write(raw)
                 self.sources.append({"blob": [self.blob_size, len(raw)]})
                 self.blob_size += len(raw)
             else:
@@ -509,6 +511,8 @@ class _PictureWriter:
                 self.sources.append({"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
 
     def finish(self) -> None:
+        if self.blob is not None:
+            self.blob.close()
         if not self.sources:
             return
         index = np.zeros(1 + sum(len(c) for c in self.counts), dtype=np.int64)

@@ -25,11 +25,17 @@ def _train_adapters_only(model) -> None:
         p.requires_grad_(".lora_" in n)
 
 
-def _grads(model, tokens, seqlens):
+def _grads(model, tokens, seqlens, images=None):
     model.zero_grad(set_to_none=True)
-    out = model(tokens, seqlens)
+    out = model(tokens, seqlens, images=images)
     out.float().logsumexp(-1).sum().backward()
     return out.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _worst_relative(grads: dict, reference: dict) -> float:
+    """max over tensors of max |g - ref| / max |ref|, in float32 on the reference's device."""
+    return max(((grads[k].float().to(r.device) - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-6)).item()
+               for k, r in reference.items())
 
 
 def check_attention_backends(dtype: torch.dtype, window: int | tuple[int | None, ...] | None, atol: float) -> None:
@@ -46,8 +52,7 @@ def check_attention_backends(dtype: torch.dtype, window: int | tuple[int | None,
     out_f, g_f = _grads(model, tokens, seqlens)
     torch.testing.assert_close(out_f.float(), out_s.float(), atol=atol, rtol=atol)
     assert g_s.keys() == g_f.keys() and len(g_s) == 2 * 7 * 2  # every adapter of both layers
-    worst = max(((g_f[k].float() - g_s[k].float()).abs().max() / g_s[k].float().abs().max().clamp_min(1e-6)).item()
-                for k in g_s)
+    worst = _worst_relative(g_f, g_s)
     assert worst < (0.05 if dtype == torch.bfloat16 else 1e-3), worst
     print(f"flex == sdpa on CUDA ({dtype}, window={window}): logits ok, worst relative grad diff {worst:.2e}")
 
@@ -112,8 +117,7 @@ def check_checkpointing_and_compile_with_flex(dtype: torch.dtype) -> None:
     reference = grads["none", False]
     for mode, compiled in runs[1:]:
         assert grads[mode, compiled].keys() == reference.keys()
-        worst = max(((grads[mode, compiled][k].float() - reference[k].float()).abs().max()
-                     / reference[k].float().abs().max().clamp_min(1e-6)).item() for k in reference)
+        worst = _worst_relative(grads[mode, compiled], reference)
         # bf16: compiled code rounds fewer intermediates than eager (1e-2 between them on CPU).
         assert worst < (3e-2 if dtype == torch.bfloat16 else 1e-4), (mode, compiled, worst)
         print(f"checkpoint {mode}{', compiled' if compiled else ''} == eager none with flex on CUDA ({dtype}): "
@@ -145,8 +149,7 @@ def check_latent_moe(dtype: torch.dtype, tolerance: float) -> None:
         scale = ref_out.abs().max().item()
         torch.testing.assert_close(out.float().cpu(), ref_out, atol=tolerance * scale, rtol=tolerance)
         assert grads.keys() == ref_grads.keys()
-        worst = max(((grads[k].float().cpu() - ref_grads[k]).abs().max() / ref_grads[k].abs().max().clamp_min(1e-6))
-                    .item() for k in ref_grads)
+        worst = _worst_relative(grads, ref_grads)
         assert worst < (0.1 if dtype == torch.bfloat16 else 1e-3), (backend, worst)
         print(f"latent attention + fine-grained MoE on CUDA ({dtype}, {backend}) == float32 CPU: logits ok, "
               f"worst relative grad diff {worst:.2e}")
@@ -177,21 +180,13 @@ def check_vision(dtype: torch.dtype, tolerance: float) -> None:
     tokens_t = torch.tensor(tokens)
     seqlens = [len(tokens) // 2, len(tokens) - len(tokens) // 2]
     images = [torch.randn(3, h, w) for h, w in sizes]
-
-    def grads(m, t, imgs):
-        m.zero_grad(set_to_none=True)
-        out = m(t, seqlens, images=imgs)
-        out.float().logsumexp(-1).sum().backward()
-        return out.detach(), {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
-
-    ref_out, ref_grads = grads(model, tokens_t, images)  # float32 on the CPU
+    ref_out, ref_grads = _grads(model, tokens_t, seqlens, images)  # float32 on the CPU
     model = model.cuda().to(dtype)
-    out, got = grads(model, tokens_t.cuda(), [i.cuda() for i in images])
+    out, got = _grads(model, tokens_t.cuda(), seqlens, [i.cuda() for i in images])
     scale = ref_out.abs().max().item()
     torch.testing.assert_close(out.float().cpu(), ref_out, atol=tolerance * scale, rtol=tolerance)
     assert got.keys() == ref_grads.keys() and any(k.startswith("vision_encoder.") for k in got)
-    worst = max(((got[k].float().cpu() - ref_grads[k]).abs().max() / ref_grads[k].abs().max().clamp_min(1e-6))
-                .item() for k in ref_grads)
+    worst = _worst_relative(got, ref_grads)
     assert worst < (0.1 if dtype == torch.bfloat16 else 1e-3), worst
     print(f"vision side on CUDA ({dtype}) == float32 CPU: logits ok, worst relative grad diff {worst:.2e}")
 

@@ -27,7 +27,9 @@ import torch
 
 # A routed expert's weight or adapter in a fine-grained MoE file: layers.N.experts.E.w1.lora_A.weight
 EXPERT_KEY = re.compile(r"layers\.(\d+)\.experts\.(\d+)\.(w[123])\.(weight|lora_A\.weight|lora_B\.weight)")
-_FUSED = {"w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj"}
+# transformers' fused parameter -> our projections it holds, in its row order.
+_HALVES = {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)}
+_FUSED = {w: param for param, ws in _HALVES.items() for w in ws}
 
 
 def fused_parameters(ws: Iterable[str]) -> list[str]:
@@ -76,7 +78,7 @@ def fuse_expert_weights(
         layer, expert, w, _ = m.groups()
         param = _FUSED[w]
         if (layer, param) not in pending:
-            pending[(layer, param)] = _Fused(("w1", "w3") if param == "gate_up_proj" else ("w2",), num_experts)
+            pending[(layer, param)] = _Fused(_HALVES[param], num_experts)
         fused = pending[(layer, param)]
         if fused.add(w, int(expert), tensor):
             del pending[(layer, param)]
@@ -108,7 +110,7 @@ def peft_expert_adapters(
     params = fused_parameters(ws)
     for param in params:
         name = "base_layer." if param != params[-1] else ""  # the inner wrapper (see the module docstring)
-        halves = [w for w in (("w1", "w3") if param == "gate_up_proj" else ("w2",)) if w in ws]
+        halves = [w for w in _HALVES[param] if w in ws]
         a_rows, b_cols = [], []
         for e in range(num_experts):
             a_parts = [adapters[(w, e, "A")] for w in halves]  # each (r, in)

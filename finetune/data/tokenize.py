@@ -598,12 +598,13 @@ def _with_images(m: UserMessage, i: int, it: Any) -> tuple[UserMessage, list[str
             "images in training data need OpenCV (mistral-common's image encoder resizes with it); "
             "pip install 'mistral-lora-finetune[vision]' (opencv-python-headless)."
         )
-    images = iter(range(len(m.content)))
-    content = [
-        load_image(c, f"message {i} (user) image {next(images)}") if isinstance(c, ImageURLChunk) else c
-        for c in m.content
-    ]
-    return UserMessage(content=content), [c.get_url() for c in m.content if isinstance(c, ImageURLChunk)]
+    content, urls = [], []
+    for c in m.content:
+        if isinstance(c, ImageURLChunk):
+            urls.append(c.get_url())
+            c = load_image(c, f"message {i} (user) image {len(urls) - 1}")
+        content.append(c)
+    return UserMessage(content=content), urls
 
 
 def _check_assistant(m: FinetuningAssistantMessage, i: int, it: Any) -> None:

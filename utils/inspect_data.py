@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                 {"start": a, "end": b, **describe_image(sample.tokens[a:b], sample.masks[a:b], it, im)}
                 for (a, b), im in zip(runs, pictures, strict=True)
             ]
+            n_image_tokens = sum(d["n_tokens"] for d in images)
             if opts.json:
                 print(
                     json.dumps(
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                             "n_trained": n_trained,
                             "n_thinking": n_thinking,
                             "images": images,
-                            "n_image_tokens": sum(d["n_tokens"] for d in images),
+                            "n_image_tokens": n_image_tokens,
                         },
                         ensure_ascii=False,
                     )
@@ -223,9 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             suffix = f" (chunk {k})" if k else ""
             thinking = f" ({n_thinking} in [THINK])" if n_thinking else ""
-            pics = (
-                f", {len(images)} image(s) ({sum(d['n_tokens'] for d in images)} image tokens)" if images else ""
-            )
+            pics = f", {len(images)} image(s) ({n_image_tokens} image tokens)" if images else ""
             print(
                 f"--- {s.key} {path}:{n}{suffix}: {len(sample.tokens)} tokens, {n_trained} trained{thinking}{pics}"
             )

@@ -8,7 +8,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
@@ -22,22 +21,12 @@ from model.checkpoint import iter_checkpoint_tensors, save_model_folder
 from model.configs import load_model_args, params_from_args
 from model.generate import KVCache, forward_cached, generate
 from model.transformer import Transformer
-from tests.data_helpers import bundled_tekken_with_images, write_image_tekken, write_tekken
+from tests.data_helpers import bundled_tekken_with_images, picture, write_image_tekken, write_tekken
 from tests.model_helpers import save_random_hf
 
 NEW = 10  # greedy tokens compared
 SIZES = [(40, 70), (100, 30), (40, 20)]  # (width, height) of the test pictures: 2x3, 4x1 and 2x1 tokens
 # (not 1x1: transformers 5 squeezes a lone one-token image's features to 1-D and fails)
-
-
-def write_pictures(folder: Path, sizes: list[tuple[int, int]], seed: int = 0) -> list[Path]:
-    """RGB noise pictures of the given (width, height); mistral-common resizes each to whole tokens."""
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i, (w, h) in enumerate(sizes):
-        paths.append(folder / f"picture{seed}_{i}.png")
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
-    return paths
 
 
 def encode(tokenizer: MistralTokenizer, pictures: list[Path], text: str) -> tuple[list[int], list[torch.Tensor]]:
@@ -90,7 +79,7 @@ def setup(tmp_path_factory):
     config = mistral3_config({"model_type": "mistral", "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}})
     hf = save_random_hf(Mistral3ForConditionalGeneration(config), root / "hf")
     native = to_native(root / "hf", root / "native", tok_file)
-    return hf, native, MistralTokenizer.from_file(str(tok_file)), write_pictures(root, SIZES)
+    return hf, native, MistralTokenizer.from_file(str(tok_file)), [picture(root / f"picture{i}.png", size, seed=i) for i, size in enumerate(SIZES)]
 
 
 def _hf_greedy(hf, tokens: list[int], images: list[torch.Tensor]) -> list[int]:

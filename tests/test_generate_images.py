@@ -79,7 +79,8 @@ def setup(tmp_path_factory):
     config = mistral3_config({"model_type": "mistral", "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}})
     hf = save_random_hf(Mistral3ForConditionalGeneration(config), root / "hf")
     native = to_native(root / "hf", root / "native", tok_file)
-    return hf, native, MistralTokenizer.from_file(str(tok_file)), [picture(root / f"picture{i}.png", size, seed=i) for i, size in enumerate(SIZES)]
+    pictures = [picture(root / f"picture{i}.png", size, seed=i) for i, size in enumerate(SIZES)]
+    return hf, native, MistralTokenizer.from_file(str(tok_file)), pictures
 
 
 def _hf_greedy(hf, tokens: list[int], images: list[torch.Tensor]) -> list[int]:

@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from model.args import DEFAULT_TARGETS, VISION_TARGETS, LoraArgs
 from model.checkpoint import iter_checkpoint_tensors, load_adapters
@@ -18,7 +17,7 @@ from model.lora import LoRALinear, freeze_all_but_lora, lora_file_state, lora_mo
 from model.merge import merged_weights
 from model.multimodal import is_vision_key
 from model.transformer import Transformer
-from tests.model_helpers import hf_and_native_mistral3, tiny_mistral_text_config
+from tests.model_helpers import hf_and_native_mistral3, tiny_mistral_text_config, write_consolidated
 from tests.test_vision_encoder import IMG, MERGE, PATCH, VOCAB, _row
 
 ALL_TARGETS = [*DEFAULT_TARGETS, *VISION_TARGETS]
@@ -72,14 +71,12 @@ def trained(model: Transformer, seed: int = 1, std: float = 0.1) -> Transformer:
     return model.eval()
 
 
-def adapter_checkpoint(model: Transformer, folder, targets: list[str]):
-    """A checkpoint's consolidated/ folder as training writes it: lora.safetensors + params.json."""
-    folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in lora_file_state(model).items()}, str(folder / "lora.safetensors"))
-    lora = {"enable": True, "rank": model.lora.rank, "scaling": model.lora.scaling,
-            "target_modules": model.args.present_targets(targets, vision=True)}
-    (folder / "params.json").write_text(json.dumps({**params_from_args(model.args), "lora": lora}))
-    return folder
+def adapter_checkpoint(model: Transformer, root, targets: list[str]):
+    """The consolidated/ folder training writes under ``root`` for ``model``'s adapters (``write_consolidated``),
+    its params.json listing the ``targets`` this model has."""
+    return write_consolidated(root, params_from_args(model.args), model.lora,
+                              model.args.present_targets(targets, vision=True), "lora.safetensors",
+                              lora_file_state(model))
 
 
 def test_target_names_select_the_vision_layers_only_by_full_name(folders):

@@ -5,9 +5,10 @@ feed-forward, RoPE); only the attention *kernel* differs: given a ``CacheStep`` 
 a batch of sequences attends to a padded cache of past keys and values instead of to a packed row, so
 one token per sequence costs one small forward. Images (a model built with ``vision=True``) enter
 at the prefill: their features replace the prompt's ``[IMG]`` embeddings (``Transformer.embed``), so
-the cache holds the keys and values of the image tokens and decoding never reruns the encoder. Latent attention (``model.mla``) caches its latents,
-not per-head keys and values, and attends in latent space. ``tests/test_tools_generate.py`` and
-``tests/test_mla_decoding.py`` check that cached decoding equals a full forward pass, token for
+the cache holds the keys and values of the image tokens and decoding never reruns the encoder.
+Latent attention (``model.mla``) caches its latents, not per-head keys and values, and attends in
+latent space. ``tests/test_tools_generate.py``, ``tests/test_mla_decoding.py`` and
+``tests/test_generate_images.py`` check that cached decoding equals a full forward pass, token for
 token and logit for logit.
 """
 

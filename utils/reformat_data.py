@@ -513,7 +513,7 @@ def _place_images(obj: dict, messages: list[dict], folders: tuple[Path, Path] | 
         content = first.get("content")
         rest = content if isinstance(content, list) else [{"type": "text", "text": content}] if content else []
         first["content"] = [*chunks, *rest]
-    for m in users if n_tags else []:
+    for m in users:  # without placeholders none matches
         if not isinstance(m.get("content"), str) or _TAG not in m["content"]:
             continue
         pieces = m["content"].split(_TAG)

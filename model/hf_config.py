@@ -291,18 +291,13 @@ def _text_hf_config(args: ModelArgs, dtype: str) -> dict[str, Any]:
 def _ministral3_config(args: ModelArgs, common: dict[str, Any], interleaved: bool) -> dict[str, Any]:
     """Ministral 3's transformers config: YaRN and the llama-4 query scaling share ``rope_parameters``
     (Ministral3Attention divides positions by the rope's original context)."""
-    y, l4 = args.yarn, args.llama_4_scaling
+    y = args.yarn
     if y is None or interleaved or args.moe is not None:
         raise ValueError(
             "only YaRN with llama-4 query scaling, one attention kind and a dense feed-forward has a transformers "
             "config class (Ministral3ForCausalLM)."
         )
-    if l4 is not None and l4.original_max_position_embeddings != y.original_max_position_embeddings:
-        raise ValueError(
-            f"llama_4_scaling.original_max_position_embeddings ({l4.original_max_position_embeddings}) differs "
-            f"from yarn's ({y.original_max_position_embeddings}); transformers' Ministral3 uses one value for both."
-        )
-    rope = _yarn_rope_parameters(args)
+    rope = _yarn_rope_parameters(args, "Ministral3")
     if y.attention_factor == 1.0:
         rope.update(mscale=1.0, mscale_all_dim=1.0)  # the releases' spelling (ratio 1)
     elif y.attention_factor != _mscale(y.factor):
@@ -314,10 +309,16 @@ def _ministral3_config(args: ModelArgs, common: dict[str, Any], interleaved: boo
             "rope_parameters": rope}
 
 
-def _yarn_rope_parameters(args: ModelArgs) -> dict[str, Any]:
-    """transformers' YaRN ``rope_parameters`` with llama-4 query scaling (Ministral 3, Mistral 4)."""
+def _yarn_rope_parameters(args: ModelArgs, family: str) -> dict[str, Any]:
+    """transformers' YaRN ``rope_parameters`` with llama-4 query scaling (``family``: Ministral3, Mistral4),
+    which reads one original context for both."""
     y, l4 = args.yarn, args.llama_4_scaling
     assert y is not None
+    if l4 is not None and l4.original_max_position_embeddings != y.original_max_position_embeddings:
+        raise ValueError(
+            f"llama_4_scaling.original_max_position_embeddings ({l4.original_max_position_embeddings}) differs "
+            f"from yarn's ({y.original_max_position_embeddings}); transformers' {family} uses one value for both."
+        )
     return {
         "rope_type": "yarn",
         "rope_theta": args.rope_theta,
@@ -335,21 +336,16 @@ def _mistral4_config(args: ModelArgs, dtype: str) -> dict[str, Any]:
     the rope part, its ``mscale``/``mscale_all_dim`` chosen so transformers derives both our rotation
     magnitude (mscale / mscale_all_dim) and our softmax factor (mscale_all_dim's, squared), llama-4
     query scaling (beta 0 when the model has none: Mistral4Attention always applies it)."""
-    mla, y, l4 = args.mla, args.yarn, args.llama_4_scaling
+    mla, y = args.mla, args.yarn
     assert mla is not None
     if y is None:
         raise ValueError("a latent-attention (Mistral 4) model without YaRN has no transformers config: "
                          "Mistral4ForCausalLM's default rope does not fit its rope part; add yarn to params.json.")
     if args.sliding_window is not None:
         raise ValueError(f"sliding_window {args.sliding_window!r}: Mistral4ForCausalLM attends to the full context.")
-    if l4 is not None and l4.original_max_position_embeddings != y.original_max_position_embeddings:
-        raise ValueError(
-            f"llama_4_scaling.original_max_position_embeddings ({l4.original_max_position_embeddings}) differs "
-            f"from yarn's ({y.original_max_position_embeddings}); transformers' Mistral4 uses one value for both."
-        )
     qk_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim
     rope = {
-        **_yarn_rope_parameters(args),
+        **_yarn_rope_parameters(args, "Mistral4"),
         "partial_rotary_factor": mla.qk_rope_head_dim / qk_dim,
         **_mistral4_mscales(y.factor, y.attention_factor, mla.softmax_scale_factor),
     }

@@ -37,7 +37,6 @@ from utils.estimate_memory import (
     KNOWN_MODELS,
     LINEARS,
     NF4_BYTES,
-    VISION_ATTENTION_MATH,
     Images,
     estimate,
     image_shape,
@@ -823,10 +822,10 @@ def _saved_by_image_features(model: Transformer, images: list[torch.Tensor]) -> 
 
 
 def test_vision_attention_takes_the_path_the_planner_assumes():
-    """VISION_ATTENTION_MATH says whether model/vision.py's per-image SDPA runs on the math path
-    (materialised scores; it did while it passed 3-D tensors, which no fused kernel takes) or a fused
-    kernel (batched 4-D tensors: flash on CPU). Going back to 3-D would make this fail, and the
-    planner's scores terms would have to return."""
+    """The planner counts no (patches, patches) scores: model/vision.py's per-image SDPA must take a
+    fused kernel (batched 4-D tensors: flash on CPU), not the math path (materialised scores and
+    _safe_softmax; it did while it passed 3-D tensors, which no fused kernel takes). Going back to 3-D
+    would make this fail, and the planner would need scores terms (docs/memory.md, before 1631964)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from model.lora import linear_factory
@@ -844,8 +843,8 @@ def test_vision_attention_takes_the_path_the_planner_assumes():
     with Record():
         attention(torch.randn(22, 32, requires_grad=True), freqs, [16, 6])
     fused = any("scaled_dot_product" in op for op in ops)
-    assert fused != VISION_ATTENTION_MATH, sorted(ops)
-    assert ("_safe_softmax.default" in ops) == VISION_ATTENTION_MATH
+    assert fused, sorted(ops)
+    assert "_safe_softmax.default" not in ops, sorted(ops)
 
 
 def _image_plan(m: ModelArgs, images: Images | None, **kw) -> dict[str, float]:
@@ -1107,7 +1106,7 @@ def test_cli_plans_image_data_and_names_the_fix_for_impossible_requests(capsys):
     assert main([*argv, "--images-per-row", "fill"]) == 0
     out = capsys.readouterr().out
     assert "vision: activations (5 x 1540 px images)" in out and "(built: image data)" in out
-    assert "fits: 66.7 GB of 80 GB (83%)" in out and "math path" not in out
+    assert "fits: 66.7 GB of 80 GB (83%)" in out
     assert main([*argv, "--images-per-row", "1", "--image-size", "770"]) == 0
     assert "vision: activations (1 x 770 px images)" in capsys.readouterr().out
     for extra, message in (

@@ -86,14 +86,6 @@ _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 LINEARS = DEFAULT_TARGETS  # every linear of any block: fully fine-tuned, all of them train
 
 
-# Whether model/vision.py's per-image SDPA takes the math path, which materialises each image's
-# (heads, patches, patches) scores in float32 (it upcasts bf16/fp16 inputs) and saves them when
-# gradients flow through the encoder. It did while the calls had 3-D inputs (every fused kernel, CPU
-# flash and CUDA flash, memory-efficient, cuDNN, takes 4-D only); they are batched 4-D now, so the
-# ``scores`` terms below are zero. A test checks which path the encoder takes.
-VISION_ATTENTION_MATH = False
-
-
 @dataclass(frozen=True)
 class Images:
     """The images one row of ``seq_len`` tokens holds at most, all planned at the largest size the
@@ -280,27 +272,16 @@ def vision_block_saved_bytes(m: ModelArgs, n_images: int, size: int, targets: li
     flow through the encoder (``targets``: its adapted, or in full fine-tuning all, linears).
 
     Per patch what a text block saves per token (``saved_bytes_per_token``): the fused attention
-    kernel saves q, k, v, its output and log-sum-exp, as a text block's. Only on the math path
-    (``VISION_ATTENTION_MATH``, the 3-D calls before 1631964) does the attention save float32 scaled q
-    and k and a float32 v instead and, per image, the float32 softmax (heads x patches²)."""
+    kernel saves q, k, v, its output and log-sum-exp, as a text block's (model/vision.py calls SDPA
+    with 4-D inputs, so no (patches, patches) scores exist; a test checks the kernel)."""
     va = vision_args(m)
-    patches = image_shape(m, size)[0]
-    per_patch = saved_bytes_per_token(va, targets, rank, dropout, c, 0)
-    scores = 0
-    if VISION_ATTENTION_MATH:
-        hv = va.n_heads * va.head_dim
-        per_patch += 3 * 4 * hv - (3 * c * hv + c * hv + 4 * va.n_heads)
-        scores = 4 * va.n_heads * patches**2
-    return n_images * (patches * per_patch + scores)
+    return n_images * image_shape(m, size)[0] * saved_bytes_per_token(va, targets, rank, dropout, c, 0)
 
 
 def vision_selective_kept_bytes_per_patch(m: ModelArgs, targets: list[str], rank: int, c: int) -> float:
     """Bytes per patch the selective policy keeps in a vision block besides its input: a text block's
-    (``selective_saved_bytes_per_token``) without the attention output and log-sum-exp on the math
-    path, whose products (bmm) are not kept ops."""
-    va = vision_args(m)
-    kept = selective_saved_bytes_per_token(va, targets, rank, c, 0)
-    return kept - (c * va.n_heads * va.head_dim + 4 * va.n_heads if VISION_ATTENTION_MATH else 0)
+    (``selective_saved_bytes_per_token``), the fused attention kernel's output and log-sum-exp included."""
+    return selective_saved_bytes_per_token(vision_args(m), targets, rank, c, 0)
 
 
 def vision_outside_blocks_saved_bytes(m: ModelArgs, n_images: int, size: int, c: int,
@@ -369,16 +350,12 @@ def vision_transient_bytes(m: ModelArgs, n_images: int, size: int, c: int) -> fl
     per-image outputs (``VisionEncoder.forward`` keeps them referenced through the blocks) and the
     complex64 rotary table, then in one block its input, the residual stream and a normed copy
     (3 c hv per patch) and the larger of the feed-forward's three (patches, F_v) products and the
-    attention's q, k, v with, on the math path, one image's float32 q, k, v copies, its scores and
-    their softmax (float32) and a one-byte mask as large. The fused kernels hold no (patches,
-    patches) tensor. Backward holds as much again for the gradients of these, and no more."""
+    attention's q, k, v. The fused kernels hold no (patches, patches) tensor. Backward holds as much
+    again for the gradients of these, and no more."""
     va = vision_args(m)
     patches = n_images * image_shape(m, size)[0]
-    one = image_shape(m, size)[0]
     hv = va.n_heads * va.head_dim
     attention = 3 * c * hv * patches
-    if VISION_ATTENTION_MATH:  # scores, their softmax, and _safe_softmax's bool mask of fully masked rows
-        attention += 3 * 4 * hv * one + 9 * va.n_heads * one**2
     stem = (c * va.dim + 4 * va.head_dim) * patches  # conv outputs, rotary table
     return stem + 3 * c * hv * patches + max(3 * c * va.hidden_dim * patches, attention)
 
@@ -453,7 +430,6 @@ def vision_terms(
     if cpu:  # fitted on the activations alone (one process: no gathered blocks)
         parts["vision: CPU allocator slack (calibrated)"] = CPU_HEAP_VISION * activations
 
-    scores = 9 * va.n_heads * patches**2 if VISION_ATTENTION_MATH else 0
     notes = [
         f"vision: {images.per_row} image(s) of {images.size} x {images.size} px per row x batch {args.batch_size}: "
         f"{n * patches} patches through {lv} encoder blocks, {n * tokens} image tokens of the {args.seq_len * args.batch_size}; "
@@ -464,11 +440,6 @@ def vision_terms(
            f"the excess is in the peak" if working > text_dynamic else
            f"stays under the text model's activations and transients ({text_dynamic / GB:.2f} GB), which it never meets"),
     ]
-    if scores:
-        notes.append(f"vision: attention runs on SDPA's math path (3-D inputs, model/vision.py): one {images.size} px image's "
-                     f"float32 scores, softmax and mask take {scores / GB:.2f} GB at once"
-                     + ("; the encoder's blocks save every image's softmax (" + ("each of them" if mode == "none" else
-                        "the recomputed one") + ")" if trains and block_targets else ""))
     return parts, notes
 
 

@@ -388,11 +388,10 @@ def vision_terms(
     full = not args.lora.enable
     block_targets, rank = (list(LINEARS), 0) if full else (vision_block_targets(args.lora.target_modules), args.lora.rank)
     dropout = 0.0 if full else args.lora.dropout
-    linears = vision_linear_shapes(m)
-    adapted = {k: s for k, s in linears.items() if full or k in args.lora.target_modules}
+    adapted = {k: s for k, s in vision_linear_shapes(m).items() if full or k in args.lora.target_modules}
     trains = bool(adapted)
     hv, lv = va.n_heads * va.head_dim, va.n_layers
-    block_params = 4 * hv * hv + 3 * hv * va.hidden_dim + 2 * hv
+    block_params = block_param_counts(va, 0, list(LINEARS), 0)["params"]  # one encoder block
     params = vision_params(m)
     parts: dict[str, float] = {}
     gathered = (params - lv * block_params) * c if frozen_gathered else 0.0
@@ -401,7 +400,7 @@ def vision_terms(
     else:
         # Frozen in the compute dtype, adapted linears in NF4 with quantization: nf4 (model/quant.py
         # quantizes every LoRALinear); their adapters in float32 with gradients and AdamW.
-        quantized = sum(i * o * k for i, o, k in adapted.values()) if getattr(args, "quantization", "none") == "nf4" else 0
+        quantized = sum(i * o * k for i, o, k in adapted.values()) if args.quantization == "nf4" else 0
         lora_params = sum(rank * (i + o) * k for i, o, k in adapted.values())
         name = "vision: weights (sharded)" + (" + adapters (fp32 + grads + AdamW)" if adapted else "")
         parts[name] = ((params * c - quantized * (c - NF4_BYTES)) + lora_params * 16) / n_devices + gathered
@@ -411,19 +410,18 @@ def vision_terms(
     mode = args.checkpoint_mode
     if trains:
         # Adapters on the adapter side only (w_in, w_out, merger): the encoder before them saves nothing.
-        targets = block_targets
-        block = vision_block_saved_bytes(m, n, images.size, targets, rank, dropout, c) if targets else 0.0
+        block = vision_block_saved_bytes(m, n, images.size, block_targets, rank, dropout, c) if block_targets else 0.0
         kept += vision_outside_blocks_saved_bytes(m, n, images.size, c, None if full else args.lora.target_modules,
                                                   rank, dropout)
-        if mode == "none" or not targets:
+        if mode == "none" or not block_targets:
             kept += lv * block
-            if targets and not full:  # the first block's input comes from the frozen stem
-                kept -= vision_first_block_unsaved_bytes(m, n, images.size, c, targets)
+            if block_targets and not full:  # the first block's input comes from the frozen stem
+                kept -= vision_first_block_unsaved_bytes(m, n, images.size, c, block_targets)
         else:
             recompute = block
             kept += lv * n * patches * hv * c
             if mode == "selective":
-                kept += lv * n * patches * vision_selective_kept_bytes_per_patch(m, targets, rank, c)
+                kept += lv * n * patches * vision_selective_kept_bytes_per_patch(m, block_targets, rank, c)
     activations = recompute + vision_transient_bytes(m, n, images.size, c)
     working = activations + (2 * block_params * c if frozen_gathered else 0.0)
     parts[f"vision: activations ({n} x {images.size} px images)"] = kept + max(0.0, working - text_dynamic)

@@ -908,11 +908,11 @@ VISION_LORA = {
 }
 
 
-def _vision_lora_model(targets: str, dtype: torch.dtype) -> tuple[ModelArgs, Transformer]:
-    """The merged-patch vision model with adapters on ``VISION_LORA[targets]``, frozen but for them."""
+def _vision_lora_model(targets: list[str], dtype: torch.dtype) -> tuple[ModelArgs, Transformer]:
+    """The merged-patch vision model with rank-8 adapters on ``targets``, frozen but for them."""
     m = _vision_args(merge=True)
     torch.manual_seed(0)
-    model = Transformer(m, lora=LoraArgs(rank=8, target_modules=VISION_LORA[targets]), vision=True)
+    model = Transformer(m, lora=LoraArgs(rank=8, target_modules=targets), vision=True)
     model.init_weights(0)
     model.to(dtype)
     freeze_all_but_lora(model)
@@ -924,7 +924,7 @@ def _vision_lora_model(targets: str, dtype: torch.dtype) -> tuple[ModelArgs, Tra
 def test_vision_lora_block_formula_equals_saved_tensors(targets, dtype):
     """With adapters on the encoder (named in full, model.args.VISION_TARGETS), a vision block (the
     second: the first one's input needs no gradient) saves what the planner says, byte for byte."""
-    m, model = _vision_lora_model(targets, dtype)
+    m, model = _vision_lora_model(VISION_LORA[targets], dtype)
     block = model.vision_encoder.transformer.layers[1]
     skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
@@ -946,7 +946,7 @@ def test_vision_lora_block_formula_equals_saved_tensors(targets, dtype):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model.image_features([torch.randn(3, s, s) for s in sizes])
     c = 2 if dtype == torch.bfloat16 else 4
-    block_targets = [t.removeprefix("vision_encoder.") for t in VISION_LORA[targets] if t.startswith("vision_encoder.")]
+    block_targets = vision_block_targets(VISION_LORA[targets])
     assert sum(seen.values()) == sum(vision_block_saved_bytes(m, 1, s, block_targets, 8, 0.0, c) for s in sizes)
 
 
@@ -966,22 +966,16 @@ def test_vision_lora_side_formula_equals_saved_tensors(targets, dtype):
     merger's unfolded input, the adapter's inputs and A x) saves what the planner says, byte for
     byte; the frozen stem saves nothing, nor does the first block's norm (its input needs no gradient),
     nor, without attention adapters, the first block's attention and feed-forward norm."""
-    m = _vision_args(merge=True)
-    lora = LoraArgs(rank=8, target_modules=VISION_SIDE_LORA[targets])
-    torch.manual_seed(0)
-    model = Transformer(m, lora=lora, vision=True)
-    model.init_weights(0)
-    model.to(dtype)
-    freeze_all_but_lora(model)
+    m, model = _vision_lora_model(VISION_SIDE_LORA[targets], dtype)
     sizes = [64, 32, 16]
     seen = _saved_by_image_features(model, [torch.randn(3, s, s) for s in sizes])
     c = 2 if dtype == torch.bfloat16 else 4
-    block_targets = vision_block_targets(lora.target_modules)
+    block_targets = vision_block_targets(VISION_SIDE_LORA[targets])
     layers = m.extra["vision_encoder"]["num_hidden_layers"]
     expected = sum(
         (layers * vision_block_saved_bytes(m, 1, s, block_targets, 8, 0.0, c)
          - vision_first_block_unsaved_bytes(m, 1, s, c, block_targets) if block_targets else 0.0)
-        + vision_outside_blocks_saved_bytes(m, 1, s, c, lora.target_modules, 8) for s in sizes)
+        + vision_outside_blocks_saved_bytes(m, 1, s, c, VISION_SIDE_LORA[targets], 8) for s in sizes)
     assert seen == expected
 
 
@@ -1134,7 +1128,7 @@ def test_vision_selective_formula_equals_what_the_policy_keeps(targets, dtype):
     from model.vision import rotations_2d
     from utils.estimate_memory import vision_args
 
-    m, model = _vision_lora_model(targets, dtype)
+    m, model = _vision_lora_model(VISION_LORA[targets], dtype)
     block = model.vision_encoder.transformer.layers[1]
     policy = selective_policy(block)
     kept: dict[int, int] = {}
@@ -1155,5 +1149,5 @@ def test_vision_selective_formula_equals_what_the_policy_keeps(targets, dtype):
     x = torch.randn(sum(lengths), va.dim, dtype=dtype, requires_grad=True)
     checkpoint(block.forward, x, freqs, lengths, use_reentrant=False, context_fn=context_fn)
     c = 2 if dtype == torch.bfloat16 else 4
-    block_targets = [t.removeprefix("vision_encoder.") for t in VISION_LORA[targets] if t.startswith("vision_encoder.")]
+    block_targets = vision_block_targets(VISION_LORA[targets])
     assert sum(kept.values()) == vision_selective_kept_bytes_per_patch(m, block_targets, 8, c) * sum(lengths)

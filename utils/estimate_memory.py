@@ -57,6 +57,7 @@ from model.args import DEFAULT_TARGETS, Llama4Scaling, LoraArgs, MlaArgs, ModelA
 from model.configs import load_model_args
 from model.lora import is_target
 from model.moe import CPU_ROW_MULTIPLE
+from model.multimodal import merge_size, token_side
 from model.quant import quantized_weight_bytes
 
 GB = 1e9
@@ -240,8 +241,7 @@ def image_shape(m: ModelArgs, size: int) -> tuple[int, int]:
     block of them is one ``[IMG]``, and each row of those ends with ``[IMG_BREAK]`` (``[IMG_END]`` last)."""
     v = m.extra["vision_encoder"]
     side = -(-size // v["patch_size"])
-    merge = v.get("spatial_merge_size", 1) if v.get("mm_projector_id") else 1
-    rows = -(-side // merge)
+    rows = -(-side // merge_size(v))
     return side * side, rows * (rows + 1)
 
 
@@ -1064,8 +1064,7 @@ def _images(m: ModelArgs, args: TrainArgs, per_row: str, size: int | None) -> Im
         raise ConfigError(f"--images-per-row {per_row}: this model has no vision encoder (no params.json "
                           "'vision_encoder' block), so it cannot train on images; plan a multimodal model.")
     largest = max_image_size(m)
-    v = m.extra["vision_encoder"]
-    step = v["patch_size"] * (v.get("spatial_merge_size", 1) if v.get("mm_projector_id") else 1)
+    step = token_side(m.extra["vision_encoder"])
     size = largest if size is None else size
     if not step <= size <= largest:
         raise ConfigError(f"--image-size {size}: choose from {step} to {largest} px (the model's max_image_size; "

@@ -739,8 +739,8 @@ def estimate(
         )
     vision = vision_params(m)
     if images is not None and images.per_row > 0 and not vision:
-        raise ConfigError("images were planned for a model without a vision encoder (no params.json "
-                          "'vision_encoder' block): drop --images-per-row, or plan a multimodal model.")
+        raise ConfigError(f"{images.per_row} image(s) per row were planned for a model without a vision encoder "
+                          "(no params.json 'vision_encoder' block): drop --images-per-row, or plan a multimodal model.")
     with_images = images is not None and images.per_row > 0
     if vision and not with_images:  # model.multimodal: carried from the base folder into merged outputs
         notes.append(f"the {vision / 1e9:.2f}B-parameter vision encoder and adapter ({vision * c / GB:.2f} GB in "
@@ -1058,7 +1058,8 @@ def _images(m: ModelArgs, args: TrainArgs, per_row: str, size: int | None) -> Im
         raise ConfigError(f"--images-per-row must be a count or 'fill', got {per_row!r}.")
     if per_row == "0":
         if size is not None:
-            raise ConfigError("--image-size needs image data: add --images-per-row N (or fill).")
+            raise ConfigError(f"--image-size {size} needs image data: add --images-per-row N (or fill), "
+                              "or drop --image-size.")
         return None
     if vision_args(m) is None:
         raise ConfigError(f"--images-per-row {per_row}: this model has no vision encoder (no params.json "

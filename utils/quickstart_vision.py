@@ -124,11 +124,12 @@ def write_data(folder: Path, n_train: int, n_eval: int, size: int, seed: int) ->
             colour = names[i % len(names)]
             rel = f"pics/{split}_{i:05d}.png"
             while True:
-                draw(rng, colour, size).save(folder / rel)
-                digest = picture_digest(folder / rel)
+                image = draw(rng, colour, size)
+                digest = hashlib.sha256(image.tobytes()).hexdigest()  # RGB: what picture_digest reads back
                 if digest not in seen:
                     seen.add(digest)
                     break
+            image.save(folder / rel)
             user = [{"type": "image_url", "image_url": rel}, {"type": "text", "text": QUESTION}]
             lines.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": colour}]})
         rng.shuffle(lines)

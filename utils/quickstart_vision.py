@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[5/6] training LoRA adapters: {nproc} process(es) x {threads} thread(s) ({why})")
     t0 = time.perf_counter()
     run_command([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-          "train.py", str(config)], env)
+                 "train.py", str(config)], env)
     train_seconds = time.perf_counter() - t0
 
     adapter = workdir / "run" / "checkpoints" / f"checkpoint_{opts.max_steps:06d}" / "consolidated" / "lora.safetensors"

@@ -27,10 +27,9 @@ from model.tiny import tiny_args
 from model.transformer import Transformer
 from tests.model_helpers import assert_packed_matches_hf, save_random_hf, train_adapters, write_consolidated
 from tests.test_mistral4_mla import SEQLENS, _hf_model, _tokens
+from tests.test_mistral4_moe import MOE  # layer 0 dense, layers 1 and 2 MoE here
 from utils.export_hf import main as export
 
-# 16 routed experts, top-4, one shared expert; layer 0 dense, layers 1 and 2 MoE.
-MOE = {"n_routed_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 16, "n_shared_experts": 1}
 ALL = ["wq", "wq_a", "wq_b", "wkv_a_with_mqa", "wkv_b", "wo", "w1", "w2", "w3"]
 # PEFT checks rank/alpha patterns against targeted *modules* only and warns about the one that targets
 # the fused gate_up_proj *parameter*; the logits checks below show it is applied.

@@ -17,6 +17,7 @@ from model.transformer import Transformer
 from tests.model_helpers import assert_packed_matches_hf
 from tests.test_mistral4_mla import SEQLENS, _hf_model, _tokens
 
+# 16 routed experts, top-4, one shared expert (the train and export tests build theirs from this too).
 MOE = {"n_routed_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 16, "n_shared_experts": 1}
 GROUPED = {**MOE, "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5}
 

@@ -31,11 +31,11 @@ from model.args import LoraArgs
 from model.checkpoint import iter_checkpoint_tensors, load_adapters
 from model.transformer import Transformer
 from tests.test_mistral4_mla import _hf_model
+from tests.test_mistral4_moe import MOE
 from tests.train_helpers import init_test_rank, load_equal_runs, microbatches
 
 pytestmark = pytest.mark.slow  # multi-process end to end
 
-MOE = {"n_routed_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 16, "n_shared_experts": 1}
 EXPERTS = "layers.1.feed_forward.experts.w1"  # a stacked parameter: (16 experts, 16, 64)
 N_BATCHES, SEQ, VOCAB = 4, 48, 128
 

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from finetune.checkpointing import checkpoint_dir
 from model.configs import params_from_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -302,14 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     train_seconds = time.perf_counter() - t0
 
-    adapter = (
-        workdir
-        / "run"
-        / "checkpoints"
-        / f"checkpoint_{opts.max_steps:06d}"
-        / "consolidated"
-        / "lora.safetensors"
-    )
+    adapter = checkpoint_dir(workdir / "run", opts.max_steps) / "consolidated" / "lora.safetensors"
     after, samples = accuracy(load_for_eval(workdir / "model", adapter, opts.rank), tokenizer, eval_, task)
     print(f"[6/6] held-out exact match after fine-tuning: {after:.1%} (before: {before:.1%})")
     for prompt, expected, got in samples[:5]:

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.checkpointing import checkpoint_dir
 from utils import quickstart
 from utils.quickstart import fresh_workdir, launch_processes, run_command, write_config
 
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
                  "train.py", str(config)], env)
     train_seconds = time.perf_counter() - t0
 
-    adapter = workdir / "run" / "checkpoints" / f"checkpoint_{opts.max_steps:06d}" / "consolidated" / "lora.safetensors"
+    adapter = checkpoint_dir(workdir / "run", opts.max_steps) / "consolidated" / "lora.safetensors"
     after, greedy_after, samples = accuracy(load_for_eval(workdir / "model", adapter, opts.rank), tokenizer, eval_)
     print(f"[6/6] held-out accuracy after fine-tuning: {after:.1%} (before: {before:.1%}, chance: {chance:.0%}); "
           f"greedy exact match {greedy_after:.1%} (before: {greedy_before:.1%})")

@@ -13,6 +13,7 @@ from model.lora import freeze_all_but_lora
 from model.multimodal import is_vision_key
 from model.transformer import Transformer
 from tests.model_helpers import hf_and_native_mistral3, tiny_mistral_text_config
+from tests.test_generate_images import hf_pixels
 
 VOCAB, IMG, IMG_BREAK, IMG_END = 128, 10, 12, 13
 PATCH, MERGE = 4, 2
@@ -56,7 +57,11 @@ def _image_tokens(h: int, w: int) -> list[int]:
     return out
 
 
-def _row(docs_sizes: list[list[tuple[int, int]]] = DOCS) -> tuple[torch.Tensor, list[int], list[list[torch.Tensor]]]:
+# (packed tokens, seqlens, each document's images)
+Row = tuple[torch.Tensor, list[int], list[list[torch.Tensor]]]
+
+
+def _row(docs_sizes: list[list[tuple[int, int]]] = DOCS) -> Row:
     """(packed tokens, seqlens, each document's images): text, image, text, image, text ... per document,
     one document per entry of ``docs_sizes`` (its images' (H, W), multiples of 8 px)."""
     gen = torch.Generator().manual_seed(0)
@@ -73,23 +78,18 @@ def _row(docs_sizes: list[list[tuple[int, int]]] = DOCS) -> tuple[torch.Tensor, 
 
 
 def _hf_logits(hf, doc: torch.Tensor, images: list[torch.Tensor]) -> torch.Tensor:
-    """transformers on one document: its images zero-padded into one batch, with their sizes."""
-    hmax, wmax = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
-    pixels = torch.zeros(len(images), 3, hmax, wmax)
-    for b, img in enumerate(images):
-        pixels[b, :, : img.shape[1], : img.shape[2]] = img
-    sizes = torch.tensor([list(i.shape[1:]) for i in images])
+    """transformers on one document: its images zero-padded into one batch, with their sizes (``hf_pixels``)."""
     with torch.no_grad():
-        return hf(input_ids=doc[None], pixel_values=pixels, image_sizes=sizes, use_cache=False).logits[0]
+        return hf(input_ids=doc[None], **hf_pixels(images), use_cache=False).logits[0]
 
 
-def _worst_error(ours: Transformer, hf, docs_sizes: list[list[tuple[int, int]]] = DOCS) -> float:
-    """The largest relative error of our packed row of ``docs_sizes`` (``_row``) against transformers
-    run on each document alone."""
-    tokens, seqlens, images = _row(docs_sizes)
+def _worst_error(ours: Transformer, hf, row: Row | None = None, with_images: bool = True) -> float:
+    """Max over the documents of ``row`` (default ``_row()``) of max |ours - transformers| / max |transformers|:
+    ours on the packed row (without its images if not ``with_images``), transformers on each document alone."""
+    tokens, seqlens, images = _row() if row is None else row
     worst = 0.0
     with torch.no_grad():
-        packed = ours(tokens, seqlens, images=[i for doc in images for i in doc])
+        packed = ours(tokens, seqlens, images=[i for doc in images for i in doc] if with_images else None)
     for doc, logits, imgs in zip(tokens.split(seqlens), packed.split(seqlens), images, strict=True):
         ref = _hf_logits(hf, doc, imgs)
         worst = max(worst, ((logits - ref).abs().max() / ref.abs().max()).item())

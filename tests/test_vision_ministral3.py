@@ -14,11 +14,10 @@ from mistral_common.protocol.instruct.chunk import ImageChunk
 from mistral_common.tokens.tokenizers.image import ImageConfig, ImageEncoder, SpecialImageIDs
 from PIL import Image
 
-from model.checkpoint import iter_checkpoint_tensors, save_model_folder
-from model.configs import load_model_args, params_from_args
 from model.transformer import Transformer
-from tests.model_helpers import save_random_hf
-from tests.test_generate_images import hf_pixels, mistral3_config
+from tests.model_helpers import hf_and_native_mistral3
+from tests.test_generate_images import mistral3_config
+from tests.test_vision_encoder import Row, _worst_error
 
 VOCAB, ORIGINAL = 128, 16
 # Per document: (text tokens before each picture, picture (width, height)) ..., then trailing text. Pictures
@@ -27,7 +26,7 @@ VOCAB, ORIGINAL = 128, 16
 DOCS = [([(5, (40, 70)), (9, (100, 30))], 16), ([(3, (70, 50)), (6, (20, 40))], 4)]
 
 
-def _row() -> tuple[torch.Tensor, list[int], list[list[torch.Tensor]]]:
+def _row() -> Row:
     """(packed tokens, seqlens, each document's images): the [IMG] runs and (C, H, W) arrays are
     mistral-common's image encoding (patch 16, 2x2 merge); text tokens are random non-image ids."""
     encoder = ImageEncoder(ImageConfig(16, 1024, spatial_merge_size=2), SpecialImageIDs(10, 12, 13))
@@ -48,8 +47,6 @@ def _row() -> tuple[torch.Tensor, list[int], list[list[torch.Tensor]]]:
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    from transformers import Mistral3ForConditionalGeneration
-
     root = tmp_path_factory.mktemp("vision_ministral3")
     config = mistral3_config({
         "model_type": "ministral3", "vocab_size": VOCAB, "max_position_embeddings": 4 * ORIGINAL,
@@ -57,23 +54,7 @@ def folders(tmp_path_factory):
                             "original_max_position_embeddings": ORIGINAL, "beta_fast": 8.0, "beta_slow": 1.0,
                             "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.3},
     })
-    torch.manual_seed(0)
-    hf = save_random_hf(Mistral3ForConditionalGeneration(config), root / "hf")
-    state = {key: t for key, t, _ in iter_checkpoint_tensors(root / "hf")}
-    save_model_folder(root / "native", params_from_args(load_model_args(root / "hf")), state)
-    return hf, root / "hf", root / "native"
-
-
-def _worst_error(ours: Transformer, hf, with_images: bool = True) -> float:
-    """Max over documents of max |ours - transformers| / max |transformers|; ours packed, theirs alone."""
-    tokens, seqlens, images = _row()
-    with torch.no_grad():
-        packed = ours(tokens, seqlens, images=[i for doc in images for i in doc] if with_images else None)
-        worst = 0.0
-        for doc, logits, imgs in zip(tokens.split(seqlens), packed.split(seqlens), images, strict=True):
-            ref = hf(input_ids=doc[None], **hf_pixels(imgs), use_cache=False).logits[0]
-            worst = max(worst, ((logits - ref).abs().max() / ref.abs().max()).item())
-    return worst
+    return hf_and_native_mistral3(config, root)
 
 
 @pytest.mark.parametrize("layout", ["hf", "native"])
@@ -84,13 +65,13 @@ def test_image_logits_match_transformers(folders, layout):
     assert ours.args.yarn is not None and ours.args.llama_4_scaling is not None
     tokens, seqlens, _ = _row()
     assert max(seqlens) > 2 * ORIGINAL and (tokens == 10).sum() == 6 + 4 + 6 + 2
-    assert _worst_error(ours, hf) < 1e-4
+    assert _worst_error(ours, hf, _row()) < 1e-4
 
 
 def test_the_check_can_fail(folders):
     """Without the images, or with the plain rotary embedding of a Mistral text model, the logits move."""
     hf, hf_folder, _ = folders
     ours = Transformer.from_folder(hf_folder, dtype=torch.float32, vision=True).eval()
-    assert _worst_error(ours, hf, with_images=False) > 1e-3
+    assert _worst_error(ours, hf, _row(), with_images=False) > 1e-3
     ours.args = dataclasses.replace(ours.args, yarn=None, llama_4_scaling=None)
-    assert _worst_error(ours, hf) > 1e-3
+    assert _worst_error(ours, hf, _row()) > 1e-3

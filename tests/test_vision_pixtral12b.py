@@ -13,7 +13,7 @@ import torch
 from model.args import DEFAULT_TARGETS, VISION_TARGETS, LoraArgs
 from model.transformer import Transformer
 from tests.model_helpers import hf_and_native_mistral3, tiny_mistral_text_config
-from tests.test_vision_encoder import IMG, VOCAB, _worst_error
+from tests.test_vision_encoder import IMG, VOCAB, _row, _worst_error
 from tests.test_vision_lora import adapter_checkpoint, trained
 from utils.export_hf import main as export
 
@@ -47,10 +47,10 @@ def test_llava_pixtral_folders_give_transformers_logits(folders, layout):
     assert "mm_projector_id" not in params and params["adapter_bias"] is True
     ours = Transformer.from_folder(hf_folder if layout == "hf" else native, vision=True, dtype=torch.float32)
     assert not hasattr(ours, "patch_merger") and not hasattr(ours, "pre_mm_projector_norm")
-    assert _worst_error(ours, hf, DOCS) < 1e-4
+    assert _worst_error(ours, hf, _row(DOCS)) < 1e-4
     with torch.no_grad():  # the check can fail: without the projector's bias the logits move
         ours.vision_language_adapter.w_in.bias.zero_()
-    assert _worst_error(ours, hf, DOCS) > 1e-3
+    assert _worst_error(ours, hf, _row(DOCS)) > 1e-3
 
 
 def test_export_writes_llava_and_the_peft_adapter_fits_it(folders, tmp_path):
@@ -66,10 +66,10 @@ def test_export_writes_llava_and_the_peft_adapter_fits_it(folders, tmp_path):
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert config["architectures"] == ["LlavaForConditionalGeneration"]
     merged = LlavaForConditionalGeneration.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    assert _worst_error(model, merged, DOCS) < 1e-4
+    assert _worst_error(model, merged, _row(DOCS)) < 1e-4
     export(["--checkpoint", str(ckpt), "--base_model", str(hf_folder), "--out", str(tmp_path / "peft")])
     base = LlavaForConditionalGeneration.from_pretrained(hf_folder, dtype=torch.float32)
     peft = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
     assert any("vision_tower" in n and n.endswith("lora_A") for n, _ in peft.named_modules())
-    assert _worst_error(model, peft, DOCS) < 1e-4
-    assert _worst_error(model, hf, DOCS) > 1e-3  # the adapters matter
+    assert _worst_error(model, peft, _row(DOCS)) < 1e-4
+    assert _worst_error(model, hf, _row(DOCS)) > 1e-3  # the adapters matter

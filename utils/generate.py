@@ -24,7 +24,6 @@ features fill the KV cache at the prefill (``model.generate``).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -76,13 +75,13 @@ def read_images(paths: list[str]) -> list:
     training does) so that an unreadable or undecodable one is named."""
     from mistral_common.protocol.instruct.chunk import ImageURLChunk
 
-    from finetune.data.images import load_image
+    from finetune.data.images import load_image, require_opencv
 
-    if paths and importlib.util.find_spec("cv2") is None:
-        raise ValueError(
-            "--image needs OpenCV (mistral-common's image encoder resizes with it); "
-            "pip install 'mistral-lora-finetune[vision]' (opencv-python-headless)."
-        )
+    if paths:
+        try:
+            require_opencv("--image")
+        except ImportError as e:
+            raise ValueError(str(e)) from None  # reported as one line, like the other --image errors
     chunks = []
     for ref in paths:
         if ref[:8].lower().startswith(("http://", "https://")):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import importlib.util
 import io
 import json
 import re
@@ -33,6 +34,16 @@ _BASE64 = re.compile(r"^[A-Za-z0-9+/\s]+={0,2}$")
 def _short(value: Any, n: int = 60) -> str:
     text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
     return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def require_opencv(what: str) -> None:
+    """mistral-common's image encoder resizes with OpenCV, which only the ``vision`` extra installs; an
+    ImportError names ``what`` needs it and the install command."""
+    if importlib.util.find_spec("cv2") is None:
+        raise ImportError(
+            f"{what} needs OpenCV (mistral-common's image encoder resizes with it); "
+            "pip install 'mistral-lora-finetune[vision]' (opencv-python-headless)."
+        )
 
 
 def parse_image_chunk(chunk: dict, where: str, base_dir: Path | None) -> ImageURLChunk:

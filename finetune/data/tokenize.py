@@ -9,7 +9,6 @@ predicts ``tokens[1:]`` where ``masks[1:]`` is True.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from dataclasses import dataclass, field, replace
@@ -34,7 +33,7 @@ from mistral_common.tokens.tokenizers.instruct import (
 )
 
 from finetune.data.errors import FOREIGN_ROLES, DataFormatError, reformat_hint
-from finetune.data.images import IMAGE_SHAPES, load_image, parse_image_chunk
+from finetune.data.images import IMAGE_SHAPES, load_image, parse_image_chunk, require_opencv
 
 
 class SampleType(Enum):
@@ -593,11 +592,7 @@ def _with_images(m: UserMessage, i: int, it: Any) -> tuple[UserMessage, list[str
             "file has no image config), so the model cannot see pictures; train a vision model (e.g. Pixtral, "
             "Mistral Small 3.1) with its own tokenizer file, or remove the image chunks.",
         )
-    if importlib.util.find_spec("cv2") is None:  # the machine, not the line: stop the scan
-        raise ImportError(
-            "images in training data need OpenCV (mistral-common's image encoder resizes with it); "
-            "pip install 'mistral-lora-finetune[vision]' (opencv-python-headless)."
-        )
+    require_opencv("training on images")  # the machine, not the line: an ImportError stops the scan
     content, urls = [], []
     for c in m.content:
         if isinstance(c, ImageURLChunk):

@@ -10,12 +10,14 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from torch import nn
 
 from finetune.args import TrainArgs
 from finetune.config import ConfigError
@@ -97,23 +99,22 @@ def _saved_by_block(args: ModelArgs, lora: LoraArgs, dtype: torch.dtype, seqlens
     model.init_weights(0)
     model.to(dtype)
     freeze_all_but_lora(model)
-    block = model.layers[layer]
     padding = _routed_padding(model, layer, seqlens)
+    ids = torch.randint(0, args.vocab_size, (sum(seqlens),))
+    return _saved_inside(model, model.layers[layer], lambda: model.hidden_states(ids, seqlens)), sum(padding)
+
+
+def _saved_inside(model: nn.Module, block: nn.Module, run: Callable[[], object]) -> int:
+    """Bytes of the distinct storages autograd saves inside ``block`` while ``run`` runs the model,
+    parameters and the block's inputs that need no grad (rotary tables etc.: computed once per
+    forward, shared by all blocks) excluded."""
     skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
     inside = [False]
 
     def enter(module, inputs):
         inside[0] = True
-        for t in inputs:  # rotary tables etc.: computed once per forward, shared by all blocks
-            if isinstance(t, torch.Tensor) and not t.requires_grad:
-                skip.add(t.untyped_storage().data_ptr())
-
-    def leave(module, inputs, output):
-        inside[0] = False
-
-    block.register_forward_pre_hook(enter)
-    block.register_forward_hook(leave)
+        skip.update(t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor) and not t.requires_grad)
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
@@ -121,10 +122,13 @@ def _saved_by_block(args: ModelArgs, lora: LoraArgs, dtype: torch.dtype, seqlens
             seen[storage.data_ptr()] = storage.nbytes()
         return t
 
-    ids = torch.randint(0, args.vocab_size, (sum(seqlens),))
+    hooks = [block.register_forward_pre_hook(enter),
+             block.register_forward_hook(lambda *_: inside.__setitem__(0, False))]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.hidden_states(ids, seqlens)
-    return sum(seen.values()), sum(padding)
+        run()
+    for hook in hooks:
+        hook.remove()
+    return sum(seen.values())
 
 
 def _predicted_saved(args: ModelArgs, targets: list[str], dtype: torch.dtype, seqlens: list[int], layer: int,
@@ -925,29 +929,12 @@ def test_vision_lora_block_formula_equals_saved_tensors(targets, dtype):
     """With adapters on the encoder (named in full, model.args.VISION_TARGETS), a vision block (the
     second: the first one's input needs no gradient) saves what the planner says, byte for byte."""
     m, model = _vision_lora_model(VISION_LORA[targets], dtype)
-    block = model.vision_encoder.transformer.layers[1]
-    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-    inside = [False]
-
-    def enter(module, inputs):
-        inside[0] = True
-        skip.update(t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor) and not t.requires_grad)
-
-    block.register_forward_pre_hook(enter)
-    block.register_forward_hook(lambda *_: inside.__setitem__(0, False))
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if inside[0] and t.untyped_storage().data_ptr() not in skip:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
     sizes = [64, 32, 16]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.image_features([torch.randn(3, s, s) for s in sizes])
+    images = [torch.randn(3, s, s) for s in sizes]
+    seen = _saved_inside(model, model.vision_encoder.transformer.layers[1], lambda: model.image_features(images))
     c = 2 if dtype == torch.bfloat16 else 4
     block_targets = vision_block_targets(VISION_LORA[targets])
-    assert sum(seen.values()) == sum(vision_block_saved_bytes(m, 1, s, block_targets, 8, 0.0, c) for s in sizes)
+    assert seen == sum(vision_block_saved_bytes(m, 1, s, block_targets, 8, 0.0, c) for s in sizes)
 
 
 VISION_SIDE_LORA = {

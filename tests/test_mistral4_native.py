@@ -18,10 +18,9 @@ from safetensors.torch import load_file, save_file
 from model.configs import args_from_params, params_from_args
 from model.transformer import Transformer
 from tests.model_helpers import assert_packed_matches_hf, save_random_hf
+from tests.test_mistral4_mla import ORIGINAL, SEQLENS  # positions run past the original context
+from tests.test_mistral4_mla import _tokens as tokens
 
-# Positions run past the original context (16): YaRN's blend and llama-4's query factors show.
-SEQLENS = [41, 7, 23]
-ORIGINAL = 16
 VOCAB = 128
 
 
@@ -126,10 +125,6 @@ def write_native(folder: Path, state: dict[str, torch.Tensor], params: dict) -> 
     (folder / "params.json").write_text(json.dumps(params, indent=2))
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "consolidated.safetensors"))
     return folder
-
-
-def tokens() -> torch.Tensor:
-    return torch.randint(0, VOCAB, (sum(SEQLENS),), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("apply_scale", [False, True], ids=["apply_scale_false", "apply_scale_true"])

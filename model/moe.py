@@ -98,11 +98,16 @@ class MoeLayer(nn.Module):
         low_precision_cpu = x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
         order, slot, ends, rows = self.rows_by_expert(experts, CPU_ROW_MULTIPLE if low_precision_cpu else 1)
         tokens = x.shape[0]
-        # Row r holds token[r]; padding rows read the zero row appended at index ``tokens`` (so every
-        # product of theirs is exactly zero) and are added to it, which is dropped.
-        token = torch.full((rows,), tokens, device=x.device).index_copy(0, slot, order // self.top_k)  # (rows,)
-        weight = weights.new_zeros(rows).index_copy(0, slot, weights.flatten()[order])  # (rows,)
-        padded_x = torch.cat([x, x.new_zeros(1, x.shape[1])]) if rows > slot.numel() else x  # (tokens [+ 1], dim)
+        token = order // self.top_k  # (tokens * k,): the token each sorted choice belongs to
+        weight = weights.flatten()[order]  # (tokens * k,)
+        padded_x = x
+        if rows > slot.numel():
+            # Row r holds token[r]; padding rows read the zero row appended at index ``tokens`` (so every
+            # product of theirs is exactly zero) and are added to it, which is dropped. Without padding
+            # (GPUs, float32) the rows are the choices in order and none of this runs.
+            token = torch.full((rows,), tokens, device=x.device).index_copy(0, slot, token)  # (rows,)
+            weight = weights.new_zeros(rows).index_copy(0, slot, weight)  # (rows,)
+            padded_x = torch.cat([x, x.new_zeros(1, x.shape[1])])  # (tokens + 1, dim)
         y = self.experts(padded_x[token], ends)  # (rows, dim)
         y = y * weight[:, None].to(y.dtype)
         out = torch.zeros_like(padded_x).index_add_(0, token, y)[:tokens]  # (tokens, dim)

@@ -215,11 +215,6 @@ def _kept_by_selective_block(args: ModelArgs, lora: LoraArgs, dtype: torch.dtype
                              nf4: bool = False, layer: int = 0) -> tuple[int, int]:
     """Bytes of the distinct storages that the real selective policy keeps in block ``layer``, and
     the routed experts' padding rows (seeded weights: a real routing, as ``_saved_by_block``)."""
-    import functools
-
-    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
-
-    from finetune.parallel import selective_policy
     from model.attention import AttentionMask
     from model.rope import positions_from_seqlens, rotations
 
@@ -237,6 +232,21 @@ def _kept_by_selective_block(args: ModelArgs, lora: LoraArgs, dtype: torch.dtype
             p.data = p.data.to(dtype)
     freeze_all_but_lora(model)
     padding = _routed_padding(model, layer, seqlens)
+    freqs = rotations(positions_from_seqlens(seqlens, "cpu"), args)
+    mask = AttentionMask.build(seqlens, None, "sdpa", torch.device("cpu"))
+    x = torch.randn(sum(seqlens), args.dim, dtype=dtype, requires_grad=True)
+    return _kept_by_policy(model, model.layers[layer], x, freqs, mask), sum(padding)
+
+
+def _kept_by_policy(model: nn.Module, block: nn.Module, *inputs: object) -> int:
+    """Bytes of the distinct storages that finetune.parallel's selective policy (built for ``model``)
+    keeps while ``block`` runs checkpointed on ``inputs``."""
+    import functools
+
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    from finetune.parallel import selective_policy
+
     policy = selective_policy(model)
     kept: dict[int, int] = {}
 
@@ -251,12 +261,8 @@ def _kept_by_selective_block(args: ModelArgs, lora: LoraArgs, dtype: torch.dtype
 
     context_fn = functools.partial(create_selective_checkpoint_contexts, recording_policy,
                                    allow_cache_entry_mutation=True)
-    n = sum(seqlens)
-    freqs = rotations(positions_from_seqlens(seqlens, "cpu"), args)
-    mask = AttentionMask.build(seqlens, None, "sdpa", torch.device("cpu"))
-    x = torch.randn(n, args.dim, dtype=dtype, requires_grad=True)
-    checkpoint(model.layers[layer].forward, x, freqs, mask, use_reentrant=False, context_fn=context_fn)
-    return sum(kept.values()), sum(padding)
+    checkpoint(block.forward, *inputs, use_reentrant=False, context_fn=context_fn)
+    return sum(kept.values())
 
 
 def _predicted_kept(args: ModelArgs, targets: list[str], seqlens: list[int], layer: int, padding: int) -> float:
@@ -1106,35 +1112,18 @@ def test_cli_plans_image_data_and_names_the_fix_for_impossible_requests(capsys):
 def test_vision_selective_formula_equals_what_the_policy_keeps(targets, dtype):
     """The selective policy on a vision block (as finetune.parallel applies it to the text blocks) keeps
     the linears' outputs but w1's and w3's and each adapter's A x, and, as in a text block, the fused
-    attention kernel's output and log-sum-exp (the math path's bmm were not kept ops)."""
-    import functools
-
-    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
-
-    from finetune.parallel import selective_policy
+    attention kernel's output and log-sum-exp."""
     from model.vision import rotations_2d
     from utils.estimate_memory import vision_args
 
     m, model = _vision_lora_model(VISION_LORA[targets], dtype)
     block = model.vision_encoder.transformer.layers[1]
-    policy = selective_policy(block)
-    kept: dict[int, int] = {}
-
-    def recording_policy(ctx, func, *a, **kw):
-        decision = policy(ctx, func, *a, **kw)
-        if decision == CheckpointPolicy.MUST_SAVE:
-            for t in ctx.op_output if isinstance(ctx.op_output, (tuple, list)) else [ctx.op_output]:
-                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return decision
-
-    context_fn = functools.partial(create_selective_checkpoint_contexts, recording_policy,
-                                   allow_cache_entry_mutation=True)
     grids = [(16, 16), (8, 8), (4, 4)]
     lengths = [h * w for h, w in grids]
     va = vision_args(m)
     freqs = rotations_2d(grids, va.head_dim, 10000.0, torch.device("cpu"))
     x = torch.randn(sum(lengths), va.dim, dtype=dtype, requires_grad=True)
-    checkpoint(block.forward, x, freqs, lengths, use_reentrant=False, context_fn=context_fn)
+    kept = _kept_by_policy(block, block, x, freqs, lengths)
     c = 2 if dtype == torch.bfloat16 else 4
     block_targets = vision_block_targets(VISION_LORA[targets])
-    assert sum(kept.values()) == vision_selective_kept_bytes_per_patch(m, block_targets, 8, c) * sum(lengths)
+    assert kept == vision_selective_kept_bytes_per_patch(m, block_targets, 8, c) * sum(lengths)

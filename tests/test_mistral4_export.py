@@ -26,7 +26,7 @@ from model.merge import merged_weights
 from model.tiny import tiny_args
 from model.transformer import Transformer
 from tests.model_helpers import assert_packed_matches_hf, save_random_hf, train_adapters, write_consolidated
-from tests.test_mistral4_mla import SEQLENS, _hf_model, _tokens
+from tests.test_mistral4_mla import SEQLENS, _hf_config, _hf_model, _tokens
 from tests.test_mistral4_moe import MOE  # layer 0 dense, layers 1 and 2 MoE here
 from utils.export_hf import main as export
 
@@ -170,18 +170,8 @@ def test_peft_targets_keep_scoped_names():
 
 
 def _config() -> dict:
-    """The config.json of the tiny model above, without weights."""
-    from transformers import Mistral4Config
-
-    config = Mistral4Config(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=64, q_lora_rank=32, kv_lora_rank=24,
-        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, first_k_dense_replace=1, **MOE,
-        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                         "original_max_position_embeddings": 16, "mscale": 1.0, "mscale_all_dim": 1.0,
-                         "llama_4_scaling_beta": 0.3},
-    )
-    return config.to_dict()
+    """The config.json of the tiny model ``_trained`` writes, without weights."""
+    return _hf_config(q_lora_rank=32, n_layers=3, first_dense=1, **MOE).to_dict()
 
 
 def test_merged_export_loads_in_transformers(tmp_path):

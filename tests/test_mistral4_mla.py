@@ -16,13 +16,13 @@ SEQLENS = [41, 7, 23]
 ORIGINAL = 16
 
 
-def _hf_model(folder, *, q_lora_rank: int | None, n_layers: int = 2, first_dense: int | None = None, **moe):
-    """A tiny random ``Mistral4ForCausalLM`` saved in ``folder``: all layers dense unless ``first_dense``
-    says otherwise; ``moe`` overrides the MoE keys (tests/test_mistral4_moe.py)."""
-    from transformers import Mistral4Config, Mistral4ForCausalLM
+def _hf_config(*, q_lora_rank: int | None, n_layers: int = 2, first_dense: int | None = None, **moe):
+    """A tiny ``Mistral4Config``: all layers dense unless ``first_dense`` says otherwise; ``moe`` overrides
+    the MoE keys (tests/test_mistral4_moe.py)."""
+    from transformers import Mistral4Config
 
     moe = {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16, **moe}
-    config = Mistral4Config(
+    return Mistral4Config(
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=n_layers, num_attention_heads=4,
         num_key_value_heads=4, q_lora_rank=q_lora_rank, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
         v_head_dim=12, first_k_dense_replace=n_layers if first_dense is None else first_dense,
@@ -34,6 +34,13 @@ def _hf_model(folder, *, q_lora_rank: int | None, n_layers: int = 2, first_dense
             "llama_4_scaling_beta": 0.3, "partial_rotary_factor": 8 / 24,
         },
     )
+
+
+def _hf_model(folder, *, q_lora_rank: int | None, n_layers: int = 2, first_dense: int | None = None, **moe):
+    """A tiny random ``Mistral4ForCausalLM`` of ``_hf_config`` saved in ``folder``."""
+    from transformers import Mistral4ForCausalLM
+
+    config = _hf_config(q_lora_rank=q_lora_rank, n_layers=n_layers, first_dense=first_dense, **moe)
     torch.manual_seed(0)
     return save_random_hf(Mistral4ForCausalLM(config), folder)
 

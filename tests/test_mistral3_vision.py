@@ -19,7 +19,7 @@ from model.hf_config import args_from_hf_config
 from model.lora import freeze_all_but_lora, lora_file_state
 from model.multimodal import is_vision_key
 from model.transformer import Transformer
-from tests.model_helpers import assert_packed_matches_hf, save_random_hf
+from tests.model_helpers import assert_packed_matches_hf, save_random_hf, tiny_mistral_text_config
 
 SEQLENS = [19, 7, 12]
 VOCAB = 128
@@ -40,10 +40,7 @@ def _config(**vision):
     from transformers import Mistral3Config
 
     return Mistral3Config(
-        text_config=dict(model_type="mistral", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         rms_norm_eps=1e-5, sliding_window=None, tie_word_embeddings=False,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+        text_config=tiny_mistral_text_config(VOCAB, intermediate_size=96),
         vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
                            image_size=56, patch_size=14, head_dim=16, hidden_act="silu", **vision),
         image_token_index=10, tie_word_embeddings=False,

@@ -43,6 +43,7 @@ from utils.estimate_memory import (
     estimate,
     image_shape,
     main,
+    max_image_size,
     param_counts,
     saved_bytes_per_layer,
     saved_bytes_per_token,
@@ -871,7 +872,7 @@ def _vision_total(parts: dict[str, float]) -> float:
 @pytest.mark.parametrize("name", ["mistral-small-3.2-24b", "pixtral-12b"])
 def test_vision_terms_grow_with_images_and_their_size_and_text_only_adds_nothing(name):
     m = KNOWN_MODELS[name]
-    size = m.extra["vision_encoder"].get("max_image_size") or m.extra["vision_encoder"]["image_size"]
+    size = max_image_size(m)
     text = _image_plan(m, None)
     assert not any(k.startswith("vision:") for k in text)  # text-only data: the vision side is not built
     assert _image_plan(m, Images(0, size)) == text

@@ -137,7 +137,7 @@ def _predicted_saved(args: ModelArgs, targets: list[str], dtype: torch.dtype, se
     """The planner's bytes for block ``layer``: per token, per layer, and the CPU-only padding rows
     this routing made (the CPU plan takes their expectation instead: ``expected_padding_rows``)."""
     c = 2 if dtype == torch.bfloat16 else 4
-    return (sum(seqlens) * saved_bytes_per_token(args, targets, 8, 0.0, c, layer)
+    return (sum(seqlens) * saved_bytes_per_token(args, targets, 8, 0.0, c, layer, padded=padding > 0)
             + saved_bytes_per_layer(args, targets, 8, 0.0, c, layer, padding_rows=padding))
 
 

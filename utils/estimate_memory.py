@@ -512,7 +512,7 @@ KNOWN_MODELS: dict[str, ModelArgs] = {
 
 def saved_bytes_per_token(
     m: ModelArgs, targets: list[str], rank: int, dropout: float, c: int, layer: int | None = None,
-    *, sdpa: bool = True,
+    *, sdpa: bool = True, padded: bool = False,
 ) -> float:
     """Bytes autograd saves for backward, per token, in block ``layer`` (eager, frozen base; default
     the last block), with k routed rows per token (``expert_row_bytes`` each; on CPU in bf16/fp16
@@ -533,9 +533,10 @@ def saved_bytes_per_token(
     of wkv_b's output, and an output as wide as the query head, sliced back for wo.
 
     An MoE layer saves the router's float32 softmax over all experts, the top-k indices, the
-    renormalised weights and their sum; per (token, choice) the two int64 indices that place it
-    (``order``, ``slot``: ``MoeLayer.rows_by_expert``) and its float32 weight in expert order (saved
-    by ``index_copy``); per routed row ``expert_row_bytes``; the shared experts save a dense SwiGLU.
+    renormalised weights and their sum; per (token, choice) the int64 ``order`` that sorts it by
+    expert (``MoeLayer.rows_by_expert``) and, when the rows are ``padded`` (CPU bf16/fp16: some
+    expert's rows were rounded up), the int64 ``slot`` that places it and its float32 weight there
+    (saved by ``index_copy``); per routed row ``expert_row_bytes``; the shared experts save a dense SwiGLU.
     Dropout on the adapters adds, per LoRA linear, its dropped input and a one-byte mask.
     """
     layer = m.n_layers - 1 if layer is None else layer
@@ -571,7 +572,9 @@ def saved_bytes_per_token(
     else:
         k, e = m.moe.num_experts_per_tok, m.moe.num_experts
         total += 4 * e + 8 * k + 4 * k + 4  # softmax, top-k indices, renormalised weights, their sum
-        total += k * (16 + 4)  # per choice: order and slot (int64), its weight in expert order (float32)
+        # Per choice: ``order`` (int64, the expert-order gather of its weight saves it); when the rows are
+        # padded (CPU bf16/fp16) also ``slot`` (int64) and the weight placed by ``index_copy`` (float32).
+        total += k * (8 + (8 + 4 if padded else 0))
         total += k * expert_row_bytes(m, targets, rank, dropout, c, layer)
         total += _swiglu_bytes(shapes, t, "shared_experts.", u, c) if "shared_experts.w1" in shapes else 0
     if dropout > 0:
@@ -773,7 +776,7 @@ def estimate(
     r, dropout = (rank, args.lora.dropout) if lora else (0, 0.0)
     pad = [expected_padding_rows(m, i, device, c) for i in range(L)]  # CPU bf16/fp16 MoE only
     saved = [  # bytes per layer
-        T * saved_bytes_per_token(m, targets, r, dropout, c, i, sdpa=not flex)
+        T * saved_bytes_per_token(m, targets, r, dropout, c, i, sdpa=not flex, padded=pad[i] > 0)
         + saved_bytes_per_layer(m, targets, r, dropout, c, i, nf4=nf4, padding_rows=pad[i])
         for i in range(L)
     ]

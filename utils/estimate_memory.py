@@ -741,10 +741,10 @@ def estimate(
             f"(norms, router, linears without an adapter) and the root stay in {precision}"
         )
     vision = vision_params(m)
-    if images is not None and images.per_row > 0 and not vision:
+    with_images = images is not None and images.per_row > 0
+    if with_images and not vision:
         raise ConfigError(f"{images.per_row} image(s) per row were planned for a model without a vision encoder "
                           "(no params.json 'vision_encoder' block): drop --images-per-row, or plan a multimodal model.")
-    with_images = images is not None and images.per_row > 0
     if vision and not with_images:  # model.multimodal: carried from the base folder into merged outputs
         notes.append(f"the {vision / 1e9:.2f}B-parameter vision encoder and adapter ({vision * c / GB:.2f} GB in "
                      f"{precision}) are not loaded for text training: carried from the base folder into merged "

@@ -1084,7 +1084,10 @@ def test_cpu_estimate_of_an_image_run_within_15_percent_of_measured_peak(encoder
     text, image = estimate(m, args, device="cpu").total / GB, plan.total / GB
     assert text == pytest.approx(text_peak, rel=0.15), (text, text_peak)
     assert image == pytest.approx(image_peak, rel=0.15), (image, image_peak)
-    assert image - text == pytest.approx(image_peak - text_peak, rel=0.25), (image - text, image_peak - text_peak)
+    # The RSS difference of two steps holds allocator state (CPU_HEAP_VISION, fitted on one Intel Xeon) and
+    # run-to-run spread of about 18 MB; on the frozen encoder it is only ~0.1 GB, so 40 MB of slack keeps
+    # the check meaningful on other CPUs. The live-tensor check above is exact everywhere.
+    assert image - text == pytest.approx(image_peak - text_peak, rel=0.25, abs=0.04), (image - text, image_peak - text_peak)
 
 
 def test_cli_plans_image_data_and_names_the_fix_for_impossible_requests(capsys):
